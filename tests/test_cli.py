@@ -1,0 +1,29 @@
+import torch
+import torchvision
+
+from fusionnet.cli import main
+
+
+def test_inspect_prints_the_summary(tmp_path, capsys):
+    sd = torchvision.models.mobilenet_v2(weights=None, num_classes=4).state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "m.pth")
+    assert main(["inspect", str(tmp_path / "m.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: mobilenet_v2" in out and "classes:      4" in out and "prefixes:     module." in out
+
+
+def test_missing_file_is_an_error_exit_with_the_quoted_path(capsys):
+    assert main(["inspect", "weights/ best.pth"]) == 2
+    assert "'weights/ best.pth'" in capsys.readouterr().err
+
+
+def test_backbones_lists_the_registry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    assert "googlenet" in out and "efficientnet_lite0" in out
+
+
+def test_classify_runs_offline_on_the_shipped_photos(capsys):
+    assert main(["classify", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("china.jpg: ") and lines[1].startswith("flower.jpg: daisy ")

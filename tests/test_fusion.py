@@ -1,0 +1,131 @@
+import socket
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusionnet import BranchConfig, FusionNet, WeightsUnavailableError, get_spec, list_backbones, save_model
+
+TORCHVISION = [n for n in list_backbones() if get_spec(n).family == "torchvision"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_every_torchvision_backbone_builds_and_has_its_spec_dim(name):
+    size = 64 if name == "googlenet" else 32
+    model = FusionNet(backbones=[name], num_classes=3).eval()
+    logits, feats = model.forward_with_features(torch.rand(2, 3, size, size))
+    assert logits.shape == (2, 3)
+    assert feats[name].shape == (2, get_spec(name).feature_dim)
+    assert model.feature_dim == get_spec(name).feature_dim
+
+
+def test_timm_backbones_by_prefix_and_plain_name():
+    model = FusionNet(backbones=["timm/resnet10t", "mobilenetv3_small_050"], num_classes=4).eval()
+    _, feats = model.forward_with_features(torch.rand(2, 3, 32, 32))
+    assert set(feats) == {"resnet10t", "mobilenetv3_small_050"}
+    assert feats["resnet10t"].shape == (2, 512)
+
+
+def test_timm_vgg_trunk_is_the_conv_part_only():
+    model = FusionNet(backbones=["timm/vgg11"], num_classes=2).eval()
+    assert model.feature_dim == 512  # not the 4096-d pre_logits output
+    trunk = model.branches["vgg11"].trunk
+    assert not any(n.startswith("pre_logits") for n, _ in trunk.named_parameters())
+
+
+def test_gradients_reach_every_trainable_parameter_and_no_frozen_trunk():
+    model = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=3, pool={"resnet18": "gem"})
+    model.freeze_trunks(True, names=["mobilenet_v2"])
+    model.train()
+    F.cross_entropy(model(torch.rand(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("branches.mobilenet_v2.trunk."):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_frozen_trunk_keeps_batchnorm_statistics_in_train_mode():
+    model = FusionNet(backbones=["resnet18"], num_classes=2, freeze_trunks=True).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model(torch.rand(4, 3, 32, 32))
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not model.branches["resnet18"].trunk.training and model.head.training
+
+
+@pytest.mark.parametrize("pool,dim", [("avg", 512), ("max", 512), ("avgmax", 1024), ("gem", 512)])
+def test_pooling_dims_and_values(pool, dim):
+    model = FusionNet(backbones=["resnet18"], num_classes=2, pool=pool).eval()
+    x = torch.rand(2, 3, 32, 32)
+    feats = model.forward_features(x)["resnet18"]
+    assert feats.shape == (2, dim)
+    fmap = model.branches["resnet18"].feature_map(x)
+    expected = {"avg": fmap.mean((2, 3)), "max": fmap.amax((2, 3)),
+                "avgmax": torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1),
+                "gem": fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)}[pool]
+    torch.testing.assert_close(feats, expected)
+
+
+def test_branch_normalises_and_resizes_inside_the_model():
+    model = FusionNet(backbones=[BranchConfig("resnet18", input_size=48)], num_classes=2).eval()
+    br = model.branches["resnet18"]
+    x = torch.rand(2, 3, 32, 32)
+    manual = (F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False) - br.mean) / br.std
+    torch.testing.assert_close(br(x), br.pool(br.trunk(manual)))
+    assert torch.allclose(br.mean.flatten(), torch.tensor(get_spec("resnet18").mean))
+
+
+def test_same_backbone_twice_gets_unique_branch_names():
+    model = FusionNet(backbones=["resnet18", "resnet18"], num_classes=2)
+    assert list(model.branches) == ["resnet18", "resnet18_2"]
+    with pytest.raises(ValueError, match=r"branch names must be unique, \['a'\] repeat"):
+        FusionNet(backbones=[BranchConfig("resnet18", name="a"), BranchConfig("mobilenet_v2", name="a")],
+                  num_classes=2)
+
+
+def test_unknown_backbone_suggests_close_names():
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet81'; did you mean 'resnet18'.*available: "):
+        FusionNet(backbones=["resnet81"], num_classes=2)
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="unknown pool 'mean'; choose one of avg, max, avgmax, gem"):
+        FusionNet(backbones=["resnet18"], num_classes=2, pool="mean")
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        FusionNet(backbones=["resnet18"], num_classes=0)
+    with pytest.raises(ValueError, match="backbones must be a list of backbone names, got 'resnet18'"):
+        FusionNet(backbones="resnet18", num_classes=2)
+    with pytest.raises(ValueError, match=r"class_names has 2 names but num_classes is 3"):
+        FusionNet(backbones=["resnet18"], num_classes=3, class_names=["a", "b"])
+
+
+def test_bad_image_batch_shape_is_explained():
+    model = FusionNet(backbones=["resnet18"], num_classes=2)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*got \(2, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 32, 32))
+
+
+def test_save_and_load_give_bit_identical_logits(tmp_path):
+    model = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=3, pool={"mobilenet_v2": "gem"},
+                      head_hidden=16, dropout=0.2, class_names=["a", "b", "c"]).eval()
+    with torch.no_grad():
+        model.branches["mobilenet_v2"].pool.gem.p.fill_(2.5)
+    x = torch.rand(2, 3, 32, 32)
+    path = save_model(model, tmp_path / "m.pt", metrics={"val_acc": 0.5})
+    loaded = FusionNet.from_checkpoint(path)
+    assert torch.equal(model(x), loaded(x))
+    assert loaded.class_names == ["a", "b", "c"] and loaded.checkpoint_metrics == {"val_acc": 0.5}
+    assert loaded.config == model.config
+
+
+def test_pretrained_offline_fails_fast_with_the_local_checkpoint_hint(monkeypatch):
+    import torchvision
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
+    with pytest.raises(WeightsUnavailableError, match=r"pass a local checkpoint instead: .*checkpoints=\{'resnet18'"):
+        FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True)
