@@ -204,10 +204,12 @@ class FusionNet(nn.Module):
                                   class_names=list(class_names) if class_names is not None else None)
         self.config = config
         self.load_reports: dict[str, ckpt.LoadReport] = {}
+        targets = self._checkpoint_targets(checkpoints or {})  # {branch name: path}
         self.branches = nn.ModuleDict()
         for b in config.branches:
             spec = get_spec(b.backbone)
-            trunk, channels = build_trunk(spec, pretrained=pretrained)
+            # a branch with its own checkpoint skips pretrained weights: no download it would overwrite anyway
+            trunk, channels = build_trunk(spec, pretrained=pretrained and b.name not in targets)
             self.branches[b.name] = Branch(b, spec, trunk, channels)
         self.feature_dim = sum(br.out_dim for br in self.branches.values())
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
@@ -218,26 +220,32 @@ class FusionNet(nn.Module):
             width = config.head_hidden
         layers.append(("fc", nn.Linear(width, config.num_classes)))
         self.head = nn.Sequential(OrderedDict(layers))
-        if checkpoints:
-            self.load_branch_checkpoints(checkpoints)
+        self.load_branch_checkpoints(targets)
         if config.freeze_trunks:
             self.freeze_trunks(True)
 
     # ---- construction helpers -------------------------------------------------------------------------------
     def load_branch_checkpoints(self, checkpoints: Mapping[str, str | os.PathLike]) -> None:
         """Load a local checkpoint into each named branch (keyed by branch name, or backbone name if unique)."""
+        for name, path in self._checkpoint_targets(checkpoints).items():
+            self.load_reports[name] = self._load_branch(name, path)
+
+    def _checkpoint_targets(self, checkpoints: Mapping[str, str | os.PathLike]) -> dict[str, str | os.PathLike]:
+        """{branch name: path} from keys that are branch names, or backbone names used by one branch only."""
+        names = [b.name for b in self.config.branches]
         by_backbone: dict[str, list[str]] = {}
-        for name, br in self.branches.items():
-            by_backbone.setdefault(br.cfg.backbone, []).append(name)
+        for b in self.config.branches:
+            by_backbone.setdefault(b.backbone, []).append(b.name)
+        targets = {}
         for key, path in checkpoints.items():
-            if key in self.branches:
-                name = key
+            if key in names:
+                targets[key] = path
             elif len(by_backbone.get(key, [])) == 1:
-                name = by_backbone[key][0]
+                targets[by_backbone[key][0]] = path
             else:
                 why = "is ambiguous: name the branch" if key in by_backbone else "matches no branch"
-                raise ValueError(f"checkpoint key {key!r} {why}; branches: {', '.join(self.branches)}")
-            self.load_reports[name] = self._load_branch(name, path)
+                raise ValueError(f"checkpoint key {key!r} {why}; branches: {', '.join(names)}")
+        return targets
 
     def _load_branch(self, name: str, path: str | os.PathLike) -> ckpt.LoadReport:
         br: Branch = self.branches[name]

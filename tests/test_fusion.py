@@ -129,3 +129,15 @@ def test_pretrained_offline_fails_fast_with_the_local_checkpoint_hint(monkeypatc
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
     with pytest.raises(WeightsUnavailableError, match=r"pass a local checkpoint instead: .*checkpoints=\{'resnet18'"):
         FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True)
+
+
+def test_a_branch_with_its_own_checkpoint_skips_the_pretrained_download(tmp_path, monkeypatch):
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("pretrained weights were fetched for a branch that has a checkpoint")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_download)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    model = FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True, checkpoints={"resnet18": tmp_path / "r18.pth"})
+    assert model.load_reports["resnet18"].source.endswith("r18.pth")

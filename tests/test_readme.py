@@ -12,3 +12,20 @@ def test_ci_runs_the_readme_test_command():
     assert len(commands) == 2, commands  # exactly two set-up commands: the main job, and the tests
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The Use section's example, with a random-weight stand-in for the user's fine-tuned ResNet18."""
+    import torch
+    import torchvision
+
+    readme = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(),
+               tmp_path / "weights" / "resnet18_best.pth")
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 5)
+    assert (tmp_path / "runs" / "fusion" / "best.pth").is_file()
