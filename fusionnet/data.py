@@ -1,0 +1,321 @@
+"""Datasets, augmentation pipelines, splits, samplers and class weights.
+
+Images leave this module as float tensors (3, H, W) in [0, 1]: normalisation belongs to each branch inside the
+model, because every backbone wants its own mean/std.
+
+* :class:`ImageFolder` reads ``root/<class>/*.jpg``; :func:`load_splits` reads ``root/{train,val,test}/<class>/...``
+  and makes a stratified, seeded validation split when there is no ``val`` folder.
+* :class:`CsvImages` reads a CSV of ``path,label``.
+* :func:`train_transform` / :func:`eval_transform` are albumentations pipelines.
+* :func:`class_weights` and :func:`balanced_sampler` handle imbalanced data.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from PIL import Image
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+from fusionnet.checkpoints import resolve_path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+Transform = Callable[[np.ndarray], torch.Tensor]
+
+
+class DataError(ValueError):
+    """The data on disk is not what the loader needs; the message names the file or folder and the fix."""
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array, whatever its mode (L, RGBA, P, CMYK, I;16 ...)."""
+    with Image.open(path) as img:
+        img.load()  # decodes fully: truncated files raise here
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")  # composite on white rather than let transparent pixels turn black
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return np.array(img.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+
+
+# ---- transforms ------------------------------------------------------------------------------------------------
+_TO_TENSOR = [A.ToFloat(max_value=255.0), ToTensorV2()]  # uint8 (H, W, 3) -> float (3, H, W) in [0, 1]
+
+
+def train_transform(size: int, *, policy: str = "default", erase_p: float = 0.25,
+                    scale: tuple[float, float] = (0.35, 1.0)) -> A.Compose:
+    """Random resized crop, flip, colour jitter, coarse dropout; ``policy="strong"`` adds two RandAugment-style ops
+    per image; ``policy="none"`` is the eval pipeline (deterministic, e.g. for feature caching)."""
+    if policy == "none":
+        return eval_transform(size)
+    if policy not in ("default", "strong"):
+        raise ValueError(f"unknown augmentation policy {policy!r}; choose 'default', 'strong' or 'none'")
+    ops: list = [A.RandomResizedCrop(size=(size, size), scale=scale), A.HorizontalFlip(p=0.5),
+                 A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8)]
+    if policy == "strong":
+        ops.append(A.SomeOf([
+            A.Affine(rotate=(-25, 25), p=1.0), A.Affine(shear=(-15, 15), p=1.0),
+            A.Affine(translate_percent=(-0.15, 0.15), p=1.0), A.Equalize(p=1.0), A.Posterize(num_bits=(4, 6), p=1.0),
+            A.Solarize(threshold_range=(0.6, 0.9), p=1.0), A.Sharpen(p=1.0),
+            A.RandomBrightnessContrast(brightness_limit=0.4, contrast_limit=0.4, p=1.0),
+            A.HueSaturationValue(p=1.0)], n=2))
+    if erase_p > 0:
+        ops.append(A.CoarseDropout(num_holes_range=(1, 3), hole_height_range=(0.1, 0.3),
+                                   hole_width_range=(0.1, 0.3), p=erase_p))
+    return A.Compose(ops + _TO_TENSOR)
+
+
+def eval_transform(size: int, *, crop_pct: float = 1.0) -> A.Compose:
+    """Resize the short side to ``size / crop_pct``, then centre-crop ``size`` (crop_pct=0.875 is ImageNet's habit;
+    the default 1.0 keeps the whole image)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    return A.Compose([A.SmallestMaxSize(max_size=int(round(size / crop_pct))), A.CenterCrop(size, size)]
+                     + _TO_TENSOR)
+
+
+def _apply(transform: Transform | None, image: np.ndarray) -> torch.Tensor:
+    if transform is None:
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    if isinstance(transform, A.BasicTransform | A.BaseCompose):
+        return transform(image=image)["image"]
+    return transform(image)
+
+
+# ---- datasets --------------------------------------------------------------------------------------------------
+@dataclass
+class SkippedFile:
+    path: str
+    reason: str
+
+
+class ImageDataset(Dataset):
+    """A list of (path, label) samples with class names; yields (image tensor in [0, 1], label)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], class_names: Sequence[str],
+                 transform: Transform | None = None, *, check: bool = True, strict: bool = False,
+                 skipped: Sequence[SkippedFile] = ()) -> None:
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.skipped = list(skipped)
+        if check:
+            samples = self._drop_unreadable(samples, strict)
+        self.samples = list(samples)
+
+    def _drop_unreadable(self, samples: Sequence[tuple[str, int]], strict: bool) -> list[tuple[str, int]]:
+        good = []
+        for path, label in samples:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except Exception as exc:  # PIL raises several types for corrupt and truncated files
+                if strict:
+                    raise DataError(f"unreadable image {path!r} ({type(exc).__name__}: {exc}); "
+                                    f"remove it, or pass strict=False to skip such files") from exc
+                self.skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
+                continue
+            good.append((path, label))
+        if self.skipped:
+            examples = ", ".join(repr(s.path) for s in self.skipped[:3])
+            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s), e.g. {examples} "
+                          f"(dataset.skipped lists them all; strict=True makes this an error)", stacklevel=3)
+        return good
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return _apply(self.transform, read_rgb(path)), label
+
+    def subset(self, indices: Sequence[int], transform: Transform | None = None) -> "ImageDataset":
+        """A dataset of the given samples (already checked), with its own transform."""
+        return ImageDataset([self.samples[i] for i in indices], self.class_names,
+                            transform if transform is not None else self.transform, check=False)
+
+    def with_transform(self, transform: Transform | None) -> "ImageDataset":
+        return ImageDataset(self.samples, self.class_names, transform, check=False)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.labels)
+        return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
+
+
+def _data_root(root: str | os.PathLike) -> Path:
+    p = resolve_path(root, what="data folder")
+    if not p.is_dir():
+        raise DataError(f"data folder {str(root)!r} is a file, not a folder of class sub-folders")
+    return p
+
+
+def _images_in(folder: Path) -> list[str]:
+    return sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
+class ImageFolder(ImageDataset):
+    """``root/<class>/**/*.jpg``; classes are the sub-folder names, sorted (or ``class_names`` in that order)."""
+
+    def __init__(self, root: str | os.PathLike, transform: Transform | None = None, *,
+                 class_names: Sequence[str] | None = None, strict: bool = False, check: bool = True) -> None:
+        self.root = _data_root(root)
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise DataError(f"data folder {str(self.root)!r} has no class sub-folders; expected "
+                            f"{str(self.root)!r}/<class>/<image>.jpg")
+        if class_names is not None and set(found) != set(class_names):
+            raise DataError(_class_mismatch(list(class_names), found, "expected", str(self.root)))
+        names = list(class_names) if class_names is not None else found
+        samples: list[tuple[str, int]] = []
+        empty = []
+        for label, name in enumerate(names):
+            files = _images_in(self.root / name)
+            if not files:
+                empty.append(name)
+            samples += [(f, label) for f in files]
+        if empty:
+            raise DataError(f"class folder(s) with no images in {str(self.root)!r}: {', '.join(map(repr, empty))} "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)}); remove the folder or add images")
+        super().__init__(samples, names, transform, check=check, strict=strict)
+
+
+def _class_mismatch(expected: list[str], found: list[str], what: str, where: str) -> str:
+    only_e = sorted(set(expected) - set(found))
+    only_f = sorted(set(found) - set(expected))
+    return (f"class folders in {where!r} differ from the {what} classes: missing {only_e or 'none'}, "
+            f"extra {only_f or 'none'}; every split needs the same class folders")
+
+
+class CsvImages(ImageDataset):
+    """A CSV with ``path,label`` columns (a header row is required); paths relative to ``root`` or the CSV's folder.
+
+    Labels are class names; ``class_names`` fixes their order (and refuses others), else they are sorted.
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, transform: Transform | None = None, *,
+                 root: str | os.PathLike | None = None, class_names: Sequence[str] | None = None,
+                 strict: bool = False, check: bool = True) -> None:
+        csv_file = resolve_path(csv_path, what="CSV file")
+        base = _data_root(root) if root is not None else csv_file.parent
+        with open(csv_file, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+                raise DataError(f"CSV {str(csv_file)!r} needs a header with columns 'path' and 'label', "
+                                f"got {reader.fieldnames}")
+            rows = [(r["path"].strip(), r["label"].strip()) for r in reader]
+        if not rows:
+            raise DataError(f"CSV {str(csv_file)!r} has no rows")
+        labels = sorted({label for _, label in rows})
+        if class_names is not None:
+            unknown = sorted(set(labels) - set(class_names))
+            if unknown:
+                raise DataError(f"CSV {str(csv_file)!r} has labels not in class_names: {unknown[:5]}"
+                                f"{' ...' if len(unknown) > 5 else ''}; known: {list(class_names)}")
+        names = list(class_names) if class_names is not None else labels
+        index = {name: i for i, name in enumerate(names)}
+        samples = [(str(base / p) if not os.path.isabs(p) else p, index[label]) for p, label in rows]
+        missing = [p for p, _ in samples if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"CSV {str(csv_file)!r} lists {len(missing)} file(s) that do not exist, e.g. "
+                            f"{', '.join(map(repr, missing[:3]))}; paths are relative to {str(base)!r}")
+        super().__init__(samples, names, transform, check=check, strict=strict)
+
+
+@dataclass
+class Splits:
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices), each class split in proportion; reproducible for a seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    k, n_val = len(set(labels)), math.ceil(val_fraction * len(labels))
+    if n_val < k or len(labels) - n_val < k:
+        raise DataError(f"val_fraction={val_fraction} of {len(labels)} images leaves {n_val} for validation and "
+                        f"{len(labels) - n_val} for training, fewer than the {k} classes; add images, give a "
+                        f"val/ folder, or change val_fraction")
+    idx = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=list(labels))
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
+                policy: str = "default", strict: bool = False, crop_pct: float = 1.0) -> Splits:
+    """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``.
+
+    Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
+    never used for any choice.
+    """
+    base = _data_root(root)
+    if not (base / "train").is_dir():
+        raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
+                        f"optionally with val/ and test/ beside it")
+    train_tf, eval_tf = train_transform(size, policy=policy), eval_transform(size, crop_pct=crop_pct)
+    full = ImageFolder(base / "train", strict=strict)
+    names = full.class_names
+    for other in ("val", "test"):  # every split's classes are checked before any work is done on them
+        if (base / other).is_dir():
+            _checked(names, base / other)
+    if (base / "val").is_dir():
+        train = full.with_transform(train_tf)
+        val = ImageFolder(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
+    else:
+        tr, va = stratified_split(full.labels, val_fraction, seed)
+        train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
+    test = None
+    if (base / "test").is_dir():
+        test = ImageFolder(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
+    return Splits(train, val, test)
+
+
+def _checked(names: list[str], folder: Path) -> list[str]:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if set(found) != set(names):
+        raise DataError(_class_mismatch(names, found, "train", str(folder)))
+    return names
+
+
+# ---- imbalance -------------------------------------------------------------------------------------------------
+def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, scaled so the average sample weight is 1 (n / (K * count_k))."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).float()
+    if (counts == 0).any():
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise DataError(f"class index(es) {empty} have no samples; class weights need every class present")
+    return counts.sum() / (num_classes * counts)
+
+
+def balanced_sampler(labels: Sequence[int], *, num_samples: int | None = None,
+                     generator: torch.Generator | None = None) -> WeightedRandomSampler:
+    """Oversample rare classes so each class is drawn equally often in expectation (with replacement)."""
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    per_class = 1.0 / torch.bincount(labels_t).float()
+    return WeightedRandomSampler(per_class[labels_t].double(), num_samples=num_samples or len(labels_t),
+                                 replacement=True, generator=generator)

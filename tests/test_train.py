@@ -1,0 +1,191 @@
+import json
+import os
+
+import pytest
+import torch
+
+from fusionnet import FusionNet
+from fusionnet.data import ImageFolder, eval_transform, load_splits, train_transform
+from fusionnet.losses import FocalLoss
+from fusionnet.train import TrainConfig, evaluate, fit
+from toydata import make_splits
+
+TINY = ["timm/test_efficientnet", "timm/test_resnet"]
+
+
+@pytest.fixture
+def splits(tmp_path):
+    return load_splits(make_splits(tmp_path / "data"), size=32, val_fraction=0.25, seed=0)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, lr=3e-3, progress=False, warmup_epochs=0, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    model = FusionNet(backbones=TINY, num_classes=3)
+    x, y = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fit_writes_best_and_final_checkpoints_that_reload(splits, tmp_path):
+    model = FusionNet(backbones=TINY, num_classes=3, class_names=splits.class_names)
+    result = fit(model, splits.train, splits.val, _cfg(epochs=3), out_dir=tmp_path / "run", log=None)
+    run = tmp_path / "run"
+    assert {"best.pth", "final.pth", "history.json", "train_config.json"} <= set(os.listdir(run))
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(history, key=lambda h: h["val_macro_f1"])  # first of the maxima, as fit keeps the first
+    assert result.best_epoch == best["epoch"]
+    final = FusionNet.from_checkpoint(run / "final.pth")
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(final(x), model.eval()(x))
+    best_model = FusionNet.from_checkpoint(run / "best.pth")
+    assert best_model.checkpoint_metrics["epoch"] == result.best_epoch
+    assert evaluate(best_model, splits.val, device="cpu")["macro_f1"] == pytest.approx(result.best_score)
+
+
+def test_frozen_strategy_keeps_trunk_weights_and_batchnorm_buffers_bit_for_bit(splits):
+    model = FusionNet(backbones=TINY, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".trunk." in k}
+    fit(model, splits.train, splits.val, _cfg(strategy="frozen", cache_features=False), log=None)
+    after = model.state_dict()
+    assert any("running_mean" in k for k in before)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(model.head.fc.weight, FusionNet(backbones=TINY, num_classes=3).head.fc.weight)
+
+
+def test_gradual_unfreezing_releases_top_stages_on_schedule(splits):
+    model = FusionNet(backbones=["timm/test_resnet"], num_classes=3)
+    trunk = model.branches["test_resnet"].trunk
+    stem = next(trunk.parameters()).clone()
+    top_before = {k: v.clone() for k, v in trunk.layer4.state_dict().items()}
+    result = fit(model, splits.train, splits.val,
+                 _cfg(epochs=3, strategy="gradual", unfreeze_after=1, unfreeze_every=1), log=None)
+    counts = [h["trainable_params"] for h in result.history]
+    assert counts[0] < counts[1] < counts[2]  # head only, then one stage more each epoch
+    assert torch.equal(next(trunk.parameters()), stem)  # the stem never unfroze
+    assert any(not torch.equal(v, trunk.layer4.state_dict()[k]) for k, v in top_before.items())
+
+
+def test_a_crashed_run_resumes_from_final_and_matches_an_uninterrupted_one(splits, tmp_path):
+    torch.manual_seed(0)
+    initial = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3).state_dict()
+
+    def model():
+        m = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
+        m.load_state_dict(initial)
+        return m
+
+    cfg = _cfg(epochs=4, warmup_epochs=1)
+    fit(model(), splits.train, splits.val, cfg, out_dir=tmp_path / "a", log=None)
+
+    def crash_in_epoch_2(msg):
+        if msg.startswith("epoch 2/4"):
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model(), splits.train, splits.val, cfg, out_dir=tmp_path / "b", log=crash_in_epoch_2)
+    assert json.loads((tmp_path / "b" / "history.json").read_text())[-1]["epoch"] == 1
+    resumed = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
+    result = fit(resumed, splits.train, splits.val, cfg, out_dir=tmp_path / "b", resume=True, log=None)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    expected = FusionNet.from_checkpoint(tmp_path / "a" / "final.pth").state_dict()
+    got = resumed.state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_without_a_previous_run_says_what_is_missing(splits, tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume=True needs .*final.pth"):
+        fit(FusionNet(backbones=TINY, num_classes=3), splits.train, splits.val, _cfg(), out_dir=tmp_path / "x",
+            resume=True, log=None)
+
+
+def test_early_stopping_stops_after_patience(splits, tmp_path):
+    model = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
+    result = fit(model, splits.train, splits.val, _cfg(epochs=8, lr=1e-9, patience=2, monitor="acc"), log=None)
+    assert result.stopped_early and len(result.history) == result.best_epoch + 2
+
+
+def test_feature_cache_matches_the_uncached_path_and_persists(splits, tmp_path, monkeypatch):
+    def run(cache):
+        torch.manual_seed(0)
+        model = FusionNet(backbones=TINY, num_classes=3, freeze_trunks=True)
+        tr = splits.train.with_transform(eval_transform(32))  # deterministic pipeline
+        res = fit(model, tr, splits.val, _cfg(epochs=3, strategy="frozen", cache_features=cache,
+                                                cache_dir=str(tmp_path / "cache")), log=None)
+        return model, res
+
+    plain, res_plain = run(False)
+    cached, res_cached = run("auto")
+    assert res_cached.used_cache and not res_plain.used_cache
+    torch.testing.assert_close(cached.head.fc.weight, plain.head.fc.weight, rtol=1e-4, atol=1e-5)
+    assert len(os.listdir(tmp_path / "cache")) == 2  # train and val
+    # a second run must not touch the trunks at all
+    monkeypatch.setattr("fusionnet.fusion.Branch.forward", lambda *a: (_ for _ in ()).throw(AssertionError))
+    again, res_again = run("auto")
+    torch.testing.assert_close(again.head.fc.weight, cached.head.fc.weight)
+
+
+def test_feature_cache_is_refused_for_random_pipelines_unless_asked(splits):
+    model = FusionNet(backbones=TINY, num_classes=3)
+    messages = []
+    res = fit(model, splits.train, splits.val, _cfg(epochs=1, strategy="frozen"), log=messages.append)
+    assert not res.used_cache and any("feature cache off: the train pipeline is random" in m for m in messages)
+    res = fit(model, splits.train, splits.val, _cfg(epochs=1, strategy="frozen", cache_features=True),
+              log=messages.append)
+    assert res.used_cache and any("un-augmented" in m for m in messages)
+
+
+def test_focal_loss_matches_its_formula():
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    torch.testing.assert_close(FocalLoss(gamma=0)(logits, y), torch.nn.functional.cross_entropy(logits, y))
+    p = logits.softmax(1)[torch.arange(6), y]
+    alpha = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    expected = (-alpha[y] * (1 - p) ** 2 * p.log()).mean()
+    torch.testing.assert_close(FocalLoss(gamma=2, alpha=alpha)(logits, y), expected)
+    with pytest.raises(ValueError, match="focal gamma must be >= 0, got -1"):
+        FocalLoss(gamma=-1)
+
+
+def test_bad_train_config_values_are_named():
+    with pytest.raises(ValueError, match="unknown strategy 'freeze'; choose one of full, frozen, gradual"):
+        TrainConfig(strategy="freeze")
+    with pytest.raises(ValueError, match="unknown monitor 'f1'"):
+        TrainConfig(monitor="f1")
+
+
+def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
+    from toydata import make_folder
+
+    make_folder(tmp_path / "d" / "train", {"a": 30, "b": 6, "c": 6})
+    splits = load_splits(tmp_path / "d", size=32, val_fraction=0.3)
+    model = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
+    res = fit(model, splits.train, splits.val, _cfg(epochs=2, loss="focal", class_weighting=True,
+                                                    balanced_sampling=True, optimizer="sgd"), log=None)
+    assert len(res.history) == 2 and all(h["train_loss"] > 0 for h in res.history)
+
+
+def test_one_short_epoch_on_real_flowers(flowers_root, tmp_path):
+    """Integration: a FusionNet of two pretrained trunks on the real photos (a stratified slice, one epoch)."""
+    from fusionnet.data import stratified_split
+
+    splits = load_splits(flowers_root, size=64, val_fraction=0.15, seed=0)
+    _, keep = stratified_split(splits.train.labels, 0.06, seed=0)  # ~200 training photos
+    train = splits.train.subset(keep)
+    model = FusionNet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=5,
+                      pretrained=["efficientnet_lite0"], class_names=splits.class_names)
+    res = fit(model, train, splits.val, _cfg(epochs=1, batch_size=16, lr=3e-3), out_dir=tmp_path / "run", log=None)
+    majority = max(splits.val.counts().values()) / len(splits.val)  # always guessing dandelion: about 0.24
+    assert res.history[0]["val_acc"] > majority + 0.08  # 11 steps on ~180 photos: 0.40 at seed 0
+    assert (tmp_path / "run" / "best.pth").is_file()
