@@ -23,6 +23,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                                           "efficientnet_lite2"])
     p.add_argument("--top", type=int, default=3)
 
+    p = sub.add_parser("compare", help="train members and a FusionNet on the same budget and compare them with "
+                                       "every output-ensemble method; writes runs/<name>/")
+    p.add_argument("--data", required=True, help="folder with train/ and test/ (val/ optional)")
+    p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1",
+                                                        "efficientnet_lite2"])
+    p.add_argument("--regime", choices=["frozen", "finetune"], default="frozen")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("demo", help="the comparison on scikit-learn's digits with offline EfficientNet-Lite weights")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
@@ -41,6 +60,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for path, top in classify_imagenet(args.images or None, backbone=args.backbone, top=args.top):
                 print(f"{path}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
+        elif args.command == "compare":
+            from fusionnet.compare import CompareConfig, run_comparison
+
+            run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
+                                         epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
+                                         seed=args.seed, out=args.out or f"runs/{args.regime}",
+                                         progress=not args.no_progress))
+        elif args.command == "demo":
+            from fusionnet.demo import run_demo
+
+            run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
+            print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
     except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
         print(f"fusionnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -47,12 +47,13 @@ def _files_fingerprint(dataset) -> list:
 
 
 def cache_key(model: nn.Module, dataset) -> str:
-    """What the cached features depend on: branch configs, trunk weights, transform, labels and files."""
-    branches = getattr(model, "branches", None)
+    """What cached features depend on: the model's weights (or one branch's config and weights), the transform,
+    the labels and the files. A branch's key leaves out its name, so equal branches of two models share a cache."""
+    cfg = getattr(model, "cfg", None)
     parts = {
         "version": CACHE_VERSION,
-        "branches": {name: [repr(br.cfg), weights_hash(br)] for name, br in branches.items()}
-        if branches is not None else weights_hash(model),
+        "model": [{k: v for k, v in vars(cfg).items() if k != "name"} if cfg is not None else type(model).__name__,
+                  weights_hash(model)],
         "transform": repr(getattr(dataset, "transform", None)),
         "labels": list(getattr(dataset, "labels", [])),
         "files": _files_fingerprint(dataset),
@@ -72,17 +73,19 @@ def supports_cache(model: nn.Module) -> str | None:
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, dataset, *, batch_size: int = 64, device: torch.device | str = "cpu",
-                     num_workers: int = 0, progress: Callable | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                        torch.Tensor]:
-    """({branch: (N, D_i)}, labels (N,)) in dataset order, with the model in eval mode."""
+def compute_features(model: nn.Module, dataset, *, names: list[str] | None = None, batch_size: int = 64,
+                     device: torch.device | str = "cpu", num_workers: int = 0, progress: Callable | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({branch: (N, D_i)}, labels (N,)) in dataset order, with the model in eval mode; ``names`` limits the
+    branches computed (a model with ``branches``), else every branch via ``forward_features``."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    features = (lambda x: {n: model.branches[n](x) for n in names}) if names is not None else model.forward_features
     feats: dict[str, list[torch.Tensor]] = {}
     labels = []
     for x, y in (progress(loader) if progress else loader):
-        for name, f in model.forward_features(x.to(device)).items():
+        for name, f in features(x.to(device)).items():
             feats.setdefault(name, []).append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
@@ -91,17 +94,25 @@ def compute_features(model: nn.Module, dataset, *, batch_size: int = 64, device:
 
 def cached_features(model: nn.Module, dataset, *, cache_dir: str | os.PathLike | None, **kwargs
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
-    """Features from ``cache_dir`` if a matching cache exists, else computed (and saved there when given).
+    """Features from ``cache_dir`` where a matching cache exists, else computed (and saved there when given).
 
-    Returns (features, labels, hit).
+    A model with ``branches`` is cached one file per branch, so a fusion model reuses its members' features.
+    Returns (features, labels, hit): hit is True when nothing had to be computed.
     """
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"features-{cache_key(model, dataset)}.pt"
+    branches = getattr(model, "branches", None)
+    if cache_dir is None or branches is None:
+        feats, labels = compute_features(model, dataset, **kwargs)
+        return feats, labels, False
+    paths = {name: Path(cache_dir) / f"features-{cache_key(br, dataset)}.pt" for name, br in branches.items()}
+    feats, labels = {}, None
+    for name, path in paths.items():
         if path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            return blob["features"], blob["labels"], True
-    feats, labels = compute_features(model, dataset, **kwargs)
-    if path is not None:
-        atomic_torch_save({"features": feats, "labels": labels}, path)
-    return feats, labels, False
+            feats[name], labels = blob["features"], blob["labels"]
+    missing = [name for name in branches if name not in feats]
+    if missing:
+        new, labels = compute_features(model, dataset, names=missing, **kwargs)
+        for name in missing:
+            atomic_torch_save({"features": new[name], "labels": labels}, paths[name])
+        feats.update(new)
+    return {name: feats[name] for name in branches}, labels, not missing

@@ -260,8 +260,12 @@ def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None =
 # ---- fit -------------------------------------------------------------------------------------------------------
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
         out_dir: str | os.PathLike | None = None, resume: bool = False,
-        log: Callable[[str], None] | None = print) -> FitResult:
-    """Train ``model`` on ``train_data``, choosing the best epoch on ``val_data``; see the module docstring."""
+        log: Callable[[str], None] | None = print, sample_weights: torch.Tensor | None = None) -> FitResult:
+    """Train ``model`` on ``train_data``, choosing the best epoch on ``val_data``; see the module docstring.
+
+    ``sample_weights`` (N,) draws training samples in proportion to them, with replacement (boosting by
+    resampling); it replaces ``balanced_sampling``.
+    """
     cfg = config or TrainConfig()
     device = setup_distributed(cfg.device)
     rank, world = _rank_world()
@@ -326,7 +330,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
             train_model = nn.parallel.DistributedDataParallel(core)
         t0 = time.perf_counter()
         train_loss = _train_epoch(train_model, forward, train_loader_data, criterion, optimizer, scheduler,
-                                  cfg, epoch, device, labels, world, rank)
+                                  cfg, epoch, device, labels, world, rank, sample_weights)
         if world > 1:
             _average_buffers(core, world)
         if used_cache:
@@ -401,7 +405,7 @@ def _maybe_cache(model, train_data, val_data, cfg: TrainConfig, device, out, wor
 
 
 def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, cfg: TrainConfig, epoch: int,
-                 device, labels, world: int, rank: int) -> float:
+                 device, labels, world: int, rank: int, sample_weights: torch.Tensor | None = None) -> float:
     epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
     generator = torch.Generator().manual_seed(epoch_seed)
     if forward_head is not None:  # cached features: batches of indices into the feature tensors
@@ -413,6 +417,11 @@ def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, c
     if world > 1:
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
+    elif sample_weights is not None:
+        if len(sample_weights) != n:
+            raise ValueError(f"sample_weights has {len(sample_weights)} entries for {n} training samples")
+        sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double), n,
+                                                         replacement=True, generator=generator)
     elif cfg.balanced_sampling:
         sampler = balanced_sampler(labels, generator=generator)
     else:

@@ -130,7 +130,7 @@ def test_feature_cache_matches_the_uncached_path_and_persists(splits, tmp_path, 
     cached, res_cached = run("auto")
     assert res_cached.used_cache and not res_plain.used_cache
     torch.testing.assert_close(cached.head.fc.weight, plain.head.fc.weight, rtol=1e-4, atol=1e-5)
-    assert len(os.listdir(tmp_path / "cache")) == 2  # train and val
+    assert len(os.listdir(tmp_path / "cache")) == 4  # one file per branch (2) and split (train, val)
     # a second run must not touch the trunks at all
     monkeypatch.setattr("fusionnet.fusion.Branch.forward", lambda *a: (_ for _ in ()).throw(AssertionError))
     again, res_again = run("auto")

@@ -1,0 +1,196 @@
+"""Output ensembles by voting, over saved member probabilities or over live member models.
+
+Each trained member predicts each split once; :class:`MemberOutputs` keeps its softmax probabilities with the
+metadata needed to refuse mixing things that do not belong together (class order, sample order, labels). Every
+combination method here and in :mod:`fusionnet.selection` works from those files, never re-running a network.
+
+Names follow scikit-learn's ``VotingClassifier``: ``voting="soft"|"hard"``, ``weights``, ``transform()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fusionnet.checkpoints import atomic_torch_save, resolve_path
+
+OUTPUTS_FORMAT = "fusionnet-member-outputs"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class MemberOutputs:
+    """One member's softmax probabilities on one split, with what they depend on."""
+
+    member: str  # a name, e.g. "efficientnet_lite0"
+    split: str  # "val" | "test" | ...
+    probs: torch.Tensor  # (N, K), rows sum to 1
+    labels: torch.Tensor  # (N,)
+    class_names: list[str]
+    sample_ids: list[str]  # e.g. file paths, in row order
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n, k = self.probs.shape
+        if len(self.labels) != n or len(self.sample_ids) != n or len(self.class_names) != k:
+            raise ValueError(f"member {self.member!r}: probs {tuple(self.probs.shape)}, {len(self.labels)} labels, "
+                             f"{len(self.sample_ids)} sample ids, {len(self.class_names)} class names disagree")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_torch_save({"format": OUTPUTS_FORMAT, "member": self.member, "split": self.split,
+                                  "probs": self.probs.float(), "labels": self.labels.long(),
+                                  "class_names": list(self.class_names), "sample_ids": list(self.sample_ids),
+                                  "checkpoint": self.checkpoint, "checkpoint_sha256": self.checkpoint_sha256,
+                                  "extra": self.extra}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MemberOutputs":
+        obj = torch.load(resolve_path(path, what="member outputs"), map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict) or obj.get("format") != OUTPUTS_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a member-outputs file (save one with MemberOutputs.save)")
+        obj.pop("format")
+        return cls(**obj)
+
+
+def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoint: str | os.PathLike | None = None,
+                   **predict_kwargs) -> MemberOutputs:
+    """Run ``model`` once over ``data`` and keep its probabilities (aux-head models: main output only)."""
+    from fusionnet.train import predict
+
+    probs, labels = predict(model, data, **predict_kwargs)
+    ids = list(getattr(data, "paths", [str(i) for i in range(len(data))]))
+    return MemberOutputs(member=member, split=split, probs=probs, labels=labels,
+                         class_names=list(getattr(data, "class_names", [str(i) for i in range(probs.shape[1])])),
+                         sample_ids=ids, checkpoint=str(checkpoint) if checkpoint else None,
+                         checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None)
+
+
+def check_aligned(outputs: Sequence[MemberOutputs]) -> None:
+    """Refuse outputs that cannot be combined row by row: other classes, class order, samples or labels."""
+    if not outputs:
+        raise ValueError("no member outputs given")
+    ref = outputs[0]
+    for o in outputs[1:]:
+        where = f"member {o.member!r} ({o.split}) vs {ref.member!r} ({ref.split})"
+        if o.class_names != ref.class_names:
+            what = "class order" if sorted(o.class_names) == sorted(ref.class_names) else "classes"
+            raise ValueError(f"{where}: different {what}: {o.class_names} vs {ref.class_names}; predict every "
+                             f"member with the same class_names")
+        if o.sample_ids != ref.sample_ids:
+            same_set = sorted(o.sample_ids) == sorted(ref.sample_ids)
+            first = next(i for i, (a, b) in enumerate(zip(o.sample_ids, ref.sample_ids)) if a != b) \
+                if len(o.sample_ids) == len(ref.sample_ids) else None
+            raise ValueError(f"{where}: " + ("samples in a different order" if same_set else "different samples")
+                             + (f" (first difference at row {first})" if first is not None else
+                                f" ({len(o.sample_ids)} vs {len(ref.sample_ids)} rows)")
+                             + "; predict every member on the same dataset object, unshuffled")
+        if not torch.equal(o.labels, ref.labels):
+            raise ValueError(f"{where}: same samples but different labels")
+
+
+def stack_probs(outputs: Sequence[MemberOutputs] | Sequence[torch.Tensor]) -> torch.Tensor:
+    """(M, N, K) from member outputs (checked for alignment) or plain (N, K) tensors."""
+    if outputs and isinstance(outputs[0], MemberOutputs):
+        check_aligned(outputs)  # type: ignore[arg-type]
+        return torch.stack([o.probs for o in outputs])  # type: ignore[union-attr]
+    return torch.stack([torch.as_tensor(p) for p in outputs])
+
+
+def _weights(weights: Sequence[float] | torch.Tensor | None, m: int) -> torch.Tensor:
+    if weights is None:
+        return torch.full((m,), 1.0 / m)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if len(w) != m or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {m} non-negative numbers with a positive sum, got {list(w.tolist())}")
+    return w / w.sum()
+
+
+def soft_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
+    """(M, N, K) -> (N, K): the (weighted) mean of the members' probabilities."""
+    w = _weights(weights, probs.shape[0]).to(probs.dtype)
+    return torch.einsum("m,mnk->nk", w, probs)
+
+
+def hard_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
+    """(M, N, K) -> (N, K): each row holds the (weighted) fraction of votes per class.
+
+    Tie rule: among classes with the most votes, the one with the highest (weighted) mean probability wins; if that
+    ties too, the lowest class index. The winner gets a tiny bonus so that ``argmax`` of the result is that winner.
+    """
+    m, n, k = probs.shape
+    w = _weights(weights, m).to(probs.dtype)
+    votes = torch.zeros(n, k, dtype=probs.dtype)
+    votes.scatter_add_(1, probs.argmax(dim=2).T, w.expand(n, m).contiguous())  # (N, K)
+    tied = votes >= votes.max(dim=1, keepdim=True).values - 1e-9
+    mean_p = soft_vote(probs, w).masked_fill(~tied, -1.0)
+    winner = mean_p.argmax(dim=1)  # argmax returns the first maximum: the lowest index on exact ties
+    out = votes.clone()
+    out[torch.arange(n), winner] += 1e-6
+    return out / out.sum(dim=1, keepdim=True)
+
+
+class VotingEnsemble:
+    """Voting over saved member outputs, with scikit-learn's names.
+
+    >>> ens = VotingEnsemble(voting="soft", weights=[2, 1, 1])
+    >>> proba = ens.predict_proba(test_outputs)      # (N, K)
+    >>> pred = ens.predict(test_outputs)              # (N,)
+    >>> per_member = ens.transform(test_outputs)      # (M, N, K)
+    """
+
+    def __init__(self, voting: str = "soft", weights: Sequence[float] | None = None) -> None:
+        if voting not in ("soft", "hard"):
+            raise ValueError(f"voting must be 'soft' or 'hard', got {voting!r}")
+        self.voting, self.weights = voting, weights
+
+    def transform(self, outputs) -> torch.Tensor:
+        return stack_probs(outputs)
+
+    def predict_proba(self, outputs) -> torch.Tensor:
+        probs = self.transform(outputs)
+        return (soft_vote if self.voting == "soft" else hard_vote)(probs, self.weights)
+
+    def predict(self, outputs) -> torch.Tensor:
+        return self.predict_proba(outputs).argmax(dim=1)
+
+
+class VotingModule(nn.Module):
+    """Live members combined for deployment: ``forward(x)`` returns the ensemble's probabilities (B, K).
+
+    Members return logits; a tuple output (GoogLeNet with aux heads) contributes its main logits only.
+    Optional per-member temperatures (from :func:`fusionnet.selection.fit_temperature`) divide the logits first.
+    """
+
+    def __init__(self, members: Sequence[nn.Module], *, voting: str = "soft", weights: Sequence[float] | None = None,
+                 temperatures: Sequence[float] | None = None) -> None:
+        super().__init__()
+        VotingEnsemble(voting, weights)  # validates voting
+        self.members = nn.ModuleList(members)
+        self.voting = voting
+        self.register_buffer("weights", _weights(weights, len(members)))
+        self.register_buffer("temperatures", torch.as_tensor(temperatures if temperatures is not None
+                                                             else [1.0] * len(members), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for member, t in zip(self.members, self.temperatures):
+            logits = member(x)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            outs.append((logits.float() / t).softmax(dim=1))
+        probs = torch.stack(outs)  # (M, B, K)
+        return soft_vote(probs, self.weights) if self.voting == "soft" else hard_vote(probs, self.weights)

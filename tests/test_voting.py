@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from fusionnet.selection import (boosted_vote, diversity, exhaustive_selection, fit_temperature, fit_weights,
+                                 greedy_selection, samme_alpha, samme_update, stacking)
+from fusionnet.voting import MemberOutputs, VotingEnsemble, VotingModule, check_aligned, hard_vote, soft_vote
+
+# three members, two samples, three classes
+P = torch.tensor([
+    [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]],
+    [[0.1, 0.8, 0.1], [0.1, 0.2, 0.7]],
+    [[0.5, 0.4, 0.1], [0.3, 0.4, 0.3]],
+])
+
+
+def test_soft_and_weighted_voting_give_the_hand_computed_answer():
+    torch.testing.assert_close(soft_vote(P), torch.tensor([[0.4, 0.5, 0.1], [0.2, 1.1 / 3, 1.3 / 3]]))
+    torch.testing.assert_close(soft_vote(P, [2, 1, 1]), torch.tensor([[0.45, 0.45, 0.1], [0.2, 0.4, 0.4]]))
+    assert VotingEnsemble("soft").predict(list(P)).tolist() == [1, 2]
+    torch.testing.assert_close(soft_vote(P).sum(1), torch.ones(2))
+
+
+def test_hard_voting_majority_and_its_tie_rule():
+    # sample 0: votes class 0 (m0), 1 (m1), 0 (m2) -> class 0 by majority, though soft voting says class 1
+    # sample 1: votes 1, 2, 1 -> class 1
+    assert hard_vote(P).argmax(1).tolist() == [0, 1]
+    torch.testing.assert_close(hard_vote(P)[0], torch.tensor([2 / 3, 1 / 3, 0.0]), atol=1e-5, rtol=0)
+    # a 1-1 tie between classes 0 and 1 goes to the higher mean probability (class 1: 0.55 vs 0.35) ...
+    tie = torch.tensor([[[0.6, 0.4, 0.0]], [[0.1, 0.7, 0.2]]])
+    assert hard_vote(tie).argmax(1).tolist() == [1]
+    # ... and an exact tie of votes and probabilities goes to the lowest class index
+    exact = torch.tensor([[[0.5, 0.5, 0.0]], [[0.5, 0.5, 0.0]]])
+    assert hard_vote(exact).argmax(1).tolist() == [0]
+    # weights change the majority: member 1 alone outweighs the other two
+    assert hard_vote(P, [1, 3, 1]).argmax(1).tolist() == [1, 2]
+
+
+def test_voting_rejects_bad_weights_and_names():
+    with pytest.raises(ValueError, match=r"weights must be 3 non-negative numbers with a positive sum"):
+        soft_vote(P, [1, -1, 1])
+    with pytest.raises(ValueError, match="voting must be 'soft' or 'hard', got 'mean'"):
+        VotingEnsemble("mean")
+
+
+def _val_set():
+    """Member 0: right on the first half; member 1: right on the second half; member 2: always wrong-ish."""
+    n, k = 40, 2
+    labels = torch.tensor([0, 1] * (n // 2))
+    good_first = torch.where(torch.arange(n)[:, None] < n // 2, torch.nn.functional.one_hot(labels, k) * 0.8 + 0.1,
+                             torch.full((n, k), 0.5))
+    good_second = torch.where(torch.arange(n)[:, None] >= n // 2, torch.nn.functional.one_hot(labels, k) * 0.8 + 0.1,
+                              torch.full((n, k), 0.5))
+    bad = torch.nn.functional.one_hot(1 - labels, k) * 0.6 + 0.2
+    return torch.stack([good_first, good_second, bad]).float(), labels
+
+
+def test_greedy_selection_picks_the_complementary_pair_and_weights_are_counts():
+    val, labels = _val_set()
+    res = greedy_selection(val, labels, metric="nll", n_init=1, rounds=10)
+    assert res.counts[2] == 0 and res.counts[0] == res.counts[1] >= 1
+    assert res.weights == [c / sum(res.counts) for c in res.counts]
+    assert len(res.trajectory) == 11 and min(res.trajectory) < res.trajectory[0]
+    bagged = greedy_selection(val, labels, rounds=5, bags=6, bag_fraction=0.67, seed=0)
+    assert sum(bagged.counts) > 0 and bagged.counts[2] <= min(bagged.counts[:2])
+
+
+def test_exhaustive_selection_finds_the_best_subset():
+    val, labels = _val_set()
+    assert exhaustive_selection(val, labels, metric="nll").counts == [1, 1, 0]
+    with pytest.raises(ValueError, match="exhaustive search over 13 members"):
+        exhaustive_selection(torch.rand(13, 4, 2).softmax(-1), torch.zeros(4, dtype=torch.long))
+
+
+def test_fitted_weights_stay_on_the_simplex_and_improve_validation_nll():
+    val, labels = _val_set()
+    w = fit_weights(val, labels)
+    assert sum(w) == pytest.approx(1.0) and all(x >= 0 for x in w) and w[2] < 0.05
+
+    def nll(p):
+        return float(-p[torch.arange(len(labels)), labels].log().mean())
+
+    assert nll(soft_vote(val, w)) < nll(soft_vote(val)) - 0.05
+
+
+def test_temperature_scaling_lowers_nll_of_overconfident_outputs():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (400,), generator=g)
+    logits = torch.randn(400, 4, generator=g) + 1.5 * torch.nn.functional.one_hot(labels, 4)
+    overconfident = (logits * 4).softmax(1)  # right 70% of the time, but with ~0.99 confidence
+    t = fit_temperature(overconfident, labels)
+    assert t.temperature > 2 and t.nll_after < t.nll_before and t.ece_after < t.ece_before
+
+
+def test_stacking_never_sees_test_labels():
+    val, labels = _val_set()
+    test = val.clone()
+    res = stacking(val, labels, test, method="logreg", cv=5)
+    assert res.test_probs.shape == (40, 2) and res.cv_acc > 0.9
+    # the signature has no place for test labels; and shuffling test rows shuffles the output rows identically
+    perm = torch.randperm(40)
+    torch.testing.assert_close(stacking(val, labels, test[:, perm], cv=5).test_probs, res.test_probs[perm])
+    hgb = stacking(val, labels, test, method="hgb", cv=5)
+    assert hgb.test_probs.shape == (40, 2)
+
+
+def test_diversity_and_boosting_weights():
+    val, labels = _val_set()
+    d = diversity(val, labels)
+    # m0 predicts the label on the first half and class 0 on the second (0.5/0.5 ties go to index 0); m1 the
+    # reverse; m2 always the wrong class: hand-counted disagreements over the 40 samples
+    assert d["disagreement"][0][0] == 0 and d["disagreement"][0][1] == 0.5 and d["disagreement"][0][2] == 0.75
+    assert samme_alpha(0.5, 2) == pytest.approx(0.0) and samme_alpha(0.2, 3) > 0
+    w, alpha = samme_update(torch.ones(4), torch.tensor([True, True, True, False]), num_classes=2)
+    assert alpha == pytest.approx(torch.log(torch.tensor(3.0)).item())
+    assert w[3] == pytest.approx(0.5) and w[:3].sum() == pytest.approx(0.5)  # misclassified mass raised to half
+    assert boosted_vote(P, [0.1, 1.0, 0.1]).argmax(1).tolist() == [1, 2]
+
+
+def _outputs(member, probs, ids=("a", "b"), classes=("x", "y", "z"), labels=(0, 2)):
+    return MemberOutputs(member=member, split="val", probs=probs, labels=torch.tensor(labels),
+                         class_names=list(classes), sample_ids=list(ids))
+
+
+def test_member_outputs_round_trip_and_mismatches_are_refused(tmp_path):
+    a = _outputs("m0", P[0])
+    path = a.save(tmp_path / "m0_val.pt")
+    b = MemberOutputs.load(path)
+    assert torch.equal(b.probs, a.probs) and b.sample_ids == ["a", "b"] and b.member == "m0"
+    check_aligned([a, _outputs("m1", P[1])])
+    with pytest.raises(ValueError, match="different class order"):
+        check_aligned([a, _outputs("m1", P[1], classes=("y", "x", "z"))])
+    with pytest.raises(ValueError, match=r"samples in a different order \(first difference at row 0\)"):
+        check_aligned([a, _outputs("m1", P[1], ids=("b", "a"))])
+    with pytest.raises(ValueError, match="different samples"):
+        check_aligned([a, _outputs("m1", P[1], ids=("a", "c"))])
+    with pytest.raises(ValueError, match="is not a member-outputs file"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        MemberOutputs.load(tmp_path / "other.pt")
+
+
+def test_voting_module_over_live_members_uses_main_logits_only():
+    class AuxNet(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x):
+            return self.logits, torch.zeros_like(self.logits)  # (main, aux) like GoogLeNet in training
+
+    members = [AuxNet(p.log()) for p in P]
+    out = VotingModule(members, voting="soft")(torch.zeros(2, 3, 8, 8))
+    torch.testing.assert_close(out, soft_vote(P))
