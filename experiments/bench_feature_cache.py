@@ -52,7 +52,8 @@ def main() -> None:
     t_plain, m_plain, last_plain = run(False)
     t_cold, m_cold, last_cold = run(True)
     t_warm, _, _ = run(True)  # the disk cache from the cold run
-    diff = max(float((a - b).abs().max()) for a, b in zip(m_plain.head.parameters(), m_cold.head.parameters()))
+    pairs = zip(m_plain.head.parameters(), m_cold.head.parameters())
+    diff = max(float((a - b).detach().abs().max()) for a, b in pairs)
     results = {
         "budget": {"backbones": args.backbones, "epochs": args.epochs, "size": args.size,
                    "batch_size": args.batch_size, "seed": args.seed, "train_images": len(train),

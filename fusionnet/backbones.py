@@ -73,6 +73,34 @@ class TorchvisionTrunk(nn.Sequential):
         return self(x)  # (B, 3, H, W) -> (B, C, h, w)
 
 
+class GoogLeNetTrunk(TorchvisionTrunk):
+    """GoogLeNet's conv trunk, optionally with its two auxiliary classifiers (``aux1`` after inception4a, ``aux2``
+    after inception4d, torchvision's names and modules). The aux heads run only in training mode; their logits are
+    left in ``aux_logits`` for the training loop. Inference never uses them."""
+
+    AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
+
+    def __init__(self, children: "OrderedDict[str, nn.Module]", aux_classes: int | None = None) -> None:
+        super().__init__(children)
+        self.aux_logits: list[torch.Tensor] = []
+        if aux_classes is not None:
+            from torchvision.models.googlenet import InceptionAux
+
+            self.add_module("aux1", InceptionAux(512, aux_classes))
+            self.add_module("aux2", InceptionAux(528, aux_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1024, h, w)
+        self.aux_logits = []
+        for name, module in self.named_children():
+            if name in ("aux1", "aux2"):
+                continue
+            x = module(x)
+            aux = self.AUX_AFTER.get(name)
+            if aux is not None and self.training and hasattr(self, aux):
+                self.aux_logits.append(getattr(self, aux)(x))  # (B, K)
+        return x
+
+
 _REGISTRY: dict[str, BackboneSpec] = {}
 
 
@@ -153,20 +181,24 @@ def _timm_spec(name: str, arch: str) -> BackboneSpec:
     return BackboneSpec(name, "timm", arch, 0, mean=mean, std=std, input_size=size, linear_head="classifier")
 
 
-def build_trunk(spec: BackboneSpec, *, pretrained: bool = False) -> tuple[nn.Module, int]:
+def build_trunk(spec: BackboneSpec, *, pretrained: bool = False, aux_classes: int | None = None
+                ) -> tuple[nn.Module, int]:
     """Build the trunk for ``spec``; return it with its feature-map channel count.
 
     ``pretrained=True`` tries the spec's weight sources in order; where none can be reached it raises
-    :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative.
+    :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative. ``aux_classes`` gives a
+    GoogLeNet trunk its two auxiliary classifiers for that many classes.
     """
+    if aux_classes is not None and spec.arch != "googlenet":
+        raise ValueError(f"aux heads exist for googlenet only, not {spec.name!r}")
     if spec.family == "torchvision":
-        return _torchvision_trunk(spec, pretrained), spec.feature_dim
+        return _torchvision_trunk(spec, pretrained, aux_classes), spec.feature_dim
     if spec.family == "timm":
         return _timm_trunk(spec, pretrained)
     raise ValueError(f"unknown backbone family {spec.family!r} for {spec.name!r}")
 
 
-def _torchvision_trunk(spec: BackboneSpec, pretrained: bool) -> TorchvisionTrunk:
+def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | None = None) -> TorchvisionTrunk:
     import torchvision
 
     kwargs: dict = {}
@@ -184,6 +216,8 @@ def _torchvision_trunk(spec: BackboneSpec, pretrained: bool) -> TorchvisionTrunk
     else:
         model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
     children = OrderedDict((n, getattr(model, n)) for n in _TORCHVISION_TRUNK_CHILDREN[spec.arch])
+    if spec.arch == "googlenet":
+        return GoogLeNetTrunk(children, aux_classes)
     return TorchvisionTrunk(children)
 
 
@@ -302,6 +336,8 @@ def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
     """
     stages: list[nn.Module] = []
     for name, child in trunk.named_children():
+        if name in ("aux1", "aux2"):  # auxiliary classifiers are heads, trained from the start
+            continue
         if name in ("features", "blocks") and isinstance(child, nn.Sequential):
             stages.extend(child.children())
         else:

@@ -209,17 +209,26 @@ def split_head(state: Mapping[str, torch.Tensor], head_prefixes: tuple[str, ...]
 
 def load_trunk_state(trunk: nn.Module, state: Mapping[str, torch.Tensor], *, backbone: str,
                      head_prefixes: tuple[str, ...], source: str) -> list[str]:
-    """Load ``state`` (a whole classifier's or a trunk's) into ``trunk``; return the head keys it dropped."""
+    """Load ``state`` (a whole classifier's or a trunk's) into ``trunk``; return the head keys it dropped.
+
+    A trunk with GoogLeNet aux heads takes the checkpoint's aux heads where their shapes match (same class
+    count); otherwise its aux heads keep their fresh initialisation.
+    """
     body, head = split_head(state, head_prefixes)
-    expected = trunk.state_dict()
+    full = trunk.state_dict()
+    expected = {k: v for k, v in full.items() if not k.startswith(AUX_PREFIXES)}
     missing = [k for k in expected if k not in body]
     unexpected = [k for k in body if k not in expected]
     wrong_shape = [f"{k}: checkpoint {tuple(body[k].shape)} vs model {tuple(expected[k].shape)}"
                    for k in expected if k in body and body[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
         raise CheckpointMismatchError(_diagnose(backbone, state, source, missing, unexpected, wrong_shape))
-    trunk.load_state_dict(body, strict=True)
-    return sorted(head)
+    aux = {k: v for k, v in head.items() if k.startswith(AUX_PREFIXES) and k in full and full[k].shape == v.shape}
+    if aux and len(aux) != sum(k.startswith(AUX_PREFIXES) for k in full):
+        aux = {}  # all or nothing: half-loaded aux heads would be worse than fresh ones
+    # every non-aux key was checked above; aux heads are loaded all together or left fresh
+    trunk.load_state_dict({**body, **aux}, strict=False)
+    return sorted(k for k in head if k not in aux)
 
 
 def _diagnose(backbone: str, state: Mapping[str, torch.Tensor], source: str, missing: list[str],

@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="macro_f1",
+                   help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
                                          epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
-                                         seed=args.seed, out=args.out or f"runs/{args.regime}",
+                                         seed=args.seed, monitor=args.monitor,
+                                         out=args.out or f"runs/{args.regime}",
                                          progress=not args.no_progress))
         elif args.command == "demo":
             from fusionnet.demo import run_demo

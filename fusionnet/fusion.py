@@ -75,6 +75,7 @@ class BranchConfig:
     input_size: int | None = None  # resize the batch to this square size for this branch; None keeps its size
     mean: tuple[float, float, float] | None = None  # normalisation override; None takes the backbone spec's
     std: tuple[float, float, float] | None = None
+    aux_heads: bool = False  # googlenet only: train its two auxiliary classifiers too (TrainConfig.aux_weight)
 
 
 @dataclass
@@ -108,6 +109,8 @@ class FusionConfig:
         for b in self.branches:
             if b.pool not in POOLS:
                 raise ValueError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
+            if b.aux_heads and b.backbone != "googlenet":
+                raise ValueError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
             if not b.name:
                 base = b.backbone.removeprefix("timm/").replace(".", "_").replace("/", "_")
                 used[base] = used.get(base, 0) + 1
@@ -226,7 +229,8 @@ class FusionNet(nn.Module):
             spec = get_spec(b.backbone)
             # a branch with its own checkpoint skips pretrained weights: no download it would overwrite anyway
             wants = pretrained if isinstance(pretrained, bool) else (b.name in pretrained or b.backbone in pretrained)
-            trunk, channels = build_trunk(spec, pretrained=wants and b.name not in targets)
+            trunk, channels = build_trunk(spec, pretrained=wants and b.name not in targets,
+                                          aux_classes=config.num_classes if b.aux_heads else None)
             self.branches[b.name] = Branch(b, spec, trunk, channels)
         self.feature_dim = sum(br.out_dim for br in self.branches.values())
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
@@ -327,8 +331,12 @@ class FusionNet(nn.Module):
         return max(len(br.stages) for br in self.branches.values())
 
     def trunk_parameters(self) -> list[nn.Parameter]:
-        """Pretrained trunk weights (the optimiser gives them a smaller learning rate)."""
-        return [p for br in self.branches.values() for p in br.trunk.parameters()]
+        """Pretrained trunk weights (the optimiser gives them a smaller learning rate); aux heads are not."""
+        return [p for br in self.branches.values() for stage in br.stages for p in stage.parameters()]
+
+    def aux_logits(self) -> list[torch.Tensor]:
+        """The auxiliary logits (B, K) of the last training-mode forward (GoogLeNet aux heads); else empty."""
+        return [a for br in self.branches.values() for a in getattr(br.trunk, "aux_logits", [])]
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Everything else: pooling (GeM's p) and the head."""

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from fusionnet.metrics import expected_calibration_error
 from fusionnet.voting import soft_vote
@@ -210,8 +211,8 @@ def stacking(val: torch.Tensor, val_labels: torch.Tensor, test: torch.Tensor, *,
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     _check(val, val_labels)
-    x_val = val.permute(1, 0, 2).reshape(val.shape[1], -1).numpy()  # (N, M*K)
-    x_test = test.permute(1, 0, 2).reshape(test.shape[1], -1).numpy()
+    x_val = rearrange(val, "m n k -> n (m k)").numpy()  # each sample: its members' probabilities side by side
+    x_test = rearrange(test, "m n k -> n (m k)").numpy()
     y = val_labels.numpy()
     folds = StratifiedKFold(n_splits=min(cv, int(np.bincount(y).min())), shuffle=True, random_state=seed)
     oof = cross_val_predict(_meta_learner(method, seed), x_val, y, cv=folds, method="predict_proba")

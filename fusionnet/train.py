@@ -9,7 +9,8 @@ It knows nothing about fusion. It uses these optional hooks of the model when a 
 * ``config.to_dict()`` and ``class_names`` so that checkpoints can rebuild the model.
 
 A run folder holds ``best.pth`` (best validation score), ``final.pth`` (last epoch, with optimiser state for
-resuming), ``history.json`` and ``train_config.json``, all written atomically. Under ``torchrun`` it trains with
+resuming), ``history.json``, ``history.png`` (the curves) and ``train_config.json``; checkpoints and JSON are
+written atomically. Under ``torchrun`` it trains with
 DistributedDataParallel; only rank 0 writes.
 """
 
@@ -56,10 +57,12 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
     label_smoothing: float = 0.0
     loss: str = "ce"  # ce | focal
+    aux_weight: float = 0.3  # weight of each auxiliary head's loss (GoogLeNet aux heads; 0.3 as in the paper)
     focal_gamma: float = 2.0
     class_weighting: bool = False  # inverse-frequency class weights in the loss (focal: as alpha)
     balanced_sampling: bool = False  # oversample rare classes (WeightedRandomSampler)
-    strategy: str = "full"  # full: train everything | frozen: head only | gradual: unfreeze from the top
+    strategy: str = "full"  # full: train everything | frozen: head only | gradual: unfreeze from the top;
+    # the strategy overrides the model's own freeze_trunks setting
     unfreeze_after: int = 1  # gradual: epochs with every trunk frozen
     unfreeze_every: int = 1  # gradual: epochs between unfreezing steps
     stages_per_step: int = 1  # gradual: trunk stages released per step, nearest the output first
@@ -289,8 +292,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
 
     _apply_strategy(core, cfg, 0)
-    train_loader_data, val_loader_data, used_cache = _maybe_cache(core, train_data, val_data, cfg, device, out,
-                                                                  world, say)
+    train_loader_data, val_loader_data, used_cache = _maybe_cache(core, train_data, val_data, cfg, device, world,
+                                                                  say)
     forward = (lambda feats: core.forward_head(feats)) if used_cache else None
 
     steps_per_epoch = math.ceil(len(train_data) / world / cfg.batch_size)
@@ -319,7 +322,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     train_model = model
     stages_now = None
     for epoch in range(start, cfg.epochs):
-        if cfg.strategy == "gradual" and not used_cache:
+        if cfg.strategy == "gradual":
             stages = _stages_for_epoch(epoch, cfg)
             if stages != stages_now:
                 _apply_strategy(core, cfg, epoch)
@@ -365,6 +368,9 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
             _write_json(out / "history.json", history)
+            from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
+
+            training_curves(history, out / "history.png")
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch {best_epoch}")
             stopped_early = True
@@ -375,7 +381,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                      out_dir=str(out) if out is not None else None, used_cache=used_cache)
 
 
-def _maybe_cache(model, train_data, val_data, cfg: TrainConfig, device, out, world: int, say):
+def _maybe_cache(model, train_data, val_data, cfg: TrainConfig, device, world: int, say):
     """(train source, val source, cached?): cached feature tensors when the settings allow, else the datasets."""
     if cfg.strategy != "frozen" or cfg.cache_features is False:
         return train_data, val_data, False
@@ -430,6 +436,7 @@ def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, c
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         worker_init_fn=_seed_worker_pipeline, drop_last=False)
     model.train()
+    aux_fn = getattr(_unwrap(model), "aux_logits", None)
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or rank != 0, leave=False)
     for batch in bar:
@@ -442,6 +449,9 @@ def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, c
         with _autocast(device, cfg.amp):
             logits = forward_head(x) if forward_head is not None else model(x)
             loss = criterion(logits.float(), y)
+            if aux_fn is not None and forward_head is None and cfg.aux_weight:
+                for aux in aux_fn():  # main logits decide everything else; aux heads only add training signal
+                    loss = loss + cfg.aux_weight * criterion(aux.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:

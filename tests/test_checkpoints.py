@@ -115,7 +115,8 @@ def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3):
     assert "aux heads:    aux1, aux2 (3 classes)" in info.summary()
     for arch, builder in [("vgg16", torchvision.models.vgg16), ("vgg16_bn", torchvision.models.vgg16_bn),
                           ("resnet50", torchvision.models.resnet50), ("mobilenet_v2", torchvision.models.mobilenet_v2)]:
-        assert inspect_checkpoint(_save(tmp_path, f"{arch}.pth", builder(weights=None).state_dict())).architecture == arch
+        path = _save(tmp_path, f"{arch}.pth", builder(weights=None).state_dict())
+        assert inspect_checkpoint(path).architecture == arch
 
 
 def test_own_single_branch_checkpoint_feeds_a_branch_of_a_fusion_model(tmp_path):

@@ -140,7 +140,8 @@ def test_a_branch_with_its_own_checkpoint_skips_the_pretrained_download(tmp_path
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_download)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
-    model = FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True, checkpoints={"resnet18": tmp_path / "r18.pth"})
+    model = FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True,
+                      checkpoints={"resnet18": tmp_path / "r18.pth"})
     assert model.load_reports["resnet18"].source.endswith("r18.pth")
 
 
@@ -167,7 +168,8 @@ def test_timm_hub_offline_fails_within_seconds(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_dns)
     monkeypatch.setattr("fusionnet.backbones._timm_cached_file", lambda arch: None)
     t0 = time.perf_counter()
-    with pytest.raises(WeightsUnavailableError, match=r"huggingface.co is not reachable.*checkpoints=\{'timm/test_resnet'"):
+    expected = r"huggingface.co is not reachable.*checkpoints=\{'timm/test_resnet'"
+    with pytest.raises(WeightsUnavailableError, match=expected):
         FusionNet(backbones=["timm/test_resnet"], num_classes=2, pretrained=True)
     assert time.perf_counter() - t0 < 5
 

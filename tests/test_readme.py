@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,12 +22,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     import torchvision
 
     readme = (ROOT / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    examples = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(examples) == 3  # use, training, ensembles: run in order, as a reader would
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights").mkdir()
     torch.save(torchvision.models.resnet18(weights=None, num_classes=5).state_dict(),
                tmp_path / "weights" / "resnet18_best.pth")
     namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 5)
     assert (tmp_path / "runs" / "fusion" / "best.pth").is_file()
+    assert (tmp_path / "runs" / "digits_lite0" / "final.pth").is_file()
+    assert sum(namespace["chosen"].weights) == pytest.approx(1.0)

@@ -41,7 +41,7 @@ def test_fit_writes_best_and_final_checkpoints_that_reload(splits, tmp_path):
     model = FusionNet(backbones=TINY, num_classes=3, class_names=splits.class_names)
     result = fit(model, splits.train, splits.val, _cfg(epochs=3), out_dir=tmp_path / "run", log=None)
     run = tmp_path / "run"
-    assert {"best.pth", "final.pth", "history.json", "train_config.json"} <= set(os.listdir(run))
+    assert {"best.pth", "final.pth", "history.json", "history.png", "train_config.json"} <= set(os.listdir(run))
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(history, key=lambda h: h["val_macro_f1"])  # first of the maxima, as fit keeps the first
@@ -189,3 +189,48 @@ def test_one_short_epoch_on_real_flowers(flowers_root, tmp_path):
     majority = max(splits.val.counts().values()) / len(splits.val)  # always guessing dandelion: about 0.24
     assert res.history[0]["val_acc"] > majority + 0.08  # 11 steps on ~180 photos: 0.40 at seed 0
     assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_googlenet_aux_heads_train_with_their_weight_and_inference_ignores_them(tmp_path):
+    import torchvision
+
+    from fusionnet import BranchConfig
+
+    torch.manual_seed(0)
+    seed_model = torchvision.models.googlenet(weights=None, aux_logits=True, num_classes=3, init_weights=True)
+    torch.save(seed_model.state_dict(), tmp_path / "g.pth")
+
+    def build():
+        return FusionNet(backbones=[BranchConfig("googlenet", aux_heads=True)], num_classes=3,
+                         checkpoints={"googlenet": tmp_path / "g.pth"})
+
+    model = build()
+    trunk = model.branches["googlenet"].trunk
+    assert torch.equal(trunk.aux1.fc2.weight, seed_model.aux1.fc2.weight)  # the checkpoint's aux heads loaded
+    model.train()
+    model(torch.rand(2, 3, 64, 64))
+    assert [a.shape for a in model.aux_logits()] == [(2, 3), (2, 3)]
+    model.eval()
+    model(torch.rand(2, 3, 64, 64))
+    assert model.aux_logits() == []  # inference: main output only
+    stages = model.branches["googlenet"].stages
+    assert not any(trunk.aux1 is s or trunk.aux2 is s for s in stages)  # heads, not stages to unfreeze
+    assert id(trunk.aux1.fc2.weight) not in {id(p) for p in model.trunk_parameters()}  # head learning rate
+
+    x, y = torch.rand(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
+
+    class Data(torch.utils.data.Dataset):
+        class_names = ["a", "b", "c"]
+        labels = y.tolist()
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return x[i], int(y[i])
+
+    for weight, changes in ((0.3, True), (0.0, False)):
+        m = build()
+        before = m.branches["googlenet"].trunk.aux2.fc2.weight.clone()
+        fit(m, Data(), Data(), _cfg(epochs=1, batch_size=4, aux_weight=weight), log=None)
+        assert (not torch.equal(before, m.branches["googlenet"].trunk.aux2.fc2.weight)) == changes
