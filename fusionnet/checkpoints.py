@@ -276,6 +276,17 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return p
 
 
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON through a temporary file and a rename: readers never see half a file."""
+    import json
+
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, p)
+    return p
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Our own format's payload (config, class names, metrics, state dict); refuses other files clearly."""
     p = resolve_path(path)

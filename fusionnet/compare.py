@@ -14,7 +14,6 @@ split is only predicted.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from fusionnet.checkpoints import atomic_write_json
 from fusionnet.data import Splits, load_splits
 from fusionnet.fusion import FusionNet
 from fusionnet.metrics import classification_metrics
@@ -96,8 +96,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     say = log or (lambda _m: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"compare": asdict(cfg), "train": asdict(cfg.train_config())},
-                                                indent=2))
+    atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if splits.test is None:
         raise ValueError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
@@ -172,7 +171,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         "diversity_val": diversity(v, y_val),
         "temperature_val": {b: asdict(tp) for b, tp in zip(cfg.backbones, temps)},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results))
     confusion_grid({m: rows[m]["confusion"] for m in ["soft voting", "FusionNet"] + [f"member: {cfg.backbones[0]}"]},
                    names, out / "confusion.png")

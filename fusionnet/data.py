@@ -167,6 +167,11 @@ def _data_root(root: str | os.PathLike) -> Path:
     return p
 
 
+def _class_folders(root: Path) -> list[str]:
+    """The sorted names of the class sub-folders (hidden folders such as .ipynb_checkpoints are not classes)."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _images_in(folder: Path) -> list[str]:
     return sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
 
@@ -177,7 +182,7 @@ class ImageFolder(ImageDataset):
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None, *,
                  class_names: Sequence[str] | None = None, strict: bool = False, check: bool = True) -> None:
         self.root = _data_root(root)
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        found = _class_folders(self.root)
         if not found:
             raise DataError(f"data folder {str(self.root)!r} has no class sub-folders; expected "
                             f"{str(self.root)!r}/<class>/<image>.jpg")
@@ -296,7 +301,7 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
 
 
 def _checked(names: list[str], folder: Path) -> list[str]:
-    found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = _class_folders(folder)
     if set(found) != set(names):
         raise DataError(_class_mismatch(names, found, "train", str(folder)))
     return names

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fusionnet.data import read_rgb
 from fusionnet.efficientnet_lite import lite_package_path
 from fusionnet.fusion import FusionNet
 
@@ -29,7 +30,7 @@ def sample_photo_paths() -> list[str]:
 
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image file as a (3, size, size) tensor in [0, 1] (RGB whatever the file's mode)."""
-    img = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(read_rgb(path)).resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 

@@ -16,7 +16,6 @@ DistributedDataParallel; only rank 0 writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -315,7 +314,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         say(f"resumed from {str(out / 'final.pth')!r} at epoch {start + 1}/{cfg.epochs}")
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "train_config.json", asdict(cfg))
+        ckpt.atomic_write_json(out / "train_config.json", asdict(cfg))
 
     better = (lambda a, b: a > b) if MONITORS[cfg.monitor] == "max" else (lambda a, b: a < b)
     stopped_early = False
@@ -367,7 +366,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
-            _write_json(out / "history.json", history)
+            ckpt.atomic_write_json(out / "history.json", history)
             from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
 
             training_curves(history, out / "history.png")
@@ -495,9 +494,3 @@ def _save(model: nn.Module, path: Path, metrics: dict, class_names, extra: dict 
     config = getattr(model, "config", None)
     ckpt.save_checkpoint(path, config=config.to_dict() if hasattr(config, "to_dict") else {},
                          state_dict=model.state_dict(), class_names=class_names, metrics=metrics, extra=extra)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
