@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 
 from fusionnet.metrics import expected_calibration_error
-from fusionnet.voting import soft_vote
+from fusionnet.voting import hard_vote, soft_vote
 
 EPS = 1e-12
 
@@ -251,11 +251,9 @@ def samme_update(sample_weights: torch.Tensor, correct: torch.Tensor, num_classe
 
 
 def boosted_vote(probs: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
-    """SAMME's combination: sum of alpha_m for each member's predicted class, normalised to (N, K) scores."""
-    m, n, k = probs.shape
-    scores = torch.zeros(n, k, dtype=torch.float64)
-    scores.scatter_add_(1, probs.argmax(2).T, torch.tensor(alphas, dtype=torch.float64).expand(n, m).contiguous())
-    return (scores / scores.sum(1, keepdim=True).clamp_min(EPS)).float()
+    """SAMME's combination: each member votes for its predicted class with weight alpha_m, i.e. weighted hard
+    voting (same tie rule); (M, N, K) -> (N, K) vote fractions."""
+    return hard_vote(probs, alphas)
 
 
 def bootstrap_indices(n: int, seed: int) -> list[int]:

@@ -278,9 +278,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         raise FileNotFoundError(f"resume=True needs {str(out / 'final.pth') if out else 'out_dir'!r} from an "
                                 f"earlier run; pass the run folder as out_dir")
     model.to(device)
-    core = model
     labels = list(getattr(train_data, "labels", []))
-    class_names = getattr(core, "class_names", None) or getattr(train_data, "class_names", None)
+    class_names = getattr(model, "class_names", None) or getattr(train_data, "class_names", None)
     num_classes = len(class_names) if class_names else None
     weight = None
     if cfg.class_weighting or cfg.balanced_sampling:
@@ -290,21 +289,21 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         weight = class_weights(labels, num_classes).to(device)
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
 
-    _apply_strategy(core, cfg, 0)
-    train_loader_data, val_loader_data, used_cache = _maybe_cache(core, train_data, val_data, cfg, device, world,
+    _apply_strategy(model, cfg, 0)
+    train_loader_data, val_loader_data, used_cache = _maybe_cache(model, train_data, val_data, cfg, device, world,
                                                                   say)
-    forward = (lambda feats: core.forward_head(feats)) if used_cache else None
+    forward = model.forward_head if used_cache else None
 
     steps_per_epoch = math.ceil(len(train_data) / world / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    optimizer = make_optimizer(core, cfg)
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
     history: list[dict] = []
     best_score, best_epoch, bad_epochs, start = None, -1, 0, 0
     if resume:
         payload = ckpt.read_checkpoint(out / "final.pth")
-        core.load_state_dict(payload["state_dict"])
+        model.load_state_dict(payload["state_dict"])
         state = payload["extra"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -324,30 +323,30 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         if cfg.strategy == "gradual":
             stages = _stages_for_epoch(epoch, cfg)
             if stages != stages_now:
-                _apply_strategy(core, cfg, epoch)
+                _apply_strategy(model, cfg, epoch)
                 stages_now = stages
                 if world > 1:  # DDP fixes its parameter set at wrap time: re-wrap when it changes
-                    train_model = nn.parallel.DistributedDataParallel(core)
+                    train_model = nn.parallel.DistributedDataParallel(model)
         elif world > 1 and train_model is model:
-            train_model = nn.parallel.DistributedDataParallel(core)
+            train_model = nn.parallel.DistributedDataParallel(model)
         t0 = time.perf_counter()
         train_loss = _train_epoch(train_model, forward, train_loader_data, criterion, optimizer, scheduler,
                                   cfg, epoch, device, labels, world, rank, sample_weights)
         if world > 1:
-            _average_buffers(core, world)
+            _average_buffers(model, world)
         if used_cache:
             feats, y = val_loader_data
             with torch.no_grad():
-                core.eval()
-                probs = core.forward_head({k: v.to(device) for k, v in feats.items()}).float().softmax(1).cpu()
+                model.eval()
+                probs = model.forward_head({k: v.to(device) for k, v in feats.items()}).float().softmax(1).cpu()
             metrics = classification_metrics(probs, y, class_names)
         else:
-            metrics = evaluate(core, val_loader_data, class_names=class_names, batch_size=cfg.batch_size,
+            metrics = evaluate(model, val_loader_data, class_names=class_names, batch_size=cfg.batch_size,
                                device=device, num_workers=cfg.num_workers)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
                "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-               "trainable_params": sum(p.numel() for p in core.parameters() if p.requires_grad)}
+               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         history.append(row)
         score = metrics[cfg.monitor]
         improved = best_score is None or better(score, best_score)
@@ -359,10 +358,10 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
             f"macro-F1 {metrics['macro_f1']:.4f}  nll {metrics['nll']:.4f}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else ""))
         if out is not None and rank == 0:
-            summary = {**{k: v for k, v in row.items()}, "monitor": cfg.monitor, "best_epoch": best_epoch}
+            summary = {**row, "monitor": cfg.monitor, "best_epoch": best_epoch}
             if improved:
-                _save(core, out / "best.pth", summary, class_names)
-            _save(core, out / "final.pth", summary, class_names, extra={
+                _save(model, out / "best.pth", summary, class_names)
+            _save(model, out / "final.pth", summary, class_names, extra={
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
                 "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
