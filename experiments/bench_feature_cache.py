@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fusionnet import FusionNet
+from fusionnet import FusionNet, create_fusionnet, load_fusionnet
 from fusionnet.data import eval_transform, load_splits
 from fusionnet.train import TrainConfig, fit
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     def run(cache: bool) -> tuple[float, FusionNet, dict]:
         torch.manual_seed(args.seed)
-        model = FusionNet(backbones=args.backbones, num_classes=len(splits.class_names), pretrained=True,
+        model = create_fusionnet(backbones=args.backbones, num_classes=len(splits.class_names), pretrained=True,
                           freeze_trunks=True, class_names=splits.class_names)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, strategy="frozen", seed=args.seed,
                           cache_features=cache, cache_dir=str(cache_dir) if cache else None, progress=False)

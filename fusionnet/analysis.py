@@ -22,7 +22,9 @@ import torch
 def branch_ablation(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
     """{"all": acc, "without <b>": acc, "only <b>": acc} of ``model.forward_head`` under mean ablation."""
     model.eval()
-    labels = torch.as_tensor(labels)
+    device = next(model.parameters()).device  # features go where the model lives
+    features = {n: f.to(device) for n, f in features.items()}
+    labels = torch.as_tensor(labels).to(device)
     means = {n: f.mean(0, keepdim=True).expand_as(f) for n, f in features.items()}
 
     def acc(feats) -> float:

@@ -28,6 +28,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from fusionnet.errors import ConfigError, WeightsUnavailableError
+from fusionnet.pooling import detect_layout
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # GoogLeNet: torchvision's pretrained weights were converted from Google's, which expect (x - 0.5) / 0.5.
@@ -41,10 +44,6 @@ LITE_STD = (128 / 255,) * 3
 
 DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation once a download has started
 PROBE_TIMEOUT_S = 3.0  # to decide that a weight host is unreachable
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be fetched (no network, no cache) and no local file was given."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,7 @@ class BackboneSpec:
     linear_head: str | None = None
     weight_sources: tuple[str, ...] = ("hub",)  # in the order tried by pretrained=True
     notes: str = ""
+    fixed_input_size: bool = False  # the trunk accepts only input_size (e.g. a ViT): branches resize to it
 
 
 class TorchvisionTrunk(nn.Sequential):
@@ -75,30 +75,34 @@ class TorchvisionTrunk(nn.Sequential):
 
 class GoogLeNetTrunk(TorchvisionTrunk):
     """GoogLeNet's conv trunk, optionally with its two auxiliary classifiers (``aux1`` after inception4a, ``aux2``
-    after inception4d, torchvision's names and modules). The aux heads run only in training mode; their logits are
-    left in ``aux_logits`` for the training loop. Inference never uses them."""
+    after inception4d, torchvision's names and modules). :meth:`forward_with_aux` returns their logits beside the
+    feature map in training mode; inference (``forward``) never runs them."""
 
     AUX_AFTER = {"inception4a": "aux1", "inception4d": "aux2"}
 
     def __init__(self, children: "OrderedDict[str, nn.Module]", aux_classes: int | None = None) -> None:
         super().__init__(children)
-        self.aux_logits: list[torch.Tensor] = []
-        if aux_classes is not None:
+        self.has_aux = aux_classes is not None
+        if self.has_aux:
             from torchvision.models.googlenet import InceptionAux
 
             self.add_module("aux1", InceptionAux(512, aux_classes))
             self.add_module("aux2", InceptionAux(528, aux_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1024, h, w)
-        self.aux_logits = []
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, 3, H, W) -> ((B, 1024, h, w), {"aux1": (B, K), "aux2": (B, K)}; the dict is empty in eval mode)."""
+        aux: dict[str, torch.Tensor] = {}
         for name, module in self.named_children():
             if name in ("aux1", "aux2"):
                 continue
             x = module(x)
-            aux = self.AUX_AFTER.get(name)
-            if aux is not None and self.training and hasattr(self, aux):
-                self.aux_logits.append(getattr(self, aux)(x))  # (B, K)
-        return x
+            head = self.AUX_AFTER.get(name)
+            if head is not None and self.training and self.has_aux:
+                aux[head] = getattr(self, head)(x)  # (B, K)
+        return x, aux
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 1024, h, w)
+        return self.forward_with_aux(x)[0]
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -106,8 +110,10 @@ _REGISTRY: dict[str, BackboneSpec] = {}
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add a spec to the registry; a name may be registered once."""
+    if not isinstance(spec, BackboneSpec):
+        raise ConfigError(f"register_backbone takes a BackboneSpec, got {type(spec).__name__}")
     if spec.name in _REGISTRY:
-        raise ValueError(f"backbone {spec.name!r} is already registered")
+        raise ConfigError(f"backbone {spec.name!r} is already registered; choose another name")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -155,7 +161,7 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
 def get_spec(name: str) -> BackboneSpec:
     """The spec for ``name``: a registered name, ``timm/<model>``, or a plain timm model name."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+        raise ConfigError(f"backbone name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
         return _REGISTRY[name]
     import timm
@@ -165,7 +171,7 @@ def get_spec(name: str) -> BackboneSpec:
         return _timm_spec(name, arch)
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-    raise ValueError(f"unknown backbone {name!r}; {hint}available: {', '.join(list_backbones())}, "
+    raise ConfigError(f"unknown backbone {name!r}; {hint}available: {', '.join(list_backbones())}, "
                      f"or any timm model as 'timm/<name>' (timm.list_models())")
 
 
@@ -173,29 +179,30 @@ def _timm_spec(name: str, arch: str) -> BackboneSpec:
     import timm
 
     cfg = timm.get_pretrained_cfg(arch)
-    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, 224
+    mean, std, size, fixed = IMAGENET_MEAN, IMAGENET_STD, 224, False
     if cfg is not None:
         mean, std, size = tuple(cfg.mean), tuple(cfg.std), int(cfg.input_size[-1])
-    # feature_dim is filled in when the trunk is built (see build_trunk): timm's num_features is not always
+        fixed = bool(getattr(cfg, "fixed_input_size", False))
+    # feature_dim is measured when the trunk is built (see trunk_output): timm's num_features is not always
     # the channel count of forward_features (vgg's is the 4096-d pre_logits output).
-    return BackboneSpec(name, "timm", arch, 0, mean=mean, std=std, input_size=size, linear_head="classifier")
+    return BackboneSpec(name, "timm", arch, 0, mean=mean, std=std, input_size=size, linear_head="classifier",
+                        fixed_input_size=fixed)
 
 
-def build_trunk(spec: BackboneSpec, *, pretrained: bool = False, aux_classes: int | None = None
-                ) -> tuple[nn.Module, int]:
-    """Build the trunk for ``spec``; return it with its feature-map channel count.
+def build_trunk(spec: BackboneSpec, *, pretrained: bool = False, aux_classes: int | None = None) -> nn.Module:
+    """Build the trunk for ``spec`` (see :func:`trunk_output` for what it outputs).
 
     ``pretrained=True`` tries the spec's weight sources in order; where none can be reached it raises
     :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative. ``aux_classes`` gives a
     GoogLeNet trunk its two auxiliary classifiers for that many classes.
     """
     if aux_classes is not None and spec.arch != "googlenet":
-        raise ValueError(f"aux heads exist for googlenet only, not {spec.name!r}")
+        raise ConfigError(f"aux heads exist for googlenet only, not {spec.name!r}")
     if spec.family == "torchvision":
-        return _torchvision_trunk(spec, pretrained, aux_classes), spec.feature_dim
+        return _torchvision_trunk(spec, pretrained, aux_classes)
     if spec.family == "timm":
         return _timm_trunk(spec, pretrained)
-    raise ValueError(f"unknown backbone family {spec.family!r} for {spec.name!r}")
+    raise ConfigError(f"unknown backbone family {spec.family!r} for {spec.name!r}")
 
 
 def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | None = None) -> TorchvisionTrunk:
@@ -221,7 +228,23 @@ def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | 
     return TorchvisionTrunk(children)
 
 
-def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> tuple[nn.Module, int]:
+def trunk_output(spec: BackboneSpec, trunk: nn.Module) -> tuple[str, int, int]:
+    """(layout, channels, prefix tokens) of the trunk's feature output (see :mod:`fusionnet.pooling`).
+
+    torchvision trunks are NCHW with the spec's width. timm trunks are measured on one image at the model's own
+    input size (a ViT accepts no other), because ``num_features`` is not always the output width.
+    """
+    if spec.family == "torchvision":
+        return "NCHW", spec.feature_dim, 0
+    was_training = trunk.training
+    trunk.eval()
+    with torch.no_grad():
+        out = trunk.forward_features(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    trunk.train(was_training)
+    return detect_layout(trunk, out)
+
+
+def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     import timm
 
     use_package = pretrained and "package" in spec.weight_sources and _lite_package_available(spec.arch)
@@ -242,12 +265,7 @@ def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> tuple[nn.Module, int]:
     if hasattr(model, "pre_logits") and spec.arch.startswith("vgg"):
         # timm's vgg puts a 25088->4096 ConvMlp between features and head; the trunk is the conv part only.
         model.pre_logits = nn.Identity()
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():  # the channel count of forward_features, whatever num_features says
-        dim = int(model.forward_features(torch.zeros(1, 3, 64, 64)).shape[1])
-    model.train(was_training)
-    return model, dim
+    return model
 
 
 def _lite_package_available(arch: str) -> bool:
@@ -319,8 +337,8 @@ def _offline_message(spec: BackboneSpec, exc: BaseException) -> str:
     extra = f" Offline ImageNet weights: {spec.notes}." if "package" in spec.weight_sources else ""
     return (f"could not download pretrained weights for backbone {spec.name!r} ({type(exc).__name__}: {exc}). "
             f"Without network access, pass a local checkpoint instead: "
-            f"FusionNet(..., pretrained=False, checkpoints={{{spec.name!r}: 'weights/{spec.name}_best.pth'}}) "
-            f"or `--checkpoint {spec.name}=PATH` on the command line.{extra}")
+            f"create_fusionnet(..., pretrained=False, checkpoints={{{spec.name!r}: 'weights/{spec.name}_best.pth'}})"
+            f".{extra}")
 
 
 def trunk_stages(trunk: nn.Module) -> list[nn.Module]:

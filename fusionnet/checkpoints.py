@@ -6,14 +6,16 @@
 * :func:`load_trunk_state` loads one into a trunk, dropping classifier heads and GoogLeNet's aux heads, and
   raising :class:`CheckpointMismatchError` with a compact diagnosis (VGG16 vs VGG16-BN named as such).
 * :func:`save_checkpoint` / :func:`read_checkpoint`: config + class names + state dict + metrics, written
-  atomically (temporary file, then rename), so a crash mid-write never corrupts a saved checkpoint.
+  atomically (:func:`fusionnet.files.atomic_write`), so a crash mid-write never corrupts a saved checkpoint.
+* :func:`load_weights_file`: the one place a weights file is opened; every failure is a clear
+  :class:`CheckpointMismatchError`.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,31 +23,14 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from fusionnet.errors import CheckpointMismatchError
+from fusionnet.files import atomic_torch_save, resolve_path
+
 FORMAT = "fusionnet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pool "avgmax" means timm's mean of avg and max; version 1's "avgmax" is "catavgmax"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 PREFIXES = ("module.", "_orig_mod.")
 AUX_PREFIXES = ("aux1.", "aux2.")
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the module it is loaded into."""
-
-
-def resolve_path(path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
-    """``path`` as a Path that exists, or a FileNotFoundError showing it quoted and pointing at stray spaces."""
-    p = Path(path)
-    if p.exists():
-        return p
-    msg = f"{what} not found: {str(path)!r}"
-    spaced = [part for part in p.parts if part != part.strip()]
-    if spaced:
-        fixed = Path(*[part.strip() for part in p.parts])
-        msg += (f"; the path component(s) {', '.join(map(repr, spaced))} have leading/trailing spaces"
-                + (f" - did you mean {str(fixed)!r}? (it exists)" if fixed.exists() else ""))
-    elif p.parent != p and not p.parent.exists():
-        msg += f"; its folder {str(p.parent)!r} does not exist either"
-    raise FileNotFoundError(msg)
 
 
 @dataclass
@@ -62,18 +47,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], S
     """Read any supported checkpoint file into a flat ``{key: tensor}`` dict with wrappers and prefixes removed."""
     p = resolve_path(path)
     source = StateDictSource(path=str(p))
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(str(p))
-    else:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickled modules, truncated files, not a torch file at all
-            raise CheckpointMismatchError(
-                f"could not read {str(p)!r} as a weights-only checkpoint ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0][:200]}). If it is a whole pickled model, re-save it with "
-                f"torch.save(model.state_dict(), path) where it was trained") from exc
+    obj: Any = load_weights_file(p)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
         source.fusionnet = {k: v for k, v in obj.items() if k != "state_dict"}
         source.wrapper = "state_dict"
@@ -248,10 +222,42 @@ def _diagnose(backbone: str, state: Mapping[str, torch.Tensor], source: str, mis
     return "\n".join(lines)
 
 
-def save_checkpoint(path: str | os.PathLike, *, config: dict, state_dict: Mapping[str, torch.Tensor],
+def load_weights_file(path: str | os.PathLike) -> Any:
+    """The object in a ``.pt``/``.pth``/``.safetensors`` file, read without running any code in it.
+
+    Every way a file can fail to be a weights-only checkpoint (empty, truncated, a text file, a pickled whole model
+    or other code, a corrupt safetensors header) becomes one :class:`CheckpointMismatchError` naming the file.
+    """
+    p = resolve_path(path)
+    if p.is_dir():
+        raise CheckpointMismatchError(f"{str(p)!r} is a folder; pass the checkpoint file inside it")
+    if p.stat().st_size == 0:
+        raise CheckpointMismatchError(f"{str(p)!r} is empty (0 bytes); it was never written completely. Use "
+                                      f"another checkpoint (a run folder keeps best.pth and final.pth)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refused to run code in the file; the unsafe bypass torch suggests is not advice we repeat
+        raise CheckpointMismatchError(
+            f"{str(p)!r} is not a weights-only checkpoint: it holds pickled Python objects (e.g. a whole model) "
+            f"that fusionnet will not execute. Where the model was trained, re-save its weights with "
+            f"torch.save(model.state_dict(), path)") from None
+    except Exception as exc:  # torch, zipfile and safetensors raise many types for damaged files
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+        raise CheckpointMismatchError(
+            f"could not read {str(p)!r} as a checkpoint ({why}); the file is truncated, corrupt or not a "
+            f"PyTorch/safetensors file. Re-save or re-download it") from exc
+
+
+def save_checkpoint(path: str | os.PathLike, *, config: dict | None, state_dict: Mapping[str, torch.Tensor],
                     class_names: list[str] | None = None, metrics: dict | None = None,
                     extra: dict | None = None) -> Path:
-    """Write our own checkpoint format atomically: a temporary file in the same folder, then ``os.replace``."""
+    """Write our own checkpoint format atomically (see :func:`fusionnet.files.atomic_write`)."""
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": config,
                "class_names": list(class_names) if class_names is not None else None,
                "metrics": dict(metrics or {}), "extra": dict(extra or {}),
@@ -259,43 +265,23 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict, state_dict: Mappin
     return atomic_torch_save(payload, path)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` that never leaves a half-written file at ``path``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON through a temporary file and a rename: readers never see half a file."""
-    import json
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, p)
-    return p
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Our own format's payload (config, class names, metrics, state dict); refuses other files clearly."""
+    """Our own format's payload (config, class names, metrics, state dict); refuses other files clearly.
+    Older format versions are upgraded in memory."""
     p = resolve_path(path)
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    obj = load_weights_file(p)
     if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
         raise CheckpointMismatchError(
             f"{str(p)!r} is not a fusionnet checkpoint (no format={FORMAT!r} field); to use a plain state dict, "
-            f"build the model and pass it as checkpoints={{'<backbone>': {str(p)!r}}}")
-    if obj.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{str(p)!r} has format version {obj['version']}; this fusionnet reads up "
+            f"build the model with create_fusionnet(..., checkpoints={{'<backbone>': {str(p)!r}}})")
+    version = obj.get("version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{str(p)!r} has format version {version!r}; this fusionnet reads up "
                                       f"to {FORMAT_VERSION}: upgrade fusionnet")
+    if not isinstance(obj.get("state_dict"), Mapping):
+        raise CheckpointMismatchError(f"{str(p)!r} has no state_dict; the file is damaged")
+    if version < 2 and isinstance(obj.get("config"), Mapping):
+        for b in obj["config"].get("branches", []):
+            if b.get("pool") == "avgmax":  # version 1 concatenated avg and max: timm calls that catavgmax
+                b["pool"] = "catavgmax"
     return obj

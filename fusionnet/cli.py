@@ -1,14 +1,23 @@
-"""The ``fusionnet`` command: parses arguments and calls the library; no logic of its own."""
+"""The ``fusionnet`` command: parses arguments and calls the library; no logic of its own.
+
+Exit codes: 0 success; 2 bad usage or bad input (one line naming the value and the fix, no traceback); 1 an
+unexpected failure (one line, and the path of a file holding the full traceback; ``--debug`` prints it instead).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import traceback
 from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusionnet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fusionnet", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected failures")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="say what a checkpoint file is (architecture, classes, aux heads, prefixes)")
@@ -21,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("images", nargs="*", help="image files (default: the photos scikit-learn ships)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1",
                                                                           "efficientnet_lite2"])
-    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--top", type=_positive_int, default=3, help="how many classes to show per image (1-1000)")
 
     p = sub.add_parser("compare", help="train members and a FusionNet on the same budget and compare them with "
                                        "every output-ensemble method; writes runs/<name>/")
@@ -29,11 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1",
                                                         "efficientnet_lite2"])
     p.add_argument("--regime", choices=["frozen", "finetune"], default="frozen")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run the whole comparison once per seed and report mean +- sd, e.g. --seeds 0 1 2")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="fusion variants: concat gated attention from_members (default: all)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="macro_f1",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
@@ -41,44 +55,94 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="the comparison on scikit-learn's digits with offline EfficientNet-Lite weights")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=_positive_int, default=8)
     p.add_argument("--no-progress", action="store_true")
 
     args = parser.parse_args(argv)
+    return _run(args)
+
+
+def _positive_int(text: str) -> int:
     try:
-        if args.command == "inspect":
-            from fusionnet.checkpoints import inspect_checkpoint
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
-            print(inspect_checkpoint(args.path).summary())
-        elif args.command == "backbones":
-            from fusionnet.backbones import get_spec, list_backbones
 
-            for name in list_backbones():
-                s = get_spec(name)
-                print(f"{name:20s} {s.family:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
-            print("...and any timm model as 'timm/<name>'")
-        elif args.command == "classify":
-            from fusionnet.demo import classify_imagenet
+def _run(args: argparse.Namespace) -> int:
+    from fusionnet.errors import FusionNetError
 
-            for path, top in classify_imagenet(args.images or None, backbone=args.backbone, top=args.top):
-                print(f"{path}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
-        elif args.command == "compare":
-            from fusionnet.compare import CompareConfig, run_comparison
-
-            run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
-                                         epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
-                                         seed=args.seed, monitor=args.monitor,
-                                         out=args.out or f"runs/{args.regime}",
-                                         progress=not args.no_progress))
-        elif args.command == "demo":
-            from fusionnet.demo import run_demo
-
-            run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
-            print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"fusionnet {args.command}: error: {exc}", file=sys.stderr)
+    try:
+        _dispatch(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the handler
+    except KeyboardInterrupt:
+        print(f"fusionnet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (FusionNetError, FileNotFoundError) as exc:
+        print(f"fusionnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug or an environment failure (out of memory, a full disk): keep the traceback
+        _silence_stdout()
+        if args.debug:
+            traceback.print_exc()
+            return 1
+        fd, log = tempfile.mkstemp(prefix="fusionnet-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exc(file=f)
+        print(f"fusionnet {args.command}: unexpected {type(exc).__name__}: {_one_line(exc)} (full traceback in "
+              f"{log!r}; --debug prints it)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return " / ".join(lines[:4]) if lines else type(exc).__name__
+
+
+def _silence_stdout() -> None:
+    """After stdout failed (e.g. > /dev/full), point it at devnull so the interpreter's exit flush stays quiet."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001 - the failure was already reported
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "inspect":
+        from fusionnet.checkpoints import inspect_checkpoint
+
+        print(inspect_checkpoint(args.path).summary())
+    elif args.command == "backbones":
+        from fusionnet.backbones import get_spec, list_backbones
+
+        for name in list_backbones():
+            s = get_spec(name)
+            print(f"{name:20s} {s.family:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
+        print("...and any timm model as 'timm/<name>'")
+    elif args.command == "classify":
+        from fusionnet.demo import classify_imagenet
+
+        for path, top in classify_imagenet(args.images or None, backbone=args.backbone, top=args.top):
+            print(f"{path}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
+    elif args.command == "compare":
+        from fusionnet.compare import CompareConfig, run_comparison
+
+        variants = {"variants": args.variants} if args.variants else {}
+        run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
+                                     epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
+                                     seed=args.seed, seeds=args.seeds, monitor=args.monitor,
+                                     out=args.out or f"runs/{args.regime}", device=args.device,
+                                     progress=not args.no_progress, **variants))
+    elif args.command == "demo":
+        from fusionnet.demo import run_demo
+
+        run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
+        print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
 
 
 if __name__ == "__main__":

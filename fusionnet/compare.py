@@ -1,37 +1,43 @@
 """The fusion-vs-voting experiment: same data, same backbones, same training budget.
 
 1. each backbone is trained alone as a member (a single-backbone FusionNet);
-2. a FusionNet over all of them is trained with the same epochs, augmentation, schedule and input size;
-3. on the test split: every member, soft / weighted / hard voting, greedy and exhaustive selection, stacking
-   (logistic regression and gradient-boosted trees), temperature-scaled voting, and FusionNet: accuracy, macro-F1,
-   NLL, ECE, wall time, parameter count;
-4. ``runs/<name>/``: ``config.json``, ``results.json``, ``results.md``, ``confusion.png``, ``reliability.png``,
-   member checkpoints and their saved probabilities.
+2. each fusion variant is trained with the same epochs, augmentation, schedule and input size: FusionNet with
+   ``concat`` / ``gated`` / ``attention`` fusion trained jointly, and ``from members`` (the members' trained
+   trunks fused, the head starting at their logit average and trained on top; its time includes the members');
+3. every output-ensemble method of :data:`fusionnet.ensembles.METHODS` runs on the members' saved outputs;
+4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
+   accuracy) and "ensemble (selected on val)"; a temperature-scaled copy of the selected fusion is added;
+5. ``runs/<name>/``: ``config.json``, ``results.json``, ``results.md``, ``confusion.png``, ``reliability.png``,
+   member checkpoints and saved probabilities. With several seeds: ``seed_<s>/`` each, and a summary with mean
+   +- sd per row and a paired test between the two selected rows (:mod:`fusionnet.report`).
 
-Every choice (early stopping, selection, weights, temperatures, stacking) is made on the validation split; the test
-split is only predicted.
+Every choice (early stopping, selection, weights, temperatures, stacking, the selected rows) is made on the
+validation split; the test split is only predicted.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from fusionnet.checkpoints import atomic_write_json
+from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits, load_splits
-from fusionnet.fusion import FusionNet
-from fusionnet.metrics import classification_metrics
-from fusionnet.plots import confusion_grid, reliability_diagram
-from fusionnet.selection import (diversity, exhaustive_selection, fit_temperature, fit_weights, greedy_selection,
-                                 stacking)
+from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
+from fusionnet.errors import ConfigError, DataError
+from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
+from fusionnet.files import atomic_write_json
+from fusionnet.fusers import FUSIONS
+from fusionnet.metrics import accuracy, classification_metrics
+from fusionnet.report import write_report, write_seed_summary
 from fusionnet.train import TrainConfig, fit
-from fusionnet.voting import MemberOutputs, check_aligned, hard_vote, member_outputs, soft_vote
+from fusionnet.voting import MemberOutputs, check_aligned, member_outputs
 
 REGIMES = ("frozen", "finetune")
+VARIANTS = (*FUSIONS, "from_members")
 
 
 @dataclass
@@ -46,17 +52,27 @@ class CompareConfig:
     lr: float | None = None  # default: 3e-3 frozen, 1e-3 fine-tuning
     trunk_lr_mult: float = 0.1
     seed: int = 0
+    seeds: list[int] | None = None  # several seeds: the whole comparison per seed, then mean +- sd
     val_fraction: float = 0.15
     pretrained: bool = True
     monitor: str = "macro_f1"  # the validation metric that picks each model's best epoch (acc | macro_f1 | nll)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # fusion variants to train
+    fusion_dropout: float = 0.2  # the fused head's dropout (jointly trained variants)
+    branch_dropout: float = 0.0
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.regime not in REGIMES:
-            raise ValueError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+            raise ConfigError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         if len(self.backbones) < 2:
-            raise ValueError(f"the comparison needs at least 2 backbones, got {self.backbones}")
+            raise ConfigError(f"the comparison needs at least 2 backbones, got {self.backbones}")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(VARIANTS)}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
 
     def train_config(self, model_name: str = "model") -> TrainConfig:
         """The budget every model gets. Each model has its own feature cache, so that every wall time includes
@@ -67,133 +83,149 @@ class CompareConfig:
                            trunk_lr_mult=self.trunk_lr_mult, strategy="frozen" if frozen else "full",
                            cache_features=True if frozen else False,
                            cache_dir=str(Path(self.out) / "cache" / model_name) if frozen else None,
-                           seed=self.seed, progress=self.progress, monitor=self.monitor)
+                           seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device)
 
 
 def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _train_and_predict(name: str, model: FusionNet, splits: Splits, cfg: CompareConfig, out: Path, say
-                       ) -> tuple[dict[str, MemberOutputs], dict]:
+def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out: Path, say,
+                       train_cfg: TrainConfig | None = None) -> tuple[dict[str, MemberOutputs], dict]:
     t0 = time.perf_counter()
-    result = fit(model, splits.train, splits.val, cfg.train_config(name), out_dir=out / "models" / name, log=say)
+    result = fit(model, splits.train, splits.val, train_cfg or cfg.train_config(name), out_dir=out / "models" / name,
+                 log=say)
     train_s = time.perf_counter() - t0
-    best = FusionNet.from_checkpoint(result.best_path)  # the epoch chosen on validation
+    best = load_fusionnet(result.best_path)  # the epoch chosen on validation
     t1 = time.perf_counter()
     outputs = {}
     for split, data in (("val", splits.val), ("test", splits.test)):
         outputs[split] = member_outputs(best, data, member=name, split=split, checkpoint=result.best_path,
-                                        batch_size=64, device="auto", progress=cfg.progress)
+                                        batch_size=64, device=cfg.device, progress=cfg.progress)
         outputs[split].save(out / "outputs" / f"{name}_{split}.pt")
     info = {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t1, "params": _params(best),
-            "best_epoch": result.best_epoch, "epochs_run": len(result.history)}
+            "best_epoch": result.best_epoch, "epochs_run": len(result.history), "checkpoint": result.best_path,
+            "val_acc": accuracy(outputs["val"].probs, outputs["val"].labels)}
     return outputs, info
 
 
+def _fusion_model(variant: str, cfg: CompareConfig, splits: Splits, member_info: dict):
+    """(model, extra seconds already spent on it): a jointly trained variant, or one fused from the members."""
+    names, k = splits.class_names, len(splits.class_names)
+    torch.manual_seed(cfg.seed)
+    if variant == "from_members":
+        members = [member_info[b]["checkpoint"] for b in cfg.backbones]
+        model = fuse_members(members, freeze_trunks=cfg.regime == "frozen", dropout=cfg.fusion_dropout)
+        return model, sum(member_info[b]["train_seconds"] for b in cfg.backbones)
+    model = create_fusionnet(cfg.backbones, num_classes=k, class_names=names, pretrained=cfg.pretrained,
+                             fusion=variant, dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout)
+    return model, 0.0
+
+
 def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) -> dict:
-    """Run the whole experiment; returns what ``results.json`` holds."""
+    """Run the whole experiment (per seed when ``cfg.seeds`` has several); returns what ``results.json`` holds."""
+    if cfg.seeds and len(cfg.seeds) > 1:
+        per_seed = {}
+        for s in cfg.seeds:
+            (log or (lambda _m: None))(f"==== seed {s}")
+            per_seed[s] = run_comparison(replace(cfg, seed=s, seeds=None, out=str(Path(cfg.out) / f"seed_{s}")),
+                                         log=log)
+        return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
+    if cfg.seeds:
+        cfg = replace(cfg, seed=cfg.seeds[0], seeds=None)
     say = log or (lambda _m: None)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if splits.test is None:
-        raise ValueError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
+        raise DataError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
     names, k = splits.class_names, len(splits.class_names)
-
-    def build(backbones: list[str]) -> FusionNet:
-        torch.manual_seed(cfg.seed)
-        return FusionNet(backbones=backbones, num_classes=k, pretrained=cfg.pretrained, class_names=names)
 
     members, info = {}, {}
     for b in cfg.backbones:
         say(f"== member {b}")
-        members[b], info[b] = _train_and_predict(b, build([b]), splits, cfg, out, say)
-    say("== FusionNet " + " + ".join(cfg.backbones))
-    fusion, fusion_info = _train_and_predict("fusionnet", build(cfg.backbones), splits, cfg, out, say)
-
+        torch.manual_seed(cfg.seed)
+        model = create_fusionnet([b], num_classes=k, class_names=names, pretrained=cfg.pretrained)
+        members[b], info[b] = _train_and_predict(b, model, splits, cfg, out, say)
     val = [members[b]["val"] for b in cfg.backbones]
     test = [members[b]["test"] for b in cfg.backbones]
     check_aligned(val)
-    check_aligned(test + [fusion["test"]])
-    v, y_val = torch.stack([o.probs for o in val]), val[0].labels
-    t, y_test = torch.stack([o.probs for o in test]), test[0].labels
-    member_train = sum(info[b]["train_seconds"] + info[b]["predict_seconds"] for b in cfg.backbones)
+    check_aligned(test)
+    y_val, y_test = val[0].labels, test[0].labels
+    probs = MemberProbs(torch.stack([o.probs for o in val]), y_val, torch.stack([o.probs for o in test]), cfg.seed)
+    member_seconds = sum(info[b]["train_seconds"] + info[b]["predict_seconds"] for b in cfg.backbones)
     member_params = [info[b]["params"] for b in cfg.backbones]
 
     rows: dict[str, dict] = {}
 
-    def add(method: str, probs: torch.Tensor, seconds: float, params: int, **extra) -> None:
-        m = classification_metrics(probs, y_test, names)
+    def add(method: str, test_probs: torch.Tensor, seconds: float, params: int, val_acc: float | None,
+            kind: str, **extra) -> None:
+        m = classification_metrics(test_probs, y_test, names)
         rows[method] = {"acc": m["acc"], "macro_f1": m["macro_f1"], "nll": m["nll"], "ece": m["ece"],
-                        "seconds": seconds, "params": params, "confusion": m["confusion"], **extra}
+                        "seconds": seconds, "params": params, "val_acc": val_acc, "kind": kind,
+                        "confusion": m["confusion"], "pred": test_probs.argmax(1).tolist(), "probs": test_probs,
+                        **extra}
 
     for i, b in enumerate(cfg.backbones):
-        add(f"member: {b}", t[i], info[b]["train_seconds"] + info[b]["predict_seconds"], member_params[i])
-
-    def timed(fn):
+        add(f"member: {b}", probs.test[i], info[b]["train_seconds"] + info[b]["predict_seconds"], member_params[i],
+            info[b]["val_acc"], "member")
+    skipped = {}
+    for method, run in METHODS.items():
         t0 = time.perf_counter()
-        value = fn()
-        return value, time.perf_counter() - t0
+        try:
+            res: MethodOutput = run(probs)
+        except DataError as exc:  # e.g. stacking on a validation split too small for its folds
+            skipped[method] = str(exc)
+            say(f"skipped {method}: {exc}")
+            continue
+        used = sum(p for p, w in zip(member_params, res.weights or [1] * len(member_params)) if w > 0)
+        val_acc = res.val_score if res.val is None else accuracy(res.val, y_val)
+        add(method, res.test, member_seconds + time.perf_counter() - t0, used, val_acc, "ensemble", **res.extra)
 
-    used = lambda w: sum(p for p, wi in zip(member_params, w) if wi > 0)  # noqa: E731
-    add("soft voting", soft_vote(t), member_train, sum(member_params))
-    add("hard voting", hard_vote(t), member_train, sum(member_params))
-    weights, s = timed(lambda: fit_weights(v, y_val))
-    add("weighted voting (NLL-fitted)", soft_vote(t, weights), member_train + s, used(weights), weights=weights)
-    greedy, s = timed(lambda: greedy_selection(v, y_val, metric="nll", n_init=1, rounds=25))
-    add("greedy selection (Caruana)", soft_vote(t, greedy.weights), member_train + s, used(greedy.weights),
-        weights=greedy.weights, trajectory=greedy.trajectory)
-    exhaustive, s = timed(lambda: exhaustive_selection(v, y_val, metric="nll"))
-    add("best subset (exhaustive)", soft_vote(t, exhaustive.weights), member_train + s, used(exhaustive.weights),
-        weights=exhaustive.weights)
-    temps, s = timed(lambda: [fit_temperature(v[i], y_val) for i in range(len(val))])
-    scaled_v = torch.stack([tp.apply(v[i]) for i, tp in enumerate(temps)])
-    scaled_t = torch.stack([tp.apply(t[i]) for i, tp in enumerate(temps)])
-    ens_temp = fit_temperature(soft_vote(scaled_v), y_val)
-    add("soft voting, temperature-scaled", ens_temp.apply(soft_vote(scaled_t)), member_train + s,
-        sum(member_params), temperatures=[tp.temperature for tp in temps], ensemble_temperature=ens_temp.temperature)
-    for method, label in (("logreg", "stacking (logistic regression)"), ("hgb", "stacking (gradient boosting)")):
-        st, s = timed(lambda: stacking(v, y_val, t, method=method, cv=5, seed=cfg.seed))
-        add(label, st.test_probs, member_train + s, sum(member_params), cv_acc_on_val=st.cv_acc)
-    add("FusionNet", fusion["test"].probs, fusion_info["train_seconds"] + fusion_info["predict_seconds"],
-        fusion_info["params"])
+    fusion_info, fusion_val = {}, {}
+    for variant in cfg.variants:
+        label = f"FusionNet ({variant.replace('_', ' ')})"
+        say(f"== {label}")
+        model, prior_s = _fusion_model(variant, cfg, splits, info)
+        # from members: its starting point (the members' logit average) is validated too, so training can only
+        # move away from it where validation says so
+        train_cfg = replace(cfg.train_config(f"fusion_{variant}"), validate_start=variant == "from_members")
+        outputs, fi = _train_and_predict(f"fusion_{variant}", model, splits, cfg, out, say, train_cfg)
+        check_aligned([val[0], outputs["val"]])
+        check_aligned([test[0], outputs["test"]])
+        fi["seconds"] = prior_s + fi["train_seconds"] + fi["predict_seconds"]
+        fusion_info[variant], fusion_val[label] = fi, outputs
+        add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val_acc"], "fusion")
+    _add_selected(rows, fusion_val, y_val, add)
 
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.epochs, "size": cfg.size, "seed": cfg.seed,
-                   "monitor": cfg.monitor,
-                   "batch_size": cfg.batch_size, "train": len(splits.train), "val": len(splits.val),
-                   "test": len(splits.test), "backbones": cfg.backbones},
-        "methods": rows,
-        "members": info,
-        "fusion": fusion_info,
-        "diversity_val": diversity(v, y_val),
-        "temperature_val": {b: asdict(tp) for b, tp in zip(cfg.backbones, temps)},
+                   "monitor": cfg.monitor, "batch_size": cfg.batch_size, "train": len(splits.train),
+                   "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones},
+        "methods": rows, "skipped": skipped, "members": info, "fusion": fusion_info,
+        "test_labels": y_test.tolist(),
     }
-    atomic_write_json(out / "results.json", results)
-    (out / "results.md").write_text(markdown_table(results))
-    confusion_grid({m: rows[m]["confusion"] for m in ["soft voting", "FusionNet"] + [f"member: {cfg.backbones[0]}"]},
-                   names, out / "confusion.png")
-    reliability_diagram({m: (p.numpy(), y_test.numpy()) for m, p in
-                         [("FusionNet", fusion["test"].probs), ("soft voting", soft_vote(t))]
-                         + [(b, t[i]) for i, b in enumerate(cfg.backbones)]}, out / "reliability.png")
-    say(markdown_table(results))
+    write_report(results, out, names, reliability={
+        "FusionNet (selected on val)": (rows["FusionNet (selected on val)"]["probs"], y_test),
+        "soft voting": (rows["soft voting"]["probs"], y_test) if "soft voting" in rows else None,
+        **{b: (probs.test[i], y_test) for i, b in enumerate(cfg.backbones)}})
+    say((out / "results.md").read_text())
     return results
 
 
-def markdown_table(results: dict) -> str:
-    b = results["budget"]
-    lines = [f"Regime **{b['regime']}**, {b['epochs']} epochs, {b['size']} px, seed {b['seed']}, batch "
-             f"{b['batch_size']}, best epoch by val {b.get('monitor', 'nll')}; train/val/test = "
-             f"{b['train']}/{b['val']}/{b['test']} images.", "",
-             "| method | test acc | macro-F1 | NLL | ECE | wall s | params |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in results["methods"].items():
-        lines.append(f"| {name} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
-                     f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
-    lines += ["", "Wall time of an ensemble method counts training and predicting all of its members; "
-                  "selection and stacking add their own (small) time. Every model computes its own trunk features.",
-              "Hard voting's 'probabilities' are vote fractions, so its NLL and ECE are not comparable with the "
-              "other rows."]
-    return "\n".join(lines) + "\n"
+def _add_selected(rows: dict, fusion_val: dict[str, dict[str, MemberOutputs]], y_val: torch.Tensor, add) -> None:
+    """The val-selected fusion row (and its temperature-scaled copy) and the val-selected ensemble row."""
+    best_fusion = max(fusion_val, key=lambda n: (rows[n]["val_acc"], -list(fusion_val).index(n)))
+    chosen = fusion_val[best_fusion]
+    r = rows[best_fusion]
+    add("FusionNet (selected on val)", chosen["test"].probs, r["seconds"], r["params"], r["val_acc"], "selected",
+        chosen=best_fusion)
+    temp = fit_temperature(chosen["val"].probs, y_val)
+    add("FusionNet (selected on val), temperature-scaled", temp.apply(chosen["test"].probs), r["seconds"],
+        r["params"], r["val_acc"], "calibrated", temperature=temp.temperature)
+    ensembles = [n for n, row in rows.items() if row["kind"] == "ensemble" and row["val_acc"] is not None]
+    if ensembles:
+        best_ens = max(ensembles, key=lambda n: (rows[n]["val_acc"], -ensembles.index(n)))
+        e = rows[best_ens]
+        add("ensemble (selected on val)", e["probs"], e["seconds"], e["params"], e["val_acc"], "selected",
+            chosen=best_ens)

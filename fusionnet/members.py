@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fusionnet.selection import bootstrap_indices, samme_update
-from fusionnet.train import FitResult, TrainConfig, fit, predict
+from fusionnet.boosting import bootstrap_indices, samme_update
+from fusionnet.inference import predict
+from fusionnet.train import FitResult, TrainConfig, fit
 
 
 def train_bagged(make_model: Callable[[int], nn.Module], train_data, val_data, config: TrainConfig, *,
@@ -34,7 +35,7 @@ def train_bagged(make_model: Callable[[int], nn.Module], train_data, val_data, c
 def train_boosted(make_model: Callable[[int], nn.Module], train_data, val_data, config: TrainConfig, *,
                   rounds: int, out_dir: str | None = None, log=print) -> tuple[list[nn.Module], list[float]]:
     """SAMME boosting by resampling. Returns (members, alphas); combine with
-    :func:`fusionnet.selection.boosted_vote`. Stops early when a member is no better than chance (alpha <= 0).
+    :func:`fusionnet.boosting.boosted_vote`. Stops early when a member is no better than chance (alpha <= 0).
 
     The training-set predictions that reweight samples use the validation pipeline (no augmentation).
     """

@@ -1,23 +1,19 @@
-"""The training loop: ``fit`` / ``evaluate`` / ``predict`` for any classifier returning logits.
+"""The training loop: ``fit`` trains any classifier and picks its best epoch on validation.
 
-It knows nothing about fusion. It uses these optional hooks of the model when a setting needs them:
+It knows nothing about fusion: it talks to the model only through :mod:`fusionnet.interface` (a plain
+``nn.Module`` returning logits is wrapped and trains with the ``full`` strategy). One loop serves image batches
+and cached branch features alike (:class:`fusionnet.feature_cache.FeatureDataset`, through the model's head path).
 
-* ``freeze_trunks(bool)`` and ``unfreeze_top_stages(k)`` / ``num_trunk_stages()`` for the frozen and gradual
-  strategies;
-* ``trunk_parameters()`` to give pretrained weights their own learning rate (``lr * trunk_lr_mult``);
-* ``forward_features(x)`` / ``forward_head(features)`` for the feature cache;
-* ``config.to_dict()`` and ``class_names`` so that checkpoints can rebuild the model.
-
-A run folder holds ``best.pth`` (best validation score), ``final.pth`` (last epoch, with optimiser state for
-resuming), ``history.json``, ``history.png`` (the curves) and ``train_config.json``; checkpoints and JSON are
-written atomically. Under ``torchrun`` it trains with
-DistributedDataParallel; only rank 0 writes.
+A run folder holds ``best.pth`` (best validation score; the first of tied epochs), ``final.pth`` (last epoch,
+with optimiser, scheduler and RNG state for ``resume=True``), ``history.json``, ``history.png`` and
+``train_config.json``, all written atomically. A non-finite loss stops training with a :class:`TrainingError`
+that names the epoch and step; the checkpoints of the last good epoch stay as they were. Under ``torchrun`` it
+trains with DistributedDataParallel; only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,14 +24,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from fusionnet import checkpoints as ckpt
 from fusionnet.data import balanced_sampler, class_weights
-from fusionnet.feature_cache import cached_features, supports_cache
+from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
+from fusionnet.errors import ConfigError, DataError, MissingFileError, TrainingError
+from fusionnet.feature_cache import cache_blocker, cached_features
+from fusionnet.files import atomic_write_json
+from fusionnet.inference import evaluate
+from fusionnet.interface import Classifier, TrainStep, as_classifier
 from fusionnet.losses import make_loss
-from fusionnet.metrics import classification_metrics
+
+STRATEGIES = ("full", "frozen", "gradual")
+MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
@@ -75,23 +87,39 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # a tqdm bar per epoch
+    validate_start: bool = False  # also score the untrained starting point ("epoch 0") as a best.pth candidate
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs!r}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}"),
+            (_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
+            (_is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1, got {self.batch_size!r}"),
+            (_is_int(self.num_workers) and self.num_workers >= 0,
+             f"num_workers must be an int >= 0, got {self.num_workers!r}"),
             (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'sgd'"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
+            (_finite(self.trunk_lr_mult) and self.trunk_lr_mult >= 0,
+             f"trunk_lr_mult must be >= 0, got {self.trunk_lr_mult!r}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}"),
+            (_finite(self.aux_weight) and self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight!r}"),
+            (self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be > 0 or None, got {self.grad_clip!r}"),
+            (_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}"),
             (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
             (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
             (self.loss in ("ce", "focal"), f"unknown loss {self.loss!r}; choose 'ce' or 'focal'"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1 or None, got {self.patience!r}"),
+            (self.amp in ("auto", True, False), f"amp must be 'auto', True or False, got {self.amp!r}"),
             (self.cache_features in ("auto", True, False),
              f"cache_features must be 'auto', True or False, got {self.cache_features!r}"),
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
 
 @dataclass
@@ -120,52 +148,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+# ---- helpers ---------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def setup_distributed(device: str = "auto") -> torch.device:
-    """Join the process group ``torchrun`` describes (gloo on CPU, nccl on GPU); a no-op outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
-    return resolve_device(device)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups when the model names its trunk parameters: trunks at ``lr * trunk_lr_mult``."""
-    trunk_fn = getattr(model, "trunk_parameters", None)
-    if trunk_fn is not None:
-        trunk = list(trunk_fn())
-        ids = {id(p) for p in trunk}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr, "name": "head"},
-                  {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
-    else:
-        groups = [{"params": list(model.parameters()), "lr": cfg.lr, "name": "all"}]
+def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Two parameter groups: the model's trunk parameters at ``lr * trunk_lr_mult``, everything else at ``lr``."""
+    trunk = model.trunk_parameters()
+    ids = {id(p) for p in trunk}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr, "name": "head"},
+              {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -173,95 +176,37 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _stages_for_epoch(epoch: int, cfg: TrainConfig) -> int:
-    """Gradual unfreezing: how many top trunk stages train in ``epoch`` (0-based)."""
-    if epoch < cfg.unfreeze_after:
+def stages_for_epoch(epoch: int, cfg: TrainConfig) -> int | None:
+    """How many top trunk stages train in ``epoch`` (0-based): None (all) for ``full``, 0 for ``frozen``."""
+    if cfg.strategy == "full":
+        return None
+    if cfg.strategy == "frozen" or epoch < cfg.unfreeze_after:
         return 0
     return (1 + (epoch - cfg.unfreeze_after) // cfg.unfreeze_every) * cfg.stages_per_step
 
 
-def _apply_strategy(model: nn.Module, cfg: TrainConfig, epoch: int) -> None:
-    if cfg.strategy == "full":
-        if hasattr(model, "freeze_trunks"):
-            model.freeze_trunks(False)
-        return
-    needed = "freeze_trunks" if cfg.strategy == "frozen" else "unfreeze_top_stages"
-    if not hasattr(model, needed):
-        raise ValueError(f"strategy {cfg.strategy!r} needs a model with {needed}(); {type(model).__name__} has none")
-    if cfg.strategy == "frozen":
-        model.freeze_trunks(True)
-    else:
-        model.unfreeze_top_stages(_stages_for_epoch(epoch, cfg))
-
-
 def _is_deterministic(dataset) -> bool:
     """Whether the pipeline gives the same tensor twice for the same sample (no random augmentation)."""
-    if len(dataset) == 0:
-        return True
     a, b = dataset[0][0], dataset[0][0]
     return isinstance(a, torch.Tensor) and torch.equal(a, b)
 
 
-class _Indexed(Dataset):
-    """Yields (x, y, index) so that predictions gathered from several ranks can be put back in order."""
-
-    def __init__(self, data: Dataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        x, y = self.data[i]
-        return x, y, i
-
-
-def _autocast(device: torch.device, amp: bool | str):
-    enabled = device.type == "cuda" and amp in ("auto", True)
-    dtype = torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
-
-
-# ---- evaluation ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str | torch.device = "auto",
-            num_workers: int = 0, progress: bool = False, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N, K), labels (N,)) in dataset order; under torchrun every rank gets all N."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    rank, world = _rank_world()
-    was_training = model.training
-    model.eval()
-    indexed = _Indexed(data)
-    sampler = DistributedSampler(indexed, shuffle=False) if world > 1 else None
-    loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
-    probs, labels, index = [], [], []
-    for x, y, i in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
-        with _autocast(device, "auto"):
-            out = model(x.to(device))
-        out = out[0] if isinstance(out, tuple) else out  # aux-head models: main logits only
-        probs.append(out.float().softmax(dim=1).cpu())
-        labels.append(torch.as_tensor(y))
-        index.append(i)
-    model.train(was_training)
-    p, y, i = torch.cat(probs), torch.cat(labels), torch.cat(index)
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (p, y, i))
-        p, y, i = (torch.cat([g[k] for g in gathered]) for k in range(3))
-    order = torch.zeros(len(data), dtype=torch.long)
-    order[i] = torch.arange(len(i))  # DistributedSampler pads with repeats: the last write per index wins
-    return p[order], y[order]
-
-
-def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None, **kwargs) -> dict:
-    """Metrics (acc, macro_f1, nll, ece, per-class, confusion) of ``model`` on ``data``."""
-    probs, labels = predict(model, data, **kwargs)
-    return classification_metrics(probs, labels, class_names or getattr(data, "class_names", None))
+def _check_data(train_data, val_data, num_classes: int | None) -> None:
+    for name, data in (("train", train_data), ("val", val_data)):
+        if len(data) == 0:
+            raise DataError(f"the {name} split is empty; check its folder has images (or val_fraction)")
+    labels = getattr(train_data, "labels", None)
+    if labels is not None and len(set(labels)) < 2:
+        raise DataError(f"the train split holds a single class ({sorted(set(labels))}); a classifier needs at "
+                        f"least two classes with images")
+    if labels is not None and num_classes is not None and max(labels) >= num_classes:
+        raise DataError(f"train labels go up to {max(labels)} but the model has {num_classes} classes; build the "
+                        f"model with num_classes={max(labels) + 1} (or the dataset's class_names)")
 
 
 # ---- fit -------------------------------------------------------------------------------------------------------
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
-        out_dir: str | os.PathLike | None = None, resume: bool = False,
+        out_dir: str | Path | None = None, resume: bool = False,
         log: Callable[[str], None] | None = print, sample_weights: torch.Tensor | None = None) -> FitResult:
     """Train ``model`` on ``train_data``, choosing the best epoch on ``val_data``; see the module docstring.
 
@@ -269,36 +214,37 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     resampling); it replaces ``balanced_sampling``.
     """
     cfg = config or TrainConfig()
+    clf = as_classifier(model)
     device = setup_distributed(cfg.device)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
+    class_names = clf.class_names or getattr(train_data, "class_names", None)
+    num_classes = len(class_names) if class_names else None
+    _check_data(train_data, val_data, num_classes)
     seed_everything(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
     if resume and (out is None or not (out / "final.pth").is_file()):
-        raise FileNotFoundError(f"resume=True needs {str(out / 'final.pth') if out else 'out_dir'!r} from an "
-                                f"earlier run; pass the run folder as out_dir")
-    model.to(device)
+        raise MissingFileError(f"resume=True needs {str(out / 'final.pth') if out else 'out_dir'!r} from an "
+                               f"earlier run; pass the run folder as out_dir")
+    clf.to(device)
     labels = list(getattr(train_data, "labels", []))
-    class_names = getattr(model, "class_names", None) or getattr(train_data, "class_names", None)
-    num_classes = len(class_names) if class_names else None
     weight = None
     if cfg.class_weighting or cfg.balanced_sampling:
         if not labels or num_classes is None:
-            raise ValueError("class_weighting / balanced_sampling need a dataset with .labels and .class_names")
+            raise ConfigError("class_weighting / balanced_sampling need a dataset with .labels and .class_names")
     if cfg.class_weighting:
         weight = class_weights(labels, num_classes).to(device)
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
 
-    _apply_strategy(model, cfg, 0)
-    train_loader_data, val_loader_data, used_cache = _maybe_cache(model, train_data, val_data, cfg, device, world,
-                                                                  say)
-    forward = model.forward_head if used_cache else None
+    clf.set_trainable_stages(stages_for_epoch(0, cfg))
+    train_src, val_src, used_cache = _maybe_cache(clf, train_data, val_data, cfg, device, world, say)
+    step_module = TrainStep(clf, cached=used_cache)
 
     steps_per_epoch = math.ceil(len(train_data) / world / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, total_steps))
+    optimizer = make_optimizer(clf, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
     history: list[dict] = []
     best_score, best_epoch, bad_epochs, start = None, -1, 0, 0
     if resume:
@@ -312,44 +258,44 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         torch.set_rng_state(state["torch_rng"])
         say(f"resumed from {str(out / 'final.pth')!r} at epoch {start + 1}/{cfg.epochs}")
     if out is not None and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(out / "train_config.json", asdict(cfg))
+        atomic_write_json(out / "train_config.json", asdict(cfg))
 
     better = (lambda a, b: a > b) if MONITORS[cfg.monitor] == "max" else (lambda a, b: a < b)
     stopped_early = False
-    train_model = model
-    stages_now = None
+    train_module: nn.Module = step_module
+    stages_now = stages_for_epoch(0, cfg)
+    if cfg.validate_start and start == 0:
+        metrics = evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64), device=device,
+                           amp=cfg.amp)
+        best_score, best_epoch = metrics[cfg.monitor], 0
+        say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+            f"nll {metrics['nll']:.4f}  *best*")
+        if out is not None and rank == 0:
+            ckpt.save_checkpoint(out / "best.pth", config=clf.model_config(), state_dict=model.state_dict(),
+                                 class_names=class_names, metrics={"epoch": 0, "val_acc": metrics["acc"],
+                                                                   "monitor": cfg.monitor, "best_epoch": 0})
     for epoch in range(start, cfg.epochs):
-        if cfg.strategy == "gradual":
-            stages = _stages_for_epoch(epoch, cfg)
-            if stages != stages_now:
-                _apply_strategy(model, cfg, epoch)
-                stages_now = stages
-                if world > 1:  # DDP fixes its parameter set at wrap time: re-wrap when it changes
-                    train_model = nn.parallel.DistributedDataParallel(model)
-        elif world > 1 and train_model is model:
-            train_model = nn.parallel.DistributedDataParallel(model)
+        stages = stages_for_epoch(epoch, cfg)
+        if stages != stages_now:
+            clf.set_trainable_stages(stages)
+            stages_now = stages
+            train_module = step_module  # DDP fixes its parameter set at wrap time: re-wrap when it changes
+        if world > 1 and train_module is step_module:
+            train_module = nn.parallel.DistributedDataParallel(step_module)
         t0 = time.perf_counter()
-        train_loss = _train_epoch(train_model, forward, train_loader_data, criterion, optimizer, scheduler,
-                                  cfg, epoch, device, labels, world, rank, sample_weights)
+        train_loss = _train_epoch(train_module, train_src, criterion, optimizer, scheduler, cfg, epoch, device,
+                                  labels, world, rank, sample_weights)
         if world > 1:
-            _average_buffers(model, world)
-        if used_cache:
-            feats, y = val_loader_data
-            with torch.no_grad():
-                model.eval()
-                probs = model.forward_head({k: v.to(device) for k, v in feats.items()}).float().softmax(1).cpu()
-            metrics = classification_metrics(probs, y, class_names)
-        else:
-            metrics = evaluate(model, val_loader_data, class_names=class_names, batch_size=cfg.batch_size,
-                               device=device, num_workers=cfg.num_workers)
+            average_buffers(clf, world)
+        metrics = evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64),
+                           device=device, amp=cfg.amp, num_workers=0 if used_cache else cfg.num_workers)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
                "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+               "trainable_params": sum(p.numel() for p in clf.parameters() if p.requires_grad)}
         history.append(row)
         score = metrics[cfg.monitor]
-        improved = best_score is None or better(score, best_score)
+        improved = best_score is None or better(score, best_score)  # strict: the first of tied epochs stays
         if improved:
             best_score, best_epoch, bad_epochs = score, epoch + 1, 0
         else:
@@ -358,17 +304,10 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
             f"macro-F1 {metrics['macro_f1']:.4f}  nll {metrics['nll']:.4f}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else ""))
         if out is not None and rank == 0:
-            summary = {**row, "monitor": cfg.monitor, "best_epoch": best_epoch}
-            if improved:
-                _save(model, out / "best.pth", summary, class_names)
-            _save(model, out / "final.pth", summary, class_names, extra={
+            _write_epoch(model, clf, out, row, cfg, improved, class_names, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
-            ckpt.atomic_write_json(out / "history.json", history)
-            from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
-
-            training_curves(history, out / "history.png")
+                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)}, history)
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch {best_epoch}")
             stopped_early = True
@@ -379,11 +318,26 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                      out_dir=str(out) if out is not None else None, used_cache=used_cache)
 
 
-def _maybe_cache(model, train_data, val_data, cfg: TrainConfig, device, world: int, say):
-    """(train source, val source, cached?): cached feature tensors when the settings allow, else the datasets."""
+def _write_epoch(model: nn.Module, clf: Classifier, out: Path, row: dict, cfg: TrainConfig, improved: bool,
+                 class_names, resume_state: dict, history: list[dict]) -> None:
+    summary = {**row, "monitor": cfg.monitor, "best_epoch": resume_state["best_epoch"]}
+    config = clf.model_config()
+    if improved:
+        ckpt.save_checkpoint(out / "best.pth", config=config, state_dict=model.state_dict(),
+                             class_names=class_names, metrics=summary)
+    ckpt.save_checkpoint(out / "final.pth", config=config, state_dict=model.state_dict(), class_names=class_names,
+                         metrics=summary, extra=resume_state)
+    atomic_write_json(out / "history.json", history)
+    from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
+
+    training_curves(history, out / "history.png")
+
+
+def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device, world: int, say):
+    """(train source, val source, cached?): FeatureDatasets when the settings allow, else the datasets."""
     if cfg.strategy != "frozen" or cfg.cache_features is False:
         return train_data, val_data, False
-    reason = supports_cache(model) or ("distributed training" if world > 1 else None)
+    reason = cache_blocker(clf) or ("distributed training" if world > 1 else None)
     train_for_cache = train_data
     if reason is None and not _is_deterministic(train_data):
         if cfg.cache_features == "auto":
@@ -395,61 +349,61 @@ def _maybe_cache(model, train_data, val_data, cfg: TrainConfig, device, world: i
             reason = "the train pipeline is random and the dataset cannot swap in the val pipeline"
     if reason is not None:
         if cfg.cache_features is True:
-            raise ValueError(f"cache_features=True, but the features cannot be cached: {reason}")
+            raise ConfigError(f"cache_features=True, but the features cannot be cached: {reason}")
         say(f"feature cache off: {reason}")
         return train_data, val_data, False
-    cache_dir = cfg.cache_dir
-    bar = (lambda it, d: tqdm(it, desc=d, leave=False)) if cfg.progress else (lambda it, d: it)
-    kw = dict(cache_dir=cache_dir, batch_size=max(cfg.batch_size, 64), device=device, num_workers=cfg.num_workers)
-    tr_f, tr_y, hit_tr = cached_features(model, train_for_cache, progress=lambda it: bar(it, "cache train"), **kw)
-    va_f, va_y, hit_va = cached_features(model, val_data, progress=lambda it: bar(it, "cache val"), **kw)
+    bar = (lambda d: (lambda it: tqdm(it, desc=d, leave=False))) if cfg.progress else (lambda d: None)
+    kw = dict(cache_dir=cfg.cache_dir, batch_size=max(cfg.batch_size, 64), device=device,
+              num_workers=cfg.num_workers)
+    train_f, hit_tr = cached_features(clf, train_for_cache, progress=bar("cache train"), **kw)
+    val_f, hit_va = cached_features(clf, val_data, progress=bar("cache val"), **kw)
     say(f"feature cache: train {'loaded' if hit_tr else 'computed'}, val {'loaded' if hit_va else 'computed'}"
-        + (f" ({cache_dir!r})" if cache_dir else " (memory)"))
-    return (tr_f, tr_y), (va_f, va_y), True
+        + (f" ({cfg.cache_dir!r})" if cfg.cache_dir else " (memory)"))
+    return train_f, val_f, True
 
 
-def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, cfg: TrainConfig, epoch: int,
-                 device, labels, world: int, rank: int, sample_weights: torch.Tensor | None = None) -> float:
-    epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
-    generator = torch.Generator().manual_seed(epoch_seed)
-    if forward_head is not None:  # cached features: batches of indices into the feature tensors
-        feats, y_all = source
-        n = len(y_all)
-        dataset: Dataset = TensorDataset(torch.arange(n))
-    else:
-        dataset, n = source, len(source)
+def _sampler(dataset, cfg: TrainConfig, epoch: int, generator, labels, world: int, sample_weights):
     if world > 1:
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
-    elif sample_weights is not None:
-        if len(sample_weights) != n:
-            raise ValueError(f"sample_weights has {len(sample_weights)} entries for {n} training samples")
-        sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double), n,
-                                                         replacement=True, generator=generator)
-    elif cfg.balanced_sampling:
-        sampler = balanced_sampler(labels, generator=generator)
-    else:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+        return sampler
+    if sample_weights is not None:
+        if len(sample_weights) != len(dataset):
+            raise ConfigError(f"sample_weights has {len(sample_weights)} entries for {len(dataset)} training samples")
+        return torch.utils.data.WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double),
+                                                      len(dataset), replacement=True, generator=generator)
+    if cfg.balanced_sampling:
+        return balanced_sampler(labels, generator=generator)
+    return torch.utils.data.RandomSampler(dataset, generator=generator)
+
+
+def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg: TrainConfig, epoch: int, device,
+                 labels, world: int, rank: int, sample_weights: torch.Tensor | None = None) -> float:
+    """One pass over ``dataset``; ``step`` maps a batch to a ModelOutput (a TrainStep, DDP-wrapped under torchrun)."""
+    epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
+    generator = torch.Generator().manual_seed(epoch_seed)
+    sampler = _sampler(dataset, cfg, epoch, generator, labels, world, sample_weights)
     _seed_pipeline(dataset, epoch_seed * 1_000 + rank)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        worker_init_fn=_seed_worker_pipeline, drop_last=False)
-    model.train()
-    aux_fn = getattr(_unwrap(model), "aux_logits", None)
+                        worker_init_fn=_seed_worker_pipeline, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    step.train()
+    model: Classifier = step.module.model if isinstance(step, nn.parallel.DistributedDataParallel) else step.model
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or rank != 0, leave=False)
-    for batch in bar:
-        if forward_head is not None:
-            (idx,) = batch
-            x = {k: v[idx].to(device) for k, v in feats.items()}
-            y = y_all[idx].to(device)
-        else:
-            x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
-        with _autocast(device, cfg.amp):
-            logits = forward_head(x) if forward_head is not None else model(x)
-            loss = criterion(logits.float(), y)
-            if aux_fn is not None and forward_head is None and cfg.aux_weight:
-                for aux in aux_fn():  # main logits decide everything else; aux heads only add training signal
-                    loss = loss + cfg.aux_weight * criterion(aux.float(), y)
+    for i, (x, y) in enumerate(bar):
+        x, y = to_device(x, device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            out = step(x)
+            loss = criterion(out.logits.float(), y)
+            for aux in out.aux.values() if cfg.aux_weight else ():  # aux heads only add training signal
+                loss = loss + cfg.aux_weight * criterion(aux.float(), y)
+            for term in model.extra_losses(out, y).values():
+                loss = loss + term
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; "
+                                f"training stopped and the checkpoints of the last good epoch were kept. Lower "
+                                f"lr (now {cfg.lr}), keep grad_clip on, or check the data for broken images")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -466,14 +420,6 @@ def _train_epoch(model, forward_head, source, criterion, optimizer, scheduler, c
     return total / max(count, 1)
 
 
-def _average_buffers(model: nn.Module, world: int) -> None:
-    """Average BatchNorm running statistics over ranks: each rank updated them from its own batches."""
-    for buf in model.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(world)
-
-
 def _seed_pipeline(dataset, seed: int) -> None:
     """Reseed an albumentations pipeline (it keeps its own RNG, untouched by torch/numpy seeds)."""
     transform = getattr(dataset, "transform", None)
@@ -487,9 +433,3 @@ def _seed_worker_pipeline(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if hasattr(transform, "set_random_seed"):
         transform.set_random_seed(transform.seed * 64 + worker_id)
-
-
-def _save(model: nn.Module, path: Path, metrics: dict, class_names, extra: dict | None = None) -> None:
-    config = getattr(model, "config", None)
-    ckpt.save_checkpoint(path, config=config.to_dict() if hasattr(config, "to_dict") else {},
-                         state_dict=model.state_dict(), class_names=class_names, metrics=metrics, extra=extra)

@@ -9,7 +9,6 @@ Names follow scikit-learn's ``VotingClassifier``: ``voting="soft"|"hard"``, ``we
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +17,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fusionnet.checkpoints import atomic_torch_save, resolve_path
+from fusionnet.checkpoints import load_weights_file
+from fusionnet.ensemble_inputs import check_probs, check_stack, check_weights
+from fusionnet.errors import ConfigError, DataError
+from fusionnet.files import atomic_torch_save, file_sha256, resolve_path
+from fusionnet.inference import predict
 
 OUTPUTS_FORMAT = "fusionnet-member-outputs"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -46,9 +41,10 @@ class MemberOutputs:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.probs, self.labels = check_probs(self.probs, self.labels, f"member {self.member!r}")
         n, k = self.probs.shape
         if len(self.labels) != n or len(self.sample_ids) != n or len(self.class_names) != k:
-            raise ValueError(f"member {self.member!r}: probs {tuple(self.probs.shape)}, {len(self.labels)} labels, "
+            raise DataError(f"member {self.member!r}: probs {tuple(self.probs.shape)}, {len(self.labels)} labels, "
                              f"{len(self.sample_ids)} sample ids, {len(self.class_names)} class names disagree")
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -60,18 +56,21 @@ class MemberOutputs:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemberOutputs":
-        obj = torch.load(resolve_path(path, what="member outputs"), map_location="cpu", weights_only=True)
+        obj = load_weights_file(resolve_path(path, what="member outputs"))
         if not isinstance(obj, dict) or obj.get("format") != OUTPUTS_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a member-outputs file (save one with MemberOutputs.save)")
+            raise DataError(f"{str(path)!r} is not a member-outputs file (save one with MemberOutputs.save, or "
+                            f"`fusionnet predict`)")
         obj.pop("format")
-        return cls(**obj)
+        try:
+            return cls(**obj)
+        except TypeError as exc:
+            raise DataError(f"{str(path)!r} is a member-outputs file with unexpected fields ({exc})") from exc
 
 
 def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoint: str | os.PathLike | None = None,
                    **predict_kwargs) -> MemberOutputs:
-    """Run ``model`` once over ``data`` and keep its probabilities (aux-head models: main output only)."""
-    from fusionnet.train import predict
-
+    """Run ``model`` once over ``data`` (on ``device``, see :mod:`fusionnet.distributed`) and keep its
+    probabilities; ``forward`` gives the main logits only."""
     probs, labels = predict(model, data, **predict_kwargs)
     ids = list(getattr(data, "paths", [str(i) for i in range(len(data))]))
     return MemberOutputs(member=member, split=split, probs=probs, labels=labels,
@@ -83,65 +82,73 @@ def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoin
 def check_aligned(outputs: Sequence[MemberOutputs]) -> None:
     """Refuse outputs that cannot be combined row by row: other classes, class order, samples or labels."""
     if not outputs:
-        raise ValueError("no member outputs given")
+        raise DataError("no member outputs given; pass at least one")
     ref = outputs[0]
     for o in outputs[1:]:
         where = f"member {o.member!r} ({o.split}) vs {ref.member!r} ({ref.split})"
         if o.class_names != ref.class_names:
             what = "class order" if sorted(o.class_names) == sorted(ref.class_names) else "classes"
-            raise ValueError(f"{where}: different {what}: {o.class_names} vs {ref.class_names}; predict every "
+            raise DataError(f"{where}: different {what}: {o.class_names} vs {ref.class_names}; predict every "
                              f"member with the same class_names")
         if o.sample_ids != ref.sample_ids:
             same_set = sorted(o.sample_ids) == sorted(ref.sample_ids)
             first = next(i for i, (a, b) in enumerate(zip(o.sample_ids, ref.sample_ids)) if a != b) \
                 if len(o.sample_ids) == len(ref.sample_ids) else None
-            raise ValueError(f"{where}: " + ("samples in a different order" if same_set else "different samples")
+            raise DataError(f"{where}: " + ("samples in a different order" if same_set else "different samples")
                              + (f" (first difference at row {first})" if first is not None else
                                 f" ({len(o.sample_ids)} vs {len(ref.sample_ids)} rows)")
                              + "; predict every member on the same dataset object, unshuffled")
         if not torch.equal(o.labels, ref.labels):
-            raise ValueError(f"{where}: same samples but different labels")
+            first = int((o.labels != ref.labels).nonzero()[0]) if len(o.labels) == len(ref.labels) else 0
+            raise DataError(f"{where}: same samples but different labels (first at row {first}); were they "
+                            f"predicted on the same split?")
 
 
-def stack_probs(outputs: Sequence[MemberOutputs] | Sequence[torch.Tensor]) -> torch.Tensor:
-    """(M, N, K) from member outputs (checked for alignment) or plain (N, K) tensors."""
-    if outputs and isinstance(outputs[0], MemberOutputs):
+def stack_probs(outputs: Sequence[MemberOutputs] | Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """(M, N, K) from member outputs (checked for alignment), plain (N, K) tensors, or an (M, N, K) tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return check_stack(outputs)[0]
+    if len(outputs) and isinstance(outputs[0], MemberOutputs):
         check_aligned(outputs)  # type: ignore[arg-type]
         return torch.stack([o.probs for o in outputs])  # type: ignore[union-attr]
-    return torch.stack([torch.as_tensor(p) for p in outputs])
-
-
-def _weights(weights: Sequence[float] | torch.Tensor | None, m: int) -> torch.Tensor:
-    if weights is None:
-        return torch.full((m,), 1.0 / m)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
-    if len(w) != m or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be {m} non-negative numbers with a positive sum, got {list(w.tolist())}")
-    return w / w.sum()
+    if len(outputs) == 0:
+        raise DataError("no member probabilities given; pass at least one member")
+    return check_stack(torch.stack([torch.as_tensor(p) for p in outputs]))[0]
 
 
 def soft_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
-    """(M, N, K) -> (N, K): the (weighted) mean of the members' probabilities."""
-    w = _weights(weights, probs.shape[0]).to(probs.dtype)
-    return torch.einsum("m,mnk->nk", w, probs)
+    """(M, N, K) -> (N, K): the (weighted) mean of the members' probabilities, in the probabilities' dtype."""
+    probs = check_stack(probs)[0]
+    w = check_weights(weights, probs.shape[0]).to(probs.device)
+    return torch.einsum("m,mnk->nk", w, probs.double()).to(probs.dtype)
+
+
+TIE_TOL = 1e-9  # relative: sums that differ by less are a tie (float64 sums of float32 inputs are exact to ~1e-16)
 
 
 def hard_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
     """(M, N, K) -> (N, K): each row holds the (weighted) fraction of votes per class.
 
     Tie rule: among classes with the most votes, the one with the highest (weighted) mean probability wins; if that
-    ties too, the lowest class index. The winner gets a tiny bonus so that ``argmax`` of the result is that winner.
+    ties too, the lowest class index. Both stages compare unnormalised float64 sums with one relative tolerance, so
+    exact ties are ties whatever the input precision. The winner gets a tiny bonus so that ``argmax`` of the result
+    is that winner.
     """
+    probs = check_stack(probs)[0]
     m, n, k = probs.shape
-    w = _weights(weights, m).to(probs.dtype)
-    votes = torch.zeros(n, k, dtype=probs.dtype)
-    votes.scatter_add_(1, probs.argmax(dim=2).T, w.expand(n, m).contiguous())  # (N, K)
-    tied = votes >= votes.max(dim=1, keepdim=True).values - 1e-9
-    mean_p = soft_vote(probs, w).masked_fill(~tied, -1.0)
-    winner = mean_p.argmax(dim=1)  # argmax returns the first maximum: the lowest index on exact ties
+    w = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else torch.ones(m, dtype=torch.float64)
+    check_weights(w, m)
+    w, p64 = w.to(probs.device), probs.double()
+    votes = torch.zeros(n, k, dtype=torch.float64, device=probs.device)
+    votes.scatter_add_(1, p64.argmax(dim=2).T, w.expand(n, m).contiguous())  # (N, K) weighted vote counts
+    scale = w.sum()
+    tied = votes >= votes.max(dim=1, keepdim=True).values - TIE_TOL * scale
+    mass = torch.einsum("m,mnk->nk", w, p64).masked_fill(~tied, -1.0)  # weighted probability sums
+    best = mass.max(dim=1, keepdim=True).values
+    winner = (mass >= best - TIE_TOL * scale).double().argmax(dim=1)  # the lowest index among exact ties
     out = votes.clone()
-    out[torch.arange(n), winner] += 1e-6
-    return out / out.sum(dim=1, keepdim=True)
+    out[torch.arange(n, device=probs.device), winner] += 1e-6 * scale
+    return (out / out.sum(dim=1, keepdim=True)).to(probs.dtype)
 
 
 class VotingEnsemble:
@@ -155,7 +162,7 @@ class VotingEnsemble:
 
     def __init__(self, voting: str = "soft", weights: Sequence[float] | None = None) -> None:
         if voting not in ("soft", "hard"):
-            raise ValueError(f"voting must be 'soft' or 'hard', got {voting!r}")
+            raise ConfigError(f"voting must be 'soft' or 'hard', got {voting!r}")
         self.voting, self.weights = voting, weights
 
     def transform(self, outputs) -> torch.Tensor:
@@ -172,7 +179,8 @@ class VotingEnsemble:
 class VotingModule(nn.Module):
     """Live members combined for deployment: ``forward(x)`` returns the ensemble's probabilities (B, K).
 
-    Members return logits; a tuple output (GoogLeNet with aux heads) contributes its main logits only.
+    Members return logits (``forward`` of any model gives the main logits only). Inputs go to each member's own
+    device, so members moved with ``.to(device)`` together (or one by one) always see their inputs where they live.
     Optional per-member temperatures (from :func:`fusionnet.selection.fit_temperature`) divide the logits first.
     """
 
@@ -182,15 +190,18 @@ class VotingModule(nn.Module):
         VotingEnsemble(voting, weights)  # validates voting
         self.members = nn.ModuleList(members)
         self.voting = voting
-        self.register_buffer("weights", _weights(weights, len(members)))
+        self.register_buffer("weights", check_weights(weights, len(members)).float())
         self.register_buffer("temperatures", torch.as_tensor(temperatures if temperatures is not None
                                                              else [1.0] * len(members), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
         for member, t in zip(self.members, self.temperatures):
-            logits = member(x)
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            outs.append((logits.float() / t).softmax(dim=1))
+            device = next((p.device for p in member.parameters()), x.device)
+            logits = member(x.to(device))
+            if not isinstance(logits, torch.Tensor):
+                raise ConfigError(f"member {type(member).__name__} returned {type(logits).__name__}; voting members "
+                                  f"must return logits (B, K) from forward (a FusionNet always does)")
+            outs.append((logits.float() / t.to(device)).softmax(dim=1).to(x.device))
         probs = torch.stack(outs)  # (M, B, K)
         return soft_vote(probs, self.weights) if self.voting == "soft" else hard_vote(probs, self.weights)

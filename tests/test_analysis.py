@@ -1,6 +1,6 @@
 import torch
 
-from fusionnet import FusionNet
+from fusionnet import FusionNet, create_fusionnet, load_fusionnet
 from fusionnet.analysis import branch_ablation, embedding_2d, linear_probes
 
 

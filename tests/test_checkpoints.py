@@ -5,7 +5,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from fusionnet import CheckpointMismatchError, FusionNet, inspect_checkpoint, read_state_dict, save_model
+from fusionnet import CheckpointMismatchError, FusionNet, create_fusionnet, load_fusionnet, inspect_checkpoint, read_state_dict, save_model
 from fusionnet import checkpoints as ckpt
 
 
@@ -47,7 +47,7 @@ def test_wrappers_prefixes_and_safetensors_read_the_same(tmp_path):
 def test_googlenet_with_aux_heads_and_3_class_fc_loads_and_keeps_its_head(tmp_path, googlenet_aux3):
     sd = {f"module.{k}": v for k, v in googlenet_aux3.state_dict().items()}
     path = _save(tmp_path, "googlenet_best.pth", {"model_state_dict": sd, "epoch": 12})
-    model = FusionNet(backbones=["googlenet"], num_classes=3, checkpoints={"googlenet": path}).eval()
+    model = create_fusionnet(backbones=["googlenet"], num_classes=3, checkpoints={"googlenet": path}).eval()
     report = model.load_reports["googlenet"]
     assert report.head_kept
     assert any(k.startswith("aux1.") for k in report.dropped) and any(k.startswith("aux2.") for k in report.dropped)
@@ -58,7 +58,7 @@ def test_googlenet_with_aux_heads_and_3_class_fc_loads_and_keeps_its_head(tmp_pa
 
 def test_googlenet_checkpoint_with_other_class_count_loads_its_trunk_only(tmp_path, googlenet_aux3):
     sd = {k: v for k, v in googlenet_aux3.state_dict().items() if not k.startswith("aux")}  # no aux heads: fine
-    model = FusionNet(backbones=["googlenet"], num_classes=7, checkpoints={"googlenet": _save(tmp_path, "g.pth", sd)})
+    model = create_fusionnet(backbones=["googlenet"], num_classes=7, checkpoints={"googlenet": _save(tmp_path, "g.pth", sd)})
     assert not model.load_reports["googlenet"].head_kept
     trunk = model.branches["googlenet"].trunk.state_dict()
     assert torch.equal(trunk["inception5b.branch1.conv.weight"], sd["inception5b.branch1.conv.weight"])
@@ -67,21 +67,21 @@ def test_googlenet_checkpoint_with_other_class_count_loads_its_trunk_only(tmp_pa
 def test_vgg16_checkpoint_into_vgg16_bn_names_the_architecture(tmp_path):
     vgg = torchvision.models.vgg16(weights=None, num_classes=4).state_dict()
     path = _save(tmp_path, "vgg16.pth", vgg)
-    model = FusionNet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": path})
+    model = create_fusionnet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": path})
     assert torch.equal(model.branches["vgg16"].trunk.state_dict()["features.28.weight"], vgg["features.28.weight"])
     with pytest.raises(CheckpointMismatchError,
                        match=r"was trained with 'vgg16' \(without BatchNorm\), but the branch is 'vgg16_bn'; "
                              r"build the branch as 'vgg16' instead"):
-        FusionNet(backbones=["vgg16_bn"], num_classes=4, checkpoints={"vgg16_bn": path})
+        create_fusionnet(backbones=["vgg16_bn"], num_classes=4, checkpoints={"vgg16_bn": path})
     bn_path = _save(tmp_path, "vgg16_bn.pth", torchvision.models.vgg16_bn(weights=None).state_dict())
     with pytest.raises(CheckpointMismatchError, match=r"trained with 'vgg16_bn' \(with BatchNorm\)"):
-        FusionNet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": bn_path})
+        create_fusionnet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": bn_path})
 
 
 def test_other_mismatches_are_listed_compactly(tmp_path):
     path = _save(tmp_path, "r18.pth", torchvision.models.resnet18(weights=None).state_dict())
     with pytest.raises(CheckpointMismatchError) as err:
-        FusionNet(backbones=["resnet50"], num_classes=2, checkpoints={"resnet50": path})
+        create_fusionnet(backbones=["resnet50"], num_classes=2, checkpoints={"resnet50": path})
     msg = str(err.value)
     assert "does not fit backbone 'resnet50' (it looks like 'resnet18')" in msg
     assert "missing:" in msg and "wrong shape:" in msg and "more" in msg
@@ -93,7 +93,7 @@ def test_checkpoint_path_with_a_stray_space_is_shown_quoted(tmp_path):
     torch.save({}, tmp_path / "weights" / "googlenet_best.pth")
     bad = f"{tmp_path}/weights /googlenet_best.pth"
     with pytest.raises(FileNotFoundError) as err:
-        FusionNet(backbones=["googlenet"], num_classes=3, checkpoints={"googlenet": bad})
+        create_fusionnet(backbones=["googlenet"], num_classes=3, checkpoints={"googlenet": bad})
     assert repr(bad) in str(err.value)
     assert "'weights ' have leading/trailing spaces" in str(err.value)
     assert f"did you mean {str(tmp_path / 'weights' / 'googlenet_best.pth')!r}" in str(err.value)
@@ -102,7 +102,7 @@ def test_checkpoint_path_with_a_stray_space_is_shown_quoted(tmp_path):
 def test_checkpoint_key_must_name_a_branch(tmp_path, googlenet_aux3):
     path = _save(tmp_path, "g.pth", googlenet_aux3.state_dict())
     with pytest.raises(ValueError, match="checkpoint key 'resnet18' matches no branch; branches: googlenet"):
-        FusionNet(backbones=["googlenet"], num_classes=3, checkpoints={"resnet18": path})
+        create_fusionnet(backbones=["googlenet"], num_classes=3, checkpoints={"resnet18": path})
 
 
 def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3):
@@ -122,11 +122,11 @@ def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3):
 def test_own_single_branch_checkpoint_feeds_a_branch_of_a_fusion_model(tmp_path):
     member = FusionNet(backbones=["resnet18"], num_classes=3).eval()
     path = save_model(member, tmp_path / "member.pt")
-    fused = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=3, checkpoints={"resnet18": path})
+    fused = create_fusionnet(backbones=["resnet18", "mobilenet_v2"], num_classes=3, checkpoints={"resnet18": path})
     a = member.branches["resnet18"].trunk.state_dict()
     b = fused.branches["resnet18"].trunk.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    single = FusionNet(backbones=["resnet18"], num_classes=3, checkpoints={"resnet18": path}).eval()
+    single = create_fusionnet(backbones=["resnet18"], num_classes=3, checkpoints={"resnet18": path}).eval()
     assert single.load_reports["resnet18"].head_kept
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(single(x), member(x))
@@ -151,7 +151,7 @@ def test_a_crash_mid_write_leaves_the_old_checkpoint_intact(tmp_path, monkeypatc
 def test_plain_state_dict_is_not_mistaken_for_our_format(tmp_path):
     path = _save(tmp_path, "plain.pth", torchvision.models.resnet18(weights=None).state_dict())
     with pytest.raises(CheckpointMismatchError, match="is not a fusionnet checkpoint.*checkpoints="):
-        FusionNet.from_checkpoint(path)
+        load_fusionnet(path)
 
 
 def test_pickled_whole_model_gets_a_resave_hint(tmp_path):

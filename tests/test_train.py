@@ -4,10 +4,11 @@ import os
 import pytest
 import torch
 
-from fusionnet import FusionNet
-from fusionnet.data import ImageFolder, eval_transform, load_splits, train_transform
+from fusionnet import FusionNet, create_fusionnet, load_fusionnet, read_checkpoint
+from fusionnet.data import FolderImages, eval_transform, load_splits, train_transform
 from fusionnet.losses import FocalLoss
-from fusionnet.train import TrainConfig, evaluate, fit
+from fusionnet.inference import evaluate
+from fusionnet.train import TrainConfig, fit
 from toydata import make_splits
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
@@ -46,11 +47,11 @@ def test_fit_writes_best_and_final_checkpoints_that_reload(splits, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3] and history[-1]["train_loss"] < history[0]["train_loss"]
     best = max(history, key=lambda h: h["val_macro_f1"])  # first of the maxima, as fit keeps the first
     assert result.best_epoch == best["epoch"]
-    final = FusionNet.from_checkpoint(run / "final.pth")
+    final = load_fusionnet(run / "final.pth")
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(final(x), model.eval()(x))
-    best_model = FusionNet.from_checkpoint(run / "best.pth")
-    assert best_model.checkpoint_metrics["epoch"] == result.best_epoch
+    best_model = load_fusionnet(run / "best.pth")
+    assert read_checkpoint(run / "best.pth")["metrics"]["epoch"] == result.best_epoch
     assert evaluate(best_model, splits.val, device="cpu")["macro_f1"] == pytest.approx(result.best_score)
 
 
@@ -99,7 +100,7 @@ def test_a_crashed_run_resumes_from_final_and_matches_an_uninterrupted_one(split
     resumed = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
     result = fit(resumed, splits.train, splits.val, cfg, out_dir=tmp_path / "b", resume=True, log=None)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
-    expected = FusionNet.from_checkpoint(tmp_path / "a" / "final.pth").state_dict()
+    expected = load_fusionnet(tmp_path / "a" / "final.pth").state_dict()
     got = resumed.state_dict()
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
@@ -183,7 +184,7 @@ def test_one_short_epoch_on_real_flowers(flowers_root, tmp_path):
     splits = load_splits(flowers_root, size=64, val_fraction=0.15, seed=0)
     _, keep = stratified_split(splits.train.labels, 0.06, seed=0)  # ~200 training photos
     train = splits.train.subset(keep)
-    model = FusionNet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=5,
+    model = create_fusionnet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=5,
                       pretrained=["efficientnet_lite0"], class_names=splits.class_names)
     res = fit(model, train, splits.val, _cfg(epochs=1, batch_size=16, lr=3e-3), out_dir=tmp_path / "run", log=None)
     majority = max(splits.val.counts().values()) / len(splits.val)  # always guessing dandelion: about 0.24
@@ -201,18 +202,17 @@ def test_googlenet_aux_heads_train_with_their_weight_and_inference_ignores_them(
     torch.save(seed_model.state_dict(), tmp_path / "g.pth")
 
     def build():
-        return FusionNet(backbones=[BranchConfig("googlenet", aux_heads=True)], num_classes=3,
+        return create_fusionnet(backbones=[BranchConfig("googlenet", aux_heads=True)], num_classes=3,
                          checkpoints={"googlenet": tmp_path / "g.pth"})
 
     model = build()
     trunk = model.branches["googlenet"].trunk
     assert torch.equal(trunk.aux1.fc2.weight, seed_model.aux1.fc2.weight)  # the checkpoint's aux heads loaded
     model.train()
-    model(torch.rand(2, 3, 64, 64))
-    assert [a.shape for a in model.aux_logits()] == [(2, 3), (2, 3)]
+    out = model.forward_output(torch.rand(2, 3, 64, 64))
+    assert {k: tuple(a.shape) for k, a in out.aux.items()} == {"googlenet:aux1": (2, 3), "googlenet:aux2": (2, 3)}
     model.eval()
-    model(torch.rand(2, 3, 64, 64))
-    assert model.aux_logits() == []  # inference: main output only
+    assert model.forward_output(torch.rand(2, 3, 64, 64)).aux == {}  # inference: main output only
     stages = model.branches["googlenet"].stages
     assert not any(trunk.aux1 is s or trunk.aux2 is s for s in stages)  # heads, not stages to unfreeze
     assert id(trunk.aux1.fc2.weight) not in {id(p) for p in model.trunk_parameters()}  # head learning rate

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from fusionnet.selection import (boosted_vote, diversity, exhaustive_selection, fit_temperature, fit_weights,
-                                 greedy_selection, samme_alpha, samme_update, stacking)
+from fusionnet.errors import ConfigError
+
+from fusionnet.boosting import boosted_vote, samme_alpha, samme_update
+from fusionnet.calibration import fit_temperature
+from fusionnet.metrics import diversity
+from fusionnet.stacking import stacking
+from fusionnet.selection import exhaustive_selection, fit_weights, greedy_selection
 from fusionnet.voting import MemberOutputs, VotingEnsemble, VotingModule, check_aligned, hard_vote, soft_vote
 
 # three members, two samples, three classes
@@ -36,7 +41,7 @@ def test_hard_voting_majority_and_its_tie_rule():
 
 
 def test_voting_rejects_bad_weights_and_names():
-    with pytest.raises(ValueError, match=r"weights must be 3 non-negative numbers with a positive sum"):
+    with pytest.raises(ValueError, match=r"weights must be 3 finite non-negative numbers with a positive sum"):
         soft_vote(P, [1, -1, 1])
     with pytest.raises(ValueError, match="voting must be 'soft' or 'hard', got 'mean'"):
         VotingEnsemble("mean")
@@ -138,15 +143,18 @@ def test_member_outputs_round_trip_and_mismatches_are_refused(tmp_path):
         MemberOutputs.load(tmp_path / "other.pt")
 
 
-def test_voting_module_over_live_members_uses_main_logits_only():
-    class AuxNet(torch.nn.Module):
-        def __init__(self, logits):
+def test_voting_module_over_live_members_and_members_that_return_tuples_are_refused():
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits, tuple_out=False):
             super().__init__()
-            self.logits = logits
+            self.logits, self.tuple_out = logits, tuple_out
 
         def forward(self, x):
-            return self.logits, torch.zeros_like(self.logits)  # (main, aux) like GoogLeNet in training
+            return (self.logits, self.logits) if self.tuple_out else self.logits
 
-    members = [AuxNet(p.log()) for p in P]
-    out = VotingModule(members, voting="soft")(torch.zeros(2, 3, 8, 8))
+    out = VotingModule([Fixed(p.log()) for p in P], voting="soft")(torch.zeros(2, 3, 8, 8))
     torch.testing.assert_close(out, soft_vote(P))
+    with pytest.raises(ConfigError, match="voting members must return logits"):
+        VotingModule([Fixed(P[0].log(), tuple_out=True)])(torch.zeros(2, 3, 8, 8))
+
+

@@ -1,0 +1,7 @@
+"""``python -m fusionnet``: the same as the ``fusionnet`` command."""
+
+import sys
+
+from fusionnet.cli import main
+
+sys.exit(main())

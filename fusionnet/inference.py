@@ -1,0 +1,78 @@
+"""Running a trained model over a dataset: ``predict`` (probabilities in dataset order) and ``evaluate`` (metrics).
+
+Works for any model through :mod:`fusionnet.interface`: image datasets go through ``model(x)``; a
+:class:`fusionnet.feature_cache.FeatureDataset` (cached branch features) goes through the model's head path.
+Under ``torchrun`` every rank computes a shard and all ranks get all N rows, in dataset order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from fusionnet.distributed import autocast, place, rank_world, to_device
+from fusionnet.errors import DataError
+from fusionnet.feature_cache import FeatureDataset
+from fusionnet.interface import as_classifier
+from fusionnet.metrics import classification_metrics
+
+
+class _Indexed(Dataset):
+    """Yields (x, y, index) so that predictions gathered from several ranks can be put back in order."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x, y, i
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str | torch.device = "auto",
+            amp: bool | str = "auto", num_workers: int = 0, progress: bool = False,
+            desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities (N, K) float32, labels (N,)) in dataset order; the model runs on ``device`` (moved there)."""
+    if len(data) == 0:
+        raise DataError("predict got an empty dataset; check the split's folder has images")
+    clf = as_classifier(model)
+    device = place(clf, device)
+    forward = clf.forward_head if isinstance(data, FeatureDataset) else clf
+    rank, world = rank_world()
+    was_training = clf.training
+    clf.eval()
+    indexed = _Indexed(data)
+    sampler = DistributedSampler(indexed, shuffle=False) if world > 1 else None
+    loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    probs, labels, index = [], [], []
+    try:
+        for x, y, i in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
+            with autocast(device, amp):
+                out = forward(to_device(x, device, non_blocking=True))
+            probs.append(out.float().softmax(dim=1).cpu())
+            labels.append(torch.as_tensor(y))
+            index.append(i)
+    finally:
+        clf.train(was_training)
+    p, y, i = torch.cat(probs), torch.cat(labels), torch.cat(index)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (p, y, i))
+        p, y, i = (torch.cat([g[k] for g in gathered]) for k in range(3))
+    order = torch.zeros(len(data), dtype=torch.long)
+    order[i] = torch.arange(len(i))  # DistributedSampler pads with repeats: the last write per index wins
+    return p[order], y[order]
+
+
+def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None, **kwargs) -> dict:
+    """Metrics (acc, macro_f1, nll, ece, per-class, confusion) of ``model`` on ``data``."""
+    probs, labels = predict(model, data, **kwargs)
+    names = class_names or getattr(data, "class_names", None)  # datasets are duck-typed (any torch Dataset)
+    return classification_metrics(probs, labels, names)
