@@ -241,17 +241,23 @@ def load_weights_file(path: str | os.PathLike) -> Any:
             return load_file(str(p))
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():  # not a pickle at all (text, random bytes)
+            raise CheckpointMismatchError(f"could not read {str(p)!r} as a checkpoint: it is not a PyTorch or "
+                                          f"safetensors file ({_first_line(exc)}). Re-save or re-download it") from None
         # weights_only refused to run code in the file; the unsafe bypass torch suggests is not advice we repeat
         raise CheckpointMismatchError(
             f"{str(p)!r} is not a weights-only checkpoint: it holds pickled Python objects (e.g. a whole model) "
             f"that fusionnet will not execute. Where the model was trained, re-save its weights with "
             f"torch.save(model.state_dict(), path)") from None
     except Exception as exc:  # torch, zipfile and safetensors raise many types for damaged files
-        lines = str(exc).strip().splitlines()
-        why = f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
         raise CheckpointMismatchError(
-            f"could not read {str(p)!r} as a checkpoint ({why}); the file is truncated, corrupt or not a "
-            f"PyTorch/safetensors file. Re-save or re-download it") from exc
+            f"could not read {str(p)!r} as a checkpoint ({_first_line(exc)}); the file is truncated, corrupt or "
+            f"not a PyTorch/safetensors file. Re-save or re-download it") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
 
 
 def save_checkpoint(path: str | os.PathLike, *, config: dict | None, state_dict: Mapping[str, torch.Tensor],

@@ -14,11 +14,17 @@ import traceback
 from typing import Sequence
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr (what is wrong, and where the help is) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fusionnet", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="fusionnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="print full tracebacks of unexpected failures")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="say what a checkpoint file is (architecture, classes, aux heads, prefixes)")
     p.add_argument("path")

@@ -6,7 +6,8 @@
    trunks fused, the head starting at their logit average and trained on top; its time includes the members');
 3. every output-ensemble method of :data:`fusionnet.ensembles.METHODS` runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
-   accuracy) and "ensemble (selected on val)"; a temperature-scaled copy of the selected fusion is added;
+   NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
+   on val)" (likewise among the ensemble methods); a temperature-scaled copy of the selected fusion is added;
 5. ``runs/<name>/``: ``config.json``, ``results.json``, ``results.md``, ``confusion.png``, ``reliability.png``,
    member checkpoints and saved probabilities. With several seeds: ``seed_<s>/`` each, and a summary with mean
    +- sd per row and a paired test between the two selected rows (:mod:`fusionnet.report`).
@@ -31,7 +32,7 @@ from fusionnet.errors import ConfigError, DataError
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.files import atomic_write_json
 from fusionnet.fusers import FUSIONS
-from fusionnet.metrics import accuracy, classification_metrics
+from fusionnet.metrics import accuracy, classification_metrics, nll
 from fusionnet.report import write_report, write_seed_summary
 from fusionnet.train import TrainConfig, fit
 from fusionnet.voting import MemberOutputs, check_aligned, member_outputs
@@ -59,6 +60,7 @@ class CompareConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # fusion variants to train
     fusion_dropout: float = 0.2  # the fused head's dropout (jointly trained variants)
     branch_dropout: float = 0.0
+    select_by: str = "nll"  # the validation score that picks the selected rows: nll (lower) | acc (higher)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"
@@ -71,6 +73,8 @@ class CompareConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
             raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(VARIANTS)}")
+        if self.select_by not in ("nll", "acc"):
+            raise ConfigError(f"select_by must be 'nll' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
 
@@ -105,7 +109,7 @@ def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out
         outputs[split].save(out / "outputs" / f"{name}_{split}.pt")
     info = {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t1, "params": _params(best),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "checkpoint": result.best_path,
-            "val_acc": accuracy(outputs["val"].probs, outputs["val"].labels)}
+            "val": val_scores(outputs["val"].probs, outputs["val"].labels)}
     return outputs, info
 
 
@@ -158,17 +162,17 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
 
     rows: dict[str, dict] = {}
 
-    def add(method: str, test_probs: torch.Tensor, seconds: float, params: int, val_acc: float | None,
+    def add(method: str, test_probs: torch.Tensor, seconds: float, params: int, val: dict | None,
             kind: str, **extra) -> None:
         m = classification_metrics(test_probs, y_test, names)
         rows[method] = {"acc": m["acc"], "macro_f1": m["macro_f1"], "nll": m["nll"], "ece": m["ece"],
-                        "seconds": seconds, "params": params, "val_acc": val_acc, "kind": kind,
+                        "seconds": seconds, "params": params, "val": val, "kind": kind,
                         "confusion": m["confusion"], "pred": test_probs.argmax(1).tolist(), "probs": test_probs,
                         **extra}
 
     for i, b in enumerate(cfg.backbones):
         add(f"member: {b}", probs.test[i], info[b]["train_seconds"] + info[b]["predict_seconds"], member_params[i],
-            info[b]["val_acc"], "member")
+            info[b]["val"], "member")
     skipped = {}
     for method, run in METHODS.items():
         t0 = time.perf_counter()
@@ -179,8 +183,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
             say(f"skipped {method}: {exc}")
             continue
         used = sum(p for p, w in zip(member_params, res.weights or [1] * len(member_params)) if w > 0)
-        val_acc = res.val_score if res.val is None else accuracy(res.val, y_val)
-        add(method, res.test, member_seconds + time.perf_counter() - t0, used, val_acc, "ensemble", **res.extra)
+        val = res.val_scores if res.val is None else val_scores(res.val, y_val)
+        add(method, res.test, member_seconds + time.perf_counter() - t0, used, val, "ensemble", **res.extra)
 
     fusion_info, fusion_val = {}, {}
     for variant in cfg.variants:
@@ -195,8 +199,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         check_aligned([test[0], outputs["test"]])
         fi["seconds"] = prior_s + fi["train_seconds"] + fi["predict_seconds"]
         fusion_info[variant], fusion_val[label] = fi, outputs
-        add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val_acc"], "fusion")
-    _add_selected(rows, fusion_val, y_val, add)
+        add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val"], "fusion")
+    _add_selected(rows, fusion_val, y_val, add, cfg.select_by)
 
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.epochs, "size": cfg.size, "seed": cfg.seed,
@@ -213,19 +217,30 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     return results
 
 
-def _add_selected(rows: dict, fusion_val: dict[str, dict[str, MemberOutputs]], y_val: torch.Tensor, add) -> None:
+def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels)}
+
+
+def _pick(rows: dict, names: list[str], by: str) -> str:
+    """The row with the best validation score (NLL: lowest; accuracy: highest); the first on ties."""
+    sign = 1.0 if by == "nll" else -1.0
+    return min(names, key=lambda n: (sign * rows[n]["val"][by], names.index(n)))
+
+
+def _add_selected(rows: dict, fusion_val: dict[str, dict[str, MemberOutputs]], y_val: torch.Tensor, add,
+                  by: str) -> None:
     """The val-selected fusion row (and its temperature-scaled copy) and the val-selected ensemble row."""
-    best_fusion = max(fusion_val, key=lambda n: (rows[n]["val_acc"], -list(fusion_val).index(n)))
+    best_fusion = _pick(rows, list(fusion_val), by)
     chosen = fusion_val[best_fusion]
     r = rows[best_fusion]
-    add("FusionNet (selected on val)", chosen["test"].probs, r["seconds"], r["params"], r["val_acc"], "selected",
+    add("FusionNet (selected on val)", chosen["test"].probs, r["seconds"], r["params"], r["val"], "selected",
         chosen=best_fusion)
     temp = fit_temperature(chosen["val"].probs, y_val)
     add("FusionNet (selected on val), temperature-scaled", temp.apply(chosen["test"].probs), r["seconds"],
-        r["params"], r["val_acc"], "calibrated", temperature=temp.temperature)
-    ensembles = [n for n, row in rows.items() if row["kind"] == "ensemble" and row["val_acc"] is not None]
+        r["params"], val_scores(temp.apply(chosen["val"].probs), y_val), "calibrated", temperature=temp.temperature)
+    ensembles = [n for n, row in rows.items() if row["kind"] == "ensemble" and row["val"] is not None]
     if ensembles:
-        best_ens = max(ensembles, key=lambda n: (rows[n]["val_acc"], -ensembles.index(n)))
+        best_ens = _pick(rows, ensembles, by)
         e = rows[best_ens]
-        add("ensemble (selected on val)", e["probs"], e["seconds"], e["params"], e["val_acc"], "selected",
+        add("ensemble (selected on val)", e["probs"], e["seconds"], e["params"], e["val"], "selected",
             chosen=best_ens)

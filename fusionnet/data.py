@@ -340,3 +340,33 @@ def balanced_sampler(labels: Sequence[int], *, num_samples: int | None = None,
     per_class = 1.0 / torch.bincount(labels_t).float()
     return WeightedRandomSampler(per_class[labels_t].double(), num_samples=num_samples or len(labels_t),
                                  replacement=True, generator=generator)
+
+
+# ---- training-time helpers -----------------------------------------------------------------------------------
+def check_training_data(train_data, val_data, num_classes: int | None) -> None:
+    """Refuse what cannot be trained: an empty split, a single class, labels beyond the model's classes."""
+    for name, data in (("train", train_data), ("val", val_data)):
+        if len(data) == 0:
+            raise DataError(f"the {name} split is empty; check its folder has images (or val_fraction)")
+    labels = getattr(train_data, "labels", None)
+    if labels is not None and len(set(labels)) < 2:
+        raise DataError(f"the train split holds a single class ({sorted(set(labels))}); a classifier needs at "
+                        f"least two classes with images")
+    if labels is not None and num_classes is not None and max(labels) >= num_classes:
+        raise DataError(f"train labels go up to {max(labels)} but the model has {num_classes} classes; build the "
+                        f"model with num_classes={max(labels) + 1} (or the dataset's class_names)")
+
+
+def seed_pipeline(dataset, seed: int) -> None:
+    """Reseed an albumentations pipeline (it keeps its own RNG, untouched by torch/numpy seeds)."""
+    transform = getattr(dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def seed_worker_pipeline(worker_id: int) -> None:
+    """In a DataLoader worker: give each worker its own augmentation stream, derived from the epoch's seed."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(transform.seed * 64 + worker_id)

@@ -30,9 +30,9 @@ class MemberProbs:
 @dataclass
 class MethodOutput:
     test: torch.Tensor  # (N_test, K)
-    val: torch.Tensor | None  # (N_val, K), fitted methods: in-sample on val (optimistic); None: use val_score
+    val: torch.Tensor | None  # (N_val, K), fitted methods: in-sample on val (optimistic); None: use val_scores
     weights: list[float] | None = None  # per member; None: all members, equally
-    val_score: float | None = None  # an honest validation accuracy where val probabilities would be in-sample
+    val_scores: dict | None = None  # honest {"acc", "nll"} on val where val probabilities would be in-sample
     extra: dict = field(default_factory=dict)
 
 
@@ -73,7 +73,8 @@ def _temperature(p: MemberProbs) -> MethodOutput:
 def _stacking(method: str) -> Callable[[MemberProbs], MethodOutput]:
     def run(p: MemberProbs) -> MethodOutput:
         st = stacking(p.val, p.val_labels, p.test, method=method, cv=5, seed=p.seed)
-        return MethodOutput(st.test_probs, None, val_score=st.cv_acc, extra={"cv_acc_on_val": st.cv_acc})
+        return MethodOutput(st.test_probs, None, val_scores={"acc": st.cv_acc, "nll": st.cv_nll},
+                            extra={"cv_acc_on_val": st.cv_acc})
     return run
 
 

@@ -87,5 +87,19 @@ def branch_dropout(feats: Sequence[torch.Tensor], p: float, training: bool) -> l
     return [f * scale[:, i:i + 1].to(f.dtype) for i, f in enumerate(feats)]
 
 
+def ogm_coefficients(branch_logits: Sequence[torch.Tensor], target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OGM-GE's per-branch gradient coefficients (Peng et al., CVPR 2022), generalised to M branches.
+
+    Each branch's score is the summed softmax probability its own logit contribution gives the true class; a
+    branch whose score exceeds the mean of the others' by the ratio rho > 1 is dominant and gets
+    ``1 - tanh(alpha * (rho - 1))``; the others get 1. Returns (M,) coefficients in (0, 1].
+    """
+    scores = torch.stack([lg.detach().float().softmax(1).gather(1, target[:, None]).sum() for lg in branch_logits])
+    m = len(scores)
+    others = (scores.sum() - scores) / max(m - 1, 1)
+    rho = scores / others.clamp_min(1e-12)
+    return torch.where(rho > 1, 1 - torch.tanh(alpha * (rho - 1)), torch.ones_like(rho))
+
+
 def ordered(features: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[torch.Tensor]:
     return [features[n] for n in names]

@@ -26,7 +26,7 @@ from torch import nn
 
 from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_output, trunk_stages
 from fusionnet.errors import ConfigError
-from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ordered
+from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ogm_coefficients, ordered
 from fusionnet.interface import Classifier, ModelOutput
 from fusionnet.pooling import POOLS, Pool
 
@@ -58,6 +58,7 @@ class FusionConfig:
     fusion_width: int = 256  # attention: the width of the branch tokens
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
+    ogm_alpha: float = 0.0  # OGM-GE gradient modulation of the dominant branch (0: off); concat/gated, no hidden
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -77,6 +78,9 @@ class FusionConfig:
             raise ConfigError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
+        if self.ogm_alpha < 0 or (self.ogm_alpha and (self.fusion == "attention" or self.head_hidden)):
+            raise ConfigError(f"ogm_alpha={self.ogm_alpha!r}: OGM-GE needs alpha >= 0 and a linear head over "
+                              f"concat or gated fusion (head_hidden=None), where each branch's logit share is known")
         used: dict[str, int] = {}
         for b in self.branches:
             if b.pool not in POOLS:
@@ -247,7 +251,35 @@ class FusionNet(Classifier):
         aux = {}
         if self.branch_heads is not None:  # on the undropped features: every branch learns to classify alone
             aux = {f"branch:{n}": self.branch_heads[n](features[n]) for n in names}
+        if self.config.ogm_alpha and self.training:  # each branch's share of the logits: its columns of fc
+            extras = {**extras, **self._logit_shares(fused, names)}
         return ModelOutput(self.head(fused), aux, extras)
+
+    def _logit_shares(self, fused: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+        """{"share:<name>": (B, K)}: W_i f_i + b / M for a linear head over the concatenated (gated) vector."""
+        fc: nn.Linear = self.head.fc
+        shares, start = {}, 0
+        for name in names:
+            d = self.branches[name].out_dim
+            shares[f"share:{name}"] = fused[:, start:start + d] @ fc.weight[:, start:start + d].T + fc.bias / len(names)
+            start += d
+        return shares
+
+    def modulate_gradients(self, output: ModelOutput, target: torch.Tensor) -> dict[str, float]:
+        """OGM-GE: scale the dominant branch's trunk gradients by its coefficient and add Gaussian noise of the
+        gradient's own spread (the GE part), so the slower branches get room to learn."""
+        if not self.config.ogm_alpha or not self.training:
+            return {}
+        names = list(self.branches)
+        coeffs = ogm_coefficients([output.extras[f"share:{n}"] for n in names], target, self.config.ogm_alpha)
+        for name, k in zip(names, coeffs.tolist()):
+            if k >= 1:
+                continue
+            for p in self.branches[name].parameters():
+                if p.grad is not None:
+                    noise = torch.randn_like(p.grad) * p.grad.std() if p.grad.numel() > 1 else 0.0
+                    p.grad.mul_(k).add_(noise)
+        return dict(zip(names, coeffs.tolist()))
 
     def model_config(self) -> dict:
         return self.config.to_dict()
@@ -296,7 +328,7 @@ def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: 
     if unknown:
         raise ConfigError(f"unknown FusionNet setting(s) {unknown}; settings: "
                           f"{', '.join(f for f in FusionConfig.__dataclass_fields__ if f != 'branches')}")
-    branches = [b if isinstance(b, BranchConfig) else
+    branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) if isinstance(b, Mapping) else
                 BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"), input_size=_per_branch(input_size, b, None))
                 for b in backbones]
     return FusionConfig(branches=branches, num_classes=num_classes,

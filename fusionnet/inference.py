@@ -41,8 +41,8 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     """(probabilities (N, K) float32, labels (N,)) in dataset order; the model runs on ``device`` (moved there)."""
     if len(data) == 0:
         raise DataError("predict got an empty dataset; check the split's folder has images")
+    device = place(model, device)
     clf = as_classifier(model)
-    device = place(clf, device)
     forward = clf.forward_head if isinstance(data, FeatureDataset) else clf
     rank, world = rank_world()
     was_training = clf.training

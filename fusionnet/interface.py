@@ -10,6 +10,7 @@ A model is a :class:`Classifier` (``FusionNet`` is one), or any ``nn.Module`` th
 ``forward_head_output(f)``      cached per-branch features ``{name: (B, D_i)}`` -> :class:`ModelOutput`
 ``feature_extractors()``        ``{name: module}`` each mapping images to (B, D_i): the cacheable path ({} none)
 ``extra_losses(out, y)``        model-specific loss terms ``{name: scalar}`` added to the task loss ({} none)
+``modulate_gradients(out, y)``  after backward, before the step: rescale gradients (OGM-GE); returns facts
 ``trunk_parameters()``          pretrained trunk weights (their own learning rate); [] none
 ``num_trunk_stages()``          how many stages the deepest trunk has (gradual unfreezing); 0 none
 ``set_trainable_stages(k)``     train the top ``k`` stages of every trunk: 0 frozen, None everything
@@ -56,6 +57,9 @@ class Classifier(nn.Module):
         return {}
 
     def extra_losses(self, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def modulate_gradients(self, output: ModelOutput, target: torch.Tensor) -> dict[str, float]:
         return {}
 
     def trunk_parameters(self) -> list[nn.Parameter]:

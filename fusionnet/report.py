@@ -41,23 +41,23 @@ def _budget_line(b: dict) -> str:
 NOTES = ["", "Wall time of an ensemble method counts training and predicting all of its members; selection and "
              "stacking add their own (small) time. Every model computes its own trunk features; the fusion built "
              "from members counts its members' training time too.",
-         "`val acc` is what the selected rows choose by. For methods fitted on validation (weights, selection, "
-         "temperatures) it is in-sample and so optimistic; stacking shows its out-of-fold accuracy.",
+         "The selected rows choose by `val NLL` (lowest). For methods fitted on validation (weights, selection, "
+         "temperatures) the val scores are in-sample and so optimistic; stacking shows its out-of-fold scores.",
          "Hard voting's 'probabilities' are vote fractions, so its NLL and ECE are not comparable with the other "
          "rows."]
 
 
 def markdown_table(results: dict) -> str:
     lines = [_budget_line(results["budget"]), "",
-             "| method | test acc | macro-F1 | NLL | ECE | val acc | wall s | params |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL | wall s | params |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["methods"].items():
-        val = f"{r['val_acc']:.4f}" if r.get("val_acc") is not None else "-"
+        val = f"{r['val']['acc']:.4f} | {r['val']['nll']:.4f}" if r.get("val") else "- | -"
         label = f"{name} -> {r['chosen']}" if r.get("chosen") else name
         lines.append(f"| {label} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} | "
                      f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
     for name, why in results.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | |")
+        lines.append(f"| {name} | skipped: {why} | | | | | | | |")
     return "\n".join(lines + NOTES) + "\n"
 
 

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from fusionnet import checkpoints as ckpt
-from fusionnet.data import balanced_sampler, class_weights
+from fusionnet.data import (balanced_sampler, check_training_data, class_weights, seed_pipeline,
+                            seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
-from fusionnet.errors import ConfigError, DataError, MissingFileError, TrainingError
+from fusionnet.errors import ConfigError, MissingFileError, TrainingError
 from fusionnet.feature_cache import cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.inference import evaluate
@@ -191,19 +192,6 @@ def _is_deterministic(dataset) -> bool:
     return isinstance(a, torch.Tensor) and torch.equal(a, b)
 
 
-def _check_data(train_data, val_data, num_classes: int | None) -> None:
-    for name, data in (("train", train_data), ("val", val_data)):
-        if len(data) == 0:
-            raise DataError(f"the {name} split is empty; check its folder has images (or val_fraction)")
-    labels = getattr(train_data, "labels", None)
-    if labels is not None and len(set(labels)) < 2:
-        raise DataError(f"the train split holds a single class ({sorted(set(labels))}); a classifier needs at "
-                        f"least two classes with images")
-    if labels is not None and num_classes is not None and max(labels) >= num_classes:
-        raise DataError(f"train labels go up to {max(labels)} but the model has {num_classes} classes; build the "
-                        f"model with num_classes={max(labels) + 1} (or the dataset's class_names)")
-
-
 # ---- fit -------------------------------------------------------------------------------------------------------
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
         out_dir: str | Path | None = None, resume: bool = False,
@@ -220,7 +208,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
     class_names = clf.class_names or getattr(train_data, "class_names", None)
     num_classes = len(class_names) if class_names else None
-    _check_data(train_data, val_data, num_classes)
+    check_training_data(train_data, val_data, num_classes)
     seed_everything(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
     if resume and (out is None or not (out / "final.pth").is_file()):
@@ -383,9 +371,9 @@ def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg:
     epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
     generator = torch.Generator().manual_seed(epoch_seed)
     sampler = _sampler(dataset, cfg, epoch, generator, labels, world, sample_weights)
-    _seed_pipeline(dataset, epoch_seed * 1_000 + rank)
+    seed_pipeline(dataset, epoch_seed * 1_000 + rank)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        worker_init_fn=_seed_worker_pipeline, pin_memory=device.type == "cuda",
+                        worker_init_fn=seed_worker_pipeline, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     step.train()
     model: Classifier = step.module.model if isinstance(step, nn.parallel.DistributedDataParallel) else step.model
@@ -406,6 +394,7 @@ def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg:
                                 f"lr (now {cfg.lr}), keep grad_clip on, or check the data for broken images")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        model.modulate_gradients(out, y)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         optimizer.step()
@@ -418,18 +407,3 @@ def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg:
         dist.all_reduce(t)
         total, count = float(t[0]), float(t[1])
     return total / max(count, 1)
-
-
-def _seed_pipeline(dataset, seed: int) -> None:
-    """Reseed an albumentations pipeline (it keeps its own RNG, untouched by torch/numpy seeds)."""
-    transform = getattr(dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
-
-
-def _seed_worker_pipeline(worker_id: int) -> None:
-    """In a DataLoader worker: give each worker its own augmentation stream, derived from the epoch's seed."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(transform.seed * 64 + worker_id)

@@ -44,7 +44,7 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     fusion_rows = {n: r for n, r in results["methods"].items() if r["kind"] == "fusion"}
     selected = results["methods"]["FusionNet (selected on val)"]
     assert selected["chosen"] in fusion_rows
-    assert selected["val_acc"] == max(r["val_acc"] for r in fusion_rows.values())
+    assert selected["val"]["nll"] == min(r["val"]["nll"] for r in fusion_rows.values())
     assert selected["acc"] == fusion_rows[selected["chosen"]]["acc"]
     saved = json.loads((run / "results.json").read_text())
     assert saved["budget"]["regime"] == regime and "probs" not in saved["methods"]["soft voting"]
@@ -67,7 +67,7 @@ def test_test_labels_never_reach_a_choice(tmp_path):
     (data / "test" / "b").rename(data / "test" / "a")
     (data / "test" / "tmp").rename(data / "test" / "b")
     poisoned = run_comparison(CompareConfig(data=str(data), out=str(tmp_path / "b"), **cfg), log=None)
-    chosen = ("val_acc", "weights", "chosen", "temperature", "temperatures", "ensemble_temperature", "cv_acc_on_val")
+    chosen = ("val", "weights", "chosen", "temperature", "temperatures", "ensemble_temperature", "cv_acc_on_val")
     for name, row in clean["methods"].items():
         other = poisoned["methods"][name]
         for key in chosen:

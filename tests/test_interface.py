@@ -1,0 +1,147 @@
+"""The model interface, pooling layouts, fusion variants, fusing trained members, and the balancing remedies."""
+
+import pytest
+import torch
+from torch import nn
+
+from fusionnet import (BranchConfig, ConfigError, FusionNet, TrainConfig, create_fusionnet, fit, fuse_members,
+                       load_fusionnet, save_model)
+from fusionnet.fusers import branch_dropout, ogm_coefficients
+from fusionnet.interface import ModelOutput, PlainClassifier, as_classifier
+from fusionnet.pooling import Pool
+
+TINY = ["timm/test_efficientnet", "timm/test_resnet"]
+
+
+class Data(torch.utils.data.Dataset):
+    class_names = ["a", "b", "c"]
+
+    def __init__(self, n=12, size=32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.x = torch.rand(n, 3, size, size, generator=g) * 0.3 + self.y.view(-1, 1, 1, 1) * 0.3
+        self.labels = self.y.tolist()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 1, "batch_size": 4, "progress": False, "warmup_epochs": 0, **kw})
+
+
+def test_a_plain_module_trains_full_and_refuses_frozen():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    before = net[1].weight.clone()
+    fit(net, Data(), Data(seed=1), _cfg(), log=None)
+    assert not torch.equal(before, net[1].weight)
+    assert isinstance(as_classifier(net), PlainClassifier) and as_classifier(as_classifier(net)) is not net
+    with pytest.raises(ConfigError, match="has no trunk stages to freeze; use strategy='full'"):
+        fit(net, Data(), Data(), _cfg(strategy="frozen"), log=None)
+
+
+def test_pool_layouts_agree_and_tokens_skip_prefix_tokens():
+    x = torch.rand(2, 5, 3, 4)  # (B, C, h, w)
+    for kind in ("avg", "max", "avgmax", "catavgmax"):
+        torch.testing.assert_close(Pool(kind, "NCHW")(x), Pool(kind, "NHWC")(x.permute(0, 2, 3, 1)))
+    tokens = torch.rand(2, 7, 5)  # (B, N, C) with one class token
+    torch.testing.assert_close(Pool("avg", "NLC", 1)(tokens), tokens[:, 1:].mean(1))
+    torch.testing.assert_close(Pool("token", "NLC", 1)(tokens), tokens[:, 0])
+    with pytest.raises(ConfigError, match="pool 'token' takes the class token"):
+        Pool("token", "NCHW")
+
+
+def test_transformer_nhwc_and_convnext_branches_train_together():
+    model = FusionNet(backbones=["timm/test_vit", "timm/test_mambaout", "timm/test_convnext"], num_classes=3)
+    dims = {n: br.out_dim for n, br in model.branches.items()}
+    assert dims == {"test_vit": 64, "test_mambaout": 64, "test_convnext": 64}
+    assert model.branches["test_vit"].input_size == 160  # a ViT takes its own size only: resized inside
+    out = model.forward_output(torch.rand(2, 3, 32, 32))
+    out.logits.sum().backward()
+    grads = {n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in br.parameters())
+             for n, br in model.branches.items()}
+    assert grads == {"test_vit": True, "test_mambaout": True, "test_convnext": True}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated"])
+def test_fusing_members_starts_at_the_mean_of_their_logits(tmp_path, fusion):
+    torch.manual_seed(0)
+    members = [FusionNet(backbones=[b], num_classes=3, class_names=["a", "b", "c"]).eval() for b in TINY]
+    for m in members:  # members as if trained: heads far from their initialisation
+        nn.init.normal_(m.head.fc.weight, std=0.5)
+        nn.init.normal_(m.head.fc.bias, std=0.5)
+    save_model(members[1], tmp_path / "m1.pth")
+    fused = fuse_members([members[0], tmp_path / "m1.pth"], fusion=fusion)
+    x = torch.rand(4, 3, 32, 32)
+    mean = torch.stack([m(x) for m in members]).mean(0)
+    torch.testing.assert_close(fused(x), mean, rtol=1e-5, atol=1e-5)
+    assert all(not p.requires_grad for br in fused.branches.values() for p in br.trunk.parameters())
+    with pytest.raises(ConfigError, match="members must be trained on the same classes"):
+        fuse_members([members[0], FusionNet(backbones=["timm/test_resnet"], num_classes=4)])
+
+
+def test_gate_and_attention_weights_sum_to_one_over_branches():
+    x = torch.rand(3, 3, 32, 32)
+    for fusion, key in (("gated", "gates"), ("attention", "attention")):
+        model = FusionNet(backbones=TINY, num_classes=3, fusion=fusion)
+        with torch.no_grad():
+            for p in model.fuser.parameters():
+                p.add_(torch.randn_like(p) * 0.1)  # away from the uniform start
+        w = model.forward_output(x).extras[key]
+        assert w.shape == (3, 2)
+        torch.testing.assert_close(w.sum(1), torch.ones(3))
+        assert not torch.allclose(w, torch.full_like(w, 0.5))
+
+
+def test_branch_dropout_never_drops_every_branch_rescales_and_is_off_in_eval():
+    torch.manual_seed(0)
+    feats = [torch.ones(500, 4), torch.ones(500, 4), torch.ones(500, 4)]
+    out = branch_dropout(feats, p=0.9, training=True)
+    kept = torch.stack([o[:, 0] > 0 for o in out], 1)  # (B, M)
+    assert kept.any(1).all() and not kept.all()
+    scale = torch.stack([o[:, 0] for o in out], 1).sum(1)  # kept ones carry M / kept each: sum is M
+    torch.testing.assert_close(scale, torch.full((500,), 3.0))
+    assert all(o is f for o, f in zip(branch_dropout(feats, p=0.9, training=False), feats))
+    model = FusionNet(backbones=TINY, num_classes=3, branch_dropout=0.5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))
+
+
+def test_branch_heads_receive_gradients_through_the_aux_loss():
+    model = FusionNet(backbones=TINY, num_classes=3, branch_heads=True)
+    before = {n: h.weight.clone() for n, h in model.branch_heads.items()}
+    fit(model, Data(), Data(seed=1), _cfg(aux_weight=0.5), log=None)
+    assert all(not torch.equal(before[n], h.weight) for n, h in model.branch_heads.items())
+    out = model.train().forward_output(torch.rand(2, 3, 32, 32))
+    assert set(out.aux) == {"branch:test_efficientnet", "branch:test_resnet"}
+
+
+def test_ogm_coefficient_damps_only_the_dominant_branch():
+    y = torch.tensor([0, 1, 2, 0])
+    strong = torch.nn.functional.one_hot(y, 3).float() * 10  # predicts the labels confidently
+    weak = torch.zeros(4, 3)  # uniform
+    k = ogm_coefficients([strong, weak], y, alpha=0.5)
+    rho = (4 * 1.0) / (4 / 3)  # scores: ~4 vs 4/3
+    assert k[1] == 1.0 and k[0] == pytest.approx(1 - torch.tanh(torch.tensor(0.5 * (rho - 1))).item(), rel=1e-3)
+    model = FusionNet(backbones=TINY, num_classes=3, ogm_alpha=0.5)
+    fit(model, Data(), Data(seed=1), _cfg(), log=None)  # the hook runs inside the loop
+    with pytest.raises(ConfigError, match="OGM-GE needs"):
+        FusionNet(backbones=TINY, num_classes=3, ogm_alpha=0.5, fusion="attention")
+
+
+def test_fusion_variants_save_and_load_bit_identically(tmp_path):
+    x = torch.rand(2, 3, 32, 32)
+    for fusion in ("gated", "attention"):
+        model = FusionNet(backbones=TINY, num_classes=3, fusion=fusion, branch_heads=True).eval()
+        loaded = load_fusionnet(save_model(model, tmp_path / f"{fusion}.pth"))
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_model_output_is_what_training_sees():
+    model = FusionNet(backbones=[BranchConfig("timm/test_resnet", pool="catavgmax")], num_classes=3)
+    out = model.forward_output(torch.rand(2, 3, 32, 32))
+    assert isinstance(out, ModelOutput) and out.logits.shape == (2, 3) and dict(out.aux) == {}
+    assert create_fusionnet(["timm/test_resnet"], num_classes=3).config.branches[0].name == "test_resnet"
