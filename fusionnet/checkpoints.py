@@ -241,7 +241,7 @@ def load_weights_file(path: str | os.PathLike) -> Any:
             return load_file(str(p))
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():  # not a pickle at all (text, random bytes)
+        if "unsupported global" not in str(exc).lower():  # not a pickle of objects: text, random bytes
             raise CheckpointMismatchError(f"could not read {str(p)!r} as a checkpoint: it is not a PyTorch or "
                                           f"safetensors file ({_first_line(exc)}). Re-save or re-download it") from None
         # weights_only refused to run code in the file; the unsafe bypass torch suggests is not advice we repeat
