@@ -151,12 +151,13 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         torch.manual_seed(cfg.seed)
         model = create_fusionnet([b], num_classes=k, class_names=names, pretrained=cfg.pretrained)
         members[b], info[b] = _train_and_predict(b, model, splits, cfg, out, say)
-    val = [members[b]["val"] for b in cfg.backbones]
-    test = [members[b]["test"] for b in cfg.backbones]
-    check_aligned(val)
-    check_aligned(test)
-    y_val, y_test = val[0].labels, test[0].labels
-    probs = MemberProbs(torch.stack([o.probs for o in val]), y_val, torch.stack([o.probs for o in test]), cfg.seed)
+    val_outs = [members[b]["val"] for b in cfg.backbones]
+    test_outs = [members[b]["test"] for b in cfg.backbones]
+    check_aligned(val_outs)
+    check_aligned(test_outs)
+    y_val, y_test = val_outs[0].labels, test_outs[0].labels
+    probs = MemberProbs(torch.stack([o.probs for o in val_outs]), y_val, torch.stack([o.probs for o in test_outs]),
+                        cfg.seed)
     member_seconds = sum(info[b]["train_seconds"] + info[b]["predict_seconds"] for b in cfg.backbones)
     member_params = [info[b]["params"] for b in cfg.backbones]
 
@@ -183,8 +184,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
             say(f"skipped {method}: {exc}")
             continue
         used = sum(p for p, w in zip(member_params, res.weights or [1] * len(member_params)) if w > 0)
-        val = res.val_scores if res.val is None else val_scores(res.val, y_val)
-        add(method, res.test, member_seconds + time.perf_counter() - t0, used, val, "ensemble", **res.extra)
+        scores = res.val_scores if res.val is None else val_scores(res.val, y_val)
+        add(method, res.test, member_seconds + time.perf_counter() - t0, used, scores, "ensemble", **res.extra)
 
     fusion_info, fusion_val = {}, {}
     for variant in cfg.variants:
@@ -195,8 +196,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         # move away from it where validation says so
         train_cfg = replace(cfg.train_config(f"fusion_{variant}"), validate_start=variant == "from_members")
         outputs, fi = _train_and_predict(f"fusion_{variant}", model, splits, cfg, out, say, train_cfg)
-        check_aligned([val[0], outputs["val"]])
-        check_aligned([test[0], outputs["test"]])
+        check_aligned([val_outs[0], outputs["val"]])
+        check_aligned([test_outs[0], outputs["test"]])
         fi["seconds"] = prior_s + fi["train_seconds"] + fi["predict_seconds"]
         fusion_info[variant], fusion_val[label] = fi, outputs
         add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val"], "fusion")

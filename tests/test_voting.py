@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fusionnet.errors import ConfigError
+from fusionnet.errors import ConfigError, DataError
 
 from fusionnet.boosting import boosted_vote, samme_alpha, samme_update
 from fusionnet.calibration import fit_temperature
@@ -158,3 +158,60 @@ def test_voting_module_over_live_members_and_members_that_return_tuples_are_refu
         VotingModule([Fixed(P[0].log(), tuple_out=True)])(torch.zeros(2, 3, 8, 8))
 
 
+
+
+def test_exact_ties_follow_the_documented_rule_in_any_precision():
+    from fusionnet.voting import hard_vote
+
+    # one vote each; the mean probabilities tie exactly between classes 0 and 2 -> the lowest index, 0
+    p = torch.tensor([[[0, .125, .875]], [[.125, .75, .125]], [[.875, .125, 0]]], dtype=torch.float64)
+    assert int(hard_vote(p).argmax(1)) == 0
+    # weighted votes tie exactly (7 each); the weighted mean probability then decides: class 0
+    q = torch.tensor([[[.4, .6]]] * 3 + [[[.9, .1]]])
+    for dtype in (torch.float32, torch.float64):
+        assert int(hard_vote(q.to(dtype), [2, 4, 1, 7]).argmax(1)) == 0
+    # uniform weights are exact in float64: rows sum to 1 to the last bit that float64 keeps
+    r = torch.rand(5, 20, 4, dtype=torch.float64).softmax(-1)
+    assert (soft_vote(r).sum(1) - 1).abs().max() < 1e-14 and soft_vote(r).dtype == torch.float64
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "no member probabilities given"),
+    (torch.full((2, 3, 4), float("nan")), "NaN or inf"),
+    (torch.randn(2, 3, 4), "rows are not probabilities"),
+    (torch.rand(3, 4).softmax(-1), r"one member's \(N, K\) array goes in a list"),
+])
+def test_voting_refuses_inputs_that_are_not_member_probabilities(bad, match):
+    with pytest.raises(DataError, match=match):
+        VotingEnsemble().predict_proba(bad)
+
+
+def test_fitting_functions_check_labels_and_accept_any_integer_dtype():
+    val = torch.rand(2, 6, 3).softmax(-1)
+    with pytest.raises(DataError, match=r"labels must lie in 0..2 for 3 classes"):
+        greedy_selection(val, torch.tensor([0, 1, 2, 3, 0, 1]))
+    t = fit_temperature(val[0], torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32))
+    assert t.temperature > 0
+    with pytest.raises(DataError, match="NaN"):
+        fit_temperature(torch.full((6, 3), float("nan")), torch.zeros(6, dtype=torch.long))
+
+
+def test_stacking_with_a_singleton_validation_class_says_why_it_cannot_score():
+    val = torch.rand(2, 7, 3).softmax(-1)
+    with pytest.raises(DataError, match="at least 2 validation samples of every class"):
+        stacking(val, torch.tensor([0, 0, 0, 1, 1, 1, 2]), val)
+
+
+def test_check_aligned_refuses_other_labels_for_the_same_samples():
+    a = MemberOutputs("a", "val", P[0], torch.tensor([0, 1]), ["x", "y", "z"], ["s0", "s1"])
+    b = MemberOutputs("b", "val", P[1], torch.tensor([0, 2]), ["x", "y", "z"], ["s0", "s1"])
+    with pytest.raises(DataError, match=r"same samples but different labels \(first at row 1\)"):
+        check_aligned([a, b])
+
+
+def test_samme_stops_when_a_member_is_no_better_than_chance():
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    _, alpha = samme_update(w, torch.tensor([True, False, False, False]), num_classes=2)
+    assert alpha < 0  # 25 % right on two classes: worse than chance, train_boosted stops there
+    _, alpha = samme_update(w, torch.tensor([True, True, True, False]), num_classes=2)
+    assert alpha == pytest.approx(samme_alpha(0.25, 2)) and alpha > 0
