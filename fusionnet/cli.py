@@ -54,10 +54,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=None,
                    help="fusion variants: concat gated attention from_members (default: all)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="frozen regime: compute each trunk's features once for all models (fast; wall times then "
+                        "leave out features an earlier model computed)")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="macro_f1",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("export", help="write a saved model as ONNX (dynamic batch) and check it with onnxruntime",
+                       description="example: fusionnet export runs/flowers/models/fusion_concat/best.pth "
+                                   "--out fusion.onnx --size 128")
+    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth / final.pth)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=_positive_int, default=224, help="input image size in pixels")
 
     p = sub.add_parser("demo", help="the comparison on scikit-learn's digits with offline EfficientNet-Lite weights")
     p.add_argument("--out", default="runs/demo")
@@ -143,7 +153,17 @@ def _dispatch(args: argparse.Namespace) -> None:
                                      epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
                                      seed=args.seed, seeds=args.seeds, monitor=args.monitor,
                                      out=args.out or f"runs/{args.regime}", device=args.device,
-                                     progress=not args.no_progress, **variants))
+                                     shared_cache=args.shared_cache, progress=not args.no_progress, **variants))
+    elif args.command == "export":
+        import torch
+
+        from fusionnet.export import check_onnx, export_onnx
+        from fusionnet.factory import load_fusionnet
+
+        model = load_fusionnet(args.checkpoint)
+        path = export_onnx(model, args.out, size=args.size)
+        diff = check_onnx(model, path, torch.rand(3, 3, args.size, args.size))
+        print(f"wrote {str(path)!r}; onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
     elif args.command == "demo":
         from fusionnet.demo import run_demo
 

@@ -29,6 +29,7 @@ from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits, load_splits
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import ConfigError, DataError
+from fusionnet.feature_cache import cached_features
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.files import atomic_write_json
 from fusionnet.fusers import FUSIONS
@@ -58,9 +59,14 @@ class CompareConfig:
     pretrained: bool = True
     monitor: str = "macro_f1"  # the validation metric that picks each model's best epoch (acc | macro_f1 | nll)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # fusion variants to train
-    fusion_dropout: float = 0.2  # the fused head's dropout (jointly trained variants)
-    branch_dropout: float = 0.0
+    fusion_dropout: float = 0.2  # the fused head's dropout
+    branch_dropout: float = 0.0  # the fused head's branch dropout (jointly trained variants)
+    label_smoothing: float = 0.0  # every model's training loss
+    weight_decay: float = 1e-4  # every model's AdamW weight decay
+    from_members_lr_mult: float = 1.0  # the from-members fusion trains its head at lr * this
     select_by: str = "nll"  # the validation score that picks the selected rows: nll (lower) | acc (higher)
+    shared_cache: bool = False  # frozen: one feature cache for all models (fast; then wall times exclude features
+    # an earlier model computed, and val/test are predicted from cached features too)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"
@@ -86,8 +92,10 @@ class CompareConfig:
                            lr=self.lr if self.lr is not None else (3e-3 if frozen else 1e-3),
                            trunk_lr_mult=self.trunk_lr_mult, strategy="frozen" if frozen else "full",
                            cache_features=True if frozen else False,
-                           cache_dir=str(Path(self.out) / "cache" / model_name) if frozen else None,
-                           seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device)
+                           cache_dir=str(Path(self.out) / "cache" / ("shared" if self.shared_cache else model_name))
+                           if frozen else None,
+                           seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device,
+                           label_smoothing=self.label_smoothing, weight_decay=self.weight_decay)
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -104,8 +112,13 @@ def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out
     t1 = time.perf_counter()
     outputs = {}
     for split, data in (("val", splits.val), ("test", splits.test)):
-        outputs[split] = member_outputs(best, data, member=name, split=split, checkpoint=result.best_path,
-                                        batch_size=64, device=cfg.device, progress=cfg.progress)
+        source = data
+        if cfg.shared_cache and cfg.regime == "frozen":  # the same eval-mode branch outputs, computed once
+            source, _ = cached_features(best, data, cache_dir=cfg.train_config(name).cache_dir, device=cfg.device,
+                                        batch_size=64)
+        outputs[split] = member_outputs(best, source, member=name, split=split, checkpoint=result.best_path,
+                                        sample_ids=data.paths, batch_size=64, device=cfg.device,
+                                        progress=cfg.progress)
         outputs[split].save(out / "outputs" / f"{name}_{split}.pt")
     info = {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t1, "params": _params(best),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "checkpoint": result.best_path,
@@ -194,7 +207,9 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         model, prior_s = _fusion_model(variant, cfg, splits, info)
         # from members: its starting point (the members' logit average) is validated too, so training can only
         # move away from it where validation says so
-        train_cfg = replace(cfg.train_config(f"fusion_{variant}"), validate_start=variant == "from_members")
+        train_cfg = cfg.train_config(f"fusion_{variant}")
+        if variant == "from_members":
+            train_cfg = replace(train_cfg, validate_start=True, lr=train_cfg.lr * cfg.from_members_lr_mult)
         outputs, fi = _train_and_predict(f"fusion_{variant}", model, splits, cfg, out, say, train_cfg)
         check_aligned([val_outs[0], outputs["val"]])
         check_aligned([test_outs[0], outputs["test"]])

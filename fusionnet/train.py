@@ -32,7 +32,7 @@ from fusionnet.data import (balanced_sampler, check_training_data, class_weights
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
 from fusionnet.errors import ConfigError, MissingFileError, TrainingError
-from fusionnet.feature_cache import cache_blocker, cached_features
+from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.inference import evaluate
 from fusionnet.interface import Classifier, TrainStep, as_classifier
@@ -253,8 +253,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     train_module: nn.Module = step_module
     stages_now = stages_for_epoch(0, cfg)
     if cfg.validate_start and start == 0:
-        metrics = evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64), device=device,
-                           amp=cfg.amp)
+        metrics = _validate(clf, val_src, class_names, cfg, device)
         best_score, best_epoch = metrics[cfg.monitor], 0
         say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"nll {metrics['nll']:.4f}  *best*")
@@ -275,8 +274,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                                   labels, world, rank, sample_weights)
         if world > 1:
             average_buffers(clf, world)
-        metrics = evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64),
-                           device=device, amp=cfg.amp, num_workers=0 if used_cache else cfg.num_workers)
+        metrics = _validate(clf, val_src, class_names, cfg, device)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
                "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
@@ -304,6 +302,13 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         dist.barrier()
     return FitResult(history=history, best_epoch=best_epoch, best_score=float(best_score), stopped_early=stopped_early,
                      out_dir=str(out) if out is not None else None, used_cache=used_cache)
+
+
+def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -> dict:
+    """Validation metrics in the training precision and memory format (the weights being trained stay as they are)."""
+    return evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64), device=device,
+                    amp=cfg.amp, channels_last=False,
+                    num_workers=0 if isinstance(val_src, FeatureDataset) else cfg.num_workers)
 
 
 def _write_epoch(model: nn.Module, clf: Classifier, out: Path, row: dict, cfg: TrainConfig, improved: bool,

@@ -68,11 +68,11 @@ class MemberOutputs:
 
 
 def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoint: str | os.PathLike | None = None,
-                   **predict_kwargs) -> MemberOutputs:
+                   sample_ids: Sequence[str] | None = None, **predict_kwargs) -> MemberOutputs:
     """Run ``model`` once over ``data`` (on ``device``, see :mod:`fusionnet.distributed`) and keep its
     probabilities; ``forward`` gives the main logits only."""
     probs, labels = predict(model, data, **predict_kwargs)
-    ids = list(getattr(data, "paths", [str(i) for i in range(len(data))]))
+    ids = list(sample_ids) if sample_ids is not None else list(getattr(data, "paths", map(str, range(len(data)))))
     return MemberOutputs(member=member, split=split, probs=probs, labels=labels,
                          class_names=list(getattr(data, "class_names", [str(i) for i in range(probs.shape[1])])),
                          sample_ids=ids, checkpoint=str(checkpoint) if checkpoint else None,

@@ -1,0 +1,180 @@
+"""Throughput of members, voting and FusionNet per execution mode, side by side in one process; writes JSON.
+
+    python experiments/bench_throughput.py --out runs/bench_throughput.json            # CPU (or CUDA if present)
+    python experiments/bench_throughput.py --device cuda --batch 256 --compile         # on a GPU machine
+
+Modes: precision (fp32 | bf16 autocast) x memory format (contiguous | channels_last) x torch.compile (off | on,
+with --compile). For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote)
+and of FusionNet, the ratio FusionNet time / sum of member times, and the largest logit difference from fp32
+contiguous eager (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16). Training: the step rate on a
+batch already in device memory (forward + backward + AdamW step, no data loading) for one member and for the
+fusion, beside ``fit``'s measured rate over image files on disk (data loading included). Every figure is a median
+of --runs timed runs after warm-up, with min and max. Untrained weights (pretrained=False): speed does not depend
+on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fusionnet import FusionNet, TrainConfig, fit
+from fusionnet.data import load_splits
+from fusionnet.distributed import resolve_device
+from fusionnet.files import atomic_write_json
+from fusionnet.voting import soft_vote
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, runs: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def rate(t: dict, n: int) -> dict:
+    return {"median": n / t["median_s"], "min": n / t["max_s"], "max": n / t["min_s"]}
+
+
+def prepare(model, mode, device):
+    model = model.to(device).eval()
+    if mode["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if mode["compile"] else model
+
+
+def autocast(mode, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if mode["bf16"] else nullcontext()
+
+
+def inference(args, device) -> list[dict]:
+    torch.manual_seed(0)
+    members = [FusionNet(backbones=[b], num_classes=5) for b in args.backbones]
+    fusion = FusionNet(backbones=args.backbones, num_classes=5)
+    for m, (name, br) in zip(members, fusion.branches.items()):  # same trunks: equal work, comparable logits
+        m.branches[name].load_state_dict(br.state_dict())
+    x0 = torch.rand(args.batch, 3, args.size, args.size)
+    with torch.no_grad():
+        reference = fusion.eval()(x0)
+    results = []
+    for bf16, cl, comp in itertools.product((False, True), (False, True), (False, True) if args.compile else (False,)):
+        mode = {"bf16": bf16, "channels_last": cl, "compile": comp}
+        x = x0.to(device)
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        ms = [prepare(m, mode, device) for m in members]
+        fu = prepare(fusion, mode, device)
+
+        def run(model):
+            with torch.no_grad(), autocast(mode, device):
+                return model(x)
+
+        def vote():
+            with torch.no_grad(), autocast(mode, device):
+                return soft_vote(torch.stack([m(x).float().softmax(1) for m in ms]))
+
+        t_members = [timed(lambda m=m: run(m), device, args.runs) for m in ms]
+        t_vote = timed(vote, device, args.runs)
+        t_fusion = timed(lambda: run(fu), device, args.runs)
+        diff = float((run(fu).float().cpu() - reference).abs().max())
+        results.append({
+            "mode": mode, "members_img_s": {b: rate(t, args.batch) for b, t in zip(args.backbones, t_members)},
+            "voting_img_s": rate(t_vote, args.batch), "fusion_img_s": rate(t_fusion, args.batch),
+            "fusion_over_sum_members_time": t_fusion["median_s"] / sum(t["median_s"] for t in t_members),
+            "max_abs_logit_diff_vs_fp32": diff, "correct": diff <= (args.tol_bf16 if bf16 else args.tol)})
+        print(json.dumps(results[-1]["mode"]), f"fusion {results[-1]['fusion_img_s']['median']:.1f} img/s, "
+              f"ratio {results[-1]['fusion_over_sum_members_time']:.3f}, diff {diff:.2e}", flush=True)
+    return results
+
+
+def train_rates(args, device) -> dict:
+    """Compute-bound step rate vs fit's rate over files, for one member and for the fusion."""
+    folder = Path(tempfile.mkdtemp()) / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", args.train_images), ("test", 8)):
+        for c in range(2):
+            (folder / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = rng.integers(0, 255, (args.size + 32, args.size + 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / split / str(c) / f"{i}.jpg", quality=90)
+    splits = load_splits(folder, size=args.size, val_fraction=0.1)
+    out = {}
+    for name, backbones in (("member", args.backbones[:1]), ("fusion", args.backbones)):
+        model = FusionNet(backbones=backbones, num_classes=2).to(device).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.rand(args.train_batch, 3, args.size, args.size, device=device)
+        y = torch.randint(0, 2, (args.train_batch,), device=device)
+
+        def step():
+            with autocast({"bf16": device.type == "cuda"}, device):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step_rate = rate(timed(step, device, args.runs, warmup=2), args.train_batch)
+        cfg = TrainConfig(epochs=1, batch_size=args.train_batch, progress=False, num_workers=args.workers,
+                          device=str(device), warmup_epochs=0)
+        fit_model = FusionNet(backbones=backbones, num_classes=2)
+        fit(fit_model, splits.train, splits.val, cfg, log=None)  # warm-up epoch (allocator, loaders)
+        res = fit(fit_model, splits.train, splits.val, cfg, log=None)
+        fit_rate = len(splits.train) / res.history[-1]["seconds"]  # the epoch's time includes its validation
+        out[name] = {"step_img_s": step_rate, "fit_img_s": fit_rate,
+                     "fit_over_step": fit_rate / step_rate["median"]}
+        print(name, f"step {step_rate['median']:.1f} img/s, fit {fit_rate:.1f} img/s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1",
+                                                        "efficientnet_lite2"])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--train-batch", type=int, default=16)
+    ap.add_argument("--train-images", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--tol-bf16", type=float, default=0.25)
+    ap.add_argument("--out", default="runs/bench_throughput.json")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    result = {"machine": {"device": str(device), "cpu_threads": torch.get_num_threads(),
+                          "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                          "python": platform.python_version(), "torch": torch.__version__},
+              "settings": vars(args), "inference": inference(args, device)}
+    fastest = max((r for r in result["inference"] if r["correct"]), key=lambda r: r["fusion_img_s"]["median"])
+    result["fastest_correct_mode"] = fastest["mode"]
+    if not args.no_train:
+        result["training"] = train_rates(args, device)
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
