@@ -69,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=_positive_int, default=224, help="input image size in pixels")
 
+    p = sub.add_parser("gap", help="why test accuracy is below validation: compare two image folders",
+                       description="example: fusionnet gap --train data/train --test data/test --out runs/gap")
+    p.add_argument("--train", required=True, help="the training images (class sub-folders or a flat folder)")
+    p.add_argument("--test", required=True, help="the test images")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="the pretrained trunk for the feature check")
+    p.add_argument("--size", type=_positive_int, default=128)
+    p.add_argument("--max-images", type=_positive_int, default=500, help="images sampled per folder")
+    p.add_argument("--out", default="runs/gap")
+
     p = sub.add_parser("demo", help="the comparison on scikit-learn's digits with offline EfficientNet-Lite weights")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=_positive_int, default=8)
@@ -164,6 +173,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         path = export_onnx(model, args.out, size=args.size)
         diff = check_onnx(model, path, torch.rand(3, 3, args.size, args.size))
         print(f"wrote {str(path)!r}; onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
+    elif args.command == "gap":
+        from fusionnet.gap import gap_check, gap_markdown
+
+        report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
+                           max_images=args.max_images, out=args.out)
+        print(gap_markdown(report))
+        print(f"wrote {args.out}/gap.json, gap.md, gap.png")
     elif args.command == "demo":
         from fusionnet.demo import run_demo
 

@@ -95,3 +95,29 @@ def training_curves(history: list[dict], path: str | os.PathLike | None = None) 
     right.set_title("validation", fontsize=9)
     fig.tight_layout()
     return save(fig, path, dpi=110)
+
+
+def gap_figure(train: dict, test: dict, path: str | os.PathLike | None = None) -> Figure:
+    """Distributions of the domain-gap check, train against test: image side, aspect ratio, brightness, channel
+    means (``train``/``test`` are :class:`fusionnet.gap.FolderStats` as dicts)."""
+    fig, axes = new_figure((11, 3), 1, 4)
+    panels = [("image side (px)", lambda s: [(w * h) ** 0.5 for w, h in s["sizes"]]),
+              ("aspect ratio (w / h)", lambda s: [w / h for w, h in s["sizes"]]),
+              ("mean luminance", lambda s: s["brightness"])]
+    for ax, (title, values) in zip(axes, panels):
+        for stats, label in ((train, "train"), (test, "test")):
+            ax.hist(values(stats), bins=20, alpha=0.55, label=f"{label} (n={stats['n']})", density=True)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("density", fontsize=8)
+        ax.legend(fontsize=7)
+    ax = axes[3]
+    xs = np.arange(3)
+    ax.bar(xs - 0.2, train["channel_mean"], 0.4, yerr=train["channel_std"], label="train")
+    ax.bar(xs + 0.2, test["channel_mean"], 0.4, yerr=test["channel_std"], label="test")
+    ax.set_xticks(xs, ["R", "G", "B"])
+    ax.set_ylim(0, 1)
+    ax.set_title("channel mean (+- std)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.suptitle("domain-gap check: train vs test", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fusionnet import FusionNet, create_fusionnet, load_fusionnet
@@ -30,3 +31,24 @@ def test_ablation_and_probes_find_the_informative_branch():
     probes = linear_probes(feats, labels, test_feats, test_labels)
     assert probes["test_efficientnet"] > 0.95 and probes["test_resnet"] < 0.8 and probes["concatenated"] > 0.9
     assert embedding_2d(feats["test_efficientnet"]).shape == (60, 2)
+
+
+def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_scale():
+    from fusionnet.analysis import cka_matrix, linear_cka
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.5 * x @ q) == pytest.approx(1.0)
+    assert linear_cka(x, torch.randn(50, 8)) < 0.5
+    names, m = cka_matrix({"a": x, "b": x @ q, "c": torch.randn(50, 4)})
+    assert names == ["a", "b", "c"] and m[0, 1] == pytest.approx(1.0) and m[0, 2] < 0.5 and (m == m.T).all()
+
+
+def test_grad_cam_maps_lie_in_unit_range_at_image_size():
+    from fusionnet.analysis import grad_cam
+
+    model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3, freeze_trunks=True)
+    cam = grad_cam(model, torch.rand(2, 3, 32, 32), "test_resnet")
+    assert cam.shape == (2, 32, 32) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
