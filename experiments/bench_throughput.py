@@ -134,6 +134,12 @@ def train_rates(args, device) -> dict:
             opt.step()
 
         step_rate = rate(timed(step, device, args.runs, warmup=2), args.train_batch)
+        loader = torch.utils.data.DataLoader(splits.train, batch_size=args.train_batch, shuffle=True,
+                                             num_workers=args.workers)
+        t0 = time.perf_counter()
+        for _ in loader:  # decoding and augmentation alone, as fit's loader does them
+            pass
+        loader_s = time.perf_counter() - t0
         cfg = TrainConfig(epochs=1, batch_size=args.train_batch, progress=False, num_workers=args.workers,
                           device=str(device), warmup_epochs=0)
         fit_model = FusionNet(backbones=backbones, num_classes=2)
@@ -141,8 +147,38 @@ def train_rates(args, device) -> dict:
         res = fit(fit_model, splits.train, splits.val, cfg, log=None)
         fit_rate = len(splits.train) / res.history[-1]["seconds"]  # the epoch's time includes its validation
         out[name] = {"step_img_s": step_rate, "fit_img_s": fit_rate,
-                     "fit_over_step": fit_rate / step_rate["median"]}
+                     "fit_over_step": fit_rate / step_rate["median"],
+                     "loader_seconds": loader_s, "fit_epoch_seconds": res.history[-1]["seconds"],
+                     "loader_share_of_epoch": loader_s / res.history[-1]["seconds"]}
         print(name, f"step {step_rate['median']:.1f} img/s, fit {fit_rate:.1f} img/s", flush=True)
+    return out
+
+
+def memory(args, device) -> dict:
+    """Peak training memory of one step of the fusion, with and without trunk checkpointing: CUDA's peak allocation
+    on a GPU; on the CPU the bytes autograd saves for backward (the activations that checkpointing removes)."""
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = FusionNet(backbones=args.backbones, num_classes=5, checkpoint_trunks=ckpt).to(device).train()
+        x = torch.rand(args.mem_batch, 3, args.mem_size, args.mem_size, device=device)
+        saved = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        sync(device)
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else sum(saved)
+        out["checkpointed" if ckpt else "plain"] = {"peak_bytes": peak, "step_seconds": seconds,
+                                                    "measure": "cuda peak" if device.type == "cuda" else
+                                                    "saved activations"}
+    out["peak_ratio"] = out["checkpointed"]["peak_bytes"] / out["plain"]["peak_bytes"]
+    out["time_ratio"] = out["checkpointed"]["step_seconds"] / out["plain"]["step_seconds"]
+    print(f"memory: checkpointed/plain {out['peak_ratio']:.3f}, time x{out['time_ratio']:.2f}", flush=True)
     return out
 
 
@@ -159,6 +195,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--mem-batch", type=int, default=32)
+    ap.add_argument("--mem-size", type=int, default=224)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--tol-bf16", type=float, default=0.25)
     ap.add_argument("--out", default="runs/bench_throughput.json")
@@ -172,6 +210,7 @@ def main() -> None:
     result["fastest_correct_mode"] = fastest["mode"]
     if not args.no_train:
         result["training"] = train_rates(args, device)
+        result["memory"] = memory(args, device)
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -8,14 +8,19 @@ runs/<out>/sweep.json.
 """
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
 from fusionnet.compare import CompareConfig, run_comparison
 
-GRID = {"fusion_dropout": [0.2, 0.5], "branch_dropout": [0.0, 0.25], "label_smoothing": [0.0, 0.1],
-        "monitor": ["macro_f1", "nll"]}
+RECIPES = [  # (fused-head dropout, branch dropout, label smoothing, monitor)
+    dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.0, monitor="macro_f1"),  # round 1's
+    dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.0, monitor="nll"),
+    dict(fusion_dropout=0.5, branch_dropout=0.25, label_smoothing=0.0, monitor="nll"),
+    dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.1, monitor="nll"),
+    dict(fusion_dropout=0.5, branch_dropout=0.25, label_smoothing=0.1, monitor="nll"),
+    dict(fusion_dropout=0.5, branch_dropout=0.25, label_smoothing=0.1, monitor="macro_f1"),
+]
 
 
 def main() -> None:
@@ -27,9 +32,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/sweep")
     args = ap.parse_args()
     rows = []
-    for values in itertools.product(*GRID.values()):
-        recipe = dict(zip(GRID, values))
+    shared = Path(args.out) / "shared_cache"
+    shared.mkdir(parents=True, exist_ok=True)
+    for recipe in RECIPES:
         name = "_".join(f"{k}={v}" for k, v in recipe.items())
+        (Path(args.out) / name / "cache").mkdir(parents=True, exist_ok=True)
+        link = Path(args.out) / name / "cache" / "shared"  # one feature cache for every recipe (keys keep it exact)
+        if not link.exists():
+            link.symlink_to(shared.resolve(), target_is_directory=True)
         res = run_comparison(CompareConfig(data=args.data, size=args.size, epochs=args.epochs, seed=args.seed,
                                            regime="frozen", shared_cache=True, progress=False,
                                            out=str(Path(args.out) / name), **recipe), log=None)

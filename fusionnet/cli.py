@@ -1,5 +1,6 @@
 """The ``fusionnet`` command: parses arguments and calls the library; no logic of its own.
 
+Every run writes into its own folder (``--out``) and never over an earlier run unless ``--overwrite``.
 Exit codes: 0 success; 2 bad usage or bad input (one line naming the value and the fix, no traceback); 1 an
 unexpected failure (one line, and the path of a file holding the full traceback; ``--debug`` prints it instead).
 """
@@ -12,6 +13,8 @@ import sys
 import tempfile
 import traceback
 from typing import Sequence
+
+from fusionnet.cli_workflow import HANDLERS, add_parsers, run_folder
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="macro_f1",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("export", help="write a saved model as ONNX (dynamic batch) and check it with onnxruntime",
@@ -77,9 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=_positive_int, default=128)
     p.add_argument("--max-images", type=_positive_int, default=500, help="images sampled per folder")
     p.add_argument("--out", default="runs/gap")
+    p.add_argument("--overwrite", action="store_true")
+
+    add_parsers(sub, _positive_int)
 
     p = sub.add_parser("demo", help="the comparison on scikit-learn's digits with offline EfficientNet-Lite weights")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--epochs", type=_positive_int, default=8)
     p.add_argument("--no-progress", action="store_true")
 
@@ -138,7 +146,9 @@ def _silence_stdout() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    if args.command == "inspect":
+    if args.command in HANDLERS:
+        HANDLERS[args.command](args)
+    elif args.command == "inspect":
         from fusionnet.checkpoints import inspect_checkpoint
 
         print(inspect_checkpoint(args.path).summary())
@@ -158,10 +168,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         from fusionnet.compare import CompareConfig, run_comparison
 
         variants = {"variants": args.variants} if args.variants else {}
+        out = str(run_folder(args.out or f"runs/{args.regime}", args.overwrite))
         run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
                                      epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
                                      seed=args.seed, seeds=args.seeds, monitor=args.monitor,
-                                     out=args.out or f"runs/{args.regime}", device=args.device,
+                                     out=out, device=args.device,
                                      shared_cache=args.shared_cache, progress=not args.no_progress, **variants))
     elif args.command == "export":
         import torch
@@ -177,13 +188,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from fusionnet.gap import gap_check, gap_markdown
 
         report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
-                           max_images=args.max_images, out=args.out)
+                           max_images=args.max_images, out=run_folder(args.out, args.overwrite))
         print(gap_markdown(report))
         print(f"wrote {args.out}/gap.json, gap.md, gap.png")
     elif args.command == "demo":
         from fusionnet.demo import run_demo
 
-        run_demo(args.out, epochs=args.epochs, progress=not args.no_progress)
+        run_demo(str(run_folder(args.out, args.overwrite)), epochs=args.epochs, progress=not args.no_progress)
         print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
 
 

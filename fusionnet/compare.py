@@ -150,6 +150,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
     if cfg.seeds:
         cfg = replace(cfg, seed=cfg.seeds[0], seeds=None)
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # config.json must find the data from any folder
     say = log or (lambda _m: None)
     out = Path(cfg.out)
     atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})

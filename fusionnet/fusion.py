@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_output, trunk_stages
@@ -59,6 +60,8 @@ class FusionConfig:
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
     ogm_alpha: float = 0.0  # OGM-GE gradient modulation of the dominant branch (0: off); concat/gated, no hidden
+    checkpoint_trunks: bool = False  # training: recompute each trainable trunk in backward instead of storing
+    # its activations (less memory, ~one more forward pass of time; BatchNorm statistics update twice per step)
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -143,11 +146,15 @@ class Branch(nn.Module):
                               antialias=size < min(x.shape[-2:]))
         return (x - self.mean) / self.std
 
-    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(B, 3, H, W) -> ((B, D), GoogLeNet aux logits by head name in training mode, else {})."""
+    def forward_with_aux(self, x: torch.Tensor, checkpoint: bool = False
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, 3, H, W) -> ((B, D), GoogLeNet aux logits by head name in training mode, else {}).
+        ``checkpoint``: keep only the trunk's input for backward and recompute the rest there."""
         x = self.preprocess(x)
         if self.cfg.aux_heads:
             fmap, aux = self.trunk.forward_with_aux(x)
+        elif checkpoint and self.training and torch.is_grad_enabled() and self.frozen_stages < len(self.stages):
+            fmap, aux = torch.utils.checkpoint.checkpoint(self.trunk.forward_features, x, use_reentrant=False), {}
         else:
             fmap, aux = self.trunk.forward_features(x), {}
         return self.pool(fmap), aux
@@ -239,7 +246,7 @@ class FusionNet(Classifier):
         _check_images(x)
         feats, aux = {}, {}
         for name, br in self.branches.items():
-            feats[name], branch_aux = br.forward_with_aux(x)
+            feats[name], branch_aux = br.forward_with_aux(x, checkpoint=self.config.checkpoint_trunks)
             aux.update({f"{name}:{k}": v for k, v in branch_aux.items()})
         out = self.forward_head_output(feats)
         return ModelOutput(out.logits, {**aux, **out.aux}, out.extras)

@@ -145,3 +145,24 @@ def test_model_output_is_what_training_sees():
     out = model.forward_output(torch.rand(2, 3, 32, 32))
     assert isinstance(out, ModelOutput) and out.logits.shape == (2, 3) and dict(out.aux) == {}
     assert create_fusionnet(["timm/test_resnet"], num_classes=3).config.branches[0].name == "test_resnet"
+
+
+def test_trunk_checkpointing_gives_the_same_gradients_and_saves_fewer_activations():
+    def run(checkpoint):
+        torch.manual_seed(0)
+        model = FusionNet(backbones=TINY, num_classes=3, checkpoint_trunks=checkpoint).train()
+        for m in model.modules():  # BatchNorm would update its statistics twice under recomputation
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = model.forward_output(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+                                        ).logits.sum()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)
+
+    plain, plain_bytes = run(False)
+    ckpt, ckpt_bytes = run(True)
+    assert len(plain) == len(ckpt) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, ckpt))
+    assert ckpt_bytes < 0.3 * plain_bytes

@@ -1,0 +1,65 @@
+"""The practitioner's subcommands end to end on tiny generated data: train, predict, vote, fuse."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fusionnet.cli import main
+from toydata import make_splits
+
+MEMBER = ["--backbones", "timm/test_resnet", "--no-pretrained", "--epochs", "1", "--size", "32", "--batch-size", "8",
+          "--no-progress"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_splits(tmp_path / "data", per_class=8)
+
+
+def test_every_subcommand_has_help_with_an_example():
+    for command in ("train", "predict", "vote", "fuse", "gap", "export", "compare"):
+        r = subprocess.run([sys.executable, "-m", "fusionnet", command, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: fusionnet " + command in r.stdout
+        assert command in ("compare",) or "example" in r.stdout
+
+
+def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsys):
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"loss": "focal", "class_weighting": True, "monitor": "acc"}))
+    runs = {}
+    for name, backbone in (("a", "timm/test_resnet"), ("b", "timm/test_efficientnet")):
+        runs[name] = tmp_path / "runs" / name
+        args = ["train", "--config", str(config), "--data", str(data), "--out", str(runs[name]), *MEMBER]
+        args[args.index("timm/test_resnet")] = backbone
+        assert main(args) == 0
+        assert {"best.pth", "final.pth", "history.json", "history.png"} <= {p.name for p in runs[name].iterdir()}
+        saved = json.loads((runs[name] / "train_config.json").read_text())
+        assert saved["loss"] == "focal" and saved["class_weighting"] and saved["monitor"] == "acc"
+    # never over an earlier run unless --overwrite
+    assert main(["train", "--data", str(data), "--out", str(runs["a"]), *MEMBER]) == 2
+    assert "exists already" in capsys.readouterr().err
+    for name in runs:
+        for split in ("val", "test"):
+            assert main(["predict", str(runs[name] / "best.pth"), "--data", str(data), "--split", split, "--size",
+                         "32", "--out", str(tmp_path / f"{name}_{split}.pt")]) == 0
+    assert main(["predict", str(runs["a"] / "best.pth"), "--images", str(data / "test"), "--size", "32",
+                 "--out", str(tmp_path / "classes.csv")]) == 0
+    with open(tmp_path / "classes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r["class"] for r in rows} <= {"a", "b", "c"}
+    capsys.readouterr()
+    assert main(["vote", "--method", "greedy", "--val", str(tmp_path / "a_val.pt"), str(tmp_path / "b_val.pt"),
+                 "--test", str(tmp_path / "a_test.pt"), str(tmp_path / "b_test.pt"),
+                 "--out", str(tmp_path / "vote.json")]) == 0
+    assert "greedy selection (Caruana) over" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "vote.json").read_text())["test_probs"]) == 6
+    assert main(["vote", "--val", str(tmp_path / "a_val.pt"), "--test", str(tmp_path / "b_test.pt"),
+                 str(tmp_path / "a_test.pt")]) == 2
+    assert main(["fuse", "--members", str(runs["a"] / "best.pth"), str(runs["b"] / "best.pth"), "--data", str(data),
+                 "--size", "32", "--epochs", "2", "--out", str(tmp_path / "fuse"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "fuse" / "fuse.json").read_text())
+    assert {"soft voting", "FusionNet (fused members)"} <= set(report["methods"])
+    assert "| soft voting |" in (tmp_path / "fuse" / "fuse.md").read_text()
