@@ -53,7 +53,7 @@ class BackboneSpec:
     name: str  # registry name, e.g. "resnet18"
     family: str  # "torchvision" | "timm"
     arch: str  # the name in that family, e.g. "resnet18" or "tf_efficientnet_lite0"
-    feature_dim: int  # channels of the trunk's feature map, i.e. the pooled dim with avg/max/gem pooling
+    feature_dim: int  # channels of the (B, C, h, w) feature map; 0: measure width and layout (any timm model)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224  # the size it was pretrained at; data pipelines use it as their default
@@ -231,10 +231,11 @@ def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | 
 def trunk_output(spec: BackboneSpec, trunk: nn.Module) -> tuple[str, int, int]:
     """(layout, channels, prefix tokens) of the trunk's feature output (see :mod:`fusionnet.pooling`).
 
-    torchvision trunks are NCHW with the spec's width. timm trunks are measured on one image at the model's own
-    input size (a ViT accepts no other), because ``num_features`` is not always the output width.
+    Registered specs (torchvision's, the Lite entries) are NCHW with the spec's width. Other timm trunks are measured
+    on one image at the model's own input size (a ViT accepts no other), because ``num_features`` is not always
+    the output width.
     """
-    if spec.family == "torchvision":
+    if spec.feature_dim:  # a registered spec states its width: convolutional, (B, C, h, w)
         return "NCHW", spec.feature_dim, 0
     was_training = trunk.training
     trunk.eval()
