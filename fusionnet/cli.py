@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shared-cache", action="store_true",
                    help="frozen regime: compute each trunk's features once for all models (fast; wall times then "
                         "leave out features an earlier model computed)")
-    p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="macro_f1",
+    p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="nll",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")

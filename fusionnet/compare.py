@@ -57,7 +57,8 @@ class CompareConfig:
     seeds: list[int] | None = None  # several seeds: the whole comparison per seed, then mean +- sd
     val_fraction: float = 0.15
     pretrained: bool = True
-    monitor: str = "macro_f1"  # the validation metric that picks each model's best epoch (acc | macro_f1 | nll)
+    monitor: str = "nll"  # the validation metric that picks each model's best epoch (acc | macro_f1 | nll); NLL:
+    # chosen on validation (experiments/sweep_fusion_recipe.py), it lets the from-members fusion keep its start
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # fusion variants to train
     fusion_dropout: float = 0.2  # the fused head's dropout
     branch_dropout: float = 0.0  # the fused head's branch dropout (jointly trained variants)
@@ -67,6 +68,7 @@ class CompareConfig:
     select_by: str = "nll"  # the validation score that picks the selected rows: nll (lower) | acc (higher)
     shared_cache: bool = False  # frozen: one feature cache for all models (fast; then wall times exclude features
     # an earlier model computed, and val/test are predicted from cached features too)
+    cache_root: str | None = None  # where feature caches live (default <out>/cache; seeds share their parent's)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"
@@ -92,8 +94,8 @@ class CompareConfig:
                            lr=self.lr if self.lr is not None else (3e-3 if frozen else 1e-3),
                            trunk_lr_mult=self.trunk_lr_mult, strategy="frozen" if frozen else "full",
                            cache_features=True if frozen else False,
-                           cache_dir=str(Path(self.out) / "cache" / ("shared" if self.shared_cache else model_name))
-                           if frozen else None,
+                           cache_dir=str(Path(self.cache_root or Path(self.out) / "cache")
+                                         / ("shared" if self.shared_cache else model_name)) if frozen else None,
                            seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device,
                            label_smoothing=self.label_smoothing, weight_decay=self.weight_decay)
 
@@ -145,8 +147,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         per_seed = {}
         for s in cfg.seeds:
             (log or (lambda _m: None))(f"==== seed {s}")
-            per_seed[s] = run_comparison(replace(cfg, seed=s, seeds=None, out=str(Path(cfg.out) / f"seed_{s}")),
-                                         log=log)
+            per_seed[s] = run_comparison(replace(cfg, seed=s, seeds=None, out=str(Path(cfg.out) / f"seed_{s}"),
+                                                 cache_root=cfg.cache_root or str(Path(cfg.out) / "cache")), log=log)
         return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
     if cfg.seeds:
         cfg = replace(cfg, seed=cfg.seeds[0], seeds=None)
@@ -222,7 +224,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.epochs, "size": cfg.size, "seed": cfg.seed,
                    "monitor": cfg.monitor, "batch_size": cfg.batch_size, "train": len(splits.train),
-                   "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones},
+                   "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones,
+                   "shared_cache": cfg.shared_cache and cfg.regime == "frozen"},
         "methods": rows, "skipped": skipped, "members": info, "fusion": fusion_info,
         "test_labels": y_test.tolist(),
     }

@@ -39,12 +39,16 @@ def _budget_line(b: dict) -> str:
 
 
 NOTES = ["", "Wall time of an ensemble method counts training and predicting all of its members; selection and "
-             "stacking add their own (small) time. Every model computes its own trunk features; the fusion built "
-             "from members counts its members' training time too.",
+             "stacking add their own (small) time. The fusion built from members counts its members' training time "
+             "too.",
          "The selected rows choose by `val NLL` (lowest). For methods fitted on validation (weights, selection, "
          "temperatures) the val scores are in-sample and so optimistic; stacking shows its out-of-fold scores.",
          "Hard voting's 'probabilities' are vote fractions, so its NLL and ECE are not comparable with the other "
          "rows."]
+
+
+SHARED_NOTE = ("Features were computed once per trunk and shared by every model (--shared-cache): a row's wall time "
+               "leaves out trunk features that an earlier model computed, so wall times are not comparable here.")
 
 
 def markdown_table(results: dict) -> str:
@@ -58,7 +62,8 @@ def markdown_table(results: dict) -> str:
                      f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
     for name, why in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | |")
-    return "\n".join(lines + NOTES) + "\n"
+    notes = NOTES + ([SHARED_NOTE] if results["budget"].get("shared_cache") else [])
+    return "\n".join(lines + notes) + "\n"
 
 
 def mcnemar(correct_a: list[bool], correct_b: list[bool]) -> dict:

@@ -171,10 +171,41 @@ def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
 
     make_folder(tmp_path / "d" / "train", {"a": 30, "b": 6, "c": 6})
     splits = load_splits(tmp_path / "d", size=32, val_fraction=0.3)
-    model = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
-    res = fit(model, splits.train, splits.val, _cfg(epochs=2, loss="focal", class_weighting=True,
-                                                    balanced_sampling=True, optimizer="sgd"), log=None)
-    assert len(res.history) == 2 and all(h["train_loss"] > 0 for h in res.history)
+    import fusionnet.train as train_module
+
+    seen = {}
+    real_loss, real_sampler, real_opt = train_module.make_loss, train_module.balanced_sampler, \
+        train_module.make_optimizer
+
+    def loss_spy(name, **kw):
+        seen["loss"], seen["alpha"] = name, kw["weight"]
+        return real_loss(name, **kw)
+
+    def sampler_spy(labels, **kw):
+        sampler = real_sampler(labels, **kw)
+        seen["drawn"] = [labels[i] for i in sampler]
+        return sampler
+
+    def opt_spy(model, cfg):
+        seen["optimizer"] = real_opt(model, cfg)
+        return seen["optimizer"]
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train_module, "make_loss", loss_spy)
+    monkey.setattr(train_module, "balanced_sampler", sampler_spy)
+    monkey.setattr(train_module, "make_optimizer", opt_spy)
+    try:
+        model = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
+        res = fit(model, splits.train, splits.val, _cfg(epochs=2, loss="focal", class_weighting=True,
+                                                        balanced_sampling=True, optimizer="sgd"), log=None)
+    finally:
+        monkey.undo()
+    counts = torch.bincount(torch.tensor(splits.train.labels), minlength=3).float()
+    assert seen["loss"] == "focal"
+    torch.testing.assert_close(seen["alpha"].cpu(), counts.sum() / (3 * counts))  # inverse frequency
+    drawn = torch.bincount(torch.tensor(seen["drawn"]), minlength=3).float() / len(seen["drawn"])
+    assert drawn.min() > 0.15  # the rare classes (6 of 42 each) are drawn far above their 14 % share
+    assert isinstance(seen["optimizer"], torch.optim.SGD) and len(res.history) == 2
 
 
 def test_one_short_epoch_on_real_flowers(flowers_root, tmp_path):

@@ -33,8 +33,8 @@ def test_hard_voting_majority_and_its_tie_rule():
     # a 1-1 tie between classes 0 and 1 goes to the higher mean probability (class 1: 0.55 vs 0.35) ...
     tie = torch.tensor([[[0.6, 0.4, 0.0]], [[0.1, 0.7, 0.2]]])
     assert hard_vote(tie).argmax(1).tolist() == [1]
-    # ... and an exact tie of votes and probabilities goes to the lowest class index
-    exact = torch.tensor([[[0.5, 0.5, 0.0]], [[0.5, 0.5, 0.0]]])
+    # ... and an exact tie of votes and mean probabilities goes to the lowest class index
+    exact = torch.tensor([[[0.6, 0.4, 0.0]], [[0.4, 0.6, 0.0]]])
     assert hard_vote(exact).argmax(1).tolist() == [0]
     # weights change the majority: member 1 alone outweighs the other two
     assert hard_vote(P, [1, 3, 1]).argmax(1).tolist() == [1, 2]

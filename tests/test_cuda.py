@@ -1,0 +1,54 @@
+"""The CUDA paths, run only where a GPU is present (on the CPU the device rule is tested in test_faults.py).
+
+A model loaded on the CPU must run on the GPU when asked (the bug behind `compare` crashing on CUDA), in bf16
+autocast where the settings ask for it, in fit, predict, the feature cache and a one-epoch comparison.
+"""
+
+import pytest
+import torch
+
+from fusionnet import FusionNet, TrainConfig, fit, load_fusionnet, save_model
+from fusionnet.compare import CompareConfig, run_comparison
+from fusionnet.data import load_splits
+from fusionnet.feature_cache import cached_features
+from fusionnet.inference import predict
+from fusionnet.voting import VotingModule, member_outputs
+from toydata import make_splits
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TINY = ["timm/test_resnet", "timm/test_efficientnet"]
+
+
+@pytest.fixture
+def splits(tmp_path):
+    return load_splits(make_splits(tmp_path / "data", per_class=8), size=32, val_fraction=0.25)
+
+
+def test_a_model_loaded_on_the_cpu_predicts_on_the_gpu(splits, tmp_path):
+    path = save_model(FusionNet(backbones=TINY, num_classes=3), tmp_path / "m.pth")
+    model = load_fusionnet(path)  # on the CPU
+    probs, _ = predict(model, splits.val, device="cuda", amp="auto")
+    assert probs.device.type == "cpu" and torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-3)
+    assert next(model.parameters()).is_cuda
+    out = member_outputs(load_fusionnet(path), splits.test, member="m", split="test", device="cuda")
+    assert out.probs.shape == (len(splits.test), 3)
+    voting = VotingModule([load_fusionnet(path), load_fusionnet(path).cuda()])
+    assert voting(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_fit_in_bf16_autocast_and_the_feature_cache_on_the_gpu(splits, tmp_path):
+    model = FusionNet(backbones=TINY, num_classes=3)
+    res = fit(model, splits.train, splits.val, TrainConfig(epochs=1, batch_size=8, amp="auto", device="cuda",
+                                                           progress=False), log=None)
+    assert res.history and torch.isfinite(torch.tensor(res.history[0]["train_loss"]))
+    frozen = FusionNet(backbones=TINY, num_classes=3, freeze_trunks=True)
+    feats, _ = cached_features(frozen, splits.val, cache_dir=tmp_path / "cache", device="cuda")
+    assert all(f.device.type == "cpu" and torch.isfinite(f).all() for f in feats.features.values())
+
+
+def test_a_one_epoch_comparison_on_the_gpu(tmp_path):
+    data = make_splits(tmp_path / "data", per_class=12)
+    results = run_comparison(CompareConfig(data=str(data), backbones=TINY, size=32, epochs=1, batch_size=8,
+                                           pretrained=False, device="cuda", out=str(tmp_path / "run"),
+                                           progress=False), log=None)
+    assert "FusionNet (selected on val)" in results["methods"]
