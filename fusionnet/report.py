@@ -62,7 +62,8 @@ def markdown_table(results: dict) -> str:
                      f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
     for name, why in results.get("skipped", {}).items():
         lines.append(f"| {name} | skipped: {why} | | | | | | | |")
-    notes = NOTES + ([SHARED_NOTE] if results["budget"].get("shared_cache") else [])
+    notes = NOTES + [SHARED_NOTE if results["budget"].get("shared_cache") else
+                     "Every model computes its own trunk features, so wall times compare."]
     return "\n".join(lines + notes) + "\n"
 
 
