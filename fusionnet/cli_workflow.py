@@ -23,6 +23,10 @@ def run_folder(out: str, overwrite: bool) -> Path:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {str(p)!r} is a file; give a folder for the run")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--out {str(p)!r}: a part of its folder path is a file ({str(blocked)!r}); choose "
+                          f"another folder")
     if p.is_dir() and any(p.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {str(p)!r} exists already; choose another --out, or pass --overwrite "

@@ -31,7 +31,7 @@ from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.feature_cache import cached_features
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
-from fusionnet.files import atomic_write_json
+from fusionnet.files import atomic_write_json, resolve_path
 from fusionnet.fusers import FUSIONS
 from fusionnet.metrics import accuracy, classification_metrics, nll
 from fusionnet.report import write_report, write_seed_summary
@@ -152,13 +152,13 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
     if cfg.seeds:
         cfg = replace(cfg, seed=cfg.seeds[0], seeds=None)
-    cfg = replace(cfg, data=str(Path(cfg.data).resolve()))  # config.json must find the data from any folder
+    cfg = replace(cfg, data=str(resolve_path(cfg.data, what="data folder").resolve()))  # found from any folder
     say = log or (lambda _m: None)
     out = Path(cfg.out)
-    atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if splits.test is None:
         raise DataError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
+    atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})
     names, k = splits.class_names, len(splits.class_names)
 
     members, info = {}, {}

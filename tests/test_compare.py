@@ -112,6 +112,7 @@ def test_bagged_and_boosted_members_train(tmp_path):
     assert len(models) == len(alphas) >= 1 and all(a > 0 for a in alphas)
 
 
-def test_compare_cli_refuses_a_single_backbone(tmp_path, capsys):
+def test_compare_cli_refuses_a_single_backbone(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["compare", "--data", str(tmp_path), "--backbones", "resnet18"]) == 2
     assert "needs at least 2 backbones" in capsys.readouterr().err

@@ -178,22 +178,29 @@ def test_one_class_or_empty_train_splits_are_refused(tmp_path):
 
 
 # ---- the command line -------------------------------------------------------------------------------------------
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fusionnet", *args], capture_output=True, text=True, cwd=cwd)
+def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys):
+    from fusionnet.cli import main
 
-
-def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "x.jpg").write_text("not a photo")
     (tmp_path / "dir.jpg").mkdir()
-    for args, expected in ((["classify", str(tmp_path / "x.jpg")], "cannot read"),
-                           (["classify", str(tmp_path / "dir.jpg")], "is a folder, not an image"),
+    (tmp_path / "afile").write_text("")
+    for args, expected in ((["classify", "x.jpg"], "cannot read"),
+                           (["classify", "dir.jpg"], "is a folder, not an image"),
                            (["classify", "--top", "-1"], "expected a whole number >= 1"),
-                           (["inspect", str(tmp_path / "x.jpg")], "could not read"),
-                           (["compare", "--data", str(tmp_path / "missing")], "data folder not found")):
-        r = _cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+                           (["inspect", "x.jpg"], "could not read"),
+                           (["compare", "--data", "missing"], "data folder not found"),
+                           (["compare", "--data", "missing", "--out", "afile"], "is a file; give a folder"),
+                           (["demo", "--out", "afile/demo"], "a part of its folder path is a file")):
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        assert expected in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()  # a run that failed on its input leaves no folder behind
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here to make stdout fail")

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import matplotlib
 
-from fusionnet.demo import run_demo
-
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
@@ -26,25 +24,15 @@ def _run(name: str, root: Path, monkeypatch) -> dict:
     return namespace
 
 
-def test_branch_contributions_notebook_runs_from_the_notebooks_folder(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # as `fusionnet demo` runs at the repository root, with a relative out folder
-    run_demo("runs/demo", epochs=1, size=32, progress=False, log=None, variants=["concat"])
-    # the run stores its data path relative to where it ran: the repository root, as `fusionnet demo` does there
-    config = json.loads((tmp_path / "runs" / "demo" / "config.json").read_text())
-    assert Path(config["compare"]["data"]).is_absolute()
-    namespace = _run("branch_contributions.ipynb", tmp_path, monkeypatch)
-    ablation, probes = namespace["ablation"], namespace["probes"]
-    assert set(ablation) == {"all"} | {f"{w} efficientnet_lite{i}" for w in ("without", "only") for i in range(3)}
-    assert ablation["all"] > 0.5 and set(probes) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
-                                                     "concatenated"}
-    assert namespace["xy"].shape == (len(namespace["test_y"]), 2)
-
-
 def test_branch_features_notebook_runs_offline(tmp_path, monkeypatch):
     namespace = _run("branch_features.ipynb", tmp_path, monkeypatch)
     assert (tmp_path / "runs" / "notebook_branches" / "results.md").is_file()
     cka = namespace["cka"]
     assert cka.shape == (3, 3) and abs(cka.trace() - 3) < 1e-6
     assert namespace["gates"].sum(1).allclose(namespace["gates"].new_ones(len(namespace["test_y"])))
+    assert set(namespace["ablation"]) == {"all"} | {f"{w} efficientnet_lite{i}" for w in ("without", "only")
+                                               for i in range(3)}
+    assert set(namespace["probes"]) == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                        "concatenated"}
     assert set(namespace["rows"]) == {"probe: efficientnet_lite0", "probe: efficientnet_lite1",
                                       "probe: efficientnet_lite2", "gated FusionNet"}
