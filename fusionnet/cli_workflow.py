@@ -189,11 +189,10 @@ class _FlatFolder:
     """Every image under a folder, any layout, label 0: for predicting classes of new images."""
 
     def __init__(self, root: str, transform) -> None:
-        from fusionnet.data import IMAGE_EXTENSIONS, ImageDataset
+        from fusionnet.data import ImageDataset, images_in
         from fusionnet.files import resolve_path
 
-        base = resolve_path(root, what="image folder")
-        files = sorted(str(f) for f in base.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        files = images_in(resolve_path(root, what="image folder"))
         if not files:
             raise ConfigError(f"no images under {root!r}")
         self.data = ImageDataset([(f, 0) for f in files], ["?"], transform)

@@ -106,9 +106,9 @@ def _params(model: torch.nn.Module) -> int:
 
 def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out: Path, say,
                        train_cfg: TrainConfig | None = None) -> tuple[dict[str, MemberOutputs], dict]:
+    train_cfg = train_cfg or cfg.train_config(name)
     t0 = time.perf_counter()
-    result = fit(model, splits.train, splits.val, train_cfg or cfg.train_config(name), out_dir=out / "models" / name,
-                 log=say)
+    result = fit(model, splits.train, splits.val, train_cfg, out_dir=out / "models" / name, log=say)
     train_s = time.perf_counter() - t0
     best = load_fusionnet(result.best_path)  # the epoch chosen on validation
     t1 = time.perf_counter()
@@ -116,8 +116,7 @@ def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out
     for split, data in (("val", splits.val), ("test", splits.test)):
         source = data
         if cfg.shared_cache and cfg.regime == "frozen":  # the same eval-mode branch outputs, computed once
-            source, _ = cached_features(best, data, cache_dir=cfg.train_config(name).cache_dir, device=cfg.device,
-                                        batch_size=64)
+            source, _ = cached_features(best, data, cache_dir=train_cfg.cache_dir, device=cfg.device, batch_size=64)
         outputs[split] = member_outputs(best, source, member=name, split=split, checkpoint=result.best_path,
                                         sample_ids=data.paths, batch_size=64, device=cfg.device,
                                         progress=cfg.progress)

@@ -188,7 +188,8 @@ def _class_folders(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _images_in(folder: Path) -> list[str]:
+def images_in(folder: Path) -> list[str]:
+    """Every image file under ``folder`` (any depth), sorted."""
     return sorted(str(f) for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
 
 
@@ -208,7 +209,7 @@ class FolderImages(ImageDataset):
         samples: list[tuple[str, int]] = []
         empty = []
         for label, name in enumerate(names):
-            files = _images_in(self.root / name)
+            files = images_in(self.root / name)
             if not files:
                 empty.append(name)
             samples += [(f, label) for f in files]

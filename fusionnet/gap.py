@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fusionnet.data import IMAGE_EXTENSIONS, read_rgb
+from fusionnet.data import IMAGE_EXTENSIONS, images_in, read_rgb
 from fusionnet.errors import DataError
 from fusionnet.files import resolve_path
 
@@ -41,8 +41,7 @@ class FolderStats:
 
 def _images(root: Path, limit: int, seed: int) -> list[tuple[str, str]]:
     """(path, class) pairs: class sub-folders when there are any, else the folder itself as one class."""
-    files = [(str(f), f.parent.name if f.parent != root else "") for f in sorted(root.rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+    files = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)]
     if not files:
         raise DataError(f"no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if len(files) > limit:  # an even sample: a fixed seed, so reruns agree

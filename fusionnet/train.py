@@ -50,10 +50,6 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-STRATEGIES = ("full", "frozen", "gradual")
-MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
-
-
 @dataclass
 class TrainConfig:
     """How to train. Every field is plain data and is written to ``train_config.json``."""
@@ -140,13 +136,6 @@ class FitResult:
     @property
     def final_path(self) -> str | None:
         return str(Path(self.out_dir) / "final.pth") if self.out_dir else None
-
-
-# ---- helpers ---------------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -293,7 +282,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
             _write_epoch(model, clf, out, row, cfg, improved, class_names, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)}, history)
+                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch {best_epoch}")
             stopped_early = True
@@ -312,7 +301,7 @@ def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -
 
 
 def _write_epoch(model: nn.Module, clf: Classifier, out: Path, row: dict, cfg: TrainConfig, improved: bool,
-                 class_names, resume_state: dict, history: list[dict]) -> None:
+                 class_names, resume_state: dict) -> None:
     summary = {**row, "monitor": cfg.monitor, "best_epoch": resume_state["best_epoch"]}
     config = clf.model_config()
     if improved:
@@ -320,10 +309,10 @@ def _write_epoch(model: nn.Module, clf: Classifier, out: Path, row: dict, cfg: T
                              class_names=class_names, metrics=summary)
     ckpt.save_checkpoint(out / "final.pth", config=config, state_dict=model.state_dict(), class_names=class_names,
                          metrics=summary, extra=resume_state)
-    atomic_write_json(out / "history.json", history)
+    atomic_write_json(out / "history.json", resume_state["history"])
     from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
 
-    training_curves(history, out / "history.png")
+    training_curves(resume_state["history"], out / "history.png")
 
 
 def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device, world: int, say):
@@ -378,8 +367,7 @@ def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg:
     sampler = _sampler(dataset, cfg, epoch, generator, labels, world, sample_weights)
     seed_pipeline(dataset, epoch_seed * 1_000 + rank)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        worker_init_fn=seed_worker_pipeline, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        worker_init_fn=seed_worker_pipeline, pin_memory=device.type == "cuda")
     step.train()
     model: Classifier = step.module.model if isinstance(step, nn.parallel.DistributedDataParallel) else step.model
     total, count = 0.0, 0

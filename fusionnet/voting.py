@@ -119,8 +119,12 @@ def stack_probs(outputs: Sequence[MemberOutputs] | Sequence[torch.Tensor] | torc
 def soft_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
     """(M, N, K) -> (N, K): the (weighted) mean of the members' probabilities, in the probabilities' dtype."""
     probs = check_stack(probs)[0]
-    w = check_weights(weights, probs.shape[0]).to(probs.device)
-    return torch.einsum("m,mnk->nk", w, probs.double()).to(probs.dtype)
+    return _soft(probs, check_weights(weights, probs.shape[0]))
+
+
+def _soft(probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """soft_vote on inputs already checked; ``w`` (M,) sums to 1."""
+    return torch.einsum("m,mnk->nk", w.to(probs.device, torch.float64), probs.double()).to(probs.dtype)
 
 
 TIE_TOL = 1e-9  # relative: sums that differ by less are a tie (float64 sums of float32 inputs are exact to ~1e-16)
@@ -130,24 +134,25 @@ def hard_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
     """(M, N, K) -> (N, K): each row holds the (weighted) fraction of votes per class.
 
     Tie rule: among classes with the most votes, the one with the highest (weighted) mean probability wins; if that
-    ties too, the lowest class index. Both stages compare unnormalised float64 sums with one relative tolerance, so
-    exact ties are ties whatever the input precision. The winner gets a tiny bonus so that ``argmax`` of the result
-    is that winner.
+    ties too, the lowest class index. Both stages compare float64 sums with one tolerance, so exact ties are ties
+    whatever the input precision. The winner gets a tiny bonus so that ``argmax`` of the result is that winner.
     """
     probs = check_stack(probs)[0]
+    return _hard(probs, check_weights(weights, probs.shape[0]))
+
+
+def _hard(probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """hard_vote on inputs already checked; ``w`` (M,) sums to 1."""
     m, n, k = probs.shape
-    w = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else torch.ones(m, dtype=torch.float64)
-    check_weights(w, m)
-    w, p64 = w.to(probs.device), probs.double()
+    w, p64 = w.to(probs.device, torch.float64), probs.double()
     votes = torch.zeros(n, k, dtype=torch.float64, device=probs.device)
-    votes.scatter_add_(1, p64.argmax(dim=2).T, w.expand(n, m).contiguous())  # (N, K) weighted vote counts
-    scale = w.sum()
-    tied = votes >= votes.max(dim=1, keepdim=True).values - TIE_TOL * scale
-    mass = torch.einsum("m,mnk->nk", w, p64).masked_fill(~tied, -1.0)  # weighted probability sums
+    votes.scatter_add_(1, p64.argmax(dim=2).T, w.expand(n, m).contiguous())  # (N, K) weighted vote shares
+    tied = votes >= votes.max(dim=1, keepdim=True).values - TIE_TOL
+    mass = torch.einsum("m,mnk->nk", w, p64).masked_fill(~tied, -1.0)  # weighted mean probabilities
     best = mass.max(dim=1, keepdim=True).values
-    winner = (mass >= best - TIE_TOL * scale).double().argmax(dim=1)  # the lowest index among exact ties
+    winner = (mass >= best - TIE_TOL).double().argmax(dim=1)  # the lowest index among exact ties
     out = votes.clone()
-    out[torch.arange(n, device=probs.device), winner] += 1e-6 * scale
+    out[torch.arange(n, device=probs.device), winner] += 1e-6
     return (out / out.sum(dim=1, keepdim=True)).to(probs.dtype)
 
 
@@ -169,8 +174,8 @@ class VotingEnsemble:
         return stack_probs(outputs)
 
     def predict_proba(self, outputs) -> torch.Tensor:
-        probs = self.transform(outputs)
-        return (soft_vote if self.voting == "soft" else hard_vote)(probs, self.weights)
+        probs = self.transform(outputs)  # checked here, once
+        return (_soft if self.voting == "soft" else _hard)(probs, check_weights(self.weights, probs.shape[0]))
 
     def predict(self, outputs) -> torch.Tensor:
         return self.predict_proba(outputs).argmax(dim=1)
@@ -203,5 +208,5 @@ class VotingModule(nn.Module):
                 raise ConfigError(f"member {type(member).__name__} returned {type(logits).__name__}; voting members "
                                   f"must return logits (B, K) from forward (a FusionNet always does)")
             outs.append((logits.float() / t.to(device)).softmax(dim=1).to(x.device))
-        probs = torch.stack(outs)  # (M, B, K)
-        return soft_vote(probs, self.weights) if self.voting == "soft" else hard_vote(probs, self.weights)
+        probs = torch.stack(outs)  # (M, B, K), softmax outputs: valid by construction, not re-checked per batch
+        return (_soft if self.voting == "soft" else _hard)(probs, self.weights)
