@@ -55,11 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run the whole comparison once per seed and report mean +- sd, e.g. --seeds 0 1 2")
     p.add_argument("--variants", nargs="+", default=None,
-                   help="fusion variants: concat gated attention from_members (default: all)")
+                   help="fusion variants: concat gated attention late from_members stacked (default: all)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--shared-cache", action="store_true",
                    help="frozen regime: compute each trunk's features once for all models (fast; wall times then "
                         "leave out features an earlier model computed)")
+    p.add_argument("--cache-root", default=None,
+                   help="frozen regime: where feature caches live, e.g. shared between runs (default <out>/cache)")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="nll",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
@@ -173,7 +175,8 @@ def _dispatch(args: argparse.Namespace) -> None:
                                      epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
                                      seed=args.seed, seeds=args.seeds, monitor=args.monitor,
                                      out=out, device=args.device,
-                                     shared_cache=args.shared_cache, progress=not args.no_progress, **variants))
+                                     shared_cache=args.shared_cache, cache_root=args.cache_root,
+                                     progress=not args.no_progress, **variants))
     elif args.command == "export":
         import torch
 

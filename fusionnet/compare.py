@@ -2,8 +2,11 @@
 
 1. each backbone is trained alone as a member (a single-backbone FusionNet);
 2. each fusion variant is trained with the same epochs, augmentation, schedule and input size: FusionNet with
-   ``concat`` / ``gated`` / ``attention`` fusion trained jointly, and ``from members`` (the members' trained
-   trunks fused, the head starting at their logit average and trained on top; its time includes the members');
+   ``concat`` / ``gated`` / ``attention`` / ``late`` fusion trained jointly, ``from members`` (the members' trained
+   trunks fused, the head starting at their logit average and trained on top; its time includes the members'),
+   and ``stacked`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
+   time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
+   training split: :mod:`fusionnet.late_head`);
 3. every output-ensemble method of :data:`fusionnet.ensembles.METHODS` runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
    NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
@@ -30,16 +33,17 @@ from fusionnet.data import Splits, load_splits
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.feature_cache import cached_features
-from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
+from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
 from fusionnet.files import atomic_write_json, resolve_path
 from fusionnet.fusers import FUSIONS
+from fusionnet.late_head import fit_late_head
 from fusionnet.metrics import accuracy, classification_metrics, nll
 from fusionnet.report import write_report, write_seed_summary
 from fusionnet.train import TrainConfig, fit
 from fusionnet.voting import MemberOutputs, check_aligned, member_outputs
 
 REGIMES = ("frozen", "finetune")
-VARIANTS = (*FUSIONS, "from_members")
+VARIANTS = (*FUSIONS, "from_members", "stacked")
 
 
 @dataclass
@@ -140,6 +144,42 @@ def _fusion_model(variant: str, cfg: CompareConfig, splits: Splits, member_info:
     return model, 0.0
 
 
+def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: Path, say
+                    ) -> tuple[dict[str, MemberOutputs], dict]:
+    """Late fusion on frozen trunks with its head fitted by out-of-fold stacking on the training split."""
+    names, k = splits.class_names, len(splits.class_names)
+    t0 = time.perf_counter()
+    prior_s = 0.0
+    if cfg.regime == "frozen":
+        torch.manual_seed(cfg.seed)
+        model = create_fusionnet(cfg.backbones, num_classes=k, class_names=names, pretrained=cfg.pretrained,
+                                 fusion="late", freeze_trunks=True)
+    else:  # the members' fine-tuned trunks, frozen
+        model = fuse_members([member_info[b]["checkpoint"] for b in cfg.backbones], fusion="late")
+        prior_s = sum(member_info[b]["train_seconds"] for b in cfg.backbones)
+    cache_dir = cfg.train_config("fusion_stacked").cache_dir
+    train = splits.train.with_transform(splits.val.transform)  # un-augmented, as the feature cache trains
+    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=cfg.device, batch_size=64)
+    fit_info = fit_late_head(model, feats.features, feats.targets, seed=cfg.seed, log=say)
+    path = out / "models" / "fusion_stacked" / "best.pth"
+    save_model(model, path, metrics={"late_head": asdict(fit_info)})
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    outputs = {}
+    for split, data in (("val", splits.val), ("test", splits.test)):
+        source, _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64)
+        outputs[split] = member_outputs(model, source, member="fusion_stacked", split=split, checkpoint=str(path),
+                                        sample_ids=data.paths, batch_size=64, device=cfg.device,
+                                        progress=cfg.progress)
+        outputs[split].save(out / "outputs" / f"fusion_stacked_{split}.pt")
+    predict_s = time.perf_counter() - t1
+    info = {"train_seconds": train_s, "predict_seconds": predict_s, "params": _params(model), "best_epoch": None,
+            "epochs_run": 0, "checkpoint": str(path), "late_head": asdict(fit_info),
+            "val": val_scores(outputs["val"].probs, outputs["val"].labels),
+            "seconds": prior_s + train_s + predict_s}
+    return outputs, info
+
+
 def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) -> dict:
     """Run the whole experiment (per seed when ``cfg.seeds`` has several); returns what ``results.json`` holds."""
     if cfg.seeds and len(cfg.seeds) > 1:
@@ -206,6 +246,13 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     for variant in cfg.variants:
         label = f"FusionNet ({variant.replace('_', ' ')})"
         say(f"== {label}")
+        if variant == "stacked":
+            outputs, fi = _stacked_fusion(cfg, splits, info, out, say)
+            check_aligned([val_outs[0], outputs["val"]])
+            check_aligned([test_outs[0], outputs["test"]])
+            fusion_info[variant], fusion_val[label] = fi, outputs
+            add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val"], "fusion")
+            continue
         model, prior_s = _fusion_model(variant, cfg, splits, info)
         # from members: its starting point (the members' logit average) is validated too, so training can only
         # move away from it where validation says so

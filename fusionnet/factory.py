@@ -147,7 +147,8 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
 
     Each member's trunk is copied into a branch; with ``concat`` (or ``gated``, whose gates start uniform) the
     fused head is initialised block-diagonally from the members' heads, scaled by 1/N, so that before any training
-    its logits are the mean of the members' logits. Members must share class names and have a plain Linear head.
+    its logits are the mean of the members' logits; with ``late`` the members' heads become the branch classifiers
+    and the combiner averages their log-probabilities (the same softmax). Members must share class names and have a plain Linear head.
     ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
     """
     if len(members) < 2:
@@ -175,6 +176,8 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
         branch.load_state_dict(src.state_dict())
     if fusion in ("concat", "gated") and not config.head_hidden:
         _average_heads(model, models)
+    elif fusion == "late" and not config.head_hidden:
+        _average_late(model, models)
     return model.eval()
 
 
@@ -185,3 +188,14 @@ def _average_heads(model: FusionNet, members: Sequence[FusionNet]) -> None:
     weight = torch.cat([m.head.fc.weight for m in members], dim=1) / n  # (K, sum D_i)
     model.head.fc.weight.copy_(weight)
     model.head.fc.bias.copy_(torch.stack([m.head.fc.bias for m in members]).mean(0))
+
+
+@torch.no_grad()
+def _average_late(model: FusionNet, members: Sequence[FusionNet]) -> None:
+    """Late fusion: each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the
+    fused softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
+    n, k = len(members), model.config.num_classes
+    for classifier, member in zip(model.fuser.classifiers, members):
+        classifier.load_state_dict(member.head.fc.state_dict())
+    model.head.fc.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
+    model.head.fc.bias.zero_()

@@ -1,7 +1,8 @@
 """How branch features become one vector: ``concat``, ``gated`` and ``attention`` fusion, and branch dropout.
 
 Every fuser maps ``{name: (B, D_i)}`` (in branch order) to ``(fused (B, F), extras)``; ``extras`` holds the
-per-branch weights for analysis (``"gates"`` or ``"attention"``, (B, M), rows summing to 1 over branches).
+per-branch weights for analysis (``"gates"`` or ``"attention"``, (B, M), rows summing to 1 over branches) or the
+per-branch logits of ``late`` fusion (``"branch_logits"``, (B, M, K)).
 
 * ``concat``: (B, sum D_i), no parameters.
 * ``gated``: a gate network on the concatenated features gives per-sample softmax weights g (B, M); each branch
@@ -9,6 +10,10 @@ per-branch weights for analysis (``"gates"`` or ``"attention"``, (B, M), rows su
   exactly as ``concat`` (a model built from trained members starts at their logit average either way).
 * ``attention``: each branch is projected to one width ``d`` (a token), a learned query attends over the M branch
   tokens (multi-head), and the attention-weighted sum (B, d) is the fused vector.
+* ``late``: a Linear classifier per branch; the fused vector is their log-probabilities side by side (B, M*K), so
+  the head is a learned combiner of the branches' predictions (stacking inside the network). With the head at
+  [I/M ... I/M] the model predicts the softmax of the mean branch logit. :func:`fusionnet.late_head.fit_late_head`
+  fits both parts in closed form on frozen features, the combiner on out-of-fold predictions.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-FUSIONS = ("concat", "gated", "attention")
+FUSIONS = ("concat", "gated", "attention", "late")
 
 
 class ConcatFusion(nn.Module):
@@ -64,11 +69,25 @@ class AttentionFusion(nn.Module):
         return self.norm(rearrange(fused, "b 1 d -> b d")), {"attention": rearrange(weights, "b 1 m -> b m")}
 
 
-def make_fuser(kind: str, dims: Sequence[int], width: int = 256) -> nn.Module:
+class LateFusion(nn.Module):
+    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.out_dim, self.num_classes = len(dims) * num_classes, num_classes
+        self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = torch.stack([c(f) for c, f in zip(self.classifiers, feats)], dim=1)  # (B, M, K)
+        log_probs = logits.float().log_softmax(dim=2).to(logits.dtype)
+        return rearrange(log_probs, "b m k -> b (m k)"), {"branch_logits": logits}
+
+
+def make_fuser(kind: str, dims: Sequence[int], width: int = 256, num_classes: int = 1) -> nn.Module:
     if kind == "concat":
         return ConcatFusion(dims)
     if kind == "gated":
         return GatedFusion(dims)
+    if kind == "late":
+        return LateFusion(dims, num_classes)
     return AttentionFusion(dims, width=width)
 
 

@@ -5,7 +5,7 @@ Data flow for one batch of images (B, 3, H, W) in [0, 1]::
     per branch: resize (if configured) -> normalise with the branch's own mean/std -> trunk -> feature map
                 -> pool (avg | max | avgmax | catavgmax | gem | token) -> (B, D_i)
     training:   branch dropout (whole branches, per sample; off in eval)
-    fusion:     concat (B, sum D_i) | gated (B, sum D_i) | attention (B, d)        (see fusers.py)
+    fusion:     concat (B, sum D_i) | gated (B, sum D_i) | attention (B, d) | late (B, M*K)   (see fusers.py)
     head:       dropout -> [Linear -> ReLU -> dropout] -> Linear -> logits (B, K)
     optional:   a Linear head per branch on (B, D_i) -> branch logits (deep supervision, per-branch predictions)
 
@@ -55,7 +55,7 @@ class FusionConfig:
     dropout: float = 0.0  # before each head Linear
     freeze_trunks: bool = False  # trunks as fixed feature extractors: no gradients, BatchNorm stats frozen
     class_names: list[str] | None = None
-    fusion: str = "concat"  # concat | gated | attention (see fusionnet.fusers)
+    fusion: str = "concat"  # concat | gated | attention | late (see fusionnet.fusers)
     fusion_width: int = 256  # attention: the width of the branch tokens
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
@@ -81,7 +81,7 @@ class FusionConfig:
             raise ConfigError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
-        if self.ogm_alpha < 0 or (self.ogm_alpha and (self.fusion == "attention" or self.head_hidden)):
+        if self.ogm_alpha < 0 or (self.ogm_alpha and (self.fusion in ("attention", "late") or self.head_hidden)):
             raise ConfigError(f"ogm_alpha={self.ogm_alpha!r}: OGM-GE needs alpha >= 0 and a linear head over "
                               f"concat or gated fusion (head_hidden=None), where each branch's logit share is known")
         used: dict[str, int] = {}
@@ -209,7 +209,7 @@ class FusionNet(Classifier):
             trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
             self.branches[b.name] = Branch(b, spec, trunk)
         dims = [br.out_dim for br in self.branches.values()]
-        self.fuser = make_fuser(config.fusion, dims, config.fusion_width)
+        self.fuser = make_fuser(config.fusion, dims, config.fusion_width, config.num_classes)
         self.feature_dim = self.fuser.out_dim
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
         width = self.feature_dim

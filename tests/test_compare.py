@@ -17,7 +17,8 @@ TINY = ["timm/test_efficientnet", "timm/test_resnet"]
 METHODS = {"member: timm/test_efficientnet", "member: timm/test_resnet", "soft voting", "hard voting",
            "weighted voting (NLL-fitted)", "greedy selection (Caruana)", "best subset (exhaustive)",
            "soft voting, temperature-scaled", "stacking (logistic regression)", "stacking (gradient boosting)",
-           "FusionNet (concat)", "FusionNet (gated)", "FusionNet (attention)", "FusionNet (from members)",
+           "FusionNet (concat)", "FusionNet (gated)", "FusionNet (attention)", "FusionNet (late)",
+           "FusionNet (from members)", "FusionNet (stacked)",
            "FusionNet (selected on val)", "FusionNet (selected on val), temperature-scaled",
            "ensemble (selected on val)"}
 
@@ -26,7 +27,7 @@ METHODS = {"member: timm/test_efficientnet", "member: timm/test_resnet", "soft v
 def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime):
     data = make_splits(tmp_path / "data", per_class=16)
     # the issue's budget is "under a minute" for this run; that is measured (pytest --durations), not asserted
-    variants = {} if regime == "frozen" else {"variants": ["concat", "from_members"]}
+    variants = {} if regime == "frozen" else {"variants": ["concat", "from_members", "stacked"]}
     results = run_comparison(CompareConfig(data=str(data), backbones=TINY, regime=regime, size=32, epochs=2,
                                            batch_size=8, pretrained=False, out=str(tmp_path / "run"),
                                            progress=False, **variants), log=None)
@@ -34,7 +35,8 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     for name in ["config.json", "results.json", "results.md", "confusion.png", "reliability.png",
                  "models/fusion_concat/best.pth", "outputs/fusion_concat_test.pt", "outputs/timm/test_resnet_val.pt"]:
         assert (run / name).is_file(), name
-    expected = METHODS if regime == "frozen" else {m for m in METHODS if "gated" not in m and "attention" not in m}
+    expected = METHODS if regime == "frozen" else {m for m in METHODS if not any(
+        v in m for v in ("gated", "attention", "late"))}
     assert set(results["methods"]) == expected
     # a row recomputed from the saved member outputs: soft voting is the mean of the members' test probabilities
     outs = [MemberOutputs.load(run / "outputs" / f"{b}_test.pt") for b in TINY]
@@ -54,6 +56,15 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     assert abs(results["fusion"]["concat"]["params"] - members) < 0.05 * members
     # the fusion built from members counts its members' training time
     assert results["fusion"]["from_members"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
+    # the stacked fusion: a saved late-fusion model whose predictions are the row's; fine-tuned, it reuses the
+    # members' trunks and counts their time
+    stacked = load_fusionnet(run / "models" / "fusion_stacked" / "best.pth")
+    assert stacked.config.fusion == "late"
+    saved_test = MemberOutputs.load(run / "outputs" / "fusion_stacked_test.pt")
+    assert results["methods"]["FusionNet (stacked)"]["acc"] == pytest.approx(
+        float((saved_test.probs.argmax(1) == saved_test.labels).double().mean()))
+    if regime == "finetune":
+        assert results["fusion"]["stacked"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
 
 
 def test_test_labels_never_reach_a_choice(tmp_path):

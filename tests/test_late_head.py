@@ -1,0 +1,86 @@
+"""Late fusion and its stacked head: the model computes exactly the fitted stack, from training data only."""
+
+import numpy as np
+import pytest
+import torch
+
+from fusionnet import FusionNet
+from fusionnet.errors import ConfigError, DataError
+from fusionnet.factory import fuse_members
+from fusionnet.late_head import fit_late_head
+
+TINY = ["timm/test_efficientnet", "timm/test_resnet"]
+
+
+def _features(model, n_per_class: int, k: int, seed: int = 0):
+    """Branch features where branch 0 separates classes 0/1 and branch 1 separates the rest: they complement."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(k).repeat_interleave(n_per_class)
+    feats = {}
+    for i, (name, br) in enumerate(model.branches.items()):
+        x = torch.randn(len(y), br.out_dim, generator=g)
+        informative = (y < 2) if i == 0 else (y >= 2)
+        x[:, :k] += 3.0 * torch.nn.functional.one_hot(y, k).float() * informative[:, None]
+        feats[name] = x * (i + 1) + 5.0 * i  # different scales and offsets: the standardisation must fold in
+    return feats, y
+
+
+def test_late_fusion_outputs_log_probabilities_of_each_branch():
+    model = FusionNet(backbones=TINY, num_classes=3, fusion="late").eval()
+    x = torch.rand(4, 3, 32, 32)
+    out = model.forward_output(x)
+    assert out.extras["branch_logits"].shape == (4, 2, 3)
+    fused, _ = model.fuser([model.forward_branches(x)[n] for n in model.branches])
+    assert fused.shape == (4, 6)
+    assert torch.allclose(fused.view(4, 2, 3).exp().sum(2), torch.ones(4, 2), atol=1e-5)
+
+
+def test_fused_members_in_late_fusion_predict_the_mean_member_logit():
+    members = []
+    for b in TINY:
+        torch.manual_seed(len(members))
+        members.append(FusionNet(backbones=[b], num_classes=3).eval())
+    fused = fuse_members(members, fusion="late")
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        mean_logits = torch.stack([m(x) for m in members]).mean(0)
+        assert torch.allclose(fused(x).softmax(1), mean_logits.softmax(1), atol=1e-6)
+
+
+def test_fit_late_head_matches_the_stack_and_beats_each_branch():
+    from sklearn.linear_model import LogisticRegression
+
+    model = FusionNet(backbones=TINY, num_classes=4, fusion="late", freeze_trunks=True).eval()
+    feats, y = _features(model, 30, 4)
+    fit = fit_late_head(model, feats, y, seed=0)
+    assert set(fit.branch_C) == set(model.branches) == set(fit.weights) and fit.folds == 5
+    assert all(w >= 0 for ws in fit.weights.values() for w in ws)
+    # the combiner uses the complementary branches: better out of fold than either branch alone
+    assert fit.oof_acc["combined"] > max(fit.oof_acc[n] for n in model.branches) + 0.1
+    # the network computes exactly the fitted branch classifier: recompute branch 0 with scikit-learn
+    name = list(model.branches)[0]
+    x = feats[name].double().numpy()
+    z = (x - x.mean(0)) / x.std(0)
+    lr = LogisticRegression(C=fit.branch_C[name], max_iter=3000).fit(z, y.numpy())
+    with torch.no_grad():
+        _, extras = model.fuser([feats[n] for n in model.branches])
+    expected = torch.from_numpy(lr.decision_function(z)).float()
+    assert torch.allclose(extras["branch_logits"][:, 0], expected, atol=1e-3)
+    with torch.no_grad():
+        train_acc = (model.forward_head(feats).argmax(1) == y).float().mean()
+    assert train_acc > 0.9
+
+
+def test_fit_late_head_binary_and_bad_input():
+    model = FusionNet(backbones=TINY, num_classes=2, fusion="late")
+    feats, y = _features(model, 10, 2)
+    fit_late_head(model, feats, y, grid=(0.1, 1.0), folds=3)
+    with torch.no_grad():
+        probs = model.forward_head(feats).softmax(1)
+    assert (probs.argmax(1) == y).float().mean() > 0.8
+    with pytest.raises(DataError, match="class 1 has 1 training sample"):
+        fit_late_head(model, {n: f[:11] for n, f in feats.items()}, y[:11])
+    with pytest.raises(DataError, match="no features for branch"):
+        fit_late_head(model, {list(feats)[0]: feats[list(feats)[0]]}, y)
+    with pytest.raises(ConfigError, match="fusion='late'"):
+        fit_late_head(FusionNet(backbones=TINY, num_classes=2), feats, y)
