@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fusionnet.errors import ConfigError
+from fusionnet.fusers import FUSIONS
 
 VOTE_METHODS = {"soft": "soft voting", "hard": "hard voting", "weighted": "weighted voting (NLL-fitted)",
                 "greedy": "greedy selection (Caruana)", "exhaustive": "best subset (exhaustive)",
@@ -45,7 +46,7 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--config", help="a YAML or JSON file of settings (flags given too win)")
     p.add_argument("--data", help="folder with train/ (val/, test/ optional)")
     p.add_argument("--backbones", nargs="+")
-    p.add_argument("--fusion", choices=["concat", "gated", "attention"])
+    p.add_argument("--fusion", choices=list(FUSIONS))
     p.add_argument("--strategy", choices=["full", "frozen", "gradual"])
     p.add_argument("--loss", choices=["ce", "focal"])
     p.add_argument("--class-weighting", action="store_true", default=None)
@@ -150,8 +151,11 @@ def handle_train(args) -> None:
     model = create_fusionnet(s["backbones"], class_names=splits.class_names, pretrained=not s.get("no_pretrained"),
                              fusion=s.get("fusion", "concat"))
     result = fit(model, splits.train, splits.val, TrainConfig(**cfg), out_dir=out, resume=bool(s.get("resume")))
-    print(f"best epoch {result.best_epoch} ({cfg.get('monitor', 'macro_f1')} {result.best_score:.4f}); wrote "
-          f"{result.best_path}, {result.final_path}, {out}/history.json, history.png")
+    from fusionnet.distributed import rank_world
+
+    if rank_world()[0] == 0:  # under torchrun, one report
+        print(f"best epoch {result.best_epoch} ({cfg.get('monitor', 'macro_f1')} {result.best_score:.4f}); wrote "
+              f"{result.best_path}, {result.final_path}, {out}/history.json, history.png")
 
 
 def handle_predict(args) -> None:

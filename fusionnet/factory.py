@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fusionnet import checkpoints as ckpt
-from fusionnet.backbones import build_trunk
+from fusionnet.backbones import build_trunk, get_spec
 from fusionnet.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.fusion import Branch, BranchConfig, FusionConfig, FusionNet, make_config
@@ -38,15 +38,14 @@ def create_fusionnet(backbones: Sequence[str | BranchConfig] | None = None, *, n
         config = make_config(backbones, num_classes=num_classes, **settings)
     elif backbones is not None or settings:
         raise ConfigError("pass either config= or backbones and settings, not both")
-    model = FusionNet(config)
     targets = checkpoint_targets(config, checkpoints or {})
+    trunks = {}
     for b in config.branches:
         wants = pretrained if isinstance(pretrained, bool) else (b.name in pretrained or b.backbone in pretrained)
-        if wants and b.name not in targets:
-            branch: Branch = model.branches[b.name]
-            pretrained_trunk = build_trunk(branch.spec, pretrained=True,
-                                           aux_classes=config.num_classes if b.aux_heads else None)
-            branch.trunk.load_state_dict(pretrained_trunk.state_dict())
+        if wants and b.name not in targets:  # built once, with its weights
+            trunks[b.name] = build_trunk(get_spec(b.backbone), pretrained=True,
+                                         aux_classes=config.num_classes if b.aux_heads else None)
+    model = FusionNet(config, trunks=trunks)
     load_branch_checkpoints(model, targets)
     if config.freeze_trunks:
         model.set_trainable_stages(0)

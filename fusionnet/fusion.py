@@ -184,7 +184,8 @@ class Branch(nn.Module):
 
 class FusionNet(Classifier):
     """Several trunks, pooled and fused into one head; see the module docstring. Random weights: use
-    :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints.
+    :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints (``trunks``: modules already built
+    for some branches, by branch name, used as they are).
 
     >>> model = FusionNet(backbones=["resnet18", "mobilenet_v2"], num_classes=5)
     >>> logits = model(torch.rand(2, 3, 64, 64))            # (2, 5)
@@ -194,7 +195,7 @@ class FusionNet(Classifier):
     def __init__(self, config: FusionConfig | None = None, *, backbones: Sequence[str | BranchConfig] | None = None,
                  num_classes: int | None = None, pool: str | Mapping[str, str] = "avg",
                  input_size: int | Mapping[str, int] | None = None, class_names: Sequence[str] | None = None,
-                 **options) -> None:
+                 trunks: Mapping[str, nn.Module] | None = None, **options) -> None:
         super().__init__()
         if config is None:
             config = make_config(backbones, num_classes=num_classes, pool=pool, input_size=input_size,
@@ -204,9 +205,15 @@ class FusionNet(Classifier):
         self.config = config
         self.load_reports: dict = {}  # filled by fusionnet.factory when checkpoints are loaded into branches
         self.branches = nn.ModuleDict()
+        trunks = dict(trunks or {})  # built elsewhere (e.g. with pretrained weights), by branch name
+        unknown = sorted(set(trunks) - {b.name for b in config.branches})
+        if unknown:
+            raise ConfigError(f"trunks given for unknown branch(es) {unknown}")
         for b in config.branches:
             spec = get_spec(b.backbone)
-            trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
+            trunk = trunks.get(b.name)
+            if trunk is None:
+                trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
             self.branches[b.name] = Branch(b, spec, trunk)
         dims = [br.out_dim for br in self.branches.values()]
         self.fuser = make_fuser(config.fusion, dims, config.fusion_width, config.num_classes)

@@ -188,3 +188,27 @@ def test_pretrained_can_name_branches():
 
     expected = load_lite_package_state_dict("tf_efficientnet_lite0")["conv_stem.weight"]
     assert torch.equal(model.branches["efficientnet_lite0"].trunk.conv_stem.weight, expected)
+
+
+def test_create_fusionnet_builds_each_trunk_once(monkeypatch):
+    """A pretrained trunk is built with its weights and used as it is, not built twice and copied."""
+    import fusionnet.factory as factory
+    import fusionnet.fusion as fusion
+    from fusionnet.backbones import build_trunk
+
+    calls = []
+
+    def counting(spec, **kwargs):
+        calls.append(bool(kwargs.get("pretrained")))
+        return build_trunk(spec, **kwargs)
+
+    monkeypatch.setattr(factory, "build_trunk", counting)
+    monkeypatch.setattr(fusion, "build_trunk", counting)
+    model = factory.create_fusionnet(["efficientnet_lite0", "timm/test_resnet"], num_classes=3,
+                                     pretrained=["efficientnet_lite0"])
+    assert sorted(calls) == [False, True]  # one random trunk, one pretrained: two builds for two branches
+    from fusionnet.backbones import get_spec
+
+    reference = build_trunk(get_spec("efficientnet_lite0"), pretrained=True).state_dict()
+    got = model.branches["efficientnet_lite0"].trunk.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in reference.items())  # the package's ImageNet weights

@@ -35,3 +35,67 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "fusion" / "best.pth").is_file()
     assert (tmp_path / "runs" / "digits_lite0" / "final.pth").is_file()
     assert sum(namespace["chosen"].weights) == pytest.approx(1.0)
+
+
+# Each README command runs as written, in a sandbox holding the files it names (tiny generated image folders at
+# the same paths), with a smaller budget appended: argparse lets the last flag win, so the command itself is
+# unchanged. The two set-up commands are CI's own job (.ci/run).
+BUDGET = {
+    "train": ["--epochs", "1", "--size", "32", "--no-progress"],
+    "predict": ["--size", "32"],
+    "fuse": ["--epochs", "1", "--size", "32", "--no-progress"],
+    "export": ["--size", "32"],
+    "gap": ["--size", "32"],
+    "compare": ["--epochs", "1", "--size", "32", "--no-progress", "--backbones", "efficientnet_lite0",
+                "efficientnet_lite1"],
+}
+
+
+def _readme_commands(readme: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("python3 -m venv")]
+
+
+def test_readme_commands_run_as_written(tmp_path, monkeypatch):
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+    import torchvision
+    from PIL import Image
+
+    from fusionnet.cli import main
+    from toydata import make_splits
+
+    readme = (ROOT / "README.md").read_text()
+    commands = _readme_commands(readme)
+    assert {c.split()[1] for c in commands if c.startswith("fusionnet")} >= {
+        "backbones", "inspect", "classify", "train", "predict", "vote", "fuse", "gap", "export", "compare"}
+    work = tmp_path / "work"
+    for folder in ("data", "runs/demo/digits", "../shared/data/flowers5_128"):
+        make_splits(work / folder, per_class=12)
+    (work / "weights").mkdir()
+    torch.save(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=3)
+               .state_dict(), work / "weights" / "googlenet_best.pth")
+    for name in ("photo1.jpg", "photo2.jpg"):
+        Image.open(next((work / "data" / "test" / "a").iterdir())).convert("RGB").save(work / name)
+    (yaml_block,) = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    (work / "train.yaml").write_text(yaml_block)
+    monkeypatch.chdir(work)
+    for command in commands:
+        argv = shlex.split(command)
+        extra = BUDGET.get(argv[1], []) if argv[0] == "fusionnet" else []
+        if argv[0] == "torchrun":  # a subprocess per rank: run it as the README says, with the tiny budget
+            argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], *BUDGET["train"]]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                  env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+            assert proc.returncode == 0, (command, proc.stderr[-2000:])
+            continue
+        assert argv[0] == "fusionnet", command
+        assert main(argv[1:] + extra) == 0, command
+    for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0/val.pt", "runs/fuse/fuse.md",
+                    "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
+                    "runs/flowers_frozen_seeds/results.md", "runs/digits_seeds/results.md"):
+        assert (work / written).is_file(), written
