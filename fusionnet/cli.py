@@ -74,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth / final.pth)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=_positive_int, default=224, help="input image size in pixels")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="PyTorch's ONNX exporter: torchscript (fast), dynamo (torch.export); auto: torchscript "
+                        "while PyTorch has it")
 
     p = sub.add_parser("gap", help="why test accuracy is below validation: compare two image folders",
                        description="example: fusionnet gap --train data/train --test data/test --out runs/gap")
@@ -184,7 +187,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         from fusionnet.factory import load_fusionnet
 
         model = load_fusionnet(args.checkpoint)
-        path = export_onnx(model, args.out, size=args.size)
+        path = export_onnx(model, args.out, size=args.size, exporter=args.exporter)
         diff = check_onnx(model, path, torch.rand(3, 3, args.size, args.size))
         print(f"wrote {str(path)!r}; onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
     elif args.command == "gap":

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torchvision
 
@@ -29,7 +30,8 @@ def test_classify_runs_offline_on_the_shipped_photos(capsys):
     assert lines[0].startswith("china.jpg: ") and lines[1].startswith("flower.jpg: daisy ")
 
 
-def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, capsys):
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, capsys, exporter):
     import torch
 
     from fusionnet import FusionNet, save_model
@@ -37,7 +39,8 @@ def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, 
 
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3).eval()
     save_model(model, tmp_path / "m.pth")
-    assert main(["export", str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.onnx"), "--size", "32"]) == 0
+    assert main(["export", str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.onnx"), "--size", "32",
+                 "--exporter", exporter]) == 0
     assert "max abs diff" in capsys.readouterr().out
     for batch in (1, 5):
         assert check_onnx(model, tmp_path / "m.onnx", torch.rand(batch, 3, 32, 32)) <= 1e-4
