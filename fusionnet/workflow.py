@@ -3,9 +3,9 @@
 
 * :func:`load_member`: a single-backbone FusionNet from any member checkpoint: our own format, or a plain
   torchvision/timm classifier state dict (architecture guessed from its keys, its Linear head kept).
-* :func:`fuse_checkpoints`: the practitioner's question in one call: fuse my members, train the fused head on my
-  data (head only, over cached features, starting at the members' logit average and chosen on validation), and
-  report it beside soft voting of the same members on the test split.
+* :func:`fuse_checkpoints`: the practitioner's question in one call: fuse my members, fit the fused head on my
+  training data (the members' heads trained on as one, starting at their logit average; and the stacked late
+  fusion), choose on validation, and report it beside soft voting of the same members on the test split.
 * :func:`vote_files`: any output-ensemble method over saved ``.pt`` probability files (validation files for every
   choice, test files for the report).
 """
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -23,9 +24,11 @@ from fusionnet.checkpoints import inspect_checkpoint
 from fusionnet.data import load_splits
 from fusionnet.ensembles import METHODS, MemberProbs
 from fusionnet.errors import CheckpointMismatchError, ConfigError
-from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
+from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
+from fusionnet.feature_cache import cached_features
+from fusionnet.late_head import fit_late_head
 from fusionnet.files import atomic_write_json, atomic_write_text
-from fusionnet.metrics import classification_metrics
+from fusionnet.metrics import classification_metrics, nll
 from fusionnet.train import TrainConfig, fit
 from fusionnet.voting import MemberOutputs, check_aligned, member_outputs, soft_vote
 
@@ -53,12 +56,23 @@ def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[
     return model
 
 
+HEADS = ("trained", "stacked")
+
+
 def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLike, *, out: str | os.PathLike,
                      size: int = 128, epochs: int = 10, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.15,
-                     device: str = "auto", progress: bool = True, log=print) -> dict:
-    """Fuse the members, train the fused head, and compare with the members' soft vote; writes ``out``."""
+                     heads: Sequence[str] = HEADS, device: str = "auto", progress: bool = True, log=print) -> dict:
+    """Fuse the members, fit the fused head(s), and compare with the members' soft vote; writes ``out``.
+
+    ``heads``: ``trained`` (the members' heads as one block-diagonal head, trained on cached features, the best
+    epoch by validation NLL with epoch 0, the members' logit average, included) and/or ``stacked`` (late fusion:
+    :func:`fusionnet.late_head.fit_late_head` on the training split). With both, the one of lower validation NLL is
+    reported as "FusionNet (selected on val)"."""
     if len(members) < 2:
         raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(members)}")
+    bad = [h for h in heads if h not in HEADS]
+    if bad or not heads:
+        raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
     out = Path(out)
     splits = load_splits(data, size=size, val_fraction=val_fraction, seed=seed)
     if splits.test is None:
@@ -69,22 +83,45 @@ def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLi
                        for m, p in zip(loaded, members)] for split in ("val", "test")}
     for split in outputs:
         check_aligned(outputs[split])
-    fused = fuse_members(loaded, freeze_trunks=True)
-    cfg = TrainConfig(epochs=epochs, lr=lr, strategy="frozen", cache_features=True, validate_start=True,
-                      monitor="nll", seed=seed, device=device, progress=progress,
-                      cache_dir=str(out / "cache"))
-    result = fit(fused, splits.train, splits.val, cfg, out_dir=out / "fused", log=log)
-    best = load_fusionnet(result.best_path)
-    fused_test = member_outputs(best, splits.test, member="fused", split="test", device=device)
-    y = outputs["test"][0].labels
+    fused: dict[str, dict[str, MemberOutputs]] = {}
+    notes = []
+    if "trained" in heads:
+        cfg = TrainConfig(epochs=epochs, lr=lr, strategy="frozen", cache_features=True, validate_start=True,
+                          monitor="nll", seed=seed, device=device, progress=progress, cache_dir=str(out / "cache"))
+        result = fit(fuse_members(loaded, freeze_trunks=True), splits.train, splits.val, cfg, out_dir=out / "fused",
+                     log=log)
+        best = load_fusionnet(result.best_path)
+        fused["FusionNet (fused members)"] = {s: member_outputs(best, getattr(splits, s), member="fused", split=s,
+                                                                device=device) for s in ("val", "test")}
+        notes.append(f"fused members: the head trained {epochs} epochs on cached features, best epoch "
+                     f"{result.best_epoch} by validation NLL (epoch 0 = the members' logit average)")
+    if "stacked" in heads:
+        model = fuse_members(loaded, fusion="late")
+        train = splits.train.with_transform(splits.val.transform)  # un-augmented, as the feature cache trains
+        feats, _ = cached_features(model, train, cache_dir=out / "cache", device=device, batch_size=64)
+        info = fit_late_head(model, feats.features, feats.targets, seed=seed, log=log)
+        save_model(model, out / "stacked" / "best.pth", metrics={"late_head": asdict(info)})
+        fused["FusionNet (stacked)"] = {s: member_outputs(model, getattr(splits, s), member="stacked", split=s,
+                                                          device=device) for s in ("val", "test")}
+        notes.append("stacked: a classifier per member trunk and per-class branch weights, fitted on out-of-fold "
+                     "predictions of the training split (members fine-tuned on it make those optimistic: "
+                     "validation decides)")
+    y_val, y = outputs["val"][0].labels, outputs["test"][0].labels
     rows = {f"member: {o.member}": classification_metrics(o.probs, y, names) for o in outputs["test"]}
     rows["soft voting"] = classification_metrics(soft_vote(torch.stack([o.probs for o in outputs["test"]])), y, names)
-    rows["FusionNet (fused members)"] = classification_metrics(fused_test.probs, y, names)
-    report = {"members": [str(p) for p in members], "best_epoch": result.best_epoch,
+    val_nll = {}
+    for label, outs in fused.items():
+        check_aligned([outputs["test"][0], outs["test"]])
+        rows[label] = classification_metrics(outs["test"].probs, y, names)
+        val_nll[label] = nll(outs["val"].probs, y_val)
+    chosen = min(val_nll, key=val_nll.get)
+    if len(fused) > 1:
+        rows["FusionNet (selected on val)"] = rows[chosen]
+    report = {"members": [str(p) for p in members], "selected": chosen, "val_nll": val_nll,
               "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} for n, r in rows.items()}}
     atomic_write_json(out / "fuse.json", report)
-    lines = [f"Fused {len(members)} members; the head trained {epochs} epochs on cached features, best epoch "
-             f"{result.best_epoch} by validation NLL (epoch 0 = the members' logit average).", "",
+    lines = [f"Fused {len(members)} members. " + "; ".join(notes) + ".",
+             f"Selected on validation NLL: {chosen}.", "",
              "| method | test acc | macro-F1 | NLL | ECE |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {n} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
               for n, r in report["methods"].items()]

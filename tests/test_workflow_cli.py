@@ -64,5 +64,9 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     assert main(["fuse", "--members", str(runs["a"] / "best.pth"), str(runs["b"] / "best.pth"), "--data", str(data),
                  "--size", "32", "--epochs", "2", "--out", str(tmp_path / "fuse"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "fuse" / "fuse.json").read_text())
-    assert {"soft voting", "FusionNet (fused members)"} <= set(report["methods"])
+    assert {"soft voting", "FusionNet (fused members)", "FusionNet (stacked)",
+            "FusionNet (selected on val)"} <= set(report["methods"])
+    assert report["selected"] == min(report["val_nll"], key=report["val_nll"].get)  # chosen on validation
+    assert report["methods"]["FusionNet (selected on val)"] == report["methods"][report["selected"]]
+    assert (tmp_path / "fuse" / "stacked" / "best.pth").is_file()
     assert "| soft voting |" in (tmp_path / "fuse" / "fuse.md").read_text()
