@@ -75,6 +75,9 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         x = torch.as_tensor(features[name]).double().numpy()
         if len(x) != len(y):
             raise DataError(f"branch {name!r} has {len(x)} feature rows for {len(y)} labels")
+        if not np.isfinite(x).all():
+            raise DataError(f"branch {name!r} has NaN or infinite features in {int((~np.isfinite(x)).any(1).sum())} "
+                            f"row(s); check the images and the trunk's weights (a NaN in a checkpoint spreads)")
         mean, std = x.mean(0), x.std(0)
         std[std < 1e-12] = 1.0
         z = (x - mean) / std
