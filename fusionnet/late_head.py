@@ -59,9 +59,10 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         raise DataError(f"no features for branch(es) {missing}; features hold {sorted(features)}")
     k = config.num_classes
     y = torch.as_tensor(labels).long().numpy()
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise DataError(f"labels must be class indices 0..{k - 1} for this {k}-class model, got values "
+                        f"{int(y.min())}..{int(y.max())}")
     counts = np.bincount(y, minlength=k) if len(y) else np.zeros(k, dtype=int)
-    if len(counts) > k:
-        raise DataError(f"labels run up to {int(y.max())} but the model has {k} classes")
     if counts.min() < 2:
         rare = int(counts.argmin())
         raise DataError(f"class {rare} has {int(counts[rare])} training sample(s); fitting the late-fusion head "

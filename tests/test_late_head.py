@@ -82,6 +82,8 @@ def test_fit_late_head_binary_and_bad_input():
         fit_late_head(model, {n: f[:11] for n, f in feats.items()}, y[:11])
     with pytest.raises(DataError, match="no features for branch"):
         fit_late_head(model, {list(feats)[0]: feats[list(feats)[0]]}, y)
+    with pytest.raises(DataError, match="class indices 0..1"):
+        fit_late_head(model, feats, y - 1)
     broken = {n: f.clone() for n, f in feats.items()}
     broken[list(feats)[1]][3, 0] = float("nan")
     with pytest.raises(DataError, match="NaN or infinite features in 1 row"):
