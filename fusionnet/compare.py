@@ -36,7 +36,7 @@ from fusionnet.feature_cache import cached_features
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
 from fusionnet.files import atomic_write_json, resolve_path
 from fusionnet.fusers import FUSIONS
-from fusionnet.late_head import fit_late_head
+from fusionnet.late_head import fit_late_head_on
 from fusionnet.metrics import accuracy, classification_metrics, nll
 from fusionnet.report import write_report, write_seed_summary
 from fusionnet.train import TrainConfig, fit
@@ -158,9 +158,7 @@ def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: 
         model = fuse_members([member_info[b]["checkpoint"] for b in cfg.backbones], fusion="late")
         prior_s = sum(member_info[b]["train_seconds"] for b in cfg.backbones)
     cache_dir = cfg.train_config("fusion_stacked").cache_dir
-    train = splits.train.with_transform(splits.val.transform)  # un-augmented, as the feature cache trains
-    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=cfg.device, batch_size=64)
-    fit_info = fit_late_head(model, feats.features, feats.targets, seed=cfg.seed, log=say)
+    fit_info = fit_late_head_on(model, splits, cache_dir=cache_dir, device=cfg.device, seed=cfg.seed, log=say)
     path = out / "models" / "fusion_stacked" / "best.pth"
     save_model(model, path, metrics={"late_head": asdict(fit_info)})
     train_s = time.perf_counter() - t0

@@ -147,7 +147,8 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
     Each member's trunk is copied into a branch; with ``concat`` (or ``gated``, whose gates start uniform) the
     fused head is initialised block-diagonally from the members' heads, scaled by 1/N, so that before any training
     its logits are the mean of the members' logits; with ``late`` the members' heads become the branch classifiers
-    and the combiner averages their log-probabilities (the same softmax). Members must share class names and have a plain Linear head.
+    and the combiner averages their log-probabilities (the same softmax). Members must share class names and have
+    a plain Linear head.
     ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
     """
     if len(members) < 2:

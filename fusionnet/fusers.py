@@ -72,7 +72,7 @@ class AttentionFusion(nn.Module):
 class LateFusion(nn.Module):
     def __init__(self, dims: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        self.out_dim, self.num_classes = len(dims) * num_classes, num_classes
+        self.out_dim = len(dims) * num_classes
         self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -42,8 +42,20 @@ class LateHeadFit:
     seconds: float
 
 
+def fit_late_head_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
+                     log: Callable[[str], None] | None = None) -> LateHeadFit:
+    """:func:`fit_late_head` on the training images of ``splits`` (a :class:`fusionnet.data.Splits`), seen through
+    the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
+    from fusionnet.feature_cache import cached_features
+
+    train = splits.train.with_transform(splits.val.transform)
+    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64)
+    return fit_late_head(model, feats.features, feats.targets, seed=seed, log=log)
+
+
 def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *, folds: int = 5,
-                  seed: int = 0, grid: tuple[float, ...] = GRID, log: Callable[[str], None] | None = None) -> LateHeadFit:
+                  seed: int = 0, grid: tuple[float, ...] = GRID,
+                  log: Callable[[str], None] | None = None) -> LateHeadFit:
     """Fit ``model``'s branch classifiers and combiner on ``features`` ({branch: (N, D_i)}, e.g. a
     :class:`~fusionnet.feature_cache.FeatureDataset`'s ``.features``) with ``labels`` (N,), in place."""
     from sklearn.model_selection import StratifiedKFold
@@ -101,9 +113,7 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     oof_acc["combined"] = float((lp.argmax(1) == target).double().mean())
     w, b = _fit_combiner(log_p, target)
     m = len(names)
-    weight = torch.zeros(k, m * k, dtype=torch.float64)  # fc over [log p_1 ... log p_M]: w[m, k] on (m, k)
-    for i in range(m):
-        weight[:, i * k:(i + 1) * k] = torch.diag(w[i])
+    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
     _copy(model.head.fc, weight.numpy(), b.numpy())
     say(f"late head: combiner out-of-fold acc {oof_acc['combined']:.4f}, NLL {oof_nll['combined']:.4f}; "
         f"weights per branch (mean over classes) "

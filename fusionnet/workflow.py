@@ -26,7 +26,7 @@ from fusionnet.ensembles import METHODS, MemberProbs
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
 from fusionnet.feature_cache import cached_features
-from fusionnet.late_head import fit_late_head
+from fusionnet.late_head import fit_late_head_on
 from fusionnet.files import atomic_write_json, atomic_write_text
 from fusionnet.metrics import classification_metrics, nll
 from fusionnet.train import TrainConfig, fit
@@ -97,12 +97,14 @@ def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLi
                      f"{result.best_epoch} by validation NLL (epoch 0 = the members' logit average)")
     if "stacked" in heads:
         model = fuse_members(loaded, fusion="late")
-        train = splits.train.with_transform(splits.val.transform)  # un-augmented, as the feature cache trains
-        feats, _ = cached_features(model, train, cache_dir=out / "cache", device=device, batch_size=64)
-        info = fit_late_head(model, feats.features, feats.targets, seed=seed, log=log)
+        info = fit_late_head_on(model, splits, cache_dir=out / "cache", device=device, seed=seed, log=log)
         save_model(model, out / "stacked" / "best.pth", metrics={"late_head": asdict(info)})
-        fused["FusionNet (stacked)"] = {s: member_outputs(model, getattr(splits, s), member="stacked", split=s,
-                                                          device=device) for s in ("val", "test")}
+        fused["FusionNet (stacked)"] = {}
+        for s in ("val", "test"):  # through the cache: the trained head already cached val with these trunks
+            data = getattr(splits, s)
+            source, _ = cached_features(model, data, cache_dir=out / "cache", device=device, batch_size=64)
+            fused["FusionNet (stacked)"][s] = member_outputs(model, source, member="stacked", split=s,
+                                                             sample_ids=data.paths, device=device)
         notes.append("stacked: a classifier per member trunk and per-class branch weights, fitted on out-of-fold "
                      "predictions of the training split (members fine-tuned on it make those optimistic: "
                      "validation decides)")
