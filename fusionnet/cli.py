@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "leave out features an earlier model computed)")
     p.add_argument("--cache-root", default=None,
                    help="frozen regime: where feature caches live, e.g. shared between runs (default <out>/cache)")
+    p.add_argument("--no-image-cache", action="store_true",
+                   help="decode the image files for every model and epoch instead of once into <cache root>/images")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="nll",
                    help="validation metric that picks each model's best epoch")
     p.add_argument("--out", default=None, help="run folder (default runs/<regime>)")
@@ -179,6 +181,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                                      seed=args.seed, seeds=args.seeds, monitor=args.monitor,
                                      out=out, device=args.device,
                                      shared_cache=args.shared_cache, cache_root=args.cache_root,
+                                     image_cache=not args.no_image_cache,
                                      progress=not args.no_progress, **variants))
     elif args.command == "export":
         import torch

@@ -60,6 +60,8 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--size", type=positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
+    p.add_argument("--image-cache", help="a folder: decode every image once into it and train from there (fast on "
+                                         "large photos; reused by later runs on the same files)")
     p.add_argument("--device")
     p.add_argument("--no-pretrained", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its final.pth")
@@ -141,14 +143,15 @@ def handle_train(args) -> None:
     out = s.get("out") or "runs/" + "+".join(b.replace("/", "_") for b in s["backbones"])
     if not s.get("resume"):
         run_folder(out, bool(s.get("overwrite")))
-    splits = load_splits(s["data"], size=s.get("size", 128), seed=s.get("seed", 0), policy=s.get("policy", "default"))
+    splits = load_splits(s["data"], size=s.get("size", 128), seed=s.get("seed", 0), policy=s.get("policy", "default"),
+                         image_cache=s.get("image_cache"), progress=not s.get("no_progress", False))
     names = ("epochs", "batch_size", "lr", "loss", "class_weighting", "balanced_sampling", "strategy", "monitor",
              "patience", "seed", "device")
     cfg = {k: s[k] for k in names if k in s}
     cfg.update(num_workers=s.get("workers", 0), progress=not s.get("no_progress", False))
     unknown = sorted(set(s) - set(names) - {f.name for f in fields(TrainConfig)} - {
         "data", "backbones", "fusion", "policy", "size", "workers", "no_pretrained", "resume", "out", "overwrite",
-        "no_progress"})
+        "no_progress", "image_cache"})
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown} in the config")
     model = create_fusionnet(s["backbones"], class_names=splits.class_names, pretrained=not s.get("no_pretrained"),

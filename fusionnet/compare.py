@@ -73,6 +73,7 @@ class CompareConfig:
     shared_cache: bool = False  # frozen: one feature cache for all models (fast; then wall times exclude features
     # an earlier model computed, and val/test are predicted from cached features too)
     cache_root: str | None = None  # where feature caches live (default <out>/cache; seeds share their parent's)
+    image_cache: bool = True  # decode every image once into <cache root>/images (fusionnet.image_cache)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"
@@ -192,7 +193,9 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     cfg = replace(cfg, data=str(resolve_path(cfg.data, what="data folder").resolve()))  # found from any folder
     say = log or (lambda _m: None)
     out = Path(cfg.out)
-    splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    images = Path(cfg.cache_root or out / "cache") / "images" if cfg.image_cache else None
+    splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed, image_cache=images,
+                         progress=cfg.progress)
     if splits.test is None:
         raise DataError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
     atomic_write_json(out / "config.json", {"compare": asdict(cfg), "train": asdict(cfg.train_config())})

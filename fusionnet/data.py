@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler
 
 from fusionnet.errors import DataError
 from fusionnet.files import resolve_path
+from fusionnet.image_cache import ImageStore, train_side
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 Transform = Callable[[np.ndarray], torch.Tensor]
@@ -106,6 +107,9 @@ def _apply(transform: Transform | None, image: np.ndarray) -> torch.Tensor:
 
 
 # ---- datasets --------------------------------------------------------------------------------------------------
+_KEEP = object()  # subset/with_transform: keep the dataset's image store
+
+
 @dataclass
 class SkippedFile:
     path: str
@@ -117,9 +121,10 @@ class ImageDataset(Dataset):
 
     def __init__(self, samples: Sequence[tuple[str, int]], class_names: Sequence[str],
                  transform: Transform | None = None, *, check: bool = True, strict: bool = False,
-                 skipped: Sequence[SkippedFile] = ()) -> None:
+                 skipped: Sequence[SkippedFile] = (), store: ImageStore | None = None) -> None:
         self.class_names = list(class_names)
         self.transform = transform
+        self.store = store  # decoded images (fusionnet.image_cache); files it lacks are decoded from disk
         self.skipped = list(skipped)
         if check:
             samples = self._drop_unreadable(samples, strict)
@@ -130,6 +135,7 @@ class ImageDataset(Dataset):
         for path, label in samples:
             try:
                 with Image.open(path) as img:
+                    img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale, still every byte (2.5x faster)
                     img.load()
             except Exception as exc:  # PIL raises several types for corrupt and truncated files
                 if strict:
@@ -161,15 +167,18 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return _apply(self.transform, read_rgb(path)), label
+        image = self.store.get(path) if self.store is not None else None
+        return _apply(self.transform, image if image is not None else read_rgb(path)), label
 
-    def subset(self, indices: Sequence[int], transform: Transform | None = None) -> "ImageDataset":
-        """A dataset of the given samples (already checked), with its own transform."""
+    def subset(self, indices: Sequence[int], transform: Transform | None = None, *, store=_KEEP) -> "ImageDataset":
+        """A dataset of the given samples (already checked), with its own transform (and image store)."""
         return ImageDataset([self.samples[i] for i in indices], self.class_names,
-                            transform if transform is not None else self.transform, check=False)
+                            transform if transform is not None else self.transform, check=False,
+                            store=self.store if store is _KEEP else store)
 
-    def with_transform(self, transform: Transform | None) -> "ImageDataset":
-        return ImageDataset(self.samples, self.class_names, transform, check=False)
+    def with_transform(self, transform: Transform | None, *, store=_KEEP) -> "ImageDataset":
+        return ImageDataset(self.samples, self.class_names, transform, check=False,
+                            store=self.store if store is _KEEP else store)
 
     def counts(self) -> dict[str, int]:
         c = Counter(self.labels)
@@ -289,11 +298,15 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
 
 
 def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
-                policy: str = "default", strict: bool = False, crop_pct: float = 1.0) -> Splits:
+                policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
+                image_cache: str | os.PathLike | None = None, progress: bool = True) -> Splits:
     """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``.
 
     Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
-    never used for any choice.
+    never used for any choice. With ``image_cache`` (a folder), every image is decoded once into
+    :class:`~fusionnet.image_cache.ImageStore` files there (built on first use, then reused by every run on the same
+    files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
+    and one at twice ``size`` for the training pipeline.
     """
     base = _data_root(root)
     if not (base / "train").is_dir():
@@ -314,7 +327,25 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     test = None
     if (base / "test").is_dir():
         test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
-    return Splits(train, val, test)
+    if image_cache is None:
+        return Splits(train, val, test)
+    every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
+    eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)
+    train_store = eval_store if policy == "none" else ImageStore(image_cache, full.paths, train_side(size),
+                                                                 progress=progress)
+    return Splits(train.with_transform(train.transform, store=train_store),
+                  val.with_transform(val.transform, store=eval_store),
+                  test.with_transform(test.transform, store=eval_store) if test is not None else None)
+
+
+def eval_view(train_data, val_data):
+    """The training images through the validation pipeline and its image store: a deterministic view of the
+    training split (e.g. to cache its features); ``train_data`` itself when it cannot be re-piped."""
+    if not hasattr(train_data, "with_transform") or not hasattr(val_data, "transform"):
+        return train_data
+    if isinstance(train_data, ImageDataset):
+        return train_data.with_transform(val_data.transform, store=getattr(val_data, "store", None))
+    return train_data.with_transform(val_data.transform)
 
 
 def _checked(names: list[str], folder: Path) -> list[str]:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fusionnet.distributed import place
-from fusionnet.files import atomic_torch_save
+from fusionnet.files import atomic_torch_save, files_fingerprint
 
 CACHE_VERSION = 2
 
@@ -41,11 +41,7 @@ def _files_fingerprint(dataset) -> list:
     paths = getattr(dataset, "paths", None)
     if paths is None:  # not a file-backed dataset: key on its length and type only
         return [type(dataset).__name__, len(dataset)]
-    out = []
-    for p in paths:
-        st = os.stat(p)
-        out.append([p, st.st_size, st.st_mtime_ns])
-    return out
+    return files_fingerprint(paths)
 
 
 def cache_key(model: nn.Module, dataset) -> str:
@@ -60,6 +56,9 @@ def cache_key(model: nn.Module, dataset) -> str:
         "labels": list(getattr(dataset, "labels", [])),
         "files": _files_fingerprint(dataset),
     }
+    store = getattr(dataset, "store", None)
+    if store is not None:  # images read from a decoded-image cache (fusionnet.image_cache)
+        parts["source"] = store.describe()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fusionnet.boosting import bootstrap_indices, samme_update
+from fusionnet.data import eval_view
 from fusionnet.inference import predict
 from fusionnet.train import FitResult, TrainConfig, fit
 
@@ -40,7 +41,7 @@ def train_boosted(make_model: Callable[[int], nn.Module], train_data, val_data, 
     The training-set predictions that reweight samples use the validation pipeline (no augmentation).
     """
     num_classes = len(train_data.class_names)
-    plain = train_data.with_transform(val_data.transform) if hasattr(train_data, "with_transform") else train_data
+    plain = eval_view(train_data, val_data)
     weights = torch.full((len(train_data),), 1.0 / len(train_data), dtype=torch.double)
     models, alphas = [], []
     for r in range(rounds):

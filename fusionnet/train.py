@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from fusionnet import checkpoints as ckpt
-from fusionnet.data import (balanced_sampler, check_training_data, class_weights, seed_pipeline,
+from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
 from fusionnet.errors import ConfigError, MissingFileError, TrainingError
@@ -325,7 +325,7 @@ def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device
         if cfg.cache_features == "auto":
             reason = "the train pipeline is random (augmentation); cache_features=True caches it un-augmented"
         elif hasattr(train_data, "with_transform") and hasattr(val_data, "transform"):
-            train_for_cache = train_data.with_transform(val_data.transform)
+            train_for_cache = eval_view(train_data, val_data)
             say("feature cache: training on un-augmented train features (cache_features=True)")
         else:
             reason = "the train pipeline is random and the dataset cannot swap in the val pipeline"
