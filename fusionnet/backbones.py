@@ -357,3 +357,30 @@ def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
         else:
             stages.append(child)
     return [s for s in stages if next(s.parameters(), None) is not None]
+
+
+def tap_stages(trunk: nn.Module, stages: list[nn.Module], k: int, size: int) -> list[tuple[nn.Module, int]]:
+    """(stage, channels) of up to ``k`` feature levels just below the trunk's output, nearest first.
+
+    A level is a run of consecutive stages whose outputs have one shape (a stem's conv and its BatchNorm, a block
+    and ...); its last stage is tapped. The level of the trunk's own output is left out: that is the branch's main
+    feature. Measured on one image of ``size`` px in eval mode; convolutional (B, C, h, w) stage outputs only."""
+    shapes: dict[int, tuple] = {}
+    hooks = [s.register_forward_hook(lambda _m, _i, out, i=i: shapes.__setitem__(i, tuple(out.shape)))
+             for i, s in enumerate(stages)]
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            trunk.forward_features(torch.zeros(1, 3, size, size))
+    finally:
+        trunk.train(was_training)
+        for h in hooks:
+            h.remove()
+    seen = [i for i in range(len(stages)) if i in shapes]
+    if any(len(shapes[i]) != 4 for i in seen):
+        raise ConfigError("taps pool convolutional (B, C, h, w) stage outputs; this trunk's stages give "
+                          f"{sorted({len(shapes[i]) for i in seen})}-D outputs: use taps=0")
+    ends = [i for j, i in enumerate(seen) if j + 1 == len(seen) or shapes[seen[j + 1]] != shapes[i]]
+    levels = ends[:-1][::-1]  # the last level is the trunk's output
+    return [(stages[i], shapes[i][1]) for i in levels[:k]]

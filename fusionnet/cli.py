@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "leave out features an earlier model computed)")
     p.add_argument("--cache-root", default=None,
                    help="frozen regime: where feature caches live, e.g. shared between runs (default <out>/cache)")
+    p.add_argument("--stacked-taps", type=int, default=4,
+                   help="frozen regime: earlier trunk levels the stacked fusion may add per branch (0: none)")
     p.add_argument("--no-image-cache", action="store_true",
                    help="decode the image files for every model and epoch instead of once into <cache root>/images")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="nll",
@@ -181,7 +183,7 @@ def _dispatch(args: argparse.Namespace) -> None:
                                      seed=args.seed, seeds=args.seeds, monitor=args.monitor,
                                      out=out, device=args.device,
                                      shared_cache=args.shared_cache, cache_root=args.cache_root,
-                                     image_cache=not args.no_image_cache,
+                                     image_cache=not args.no_image_cache, stacked_taps=args.stacked_taps,
                                      progress=not args.no_progress, **variants))
     elif args.command == "export":
         import torch

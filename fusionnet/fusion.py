@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, trunk_output, trunk_stages
+from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, tap_stages, trunk_output, trunk_stages
 from fusionnet.errors import ConfigError
 from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ogm_coefficients, ordered
 from fusionnet.interface import Classifier, ModelOutput
@@ -43,6 +43,9 @@ class BranchConfig:
     mean: tuple[float, float, float] | None = None  # normalisation override; None takes the backbone spec's
     std: tuple[float, float, float] | None = None
     aux_heads: bool = False  # googlenet only: train its two auxiliary classifiers too (TrainConfig.aux_weight)
+    taps: int = 0  # also average-pool the outputs of up to this many feature levels below the trunk's output, append
+    # them to its pooled features (multi-level features: a linear head gains most on data far from the
+    # pretraining images); convolutional trunks
 
 
 @dataclass
@@ -90,6 +93,8 @@ class FusionConfig:
                 raise ConfigError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
             if b.aux_heads and b.backbone != "googlenet":
                 raise ConfigError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
+            if isinstance(b.taps, bool) or not isinstance(b.taps, int) or b.taps < 0:
+                raise ConfigError(f"branch {b.backbone!r}: taps must be an int >= 0, got {b.taps!r}")
             if b.input_size is not None and (isinstance(b.input_size, bool) or int(b.input_size) < 8):
                 raise ConfigError(f"branch {b.backbone!r}: input_size must be an int >= 8 or None, "
                                   f"got {b.input_size!r}")
@@ -130,13 +135,17 @@ class Branch(nn.Module):
         self.trunk = trunk
         layout, channels, prefix = trunk_output(spec, trunk)
         self.pool = Pool(cfg.pool, layout, prefix)
-        self.out_dim = self.pool.out_dim(channels)
         self.input_size = cfg.input_size or (spec.input_size if spec.fixed_input_size else None)
+        self.stages = trunk_stages(trunk)  # a plain list: the modules stay registered under self.trunk
+        self.taps = tap_stages(trunk, self.stages, cfg.taps, self.input_size or spec.input_size) if cfg.taps else []
+        self._tapped: list[torch.Tensor] | None = None  # the taps' pooled outputs while _run runs the trunk
+        for stage, _ in self.taps:
+            stage.register_forward_hook(self._tap)
+        self.out_dim = self.pool.out_dim(channels) + sum(c for _, c in self.taps)
         mean, std = cfg.mean or spec.mean, cfg.std or spec.std
         # not persistent: derived from the config, so checkpoints hold weights only
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.stages = trunk_stages(trunk)  # a plain list: the modules stay registered under self.trunk
         self.frozen_stages = 0  # how many stages, counted from the input, are frozen
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,19 +161,43 @@ class Branch(nn.Module):
         ``checkpoint``: keep only the trunk's input for backward and recompute the rest there."""
         x = self.preprocess(x)
         if self.cfg.aux_heads:
-            fmap, aux = self.trunk.forward_with_aux(x)
+            (fmap, aux), taps = self._run(self.trunk.forward_with_aux, x)
         elif checkpoint and self.training and torch.is_grad_enabled() and self.frozen_stages < len(self.stages):
-            fmap, aux = torch.utils.checkpoint.checkpoint(self.trunk.forward_features, x, use_reentrant=False), {}
+            (fmap, taps), aux = torch.utils.checkpoint.checkpoint(self._run, self.trunk.forward_features, x,
+                                                                  use_reentrant=False), {}
         else:
-            fmap, aux = self.trunk.forward_features(x), {}
-        return self.pool(fmap), aux
+            (fmap, taps), aux = self._run(self.trunk.forward_features, x), {}
+        return self._pooled(fmap, taps), aux
+
+    def _run(self, fn, x: torch.Tensor):
+        """(fn(x), the taps' pooled outputs during it, input side first)."""
+        self._tapped = []
+        try:
+            return fn(x), self._tapped
+        finally:
+            self._tapped = None
+
+    def _tap(self, _module, _inputs, output: torch.Tensor) -> None:
+        if self._tapped is not None:  # the trunk run outside _run (e.g. feature_map) collects nothing
+            self._tapped.append(output.mean((2, 3)))  # (B, C, h, w) -> (B, C)
+
+    def _pooled(self, fmap: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([self.pool(fmap), *taps], dim=1) if self.taps else self.pool(fmap)
+
+    def levels(self) -> list[slice]:
+        """Where each feature level lies in the branch's output: [the trunk's output, the nearest tap, ...]."""
+        widths = [self.out_dim - sum(c for _, c in self.taps)] + [c for _, c in self.taps[::-1]]
+        ends = torch.tensor(widths).cumsum(0).tolist()
+        slices = [slice(end - w, end) for w, end in zip(widths, ends)]
+        return [slices[0], *slices[1:][::-1]]  # the taps are appended input side first
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's unpooled output in its own layout, e.g. (B, C, h, w) (see fusionnet.pooling)."""
         return self.trunk.forward_features(self.preprocess(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, D)
-        return self.pool(self.feature_map(x))
+        fmap, taps = self._run(self.trunk.forward_features, self.preprocess(x))
+        return self._pooled(fmap, taps)
 
     def set_trainable_top_stages(self, k: int | None) -> None:
         """Train only the ``k`` stages nearest the output (None: all); the others keep weights and BatchNorm stats."""
@@ -328,9 +361,10 @@ class FusionNet(Classifier):
 
 def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: int | None = None,
                 pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
-                class_names: Sequence[str] | None = None, **options) -> FusionConfig:
-    """A FusionConfig from the keyword form: plain names take the model-wide ``pool`` / ``input_size`` (or a
-    dict by backbone name); a BranchConfig keeps its own; ``options`` are FusionConfig fields."""
+                taps: int | Mapping[str, int] = 0, class_names: Sequence[str] | None = None,
+                **options) -> FusionConfig:
+    """A FusionConfig from the keyword form: plain names take the model-wide ``pool`` / ``input_size`` / ``taps``
+    (or a dict by backbone name); a BranchConfig keeps its own; ``options`` are FusionConfig fields."""
     if backbones is None or isinstance(backbones, str) or not isinstance(backbones, Sequence):
         raise ConfigError(f"backbones must be a list of backbone names, got {backbones!r}; "
                           f"e.g. backbones=['resnet18']")
@@ -343,7 +377,8 @@ def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: 
         raise ConfigError(f"unknown FusionNet setting(s) {unknown}; settings: "
                           f"{', '.join(f for f in FusionConfig.__dataclass_fields__ if f != 'branches')}")
     branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) if isinstance(b, Mapping) else
-                BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"), input_size=_per_branch(input_size, b, None))
+                BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"), input_size=_per_branch(input_size, b, None),
+                             taps=_per_branch(taps, b, 0))
                 for b in backbones]
     return FusionConfig(branches=branches, num_classes=num_classes,
                         class_names=list(class_names) if class_names is not None else None, **options)

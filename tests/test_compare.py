@@ -35,6 +35,8 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     for name in ["config.json", "results.json", "results.md", "confusion.png", "reliability.png",
                  "models/fusion_concat/best.pth", "outputs/fusion_concat_test.pt", "outputs/timm/test_resnet_val.pt"]:
         assert (run / name).is_file(), name
+    # every image decoded once, into the run's image cache: one store for the eval pipeline, one for training
+    assert len(list((run / "cache" / "images").glob("images-*.json"))) == 2
     expected = METHODS if regime == "frozen" else {m for m in METHODS if not any(
         v in m for v in ("gated", "attention", "late"))}
     assert set(results["methods"]) == expected

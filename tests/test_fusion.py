@@ -212,3 +212,45 @@ def test_create_fusionnet_builds_each_trunk_once(monkeypatch):
     reference = build_trunk(get_spec("efficientnet_lite0"), pretrained=True).state_dict()
     got = model.branches["efficientnet_lite0"].trunk.state_dict()
     assert all(torch.equal(got[k], v) for k, v in reference.items())  # the package's ImageNet weights
+
+
+def test_taps_append_the_pooled_outputs_of_earlier_trunk_levels(tmp_path):
+    plain = FusionNet(backbones=["resnet18"], num_classes=2).eval()
+    model = FusionNet(backbones=["resnet18"], num_classes=2, taps=2).eval()
+    model.branches["resnet18"].trunk.load_state_dict(plain.branches["resnet18"].trunk.state_dict())
+    br = model.branches["resnet18"]
+    layer2, layer3 = br.stages[-3], br.stages[-2]  # resnet: ... layer2, layer3, layer4 (the output)
+    assert [(s, c) for s, c in br.taps] == [(layer3, 256), (layer2, 128)] and br.out_dim == 512 + 256 + 128
+    x = torch.rand(2, 3, 64, 64)
+    seen = {}
+    hooks = [s.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out.mean((2, 3))))
+             for n, s in (("layer2", layer2), ("layer3", layer3))]
+    with torch.no_grad():
+        features = br(x)
+    for h in hooks:
+        h.remove()
+    main, nearest, next_level = (features[:, s] for s in br.levels())
+    assert torch.equal(main, plain.branches["resnet18"](x))
+    assert torch.allclose(nearest, seen["layer3"]) and torch.allclose(next_level, seen["layer2"])
+    assert br.feature_map(x).shape == (2, 512, 2, 2)  # the unpooled trunk output is unchanged
+    # trunk checkpointing recomputes the taps too: same loss and gradients as storing activations
+    grads = []
+    for ckpt in (False, True):
+        m = FusionNet(backbones=["resnet18"], num_classes=2, taps=2, checkpoint_trunks=ckpt)
+        m.load_state_dict(model.state_dict())
+        m.train()
+        m(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    # more taps than the trunk has levels: all of them; saved and loaded with its taps
+    many = FusionNet(backbones=["timm/test_resnet"], num_classes=2, taps=50).eval()
+    assert 1 <= len(many.branches["test_resnet"].taps) < 50
+    loaded = load_fusionnet(save_model(model, tmp_path / "m.pth"))
+    assert loaded.config.branches[0].taps == 2 and torch.equal(loaded(x), model(x))
+
+
+def test_taps_refuse_bad_values_and_token_trunks():
+    with pytest.raises(ConfigError, match=r"taps must be an int >= 0, got -1"):
+        FusionNet(backbones=["resnet18"], num_classes=2, taps=-1)
+    with pytest.raises(ConfigError, match=r"taps pool convolutional .*use taps=0"):
+        FusionNet(backbones=["timm/test_vit"], num_classes=2, taps=1)

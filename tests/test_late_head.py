@@ -90,3 +90,24 @@ def test_fit_late_head_binary_and_bad_input():
         fit_late_head(model, broken, y)
     with pytest.raises(ConfigError, match="fusion='late'"):
         fit_late_head(FusionNet(backbones=TINY, num_classes=2), feats, y)
+
+
+def test_fit_late_head_adds_a_tapped_level_only_where_it_lowers_the_out_of_fold_nll():
+    model = FusionNet(backbones=TINY, num_classes=3, fusion="late", freeze_trunks=True, taps=1).eval()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(3).repeat_interleave(40)
+    signal = 6.0 * torch.nn.functional.one_hot(y, 3).float()
+    feats = {}
+    for i, (name, br) in enumerate(model.branches.items()):
+        main, tap = br.levels()
+        x = torch.randn(len(y), br.out_dim, generator=g)
+        informative = tap if i == 0 else main  # branch 0: only its earlier level knows the class
+        x[:, informative.start:informative.start + 3] += signal
+        feats[name] = x
+    fit = fit_late_head(model, feats, y, seed=0)
+    first, second = model.branches
+    assert fit.branch_taps == {first: 1, second: 0}
+    assert fit.oof_acc[first] > 0.6  # from the tapped level (chance: 1/3; 317 of its 320 features are noise)
+    weight = model.fuser.classifiers[1].weight
+    assert torch.count_nonzero(weight[:, model.branches[second].levels()[1]]) == 0  # the unused level weighs 0
+    assert torch.count_nonzero(weight[:, model.branches[second].levels()[0]]) > 0

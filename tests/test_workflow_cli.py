@@ -37,10 +37,13 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
         runs[name] = tmp_path / "runs" / name
         args = ["train", "--config", str(config), "--data", str(data), "--out", str(runs[name]), *MEMBER]
         args[args.index("timm/test_resnet")] = backbone
+        if name == "b":  # this member reads its images from a decoded-image cache
+            args += ["--image-cache", str(tmp_path / "images")]
         assert main(args) == 0
         assert {"best.pth", "final.pth", "history.json", "history.png"} <= {p.name for p in runs[name].iterdir()}
         saved = json.loads((runs[name] / "train_config.json").read_text())
         assert saved["loss"] == "focal" and saved["class_weighting"] and saved["monitor"] == "acc"
+    assert len(list((tmp_path / "images").glob("images-*.u8"))) == 2
     # never over an earlier run unless --overwrite
     assert main(["train", "--data", str(data), "--out", str(runs["a"]), *MEMBER]) == 2
     assert "exists already" in capsys.readouterr().err
