@@ -167,18 +167,21 @@ def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: 
     save_model(model, path, metrics={"late_head": asdict(fit_info)})
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outputs = {}
+    outputs, branch_vote = {}, {}
     for split, data in (("val", splits.val), ("test", splits.test)):
         source, _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64)
         outputs[split] = member_outputs(model, source, member="fusion_stacked", split=split, checkpoint=str(path),
                                         sample_ids=data.paths, batch_size=64, device=cfg.device,
                                         progress=cfg.progress)
         outputs[split].save(out / "outputs" / f"fusion_stacked_{split}.pt")
+        with torch.no_grad():  # the same branch classifiers as independent members: their soft vote
+            logits = model.cpu().eval().forward_head_output(source.features).extras["branch_logits"]
+        branch_vote[split] = logits.float().softmax(-1).mean(1)
     predict_s = time.perf_counter() - t1
     info = {"train_seconds": train_s, "predict_seconds": predict_s, "params": _params(model), "best_epoch": None,
             "epochs_run": 0, "checkpoint": str(path), "late_head": asdict(fit_info),
             "val": val_scores(outputs["val"].probs, outputs["val"].labels),
-            "seconds": prior_s + train_s + predict_s}
+            "seconds": prior_s + train_s + predict_s, "branch_vote": branch_vote}
     return outputs, info
 
 
@@ -254,8 +257,13 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
             outputs, fi = _stacked_fusion(cfg, splits, info, out, say)
             check_aligned([val_outs[0], outputs["val"]])
             check_aligned([test_outs[0], outputs["test"]])
+            vote = fi.pop("branch_vote")
             fusion_info[variant], fusion_val[label] = fi, outputs
             add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val"], "fusion")
+            # its branch classifiers alone, soft-voted: an output ensemble of members given the stacked head's
+            # solver and features, which shows how much of the fusion's edge is the combiner's
+            add("soft voting (stacked model's branch classifiers)", vote["test"], fi["seconds"], fi["params"],
+                val_scores(vote["val"], y_val), "ensemble")
             continue
         model, prior_s = _fusion_model(variant, cfg, splits, info)
         # from members: its starting point (the members' logit average) is validated too, so training can only

@@ -18,7 +18,7 @@ METHODS = {"member: timm/test_efficientnet", "member: timm/test_resnet", "soft v
            "weighted voting (NLL-fitted)", "greedy selection (Caruana)", "best subset (exhaustive)",
            "soft voting, temperature-scaled", "stacking (logistic regression)", "stacking (gradient boosting)",
            "FusionNet (concat)", "FusionNet (gated)", "FusionNet (attention)", "FusionNet (late)",
-           "FusionNet (from members)", "FusionNet (stacked)",
+           "FusionNet (from members)", "FusionNet (stacked)", "soft voting (stacked model's branch classifiers)",
            "FusionNet (selected on val)", "FusionNet (selected on val), temperature-scaled",
            "ensemble (selected on val)"}
 
@@ -65,6 +65,13 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     saved_test = MemberOutputs.load(run / "outputs" / "fusion_stacked_test.pt")
     assert results["methods"]["FusionNet (stacked)"]["acc"] == pytest.approx(
         float((saved_test.probs.argmax(1) == saved_test.labels).double().mean()))
+    # the soft vote of the stacked model's own branch classifiers: recomputed from the saved model
+    splits = load_splits(data, size=32)
+    x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    with torch.no_grad():
+        vote = stacked.eval().forward_output(x).extras["branch_logits"].softmax(-1).mean(1)
+    assert torch.allclose(results["methods"]["soft voting (stacked model's branch classifiers)"]["probs"], vote,
+                          atol=1e-5)
     if regime == "finetune":
         assert results["fusion"]["stacked"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
 
