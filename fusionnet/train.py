@@ -6,7 +6,9 @@ and cached branch features alike (:class:`fusionnet.feature_cache.FeatureDataset
 
 A run folder holds ``best.pth`` (best validation score; the first of tied epochs), ``final.pth`` (last epoch,
 with optimiser, scheduler and RNG state for ``resume=True``), ``history.json``, ``history.png`` and
-``train_config.json``, all written atomically. A non-finite loss stops training with a :class:`TrainingError`
+``train_config.json``, all written atomically. The checkpoints are written after every epoch unless that would
+take over a tenth of the training time (short epochs: then every few epochs, and always after the last one;
+see :class:`_RunWriter`); the plot at the end. A non-finite loss stops training with a :class:`TrainingError`
 that names the epoch and step; the checkpoints of the last good epoch stay as they were. Under ``torchrun`` it
 trains with DistributedDataParallel; only rank 0 writes.
 """
@@ -238,6 +240,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         atomic_write_json(out / "train_config.json", asdict(cfg))
 
     better = (lambda a, b: a > b) if MONITORS[cfg.monitor] == "max" else (lambda a, b: a < b)
+    writer = _RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None
     stopped_early = False
     train_module: nn.Module = step_module
     stages_now = stages_for_epoch(0, cfg)
@@ -278,15 +281,18 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         say(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val acc {metrics['acc']:.4f}  "
             f"macro-F1 {metrics['macro_f1']:.4f}  nll {metrics['nll']:.4f}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else ""))
-        if out is not None and rank == 0:
-            _write_epoch(model, clf, out, row, cfg, improved, class_names, {
+        stop = cfg.patience is not None and bad_epochs >= cfg.patience
+        if writer is not None:
+            writer.epoch(model, row, improved, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)})
-        if cfg.patience is not None and bad_epochs >= cfg.patience:
+                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)}, last=stop or epoch + 1 == cfg.epochs)
+        if stop:
             say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch {best_epoch}")
             stopped_early = True
             break
+    if writer is not None and history:
+        writer.finish(history)
     if world > 1:
         dist.barrier()
     return FitResult(history=history, best_epoch=best_epoch, best_score=float(best_score), stopped_early=stopped_early,
@@ -300,19 +306,47 @@ def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -
                     num_workers=0 if isinstance(val_src, FeatureDataset) else cfg.num_workers)
 
 
-def _write_epoch(model: nn.Module, clf: Classifier, out: Path, row: dict, cfg: TrainConfig, improved: bool,
-                 class_names, resume_state: dict) -> None:
-    summary = {**row, "monitor": cfg.monitor, "best_epoch": resume_state["best_epoch"]}
-    config = clf.model_config()
-    if improved:
-        ckpt.save_checkpoint(out / "best.pth", config=config, state_dict=model.state_dict(),
-                             class_names=class_names, metrics=summary)
-    ckpt.save_checkpoint(out / "final.pth", config=config, state_dict=model.state_dict(), class_names=class_names,
-                         metrics=summary, extra=resume_state)
-    atomic_write_json(out / "history.json", resume_state["history"])
-    from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
+WRITE_SHARE = 0.1  # the share of training time that checkpoint writes may take (see _RunWriter)
 
-    training_curves(resume_state["history"], out / "history.png")
+
+class _RunWriter:
+    """The run folder's per-epoch files: ``history.json`` every epoch; ``best.pth`` and ``final.pth`` (the resume
+    point) together, every epoch unless writing them would take more than WRITE_SHARE of the training time since
+    the last write (short epochs, e.g. a head on cached features beside three trunks' weights: then every few
+    epochs, so a crash loses at most ~10 write times of work); always after the last epoch or an early stop;
+    ``history.png`` at the end. An improved epoch that is not written yet is kept in memory (on the CPU)."""
+
+    def __init__(self, out: Path, clf: Classifier, class_names, cfg: TrainConfig) -> None:
+        self.out, self.clf, self.class_names, self.cfg = out, clf, class_names, cfg
+        self.write_s, self.since_s = 0.0, 0.0
+        self.best: tuple[dict | None, dict] | None = None  # (state dict or None: the model as it is, metrics)
+
+    def epoch(self, model: nn.Module, row: dict, improved: bool, resume_state: dict, last: bool) -> None:
+        summary = {**row, "monitor": self.cfg.monitor, "best_epoch": resume_state["best_epoch"]}
+        self.since_s += row["seconds"]
+        due = last or self.since_s * WRITE_SHARE >= self.write_s
+        if improved:
+            state = None if due else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = (state, summary)
+        atomic_write_json(self.out / "history.json", resume_state["history"])
+        if not due:
+            return
+        t0 = time.perf_counter()
+        config = self.clf.model_config()
+        if self.best is not None:  # written first: final.pth's resume state never names a best epoch not on disk
+            state, best_summary = self.best
+            ckpt.save_checkpoint(self.out / "best.pth", config=config, class_names=self.class_names,
+                                 state_dict=state if state is not None else model.state_dict(),
+                                 metrics=best_summary)
+            self.best = None
+        ckpt.save_checkpoint(self.out / "final.pth", config=config, state_dict=model.state_dict(),
+                             class_names=self.class_names, metrics=summary, extra=resume_state)
+        self.write_s, self.since_s = time.perf_counter() - t0, 0.0
+
+    def finish(self, history: list[dict]) -> None:
+        from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
+
+        training_curves(history, self.out / "history.png")
 
 
 def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device, world: int, say):

@@ -265,3 +265,36 @@ def test_googlenet_aux_heads_train_with_their_weight_and_inference_ignores_them(
         before = m.branches["googlenet"].trunk.aux2.fc2.weight.clone()
         fit(m, Data(), Data(), _cfg(epochs=1, batch_size=4, aux_weight=weight), log=None)
         assert (not torch.equal(before, m.branches["googlenet"].trunk.aux2.fc2.weight)) == changes
+
+
+def test_short_epochs_write_checkpoints_every_few_epochs_yet_keep_the_best_and_the_last(splits, tmp_path,
+                                                                                        monkeypatch):
+    import time
+
+    import fusionnet.train as train_module
+
+    def run(folder):
+        torch.manual_seed(0)
+        model = FusionNet(backbones=TINY, num_classes=3, freeze_trunks=True)
+        cfg = _cfg(epochs=6, strategy="frozen", cache_features=True, monitor="nll", lr=0.05)
+        return fit(model, splits.train, splits.val, cfg, out_dir=tmp_path / folder, log=None)
+
+    reference = run("every_epoch")  # tiny checkpoints: written after every epoch
+    real_save, written = train_module.ckpt.save_checkpoint, []
+
+    def slow_save(path, **kw):  # as if the checkpoints were large: each write far longer than an epoch
+        time.sleep(0.5)
+        written.append((path.name, json.loads((path.parent / "history.json").read_text())[-1]["epoch"]))
+        return real_save(path, **kw)
+
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint", slow_save)
+    result = run("slow_disk")
+    finals = [epoch for name, epoch in written if name == "final.pth"]
+    assert finals[0] == 1 and finals[-1] == 6 and len(finals) < 6  # the first and the last epoch, not every one
+    assert [h["epoch"] for h in json.loads((tmp_path / "slow_disk" / "history.json").read_text())] == list(range(1, 7))
+    assert result.best_epoch == reference.best_epoch
+    for name in ("best.pth", "final.pth"):  # the same files as writing every epoch gives
+        got, expected = (read_checkpoint(tmp_path / f / name) for f in ("slow_disk", "every_epoch"))
+        assert got["metrics"]["epoch"] == expected["metrics"]["epoch"]
+        for k, v in expected["state_dict"].items():
+            assert torch.equal(got["state_dict"][k], v), (name, k)
