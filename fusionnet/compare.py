@@ -7,7 +7,7 @@
    and ``stacked`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
    time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
    training split: :mod:`fusionnet.late_head`; with pretrained trunks each branch also offers its classifier up to
-   ``stacked_taps`` earlier feature levels, kept where they lower the out-of-fold NLL);
+   ``stacked_taps`` earlier feature levels, used where they lower the out-of-fold NLL);
 3. every output-ensemble method of :data:`fusionnet.ensembles.METHODS` runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
    NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
@@ -76,7 +76,7 @@ class CompareConfig:
     cache_root: str | None = None  # where feature caches live (default <out>/cache; seeds share their parent's)
     image_cache: bool = True  # decode every image once into <cache root>/images (fusionnet.image_cache)
     stacked_taps: int = 4  # frozen regime: the stacked fusion's branches offer up to this many earlier trunk
-    # levels to their classifiers, each kept only where it lowers the out-of-fold NLL (fusionnet.late_head)
+    # levels to their classifiers, used where they lower the out-of-fold NLL (fusionnet.late_head)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"

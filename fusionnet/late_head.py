@@ -4,9 +4,9 @@ Stacking (Wolpert 1992; the "super learner" of van der Laan et al. 2007), with e
 
 1. per branch, a multinomial logistic regression on its standardised pooled features, the L2 strength chosen
    from a grid by out-of-fold NLL (stratified k-fold cross-validation on the training split); a branch built
-   with ``taps`` (pooled outputs of earlier trunk levels, :class:`fusionnet.fusion.BranchConfig`) adds its tapped
-   levels, nearest the output first, for as long as each lowers that NLL (multi-level features, as in Head2Toe,
-   Evci et al. 2022, which help most on images unlike the pretraining set);
+   with ``taps`` (pooled outputs of earlier trunk levels, :class:`fusionnet.fusion.BranchConfig`) uses them too
+   where that lowers the out-of-fold NLL (multi-level features, as in Head2Toe, Evci et al. 2022, which help most
+   on images unlike the pretraining set), else gives them weight 0;
 2. the combiner, fitted on the branches' out-of-fold log-probabilities (predictions on images each classifier did
    not train on): logit_k = sum_m w[m, k] * log p_m(k) + b_k with w >= 0, i.e. how far to trust each branch for
    each class. Non-negative weights are Breiman's (1996) remedy for stacking's instability; they also keep the
@@ -43,7 +43,8 @@ class LateHeadFit:
     oof_acc: dict[str, float]
     folds: int
     seconds: float
-    branch_taps: dict[str, int]  # how many tapped feature levels each branch classifier uses (chosen like C)
+    branch_taps: dict[str, int]  # how many tapped feature levels each branch classifier uses: all or none,
+    # chosen like C by out-of-fold NLL
 
 
 def fit_late_head_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
@@ -100,21 +101,20 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         std[std < 1e-12] = 1.0
         z = (x - mean) / std
         levels = model.branches[name].levels() if hasattr(model.branches[name], "levels") else [slice(None)]
-        best, cols = None, None
-        for n in range(len(levels)):  # the trunk's output, then tapped levels nearest first, while they help
-            c_cols = np.concatenate([np.arange(z.shape[1])[s] for s in levels[:n + 1]])
-            start = [c for c in grid if best is None or c >= best[0] / 10]  # more features: C rarely drops
-            trial = _choose(z[:, c_cols], y, k, start, cv)
-            if best is not None and trial[1] >= best[1]:
-                break
-            best, cols, branch_taps[name] = trial, c_cols, n
+        main = np.arange(z.shape[1])[levels[0]]
+        best, cols = _choose(z[:, main], y, k, grid, cv), main
+        branch_taps[name] = 0
+        if len(levels) > 1:  # with every tapped level, kept if that lowers the out-of-fold NLL
+            trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv)  # more features: C rarely drops
+            if trial[1] < best[1]:
+                best, cols, branch_taps[name] = trial, np.arange(z.shape[1]), len(levels) - 1
         branch_c[name], oof_nll[name], oof_acc[name] = best[0], best[1], best[2]
         oof.append(best[3])
         weight = np.zeros((k, z.shape[1]))
         weight[:, cols], bias = _fit(z[:, cols], y, k, best[0])  # levels left out keep weight 0
         weight = weight / std  # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
         _copy(classifier, weight, bias - weight @ mean)
-        say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} of {len(levels) - 1} tapped levels, "
+        say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} tapped levels, "
             f"out-of-fold acc {best[2]:.4f}, NLL {best[1]:.4f}")
 
     log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities

@@ -92,7 +92,7 @@ def test_fit_late_head_binary_and_bad_input():
         fit_late_head(FusionNet(backbones=TINY, num_classes=2), feats, y)
 
 
-def test_fit_late_head_adds_a_tapped_level_only_where_it_lowers_the_out_of_fold_nll():
+def test_fit_late_head_uses_tapped_levels_only_where_they_lower_the_out_of_fold_nll():
     model = FusionNet(backbones=TINY, num_classes=3, fusion="late", freeze_trunks=True, taps=1).eval()
     g = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat_interleave(40)
