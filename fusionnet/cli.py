@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-root", default=None,
                    help="frozen regime: where feature caches live, e.g. shared between runs (default <out>/cache)")
     p.add_argument("--stacked-taps", type=int, default=4,
-                   help="frozen regime: earlier trunk levels the stacked fusion may add per branch (0: none)")
+                   help="earlier trunk levels the stacked fusion may add per branch (0: none)")
     p.add_argument("--no-image-cache", action="store_true",
                    help="decode the image files for every model and epoch instead of once into <cache root>/images")
     p.add_argument("--monitor", choices=["acc", "macro_f1", "nll"], default="nll",

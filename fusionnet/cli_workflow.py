@@ -102,6 +102,8 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--heads", nargs="+", choices=["trained", "stacked"], default=["trained", "stacked"],
                    help="fused heads to fit: trained (the members' heads trained on as one, from their logit "
                         "average) and/or stacked (late fusion fitted out of fold); both: chosen by validation NLL")
+    p.add_argument("--stacked-taps", type=int, default=4,
+                   help="earlier trunk levels the stacked head may add per branch, where they help (0: none)")
     p.add_argument("--epochs", type=positive_int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--size", type=positive_int, default=128)
@@ -234,7 +236,8 @@ def handle_fuse(args) -> None:
 
     out = run_folder(args.out, args.overwrite)
     fuse_checkpoints(args.members, args.data, out=out, size=args.size, epochs=args.epochs, lr=args.lr,
-                     seed=args.seed, heads=args.heads, device=args.device, progress=not args.no_progress)
+                     seed=args.seed, heads=args.heads, stacked_taps=args.stacked_taps, device=args.device,
+                     progress=not args.no_progress)
     models = ", ".join(f"{d}/best.pth" for h, d in (("trained", "fused"), ("stacked", "stacked")) if h in args.heads)
     print((out / "fuse.md").read_text() + f"wrote {out}/fuse.md, fuse.json, {models}")
 

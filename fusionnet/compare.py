@@ -6,8 +6,8 @@
    trunks fused, the head starting at their logit average and trained on top; its time includes the members'),
    and ``stacked`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
    time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
-   training split: :mod:`fusionnet.late_head`; with pretrained trunks each branch also offers its classifier up to
-   ``stacked_taps`` earlier feature levels, used where they lower the out-of-fold NLL);
+   training split: :mod:`fusionnet.late_head`; each branch also offers its classifier up to ``stacked_taps``
+   earlier feature levels, used where they lower the out-of-fold NLL);
 3. every output-ensemble method of :data:`fusionnet.ensembles.METHODS` runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
    NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
@@ -75,7 +75,7 @@ class CompareConfig:
     # an earlier model computed, and val/test are predicted from cached features too)
     cache_root: str | None = None  # where feature caches live (default <out>/cache; seeds share their parent's)
     image_cache: bool = True  # decode every image once into <cache root>/images (fusionnet.image_cache)
-    stacked_taps: int = 4  # frozen regime: the stacked fusion's branches offer up to this many earlier trunk
+    stacked_taps: int = 4  # the stacked fusion's branches offer up to this many earlier trunk
     # levels to their classifiers, used where they lower the out-of-fold NLL (fusionnet.late_head)
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
@@ -159,7 +159,8 @@ def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: 
         model = create_fusionnet(cfg.backbones, num_classes=k, class_names=names, pretrained=cfg.pretrained,
                                  fusion="late", freeze_trunks=True, taps=cfg.stacked_taps)
     else:  # the members' fine-tuned trunks, frozen
-        model = fuse_members([member_info[b]["checkpoint"] for b in cfg.backbones], fusion="late")
+        model = fuse_members([member_info[b]["checkpoint"] for b in cfg.backbones], fusion="late",
+                             taps=cfg.stacked_taps)
         prior_s = sum(member_info[b]["train_seconds"] for b in cfg.backbones)
     cache_dir = cfg.train_config("fusion_stacked").cache_dir
     fit_info = fit_late_head_on(model, splits, cache_dir=cache_dir, device=cfg.device, seed=cfg.seed, log=say)

@@ -141,14 +141,15 @@ def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None,
 
 
 def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "concat", freeze_trunks: bool = True,
-                 **settings) -> FusionNet:
+                 taps: int | None = None, **settings) -> FusionNet:
     """One FusionNet from trained single-backbone members (models or checkpoint paths of :func:`save_model`).
 
     Each member's trunk is copied into a branch; with ``concat`` (or ``gated``, whose gates start uniform) the
     fused head is initialised block-diagonally from the members' heads, scaled by 1/N, so that before any training
     its logits are the mean of the members' logits; with ``late`` the members' heads become the branch classifiers
     and the combiner averages their log-probabilities (the same softmax). Members must share class names and have
-    a plain Linear head.
+    a plain Linear head. ``taps`` (see :class:`~fusionnet.fusion.BranchConfig`) gives every branch that many earlier
+    trunk levels (None: as the members have them); the members' heads weigh them 0, so the equality holds.
     ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
     """
     if len(members) < 2:
@@ -167,7 +168,7 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
     branches = []
     for m in models:
         (b,) = m.config.branches
-        branches.append(BranchConfig(**{**b.__dict__, "name": ""}))
+        branches.append(BranchConfig(**{**b.__dict__, "name": "", "taps": b.taps if taps is None else taps}))
     config = FusionConfig(branches=branches, num_classes=k, class_names=names, fusion=fusion,
                           freeze_trunks=freeze_trunks, **settings)
     model = FusionNet(config)
@@ -185,9 +186,24 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
 def _average_heads(model: FusionNet, members: Sequence[FusionNet]) -> None:
     """fc = [W_1 ... W_N] / N, b = mean b_i: the fused logits equal the mean of the member logits."""
     n = len(members)
-    weight = torch.cat([m.head.fc.weight for m in members], dim=1) / n  # (K, sum D_i)
-    model.head.fc.weight.copy_(weight)
+    weight = torch.cat([_widened(m, br) for m, br in zip(members, model.branches.values())], dim=1) / n
+    model.head.fc.weight.copy_(weight)  # (K, sum D_i)
     model.head.fc.bias.copy_(torch.stack([m.head.fc.bias for m in members]).mean(0))
+
+
+def _widened(member: FusionNet, branch) -> torch.Tensor:
+    """The member's head weight (K, D) over ``branch``'s features: its own levels where the member had them (the
+    trunk's output first, then any taps it shares), 0 for the levels the member lacked."""
+    (own,) = member.branches.values()
+    if len(own.levels()) > len(branch.levels()):
+        raise ConfigError(f"the member's branch {own.cfg.backbone!r} has {len(own.taps)} taps, more than the fused "
+                          f"branch's {len(branch.taps)}; pass taps=None (as the members) or at least "
+                          f"{len(own.taps)}")
+    weight = member.head.fc.weight
+    out = weight.new_zeros(weight.shape[0], branch.out_dim)
+    for mine, theirs in zip(branch.levels(), own.levels()):  # nearest levels first: shared ones line up
+        out[:, mine] = weight[:, theirs]
+    return out
 
 
 @torch.no_grad()
@@ -195,7 +211,8 @@ def _average_late(model: FusionNet, members: Sequence[FusionNet]) -> None:
     """Late fusion: each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the
     fused softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
     n, k = len(members), model.config.num_classes
-    for classifier, member in zip(model.fuser.classifiers, members):
-        classifier.load_state_dict(member.head.fc.state_dict())
+    for classifier, member, branch in zip(model.fuser.classifiers, members, model.branches.values()):
+        classifier.weight.copy_(_widened(member, branch))
+        classifier.bias.copy_(member.head.fc.bias)
     model.head.fc.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
     model.head.fc.bias.zero_()

@@ -61,13 +61,15 @@ HEADS = ("trained", "stacked")
 
 def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLike, *, out: str | os.PathLike,
                      size: int = 128, epochs: int = 10, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.15,
-                     heads: Sequence[str] = HEADS, device: str = "auto", progress: bool = True, log=print) -> dict:
+                     heads: Sequence[str] = HEADS, stacked_taps: int = 4, device: str = "auto", progress: bool = True,
+                     log=print) -> dict:
     """Fuse the members, fit the fused head(s), and compare with the members' soft vote; writes ``out``.
 
     ``heads``: ``trained`` (the members' heads as one block-diagonal head, trained on cached features, the best
     epoch by validation NLL with epoch 0, the members' logit average, included) and/or ``stacked`` (late fusion:
-    :func:`fusionnet.late_head.fit_late_head` on the training split). With both, the one of lower validation NLL is
-    reported as "FusionNet (selected on val)"."""
+    :func:`fusionnet.late_head.fit_late_head` on the training split, each branch offered up to ``stacked_taps``
+    earlier trunk levels). With both, the one of lower validation NLL is reported as "FusionNet (selected on
+    val)"."""
     if len(members) < 2:
         raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(members)}")
     bad = [h for h in heads if h not in HEADS]
@@ -96,7 +98,7 @@ def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLi
         notes.append(f"fused members: the head trained {epochs} epochs on cached features, best epoch "
                      f"{result.best_epoch} by validation NLL (epoch 0 = the members' logit average)")
     if "stacked" in heads:
-        model = fuse_members(loaded, fusion="late")
+        model = fuse_members(loaded, fusion="late", taps=stacked_taps)
         info = fit_late_head_on(model, splits, cache_dir=out / "cache", device=device, seed=seed, log=log)
         save_model(model, out / "stacked" / "best.pth", metrics={"late_head": asdict(info)})
         fused["FusionNet (stacked)"] = {}

@@ -66,6 +66,11 @@ def test_transformer_nhwc_and_convnext_branches_train_together():
     assert grads == {"test_vit": True, "test_mambaout": True, "test_convnext": True}
 
 
+def tapped_member(member: FusionNet) -> FusionNet:
+    (b,) = member.config.branches
+    return FusionNet(backbones=[BranchConfig(b.backbone, taps=2)], num_classes=3, class_names=member.class_names)
+
+
 @pytest.mark.parametrize("fusion", ["concat", "gated"])
 def test_fusing_members_starts_at_the_mean_of_their_logits(tmp_path, fusion):
     torch.manual_seed(0)
@@ -79,6 +84,12 @@ def test_fusing_members_starts_at_the_mean_of_their_logits(tmp_path, fusion):
     mean = torch.stack([m(x) for m in members]).mean(0)
     torch.testing.assert_close(fused(x), mean, rtol=1e-5, atol=1e-5)
     assert all(not p.requires_grad for br in fused.branches.values() for p in br.trunk.parameters())
+    # with earlier trunk levels added to every branch (weight 0 in the members' heads): the same start
+    tapped = fuse_members(members, fusion=fusion, taps=2)
+    assert all(len(br.taps) == 2 for br in tapped.branches.values())
+    torch.testing.assert_close(tapped(x), mean, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="has 2 taps, more than the fused branch's 1"):
+        fuse_members([tapped_member(members[0]), members[1]], fusion=fusion, taps=1)
     with pytest.raises(ConfigError, match="members must be trained on the same classes"):
         fuse_members([members[0], FusionNet(backbones=["timm/test_resnet"], num_classes=4)])
 

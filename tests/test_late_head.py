@@ -40,11 +40,12 @@ def test_fused_members_in_late_fusion_predict_the_mean_member_logit():
     for b in TINY:
         torch.manual_seed(len(members))
         members.append(FusionNet(backbones=[b], num_classes=3).eval())
-    fused = fuse_members(members, fusion="late")
     x = torch.rand(5, 3, 32, 32)
-    with torch.no_grad():
-        mean_logits = torch.stack([m(x) for m in members]).mean(0)
-        assert torch.allclose(fused(x).softmax(1), mean_logits.softmax(1), atol=1e-6)
+    for taps in (None, 2):  # taps: earlier trunk levels that the members' heads weigh 0
+        fused = fuse_members(members, fusion="late", taps=taps)
+        with torch.no_grad():
+            mean_logits = torch.stack([m(x) for m in members]).mean(0)
+            assert torch.allclose(fused(x).softmax(1), mean_logits.softmax(1), atol=1e-6)
 
 
 def test_fit_late_head_matches_the_stack_and_beats_each_branch():
