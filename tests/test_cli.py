@@ -37,7 +37,8 @@ def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, 
     from fusionnet import FusionNet, save_model
     from fusionnet.export import check_onnx
 
-    model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3).eval()
+    model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3,
+                      taps={"timm/test_resnet": 2}).eval()  # taps: pooled earlier levels, collected by hooks
     save_model(model, tmp_path / "m.pth")
     assert main(["export", str(tmp_path / "m.pth"), "--out", str(tmp_path / "m.onnx"), "--size", "32",
                  "--exporter", exporter]) == 0
