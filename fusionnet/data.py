@@ -332,7 +332,7 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
     eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)
     train_store = eval_store if policy == "none" else ImageStore(image_cache, full.paths, train_side(size),
-                                                                 progress=progress)
+                                                                 interpolation="area", progress=progress)
     return Splits(train.with_transform(train.transform, store=train_store),
                   val.with_transform(val.transform, store=eval_store),
                   test.with_transform(test.transform, store=eval_store) if test is not None else None)

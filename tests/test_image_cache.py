@@ -7,10 +7,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import fusionnet.data as data_module
-from fusionnet.data import eval_view, load_splits
+from fusionnet.data import eval_view, load_splits, read_rgb
 from fusionnet.errors import DataError
 from fusionnet.feature_cache import cache_key
-from fusionnet.image_cache import ImageStore, train_side
+from fusionnet.image_cache import ImageStore, shrink, train_side
 from toydata import make_splits
 
 
@@ -50,12 +50,14 @@ def test_eval_images_from_the_cache_equal_the_files_and_train_images_are_stored_
         assert all(torch.equal(a, b) for a, b in zip(got, tensors)), split
     view = eval_view(cached.train, cached.val)  # the training images through the val pipeline: exact too
     assert all(torch.equal(view[i][0], t) for i, t in enumerate(expected_train_view))
-    for path in cached.train.paths:  # short side at most 2 x 32, never enlarged, aspect kept
-        image = cached.train.store.get(path)
+    stored = {path: cached.train.store.get(path) for path in cached.train.paths}
+    monkeypatch.undo()
+    for path, image in stored.items():  # short side at most 2 x 32 (area-averaged), never enlarged, aspect kept
         if path.endswith(".jpg"):
             assert image.shape == (train_side(32), round(200 * train_side(32) / 150), 3)
+            assert np.array_equal(image, shrink(read_rgb(path), train_side(32), "area"))
         else:
-            assert image.shape == (20, 24, 3)
+            assert np.array_equal(image, read_rgb(path))
     x, _ = cached.train[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
 
