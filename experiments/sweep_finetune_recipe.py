@@ -1,0 +1,77 @@
+"""Choose the fine-tuning recipe of one member on validation: learning rates, warm-up, augmentation, input size.
+
+    python experiments/sweep_finetune_recipe.py --data runs/demo/digits --size 64 --epochs 4 --out runs/sweep_finetune
+
+Every recipe fine-tunes the same pretrained backbone (all layers, ``strategy="full"``) on the same data, seed and
+epochs, reading images from one decoded-image cache; the table shows each recipe's best validation accuracy and NLL
+(the epoch chosen by validation NLL) and its wall time, never a test score. Writes runs/<out>/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fusionnet import create_fusionnet
+from fusionnet.data import load_splits
+from fusionnet.train import TrainConfig, fit
+
+RECIPES = {  # name: (TrainConfig fields, augmentation policy, branch input size)
+    "default (lr 1e-3, trunk x0.1)": ({}, "default", None),
+    "trunk x1": ({"trunk_lr_mult": 1.0}, "default", None),
+    "lr 3e-3, trunk x0.1": ({"lr": 3e-3}, "default", None),
+    "lr 3e-4, trunk x1": ({"lr": 3e-4, "trunk_lr_mult": 1.0}, "default", None),
+    "no warm-up": ({"warmup_epochs": 0.0}, "default", None),
+    "strong augmentation": ({}, "strong", None),
+    "no augmentation": ({}, "none", None),
+    "label smoothing 0.1": ({"label_smoothing": 0.1}, "default", None),
+    "input upsampled x1.75": ({}, "default", "x1.75"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--out", default="runs/sweep_finetune")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    results = {}
+    for name in args.recipes:
+        fields, policy, input_size = RECIPES[name]
+        splits = load_splits(args.data, size=args.size, seed=args.seed, policy=policy,
+                             image_cache=out / "images", progress=False)
+        torch.manual_seed(args.seed)
+        size = int(round(args.size * 1.75)) if input_size == "x1.75" else None
+        model = create_fusionnet([args.backbone], class_names=splits.class_names, pretrained=True, input_size=size)
+        cfg = TrainConfig(**{"epochs": args.epochs, "batch_size": args.batch_size, "strategy": "full",
+                             "monitor": "nll", "num_workers": args.workers, "seed": args.seed, "progress": False,
+                             **fields})
+        t0 = time.perf_counter()
+        res = fit(model, splits.train, splits.val, cfg, out_dir=out / "runs" / name.replace(" ", "_"), log=None)
+        best = res.history[res.best_epoch - 1]
+        results[name] = {"val_acc": best["val_acc"], "val_nll": best["val_nll"], "best_epoch": res.best_epoch,
+                         "seconds": time.perf_counter() - t0, "train_config": fields, "policy": policy,
+                         "input_size": size, "history": res.history}
+        print(f"{name:32s} val acc {best['val_acc']:.4f}  val NLL {best['val_nll']:.4f}  best epoch "
+              f"{res.best_epoch}/{args.epochs}  {results[name]['seconds']:.0f}s", flush=True)
+    summary = {"budget": {"data": args.data, "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
+                          "batch_size": args.batch_size, "seed": args.seed, "threads": torch.get_num_threads()},
+               "recipes": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
