@@ -104,7 +104,7 @@ def write_digits_folder(root: str | os.PathLike, *, size: int = 32, test_fractio
 def run_demo(out: str = "runs/demo", *, epochs: int = 8, size: int = 64, progress: bool = True, log=print,
              **settings) -> dict:
     """The fusion-vs-voting comparison on scikit-learn's digits with three offline-pretrained EfficientNet-Lite
-    trunks, frozen (heads trained on cached features shared by all models): a minute or two on two CPU cores.
+    trunks, frozen (heads trained on cached features shared by all models): about five minutes on two CPU cores.
     ``settings`` are further :class:`fusionnet.compare.CompareConfig` fields (e.g. ``variants``)."""
     from fusionnet.compare import CompareConfig, run_comparison
 

@@ -97,5 +97,5 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
         assert main(argv[1:] + extra) == 0, command
     for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0/val.pt", "runs/fuse/fuse.md",
                     "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
-                    "runs/flowers_frozen_seeds/results.md", "runs/digits_seeds/results.md"):
+                    "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md"):
         assert (work / written).is_file(), written
