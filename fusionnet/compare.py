@@ -149,8 +149,9 @@ def _fusion_model(variant: str, cfg: CompareConfig, splits: Splits, member_info:
 
 
 def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: Path, say
-                    ) -> tuple[dict[str, MemberOutputs], dict]:
-    """Late fusion on frozen trunks with its head fitted by out-of-fold stacking on the training split."""
+                    ) -> tuple[dict[str, MemberOutputs], dict, dict[str, torch.Tensor]]:
+    """Late fusion on frozen trunks with its head fitted by out-of-fold stacking on the training split: (its val and
+    test outputs, its info, the soft vote of its own branch classifiers on val and test)."""
     names, k = splits.class_names, len(splits.class_names)
     t0 = time.perf_counter()
     prior_s = 0.0
@@ -168,22 +169,23 @@ def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: 
     save_model(model, path, metrics={"late_head": asdict(fit_info)})
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    outputs, branch_vote = {}, {}
+    outputs, sources = {}, {}
     for split, data in (("val", splits.val), ("test", splits.test)):
-        source, _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64)
-        outputs[split] = member_outputs(model, source, member="fusion_stacked", split=split, checkpoint=str(path),
-                                        sample_ids=data.paths, batch_size=64, device=cfg.device,
-                                        progress=cfg.progress)
+        sources[split], _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64)
+        outputs[split] = member_outputs(model, sources[split], member="fusion_stacked", split=split,
+                                        checkpoint=str(path), sample_ids=data.paths, batch_size=64,
+                                        device=cfg.device, progress=cfg.progress)
         outputs[split].save(out / "outputs" / f"fusion_stacked_{split}.pt")
-        with torch.no_grad():  # the same branch classifiers as independent members: their soft vote
-            logits = model.cpu().eval().forward_head_output(source.features).extras["branch_logits"]
-        branch_vote[split] = logits.float().softmax(-1).mean(1)
     predict_s = time.perf_counter() - t1
+    model.cpu().eval()  # the cached features are on the CPU; the model is not needed on the device any more
+    with torch.no_grad():  # the same branch classifiers as independent members: their soft vote
+        branch_vote = {split: model.forward_head_output(src.features).extras["branch_logits"].float()
+                       .softmax(-1).mean(1) for split, src in sources.items()}
     info = {"train_seconds": train_s, "predict_seconds": predict_s, "params": _params(model), "best_epoch": None,
             "epochs_run": 0, "checkpoint": str(path), "late_head": asdict(fit_info),
             "val": val_scores(outputs["val"].probs, outputs["val"].labels),
-            "seconds": prior_s + train_s + predict_s, "branch_vote": branch_vote}
-    return outputs, info
+            "seconds": prior_s + train_s + predict_s}
+    return outputs, info, branch_vote
 
 
 def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) -> dict:
@@ -255,10 +257,9 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         label = f"FusionNet ({variant.replace('_', ' ')})"
         say(f"== {label}")
         if variant == "stacked":
-            outputs, fi = _stacked_fusion(cfg, splits, info, out, say)
+            outputs, fi, vote = _stacked_fusion(cfg, splits, info, out, say)
             check_aligned([val_outs[0], outputs["val"]])
             check_aligned([test_outs[0], outputs["test"]])
-            vote = fi.pop("branch_vote")
             fusion_info[variant], fusion_val[label] = fi, outputs
             add(label, outputs["test"].probs, fi["seconds"], fi["params"], fi["val"], "fusion")
             # its branch classifiers alone, soft-voted: an output ensemble of members given the stacked head's

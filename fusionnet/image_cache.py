@@ -88,8 +88,7 @@ class ImageStore:
         self.built = False  # True when this call decoded the files (False: found on disk)
         index = self._read_index()
         if index is None:
-            self._build(paths, workers, progress)
-            index = self._read_index()
+            index = self._build(paths, workers, progress)
         self._rows = {p: (off, h, w) for p, off, h, w in zip(index["paths"], index["offsets"], index["heights"],
                                                              index["widths"])}
         self.nbytes = index["bytes"]
@@ -127,7 +126,8 @@ class ImageStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def _build(self, paths: list[str], workers: int | None, progress: bool) -> None:
+    def _build(self, paths: list[str], workers: int | None, progress: bool) -> dict:
+        """Decode ``paths`` into the store's two files; returns the index written."""
         workers = min(4, os.cpu_count() or 1) if workers is None else workers
         loader = DataLoader(_Decode(paths, self.short_side, self.interpolation), batch_size=None,
                             num_workers=workers if len(paths) > 1 else 0)
@@ -146,8 +146,9 @@ class ImageStore:
                 pos += image.nbytes
 
         atomic_write(self.data_path, write)  # the index is written last: it marks the store complete
-        atomic_write_json(self.index_path, {"version": STORE_VERSION, "short_side": self.short_side,
-                                            "interpolation": self.interpolation, "paths": paths,
-                                            "offsets": offsets, "heights": heights, "widths": widths,
-                                            "bytes": int(sum(h * w * 3 for h, w in zip(heights, widths)))})
+        index = {"version": STORE_VERSION, "short_side": self.short_side, "interpolation": self.interpolation,
+                 "paths": paths, "offsets": offsets, "heights": heights, "widths": widths,
+                 "bytes": int(sum(h * w * 3 for h, w in zip(heights, widths)))}
+        atomic_write_json(self.index_path, index)
         self.built = True
+        return index

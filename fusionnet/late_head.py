@@ -100,7 +100,7 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         mean, std = x.mean(0), x.std(0)
         std[std < 1e-12] = 1.0
         z = (x - mean) / std
-        levels = model.branches[name].levels() if hasattr(model.branches[name], "levels") else [slice(None)]
+        levels = model.branches[name].levels()
         main = np.arange(z.shape[1])[levels[0]]
         best, cols = _choose(z[:, main], y, k, grid, cv), main
         branch_taps[name] = 0
