@@ -4,7 +4,7 @@
     python experiments/bench_throughput.py --device cuda --batch 256 --compile         # on a GPU machine
 
 Modes: precision (fp32 | bf16 autocast) x memory format (contiguous | channels_last) x torch.compile (off | on,
-with --compile). For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote)
+with --compile) x, on CUDA, the fusion's branches in turn or each on its own CUDA stream (``branch_streams``). For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote)
 and of FusionNet, the ratio FusionNet time / sum of member times, and the largest logit difference from fp32
 contiguous eager (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16). Training: the step rate on a
 batch already in device memory (forward + backward + AdamW step, no data loading) for one member and for the
@@ -80,8 +80,11 @@ def inference(args, device) -> list[dict]:
         reference = fusion.eval()(x0)
     results = []
     precisions = (False,) if args.no_bf16 else (False, True)
-    for bf16, cl, comp in itertools.product(precisions, (False, True), (False, True) if args.compile else (False,)):
-        mode = {"bf16": bf16, "channels_last": cl, "compile": comp}
+    streams = (False, True) if device.type == "cuda" and len(args.backbones) > 1 else (False,)
+    for bf16, cl, comp, st in itertools.product(precisions, (False, True), (False, True) if args.compile else (False,),
+                                                streams):
+        mode = {"bf16": bf16, "channels_last": cl, "compile": comp, "streams": st}
+        fusion.config.branch_streams = st
         x = x0.to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
         ms = [prepare(m, mode, device) for m in members]

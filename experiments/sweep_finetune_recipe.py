@@ -1,6 +1,10 @@
 """Choose the fine-tuning recipe of one member on validation: learning rates, warm-up, augmentation, input size.
 
     python experiments/sweep_finetune_recipe.py --data runs/demo/digits --size 64 --epochs 4 --out runs/sweep_finetune
+    python experiments/sweep_finetune_recipe.py ... --base trunk_lr_mult=1.0 --recipes ...   # a second stage
+
+``--base`` sets TrainConfig fields under every recipe (a recipe's own fields win), so a first stage can choose the
+learning rates and a second stage the rest on top of the winner.
 
 Every recipe fine-tunes the same pretrained backbone (all layers, ``strategy="full"``) on the same data, seed and
 epochs, reading images from one decoded-image cache; the table shows each recipe's best validation accuracy and NLL
@@ -29,8 +33,20 @@ RECIPES = {  # name: (TrainConfig fields, augmentation policy, branch input size
     "strong augmentation": ({}, "strong", None),
     "no augmentation": ({}, "none", None),
     "label smoothing 0.1": ({"label_smoothing": 0.1}, "default", None),
+    "head first (1 epoch), then all": ({"strategy": "gradual", "unfreeze_after": 1, "stages_per_step": 1000},
+                                       "default", None),
     "input upsampled x1.75": ({}, "default", "x1.75"),
 }
+
+
+def _field(item: str) -> tuple[str, object]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--base takes FIELD=VALUE items, got {item!r} (e.g. trunk_lr_mult=1.0)")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def main() -> None:
@@ -43,11 +59,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--base", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="TrainConfig fields under every recipe, e.g. trunk_lr_mult=1.0 lr=3e-4")
     ap.add_argument("--out", default="runs/sweep_finetune")
     args = ap.parse_args()
+    base = dict(_field(item) for item in args.base)
 
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     results = {}
+    budget = {"data": args.data, "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
+              "batch_size": args.batch_size, "seed": args.seed, "threads": torch.get_num_threads(), "base": base}
     for name in args.recipes:
         fields, policy, input_size = RECIPES[name]
         splits = load_splits(args.data, size=args.size, seed=args.seed, policy=policy,
@@ -57,7 +79,7 @@ def main() -> None:
         model = create_fusionnet([args.backbone], class_names=splits.class_names, pretrained=True, input_size=size)
         cfg = TrainConfig(**{"epochs": args.epochs, "batch_size": args.batch_size, "strategy": "full",
                              "monitor": "nll", "num_workers": args.workers, "seed": args.seed, "progress": False,
-                             **fields})
+                             **base, **fields})
         t0 = time.perf_counter()
         res = fit(model, splits.train, splits.val, cfg, out_dir=out / "runs" / name.replace(" ", "_"), log=None)
         best = res.history[res.best_epoch - 1]
@@ -66,11 +88,9 @@ def main() -> None:
                          "input_size": size, "history": res.history}
         print(f"{name:32s} val acc {best['val_acc']:.4f}  val NLL {best['val_nll']:.4f}  best epoch "
               f"{res.best_epoch}/{args.epochs}  {results[name]['seconds']:.0f}s", flush=True)
-    summary = {"budget": {"data": args.data, "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
-                          "batch_size": args.batch_size, "seed": args.seed, "threads": torch.get_num_threads()},
-               "recipes": results}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
+        tmp = out / "sweep.json.tmp"  # after every recipe, so a stopped sweep keeps what it measured
+        tmp.write_text(json.dumps({"budget": budget, "recipes": results}, indent=2))
+        tmp.replace(out / "sweep.json")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,9 @@ class FusionConfig:
     ogm_alpha: float = 0.0  # OGM-GE gradient modulation of the dominant branch (0: off); concat/gated, no hidden
     checkpoint_trunks: bool = False  # training: recompute each trainable trunk in backward instead of storing
     # its activations (less memory, ~one more forward pass of time; BatchNorm statistics update twice per step)
+    branch_streams: bool = False  # CUDA: launch each branch on its own CUDA stream, so small trunks' kernels can
+    # overlap; same results as in turn (tests/test_cuda.py); no effect on the CPU. Off until the benchmark
+    # (experiments/bench_throughput.py, mode "streams") shows it faster on a GPU
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -215,6 +218,40 @@ class Branch(nn.Module):
         return self
 
 
+_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}  # (device index, slot) -> a side stream, made once
+
+
+def on_streams(x: torch.Tensor, calls: Mapping[str, Callable[[], object]]) -> dict[str, object]:
+    """Run each call on its own CUDA stream; the caller's stream then waits for all of them.
+
+    Each side stream first waits for the work already queued on the caller's stream (which produced ``x``). The
+    caching allocator is told where tensors are used across streams (``record_stream``), so no memory is reused
+    while another stream may still read it. Autograd runs each backward op on its forward op's stream.
+    """
+    main = torch.cuda.current_stream(x.device)
+    results, used = {}, []
+    for slot, (name, call) in enumerate(calls.items()):
+        key = (x.device.index if x.device.index is not None else torch.cuda.current_device(), slot)
+        stream = _STREAMS.get(key) or _STREAMS.setdefault(key, torch.cuda.Stream(x.device))
+        stream.wait_stream(main)
+        x.record_stream(stream)
+        with torch.cuda.stream(stream):
+            results[name] = call()
+        used.append(stream)
+    for stream in used:
+        main.wait_stream(stream)
+    for t in _tensors(results):
+        t.record_stream(main)
+    return results
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
 class FusionNet(Classifier):
     """Several trunks, pooled and fused into one head; see the module docstring. Random weights: use
     :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints (``trunks``: modules already built
@@ -282,11 +319,17 @@ class FusionNet(Classifier):
     def feature_extractors(self) -> Mapping[str, nn.Module]:
         return self.branches
 
+    def _per_branch(self, x: torch.Tensor, fn: Callable[[Branch], object]) -> dict[str, object]:
+        """{name: fn(branch)}: the branches in turn, or each on its own CUDA stream (``branch_streams``)."""
+        if self.config.branch_streams and x.is_cuda and len(self.branches) > 1:
+            return on_streams(x, {name: (lambda br=br: fn(br)) for name, br in self.branches.items()})
+        return {name: fn(br) for name, br in self.branches.items()}
+
     def forward_output(self, x: torch.Tensor) -> ModelOutput:
         _check_images(x)
+        runs = self._per_branch(x, lambda br: br.forward_with_aux(x, checkpoint=self.config.checkpoint_trunks))
         feats, aux = {}, {}
-        for name, br in self.branches.items():
-            feats[name], branch_aux = br.forward_with_aux(x, checkpoint=self.config.checkpoint_trunks)
+        for name, (feats[name], branch_aux) in runs.items():
             aux.update({f"{name}:{k}": v for k, v in branch_aux.items()})
         out = self.forward_head_output(feats)
         return ModelOutput(out.logits, {**aux, **out.aux}, out.extras)
@@ -335,7 +378,7 @@ class FusionNet(Classifier):
     def forward_branches(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each branch's pooled features, by branch name: {name: (B, D_i)}."""
         _check_images(x)
-        return {name: br(x) for name, br in self.branches.items()}
+        return self._per_branch(x, lambda br: br(x))
 
     def forward_head(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (B, K) from pooled features by branch name."""

@@ -52,3 +52,20 @@ def test_a_one_epoch_comparison_on_the_gpu(tmp_path):
                                            pretrained=False, device="cuda", out=str(tmp_path / "run"),
                                            progress=False), log=None)
     assert "FusionNet (selected on val)" in results["methods"]
+
+
+def test_branches_on_cuda_streams_match_running_them_in_turn():
+    torch.manual_seed(0)
+    model = FusionNet(backbones=TINY + ["timm/test_vit"], num_classes=3, taps={"timm/test_resnet": 1}).cuda()
+    streamed = FusionNet(config=type(model.config).from_dict({**model.config.to_dict(), "branch_streams": True}))
+    streamed.load_state_dict(model.state_dict())
+    streamed.cuda()
+    x = torch.rand(4, 3, 32, 32, device="cuda")
+    y = torch.tensor([0, 1, 2, 0], device="cuda")
+    for m in (model, streamed):
+        torch.nn.functional.cross_entropy(m.train()(x), y).backward()
+    assert torch.allclose(model.eval()(x), streamed.eval()(x), atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), streamed.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-5), name

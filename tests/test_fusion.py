@@ -254,3 +254,14 @@ def test_taps_refuse_bad_values_and_token_trunks():
         FusionNet(backbones=["resnet18"], num_classes=2, taps=-1)
     with pytest.raises(ConfigError, match=r"taps pool convolutional .*use taps=0"):
         FusionNet(backbones=["timm/test_vit"], num_classes=2, taps=1)
+
+
+def test_branch_streams_change_nothing_on_the_cpu_and_are_saved(tmp_path):
+    torch.manual_seed(0)
+    model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()
+    streamed = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2,
+                         branch_streams=True).eval()
+    streamed.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(streamed(x), model(x))
+    assert load_fusionnet(save_model(streamed, tmp_path / "m.pth")).config.branch_streams
