@@ -163,13 +163,12 @@ class Branch(nn.Module):
         """(B, 3, H, W) -> ((B, D), GoogLeNet aux logits by head name in training mode, else {}).
         ``checkpoint``: keep only the trunk's input for backward and recompute the rest there."""
         x = self.preprocess(x)
-        if self.cfg.aux_heads:
-            (fmap, aux), taps = self._run(self.trunk.forward_with_aux, x)
-        elif checkpoint and self.training and torch.is_grad_enabled() and self.frozen_stages < len(self.stages):
-            (fmap, taps), aux = torch.utils.checkpoint.checkpoint(self._run, self.trunk.forward_features, x,
-                                                                  use_reentrant=False), {}
+        fn = self.trunk.forward_with_aux if self.cfg.aux_heads else self.trunk.forward_features
+        if checkpoint and self.training and torch.is_grad_enabled() and self.frozen_stages < len(self.stages):
+            out, taps = torch.utils.checkpoint.checkpoint(self._run, fn, x, use_reentrant=False)
         else:
-            (fmap, taps), aux = self._run(self.trunk.forward_features, x), {}
+            out, taps = self._run(fn, x)
+        fmap, aux = out if self.cfg.aux_heads else (out, {})
         return self._pooled(fmap, taps), aux
 
     def _run(self, fn, x: torch.Tensor):

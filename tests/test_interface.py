@@ -158,18 +158,19 @@ def test_model_output_is_what_training_sees():
     assert create_fusionnet(["timm/test_resnet"], num_classes=3).config.branches[0].name == "test_resnet"
 
 
-def test_trunk_checkpointing_gives_the_same_gradients_and_saves_fewer_activations():
+@pytest.mark.parametrize("branches", [TINY, [BranchConfig("googlenet", aux_heads=True)]], ids=["tiny", "googlenet-aux"])
+def test_trunk_checkpointing_gives_the_same_gradients_and_saves_fewer_activations(branches):
     def run(checkpoint):
         torch.manual_seed(0)
-        model = FusionNet(backbones=TINY, num_classes=3, checkpoint_trunks=checkpoint).train()
+        model = FusionNet(backbones=branches, num_classes=3, checkpoint_trunks=checkpoint).train()
         for m in model.modules():  # BatchNorm would update its statistics twice under recomputation
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
-            loss = model.forward_output(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-                                        ).logits.sum()
+            out = model.forward_output(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+            loss = out.logits.sum() + sum(a.sum() for a in out.aux.values())  # GoogLeNet's aux heads too
         loss.backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None], sum(saved)
 
