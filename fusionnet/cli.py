@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=None,
                    help="fusion variants: concat gated attention late from_members stacked (default: all)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader worker processes for training and predicting over images (0: in the main one)")
     p.add_argument("--shared-cache", action="store_true",
                    help="frozen regime: compute each trunk's features once for all models (fast; wall times then "
                         "leave out features an earlier model computed)")
@@ -177,14 +179,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         from fusionnet.compare import CompareConfig, run_comparison
 
         variants = {"variants": args.variants} if args.variants else {}
-        out = str(run_folder(args.out or f"runs/{args.regime}", args.overwrite))
-        run_comparison(CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime,
-                                     epochs=args.epochs, size=args.size, batch_size=args.batch_size, lr=args.lr,
-                                     seed=args.seed, seeds=args.seeds, monitor=args.monitor,
-                                     out=out, device=args.device,
-                                     shared_cache=args.shared_cache, cache_root=args.cache_root,
-                                     image_cache=not args.no_image_cache, stacked_taps=args.stacked_taps,
-                                     progress=not args.no_progress, **variants))
+        cfg = CompareConfig(data=args.data, backbones=args.backbones, regime=args.regime, epochs=args.epochs,
+                            size=args.size, batch_size=args.batch_size, lr=args.lr, seed=args.seed, seeds=args.seeds,
+                            monitor=args.monitor, out=args.out or f"runs/{args.regime}", device=args.device,
+                            workers=args.workers, shared_cache=args.shared_cache, cache_root=args.cache_root,
+                            image_cache=not args.no_image_cache, stacked_taps=args.stacked_taps,
+                            progress=not args.no_progress, **variants)  # settings checked before the folder
+        run_folder(cfg.out, args.overwrite)
+        run_comparison(cfg)
     elif args.command == "export":
         import torch
 

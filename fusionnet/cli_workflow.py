@@ -135,6 +135,7 @@ def _train_settings(args) -> dict:
 
 def handle_train(args) -> None:
     from fusionnet.data import load_splits
+    from fusionnet.distributed import resolve_device
     from fusionnet.factory import create_fusionnet
     from fusionnet.train import TrainConfig, fit
 
@@ -143,10 +144,6 @@ def handle_train(args) -> None:
         if not s.get(required):
             raise ConfigError(f"train needs --{required} (or '{required}' in --config)")
     out = s.get("out") or "runs/" + "+".join(b.replace("/", "_") for b in s["backbones"])
-    if not s.get("resume"):
-        run_folder(out, bool(s.get("overwrite")))
-    splits = load_splits(s["data"], size=s.get("size", 128), seed=s.get("seed", 0), policy=s.get("policy", "default"),
-                         image_cache=s.get("image_cache"), progress=not s.get("no_progress", False))
     names = ("epochs", "batch_size", "lr", "loss", "class_weighting", "balanced_sampling", "strategy", "monitor",
              "patience", "seed", "device")
     cfg = {k: s[k] for k in names if k in s}
@@ -156,9 +153,15 @@ def handle_train(args) -> None:
         "no_progress", "image_cache"})
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown} in the config")
+    train_cfg = TrainConfig(**cfg)  # every setting checked before an earlier run is replaced or an image read
+    resolve_device(train_cfg.device)
+    if not s.get("resume"):
+        run_folder(out, bool(s.get("overwrite")))
+    splits = load_splits(s["data"], size=s.get("size", 128), seed=s.get("seed", 0), policy=s.get("policy", "default"),
+                         image_cache=s.get("image_cache"), progress=not s.get("no_progress", False))
     model = create_fusionnet(s["backbones"], class_names=splits.class_names, pretrained=not s.get("no_pretrained"),
                              fusion=s.get("fusion", "concat"))
-    result = fit(model, splits.train, splits.val, TrainConfig(**cfg), out_dir=out, resume=bool(s.get("resume")))
+    result = fit(model, splits.train, splits.val, train_cfg, out_dir=out, resume=bool(s.get("resume")))
     from fusionnet.distributed import rank_world
 
     if rank_world()[0] == 0:  # under torchrun, one report

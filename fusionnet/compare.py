@@ -31,6 +31,7 @@ import torch
 
 from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits, load_splits
+from fusionnet.distributed import resolve_device
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.feature_cache import cached_features
@@ -80,8 +81,11 @@ class CompareConfig:
     out: str = "runs/fusion_vs_voting"
     progress: bool = True
     device: str = "auto"
+    workers: int = 0  # DataLoader worker processes for every model's training and prediction over images
 
     def __post_init__(self) -> None:
+        """Every setting is checked here, before any image is read or model trained (a bad value found after an
+        hour of training members is an hour lost)."""
         if self.regime not in REGIMES:
             raise ConfigError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
         if len(self.backbones) < 2:
@@ -93,6 +97,20 @@ class CompareConfig:
             raise ConfigError(f"select_by must be 'nll' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        checks = [
+            (_whole(self.size, 1), f"size must be a whole number of pixels >= 1, got {self.size!r}"),
+            (_whole(self.stacked_taps, 0), f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
+            (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1,
+             f"val_fraction must be in (0, 1), got {self.val_fraction!r}"),
+            (isinstance(self.from_members_lr_mult, (int, float)) and self.from_members_lr_mult > 0,
+             f"from_members_lr_mult must be > 0, got {self.from_members_lr_mult!r}"),
+        ] + [(isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) < 1,
+              f"{f} must be in [0, 1), got {getattr(self, f)!r}") for f in ("fusion_dropout", "branch_dropout")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        self.train_config()  # epochs, batch size, rates, monitor, workers: TrainConfig's own checks
+        resolve_device(self.device)
 
     def train_config(self, model_name: str = "model") -> TrainConfig:
         """The budget every model gets. Each model has its own feature cache, so that every wall time includes
@@ -105,7 +123,12 @@ class CompareConfig:
                            cache_dir=str(Path(self.cache_root or Path(self.out) / "cache")
                                          / ("shared" if self.shared_cache else model_name)) if frozen else None,
                            seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device,
-                           label_smoothing=self.label_smoothing, weight_decay=self.weight_decay)
+                           label_smoothing=self.label_smoothing, weight_decay=self.weight_decay,
+                           num_workers=self.workers)
+
+
+def _whole(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -124,10 +147,11 @@ def _train_and_predict(name: str, model, splits: Splits, cfg: CompareConfig, out
     for split, data in (("val", splits.val), ("test", splits.test)):
         source = data
         if cfg.shared_cache and cfg.regime == "frozen":  # the same eval-mode branch outputs, computed once
-            source, _ = cached_features(best, data, cache_dir=train_cfg.cache_dir, device=cfg.device, batch_size=64)
+            source, _ = cached_features(best, data, cache_dir=train_cfg.cache_dir, device=cfg.device, batch_size=64,
+                                        num_workers=cfg.workers)
         outputs[split] = member_outputs(best, source, member=name, split=split, checkpoint=result.best_path,
                                         sample_ids=data.paths, batch_size=64, device=cfg.device,
-                                        progress=cfg.progress)
+                                        progress=cfg.progress, num_workers=cfg.workers if source is data else 0)
         outputs[split].save(out / "outputs" / f"{name}_{split}.pt")
     info = {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t1, "params": _params(best),
             "best_epoch": result.best_epoch, "epochs_run": len(result.history), "checkpoint": result.best_path,
@@ -164,14 +188,16 @@ def _stacked_fusion(cfg: CompareConfig, splits: Splits, member_info: dict, out: 
                              taps=cfg.stacked_taps)
         prior_s = sum(member_info[b]["train_seconds"] for b in cfg.backbones)
     cache_dir = cfg.train_config("fusion_stacked").cache_dir
-    fit_info = fit_late_head_on(model, splits, cache_dir=cache_dir, device=cfg.device, seed=cfg.seed, log=say)
+    fit_info = fit_late_head_on(model, splits, cache_dir=cache_dir, device=cfg.device, seed=cfg.seed, log=say,
+                                num_workers=cfg.workers)
     path = out / "models" / "fusion_stacked" / "best.pth"
     save_model(model, path, metrics={"late_head": asdict(fit_info)})
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     outputs, sources = {}, {}
     for split, data in (("val", splits.val), ("test", splits.test)):
-        sources[split], _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64)
+        sources[split], _ = cached_features(model, data, cache_dir=cache_dir, device=cfg.device, batch_size=64,
+                                            num_workers=cfg.workers)
         outputs[split] = member_outputs(model, sources[split], member="fusion_stacked", split=split,
                                         checkpoint=str(path), sample_ids=data.paths, batch_size=64,
                                         device=cfg.device, progress=cfg.progress)

@@ -29,6 +29,9 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA GPU; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                          f"use 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}' (or 'cuda')")
     return device
 
 

@@ -145,10 +145,15 @@ class ImageStore:
                 f.write(image.tobytes())
                 pos += image.nbytes
 
-        atomic_write(self.data_path, write)  # the index is written last: it marks the store complete
-        index = {"version": STORE_VERSION, "short_side": self.short_side, "interpolation": self.interpolation,
-                 "paths": paths, "offsets": offsets, "heights": heights, "widths": widths,
-                 "bytes": int(sum(h * w * 3 for h, w in zip(heights, widths)))}
-        atomic_write_json(self.index_path, index)
+        try:
+            atomic_write(self.data_path, write)  # the index is written last: it marks the store complete
+            index = {"version": STORE_VERSION, "short_side": self.short_side, "interpolation": self.interpolation,
+                     "paths": paths, "offsets": offsets, "heights": heights, "widths": widths,
+                     "bytes": int(sum(h * w * 3 for h, w in zip(heights, widths)))}
+            atomic_write_json(self.index_path, index)
+        except OSError as exc:  # a read-only, missing or full place: say which folder, and what to do
+            raise DataError(f"cannot write the image cache in {str(self.data_path.parent)!r} ({exc.strerror or exc}); "
+                            f"give a writable folder (e.g. --image-cache runs/image_cache), or none to read the "
+                            f"image files directly") from exc
         self.built = True
         return index

@@ -48,14 +48,15 @@ class LateHeadFit:
 
 
 def fit_late_head_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
-                     log: Callable[[str], None] | None = None) -> LateHeadFit:
+                     log: Callable[[str], None] | None = None, num_workers: int = 0) -> LateHeadFit:
     """:func:`fit_late_head` on the training images of ``splits`` (a :class:`fusionnet.data.Splits`), seen through
     the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
     from fusionnet.data import eval_view
     from fusionnet.feature_cache import cached_features
 
     train = eval_view(splits.train, splits.val)
-    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64)
+    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64,
+                               num_workers=num_workers)
     return fit_late_head(model, feats.features, feats.targets, seed=seed, log=log)
 
 

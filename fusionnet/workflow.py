@@ -75,6 +75,8 @@ def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLi
     bad = [h for h in heads if h not in HEADS]
     if bad or not heads:
         raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
+    if isinstance(stacked_taps, bool) or not isinstance(stacked_taps, int) or stacked_taps < 0:
+        raise ConfigError(f"stacked_taps must be a whole number >= 0, got {stacked_taps!r}")
     out = Path(out)
     splits = load_splits(data, size=size, val_fraction=val_fraction, seed=seed)
     if splits.test is None:

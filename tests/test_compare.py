@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fusionnet import FusionNet, create_fusionnet, load_fusionnet
+from fusionnet import ConfigError, FusionNet, create_fusionnet, load_fusionnet
 from fusionnet.cli import main
 from fusionnet.compare import CompareConfig, run_comparison
 from fusionnet.report import mcnemar, write_seed_summary
@@ -136,3 +136,40 @@ def test_compare_cli_refuses_a_single_backbone(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "--data", str(tmp_path), "--backbones", "resnet18"]) == 2
     assert "needs at least 2 backbones" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"stacked_taps": -1}, "stacked_taps must be a whole number >= 0, got -1"),
+    ({"size": 0}, "size must be a whole number of pixels >= 1"),
+    ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\), got 1.5"),
+    ({"fusion_dropout": 1.0}, r"fusion_dropout must be in \[0, 1\), got 1.0"),
+    ({"lr": -1.0}, "lr must be a finite number > 0, got -1.0"),
+    ({"epochs": 0}, "epochs must be an int >= 1"),
+    ({"workers": -1}, "num_workers must be an int >= 0, got -1"),
+    ({"monitor": "loss"}, "unknown monitor 'loss'"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+])
+def test_every_compare_setting_is_checked_before_any_work(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message):
+        CompareConfig(data=str(tmp_path / "no such folder"), backbones=TINY, **setting)
+
+
+def test_a_bad_compare_flag_leaves_the_earlier_run_in_place(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "results.md").write_text("earlier results")
+    argv = ["compare", "--data", "data", "--backbones", *TINY, "--out", "runs/old", "--overwrite"]
+    assert main([*argv, "--stacked-taps", "-1"]) == 2
+    assert "stacked_taps must be a whole number >= 0" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "old" / "results.md").read_text() == "earlier results"
+
+
+def test_a_cuda_index_beyond_the_machine_names_the_ones_there(monkeypatch):
+    from fusionnet.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"'cuda:5' asked for, but this machine has 2 CUDA GPU\(s\): use 'cuda:0' "
+                                          r"to 'cuda:1'"):
+        resolve_device("cuda:5")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")

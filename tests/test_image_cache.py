@@ -102,6 +102,9 @@ def test_store_errors_name_the_value(tmp_path):
     with pytest.raises(DataError, match=r"cannot decode .*junk.jpg"):
         ImageStore(tmp_path / "images", [str(tmp_path / "junk.jpg")], 64, workers=0, progress=False)
     assert not list((tmp_path / "images").glob("*.u8")), "a failed build leaves no store behind"
+    (tmp_path / "a file").write_text("")  # a folder that cannot be made: the error names it and the way out
+    with pytest.raises(DataError, match=r"cannot write the image cache in .*a file/sub.*give a writable folder"):
+        ImageStore(tmp_path / "a file" / "sub", paths, 64, workers=0, progress=False)
 
 
 def test_the_store_serves_loader_workers_and_keys_the_feature_cache(tmp_path):
