@@ -26,7 +26,7 @@ import albumentations as A
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, WeightedRandomSampler
 
 from fusionnet.errors import DataError
@@ -41,9 +41,11 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to an (H, W, 3) uint8 RGB array, whatever its mode (L, RGBA, P, CMYK, I;16, I, F ...).
 
     16-bit and 32-bit single-channel images are scaled by their own bit depth (PIL's own conversion clips them,
-    turning a 16-bit photo near-white)."""
+    turning a 16-bit photo near-white). A camera's EXIF orientation is applied, so a photo taken upright is upright
+    (as image viewers show it), not lying on its side."""
     with Image.open(path) as img:
         img.load()  # decodes fully: truncated files raise here
+        img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I") or img.mode == "F":  # one channel of 16/32-bit ints or floats
             a = np.asarray(img, dtype=np.float64)
             top = 65535.0 if img.mode.startswith("I;16") else _bit_depth_top(a)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from fusionnet.distributed import place
 from fusionnet.files import atomic_torch_save, files_fingerprint
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: images upright by their EXIF orientation
 
 
 def weights_hash(module: nn.Module) -> str:

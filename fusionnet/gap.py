@@ -55,10 +55,10 @@ def folder_stats(files: list[tuple[str, str]], size: int = 64) -> tuple[FolderSt
     sizes, modes, formats, bright, means, sq, pixels = [], Counter(), Counter(), [], np.zeros(3), np.zeros(3), []
     for path, _ in files:
         with Image.open(path) as img:
-            sizes.append(img.size)
             modes[img.mode] += 1
             formats[img.format or "?"] += 1
         rgb = read_rgb(path)
+        sizes.append((rgb.shape[1], rgb.shape[0]))  # (width, height) as shown: upright by EXIF orientation
         small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
         pixels.append(small)
         x = small.reshape(-1, 3) / 255.0

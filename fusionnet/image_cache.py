@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from fusionnet.errors import DataError
 from fusionnet.files import atomic_write, atomic_write_json, files_fingerprint
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: images upright by their EXIF orientation
 INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
 

@@ -22,6 +22,18 @@ def test_images_decode_to_rgb_whatever_their_mode(tmp_path):
     assert (read_rgb(tmp_path / "gray.png")[..., 0] == arr).all()
 
 
+def test_a_photo_with_an_exif_orientation_decodes_upright(tmp_path):
+    pixels = np.zeros((30, 60, 3), np.uint8)
+    pixels[:, :30] = 255  # the left half white, as stored
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write portrait photos
+    img.save(tmp_path / "portrait.jpg", exif=exif, quality=95)
+    out = read_rgb(tmp_path / "portrait.jpg")
+    assert out.shape == (60, 30, 3)  # upright: taller than wide
+    assert out[:25].mean() > 200 and out[-25:].mean() < 50  # the stored left half is now on top
+
+
 def test_pipelines_produce_unit_range_tensors_of_the_asked_size(tmp_path):
     img = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
     for tf in [train_transform(32), train_transform(32, policy="strong"), eval_transform(32),
