@@ -1,7 +1,7 @@
 """Choose the fine-tuning recipe of one member on validation: learning rates, warm-up, augmentation, input size.
 
     python experiments/sweep_finetune_recipe.py --data runs/demo/digits --size 64 --epochs 4 --out runs/sweep_finetune
-    python experiments/sweep_finetune_recipe.py ... --base trunk_lr_mult=1.0 --recipes ...   # a second stage
+    python experiments/sweep_finetune_recipe.py ... --base label_smoothing=0.1 --recipes ...   # a second stage
 
 ``--base`` sets TrainConfig fields under every recipe (a recipe's own fields win), so a first stage can choose the
 learning rates and a second stage the rest on top of the winner.
@@ -24,10 +24,11 @@ from fusionnet import create_fusionnet
 from fusionnet.data import load_splits
 from fusionnet.train import TrainConfig, fit
 
-RECIPES = {  # name: (TrainConfig fields, augmentation policy, branch input size)
-    "default (lr 1e-3, trunk x0.1)": ({}, "default", None),
+RECIPES = {  # name: (TrainConfig fields over its defaults and --base, augmentation policy, branch input size)
+    "defaults": ({}, "default", None),
+    "trunk x0.1": ({"trunk_lr_mult": 0.1}, "default", None),
     "trunk x1": ({"trunk_lr_mult": 1.0}, "default", None),
-    "lr 3e-3, trunk x0.1": ({"lr": 3e-3}, "default", None),
+    "lr 3e-3": ({"lr": 3e-3}, "default", None),
     "lr 3e-4, trunk x1": ({"lr": 3e-4, "trunk_lr_mult": 1.0}, "default", None),
     "no warm-up": ({"warmup_epochs": 0.0}, "default", None),
     "strong augmentation": ({}, "strong", None),

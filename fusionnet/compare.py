@@ -58,7 +58,7 @@ class CompareConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float | None = None  # default: 3e-3 frozen, 1e-3 fine-tuning
-    trunk_lr_mult: float = 0.1
+    trunk_lr_mult: float = 1.0  # fine-tuning: trunks at lr * this (TrainConfig's default, chosen on validation)
     seed: int = 0
     seeds: list[int] | None = None  # several seeds: the whole comparison per seed, then mean +- sd
     val_fraction: float = 0.15

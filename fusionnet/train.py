@@ -60,7 +60,8 @@ class TrainConfig:
     batch_size: int = 32
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3  # the head's learning rate
-    trunk_lr_mult: float = 0.1  # pretrained trunks learn at lr * this
+    trunk_lr_mult: float = 1.0  # pretrained trunks learn at lr * this; 1 chosen on validation over 0.1 (flowers5_128
+    # Lite0, 3 epochs: val acc 0.743 vs 0.662; digits: 0.66 vs 0.28 after one epoch; experiments/README.md)
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
     warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to 0 over the remaining steps
