@@ -310,6 +310,8 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
     and one at twice ``size`` for the training pipeline.
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     base = _data_root(root)
     if not (base / "train").is_dir():
         raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "

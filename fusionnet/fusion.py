@@ -418,6 +418,12 @@ def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: 
     if unknown:
         raise ConfigError(f"unknown FusionNet setting(s) {unknown}; settings: "
                           f"{', '.join(f for f in FusionConfig.__dataclass_fields__ if f != 'branches')}")
+    plain = [b for b in backbones if isinstance(b, str)]
+    for setting, value in (("pool", pool), ("input_size", input_size), ("taps", taps)):
+        stray = sorted(set(value) - set(plain)) if isinstance(value, Mapping) else []
+        if stray:  # a misspelt name would silently leave its branch at the default
+            raise ConfigError(f"{setting} names backbone(s) {stray} that are not among the plain backbone names "
+                              f"{plain}; key the dict by those names")
     branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) if isinstance(b, Mapping) else
                 BranchConfig(backbone=b, pool=_per_branch(pool, b, "avg"), input_size=_per_branch(input_size, b, None),
                              taps=_per_branch(taps, b, 0))
@@ -436,3 +442,6 @@ def _check_images(x: torch.Tensor) -> None:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ConfigError(f"expected images of shape (B, 3, H, W) with values in [0, 1], got {shape}; "
                           f"grayscale images: x.expand(-1, 3, -1, -1)")
+    if not x.is_floating_point():  # checked without reading the values (no device sync)
+        raise ConfigError(f"expected float images with values in [0, 1], got {x.dtype}; 8-bit images: "
+                          f"x.float() / 255")

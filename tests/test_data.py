@@ -78,6 +78,12 @@ def test_empty_class_folder_is_named(tmp_path):
         FolderImages(tmp_path)
 
 
+@pytest.mark.parametrize("size", [0, -3, 32.5, True])
+def test_a_bad_image_size_is_named(tmp_path, size):
+    with pytest.raises(ValueError, match=rf"size must be a whole number of pixels >= 1, got {size!r}"):
+        load_splits(make_splits(tmp_path, per_class=4), size=size)
+
+
 def test_train_and_test_with_different_classes_are_refused(tmp_path):
     make_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     make_folder(tmp_path / "test", {"a": 2, "b": 2, "d": 2})

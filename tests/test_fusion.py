@@ -102,12 +102,16 @@ def test_bad_config_values_are_named():
         FusionNet(backbones="resnet18", num_classes=2)
     with pytest.raises(ValueError, match=r"class_names has 2 names but num_classes is 3"):
         FusionNet(backbones=["resnet18"], num_classes=3, class_names=["a", "b"])
+    with pytest.raises(ConfigError, match=r"taps names backbone\(s\) \['resnet_18'\] that are not among .*'resnet18'"):
+        FusionNet(backbones=["resnet18"], num_classes=2, taps={"resnet_18": 2})  # misspelt: not silently 0
 
 
 def test_bad_image_batch_shape_is_explained():
     model = FusionNet(backbones=["resnet18"], num_classes=2)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*got \(2, 1, 32, 32\)"):
         model(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"expected float images with values in \[0, 1\], got torch.uint8; .*/ 255"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_save_and_load_give_bit_identical_logits(tmp_path):
