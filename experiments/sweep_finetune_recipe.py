@@ -4,7 +4,11 @@
     python experiments/sweep_finetune_recipe.py ... --base label_smoothing=0.1 --recipes ...   # a second stage
 
 ``--base`` sets TrainConfig fields under every recipe (a recipe's own fields win), so a first stage can choose the
-learning rates and a second stage the rest on top of the winner.
+learning rates and a second stage the rest on top of the winner. ``--paired RECIPE`` trains nothing: it predicts
+validation with every recipe's best model in the given sweep folders and writes an exact McNemar test of each
+against RECIPE's model (paired.json in the first folder): is a gap more than the noise of one validation split?
+
+    python experiments/sweep_finetune_recipe.py --data ... --out runs/a runs/b --paired "trunk x1"
 
 Every recipe fine-tunes the same pretrained backbone (all layers, ``strategy="full"``) on the same data, seed and
 epochs, reading images from one decoded-image cache; the table shows each recipe's best validation accuracy and NLL
@@ -50,6 +54,35 @@ def _field(item: str) -> tuple[str, object]:
         return name, value
 
 
+def paired(args, folders: list[Path]) -> None:
+    """Exact McNemar on validation between each recipe's best model and the reference recipe's."""
+    from fusionnet import load_fusionnet
+    from fusionnet.files import atomic_write_json
+    from fusionnet.inference import predict
+    from fusionnet.report import mcnemar
+
+    runs = {}
+    for folder in folders:
+        sweep = json.loads((folder / "sweep.json").read_text())
+        for name, r in sweep["recipes"].items():
+            runs[f"{name} ({folder.name})"] = (folder / "runs" / name.replace(" ", "_") / "best.pth", r, sweep["budget"])
+    ref = next((k for k in runs if k.startswith(args.paired + " (")), None)
+    if ref is None:
+        raise SystemExit(f"--paired {args.paired!r}: no such recipe in {[str(f) for f in folders]}; have {list(runs)}")
+    val = load_splits(args.data, size=args.size, seed=args.seed, progress=False).val
+    correct = {}
+    for key, (path, _r, _b) in runs.items():
+        probs, labels = predict(load_fusionnet(path), val, batch_size=64)
+        correct[key] = (probs.argmax(1) == labels).tolist()
+    table = {key: {"val_acc": sum(c) / len(c), "val_nll": runs[key][1]["val_nll"], "base": runs[key][2]["base"],
+                   "vs_reference": mcnemar(correct[key], correct[ref])} for key, c in correct.items()}
+    for key, row in table.items():
+        t = row["vs_reference"]
+        print(f"{key:48s} val acc {row['val_acc']:.4f}  right where the reference is wrong {t['a_only']:3d}, "
+              f"the reverse {t['b_only']:3d}, p = {t['p_value']:.3f}")
+    atomic_write_json(folders[0] / "paired.json", {"reference": ref, "recipes": table})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
@@ -62,11 +95,15 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     ap.add_argument("--base", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="TrainConfig fields under every recipe, e.g. trunk_lr_mult=1.0 lr=3e-4")
-    ap.add_argument("--out", default="runs/sweep_finetune")
+    ap.add_argument("--out", nargs="+", default=["runs/sweep_finetune"], help="the sweep folder (--paired: folders)")
+    ap.add_argument("--paired", metavar="RECIPE", default=None,
+                    help="no training: McNemar on validation of every recipe's best model against RECIPE's")
     args = ap.parse_args()
+    if args.paired:
+        return paired(args, [Path(o) for o in args.out])
     base = dict(_field(item) for item in args.base)
 
-    out = Path(args.out)
+    out = Path(args.out[0])
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     budget = {"data": args.data, "backbone": args.backbone, "size": args.size, "epochs": args.epochs,
