@@ -4,9 +4,10 @@
     python experiments/bench_throughput.py --device cuda --batch 256 --compile         # on a GPU machine
 
 Modes: precision (fp32 | bf16 autocast) x memory format (contiguous | channels_last) x torch.compile (off | on,
-with --compile) x, on CUDA, the fusion's branches in turn or each on its own CUDA stream (``branch_streams``). For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote)
-and of FusionNet, the ratio FusionNet time / sum of member times, and the largest logit difference from fp32
-contiguous eager (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16). Training: the step rate on a
+with --compile) x, on CUDA, the fusion's branches in turn or each on its own CUDA stream (``branch_streams``).
+For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote) and of
+FusionNet, the ratio FusionNet time / sum of member times, and the largest logit difference from fp32 contiguous
+eager (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16). Training: the step rate on a
 batch already in device memory (forward + backward + AdamW step, no data loading) for one member and for the
 fusion, beside ``fit``'s measured rate over image files on disk (data loading included). Every figure is a median
 of --runs timed runs after warm-up, with min and max. Untrained weights (pretrained=False): speed does not depend

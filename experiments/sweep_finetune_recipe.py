@@ -26,6 +26,7 @@ import torch
 
 from fusionnet import create_fusionnet
 from fusionnet.data import load_splits
+from fusionnet.files import atomic_write_json
 from fusionnet.train import TrainConfig, fit
 
 RECIPES = {  # name: (TrainConfig fields over its defaults and --base, augmentation policy, branch input size)
@@ -54,10 +55,13 @@ def _field(item: str) -> tuple[str, object]:
         return name, value
 
 
+def _run_dir(out: Path, recipe: str) -> Path:
+    return out / "runs" / recipe.replace(" ", "_")
+
+
 def paired(args, folders: list[Path]) -> None:
     """Exact McNemar on validation between each recipe's best model and the reference recipe's."""
     from fusionnet import load_fusionnet
-    from fusionnet.files import atomic_write_json
     from fusionnet.inference import predict
     from fusionnet.report import mcnemar
 
@@ -65,7 +69,7 @@ def paired(args, folders: list[Path]) -> None:
     for folder in folders:
         sweep = json.loads((folder / "sweep.json").read_text())
         for name, r in sweep["recipes"].items():
-            runs[f"{name} ({folder.name})"] = (folder / "runs" / name.replace(" ", "_") / "best.pth", r, sweep["budget"])
+            runs[f"{name} ({folder.name})"] = (_run_dir(folder, name) / "best.pth", r, sweep["budget"])
     ref = next((k for k in runs if k.startswith(args.paired + " (")), None)
     if ref is None:
         raise SystemExit(f"--paired {args.paired!r}: no such recipe in {[str(f) for f in folders]}; have {list(runs)}")
@@ -119,16 +123,15 @@ def main() -> None:
                              "monitor": "nll", "num_workers": args.workers, "seed": args.seed, "progress": False,
                              **base, **fields})
         t0 = time.perf_counter()
-        res = fit(model, splits.train, splits.val, cfg, out_dir=out / "runs" / name.replace(" ", "_"), log=None)
+        res = fit(model, splits.train, splits.val, cfg, out_dir=_run_dir(out, name), log=None)
         best = res.history[res.best_epoch - 1]
         results[name] = {"val_acc": best["val_acc"], "val_nll": best["val_nll"], "best_epoch": res.best_epoch,
                          "seconds": time.perf_counter() - t0, "train_config": fields, "policy": policy,
                          "input_size": size, "history": res.history}
         print(f"{name:32s} val acc {best['val_acc']:.4f}  val NLL {best['val_nll']:.4f}  best epoch "
               f"{res.best_epoch}/{args.epochs}  {results[name]['seconds']:.0f}s", flush=True)
-        tmp = out / "sweep.json.tmp"  # after every recipe, so a stopped sweep keeps what it measured
-        tmp.write_text(json.dumps({"budget": budget, "recipes": results}, indent=2))
-        tmp.replace(out / "sweep.json")
+        # after every recipe, so a stopped sweep keeps what it measured
+        atomic_write_json(out / "sweep.json", {"budget": budget, "recipes": results})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits, load_splits
 from fusionnet.distributed import resolve_device
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
-from fusionnet.errors import ConfigError, DataError
+from fusionnet.errors import ConfigError, DataError, check_settings, is_finite, is_int
 from fusionnet.feature_cache import cached_features
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
 from fusionnet.files import atomic_write_json, resolve_path
@@ -97,18 +97,16 @@ class CompareConfig:
             raise ConfigError(f"select_by must be 'nll' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
-        checks = [
-            (_whole(self.size, 1), f"size must be a whole number of pixels >= 1, got {self.size!r}"),
-            (_whole(self.stacked_taps, 0), f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
-            (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1,
+        check_settings([
+            (is_int(self.size) and self.size >= 1, f"size must be a whole number of pixels >= 1, got {self.size!r}"),
+            (is_int(self.stacked_taps) and self.stacked_taps >= 0,
+             f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
+            (is_finite(self.val_fraction) and 0 < self.val_fraction < 1,
              f"val_fraction must be in (0, 1), got {self.val_fraction!r}"),
-            (isinstance(self.from_members_lr_mult, (int, float)) and self.from_members_lr_mult > 0,
+            (is_finite(self.from_members_lr_mult) and self.from_members_lr_mult > 0,
              f"from_members_lr_mult must be > 0, got {self.from_members_lr_mult!r}"),
-        ] + [(isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) < 1,
-              f"{f} must be in [0, 1), got {getattr(self, f)!r}") for f in ("fusion_dropout", "branch_dropout")]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        ] + [(is_finite(getattr(self, f)) and 0 <= getattr(self, f) < 1,
+              f"{f} must be in [0, 1), got {getattr(self, f)!r}") for f in ("fusion_dropout", "branch_dropout")])
         self.train_config()  # epochs, batch size, rates, monitor, workers: TrainConfig's own checks
         resolve_device(self.device)
 
@@ -125,10 +123,6 @@ class CompareConfig:
                            seed=self.seed, progress=self.progress, monitor=self.monitor, device=self.device,
                            label_smoothing=self.label_smoothing, weight_decay=self.weight_decay,
                            num_workers=self.workers)
-
-
-def _whole(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def _params(model: torch.nn.Module) -> int:

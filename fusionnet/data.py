@@ -29,7 +29,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from fusionnet.errors import DataError
+from fusionnet.errors import DataError, is_int
 from fusionnet.files import resolve_path
 from fusionnet.image_cache import ImageStore, train_side
 
@@ -310,7 +310,7 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
     and one at twice ``size`` for the training pipeline.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not (is_int(size) and size >= 1):
         raise ValueError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     base = _data_root(root)
     if not (base / "train").is_dir():

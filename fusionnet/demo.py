@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fusionnet.data import read_rgb
-from fusionnet.errors import ConfigError, DataError
+from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.files import resolve_path
 from fusionnet.efficientnet_lite import lite_package_path
 from fusionnet.factory import create_fusionnet
@@ -63,7 +63,7 @@ def _load_checked(path: str, size: int) -> torch.Tensor:
 def classify_imagenet(paths: Sequence[str] | None = None, *, backbone: str = "efficientnet_lite0",
                       top: int = 3) -> list[tuple[str, list[tuple[str, float]]]]:
     """Top-k ImageNet classes for each image (default: scikit-learn's sample photos)."""
-    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 1000:
+    if not (is_int(top) and 1 <= top <= 1000):
         raise ConfigError(f"top must be an int from 1 to 1000 (ImageNet has 1000 classes), got {top!r}")
     paths = list(paths) if paths else sample_photo_paths()
     model = imagenet_model(backbone)

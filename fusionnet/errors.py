@@ -7,6 +7,9 @@ The command line maps a ``FusionNetError`` to exit code 2 (bad input) and anythi
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 
 class FusionNetError(Exception):
     """Base class: something the user gave (a value, a file, a folder) is not what the library needs."""
@@ -38,3 +41,21 @@ class WriteError(FusionNetError, OSError):
 
 class TrainingError(FusionNetError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoints are kept."""
+
+
+# ---- checking settings ------------------------------------------------------------------------------------------
+def is_int(v) -> bool:
+    """A whole number (not a bool, which Python counts as an int)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_finite(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_settings(rules: Iterable[tuple[bool, str]]) -> None:
+    """Raise a :class:`ConfigError` with the message of the first rule that does not hold."""
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)

@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, tap_stages, trunk_output, trunk_stages
-from fusionnet.errors import ConfigError
+from fusionnet.errors import ConfigError, is_int
 from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ogm_coefficients, ordered
 from fusionnet.interface import Classifier, ModelOutput
 from fusionnet.pooling import POOLS, Pool
@@ -73,7 +73,7 @@ class FusionConfig:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
         if not self.branches:
             raise ConfigError("a FusionNet needs at least one backbone, got an empty list")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+        if not (is_int(self.num_classes) and self.num_classes >= 1):
             raise ConfigError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             raise ConfigError(f"class_names has {len(self.class_names)} names but num_classes is "
@@ -96,7 +96,7 @@ class FusionConfig:
                 raise ConfigError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
             if b.aux_heads and b.backbone != "googlenet":
                 raise ConfigError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
-            if isinstance(b.taps, bool) or not isinstance(b.taps, int) or b.taps < 0:
+            if not (is_int(b.taps) and b.taps >= 0):
                 raise ConfigError(f"branch {b.backbone!r}: taps must be an int >= 0, got {b.taps!r}")
             if b.input_size is not None and (isinstance(b.input_size, bool) or int(b.input_size) < 8):
                 raise ConfigError(f"branch {b.backbone!r}: input_size must be an int >= 8 or None, "
@@ -231,7 +231,9 @@ def on_streams(x: torch.Tensor, calls: Mapping[str, Callable[[], object]]) -> di
     results, used = {}, []
     for slot, (name, call) in enumerate(calls.items()):
         key = (x.device.index if x.device.index is not None else torch.cuda.current_device(), slot)
-        stream = _STREAMS.get(key) or _STREAMS.setdefault(key, torch.cuda.Stream(x.device))
+        stream = _STREAMS.get(key)
+        if stream is None:
+            stream = _STREAMS[key] = torch.cuda.Stream(x.device)
         stream.wait_stream(main)
         x.record_stream(stream)
         with torch.cuda.stream(stream):
@@ -327,9 +329,8 @@ class FusionNet(Classifier):
     def forward_output(self, x: torch.Tensor) -> ModelOutput:
         _check_images(x)
         runs = self._per_branch(x, lambda br: br.forward_with_aux(x, checkpoint=self.config.checkpoint_trunks))
-        feats, aux = {}, {}
-        for name, (feats[name], branch_aux) in runs.items():
-            aux.update({f"{name}:{k}": v for k, v in branch_aux.items()})
+        feats = {name: f for name, (f, _) in runs.items()}
+        aux = {f"{name}:{k}": v for name, (_, branch_aux) in runs.items() for k, v in branch_aux.items()}
         out = self.forward_head_output(feats)
         return ModelOutput(out.logits, {**aux, **out.aux}, out.extras)
 

@@ -33,7 +33,7 @@ from fusionnet import checkpoints as ckpt
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
-from fusionnet.errors import ConfigError, MissingFileError, TrainingError
+from fusionnet.errors import ConfigError, MissingFileError, TrainingError, check_settings, is_finite, is_int
 from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.inference import evaluate
@@ -42,14 +42,6 @@ from fusionnet.losses import make_loss
 
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -90,24 +82,24 @@ class TrainConfig:
     validate_start: bool = False  # also score the untrained starting point ("epoch 0") as a best.pth candidate
 
     def __post_init__(self) -> None:
-        checks = [
-            (_is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
-            (_is_int(self.batch_size) and self.batch_size >= 1,
+        check_settings([
+            (is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
+            (is_int(self.batch_size) and self.batch_size >= 1,
              f"batch_size must be an int >= 1, got {self.batch_size!r}"),
-            (_is_int(self.num_workers) and self.num_workers >= 0,
+            (is_int(self.num_workers) and self.num_workers >= 0,
              f"num_workers must be an int >= 0, got {self.num_workers!r}"),
             (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'sgd'"),
-            (_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
-            (_finite(self.trunk_lr_mult) and self.trunk_lr_mult >= 0,
+            (is_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
+            (is_finite(self.trunk_lr_mult) and self.trunk_lr_mult >= 0,
              f"trunk_lr_mult must be >= 0, got {self.trunk_lr_mult!r}"),
-            (_finite(self.weight_decay) and self.weight_decay >= 0,
+            (is_finite(self.weight_decay) and self.weight_decay >= 0,
              f"weight_decay must be >= 0, got {self.weight_decay!r}"),
-            (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            (is_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}"),
-            (_finite(self.aux_weight) and self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight!r}"),
-            (self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0),
+            (is_finite(self.aux_weight) and self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight!r}"),
+            (self.grad_clip is None or (is_finite(self.grad_clip) and self.grad_clip > 0),
              f"grad_clip must be > 0 or None, got {self.grad_clip!r}"),
-            (_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+            (is_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
              f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}"),
             (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
             (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
@@ -116,10 +108,7 @@ class TrainConfig:
             (self.amp in ("auto", True, False), f"amp must be 'auto', True or False, got {self.amp!r}"),
             (self.cache_features in ("auto", True, False),
              f"cache_features must be 'auto', True or False, got {self.cache_features!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        ])
 
 
 @dataclass

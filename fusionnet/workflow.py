@@ -23,7 +23,7 @@ from fusionnet.backbones import list_backbones
 from fusionnet.checkpoints import inspect_checkpoint
 from fusionnet.data import load_splits
 from fusionnet.ensembles import METHODS, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError
+from fusionnet.errors import CheckpointMismatchError, ConfigError, is_int
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
 from fusionnet.feature_cache import cached_features
 from fusionnet.late_head import fit_late_head_on
@@ -75,7 +75,7 @@ def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLi
     bad = [h for h in heads if h not in HEADS]
     if bad or not heads:
         raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
-    if isinstance(stacked_taps, bool) or not isinstance(stacked_taps, int) or stacked_taps < 0:
+    if not (is_int(stacked_taps) and stacked_taps >= 0):
         raise ConfigError(f"stacked_taps must be a whole number >= 0, got {stacked_taps!r}")
     out = Path(out)
     splits = load_splits(data, size=size, val_fraction=val_fraction, seed=seed)
