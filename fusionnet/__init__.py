@@ -1,25 +1,46 @@
 """fusionnet: combine several pretrained image backbones into one classifier (feature fusion), and compare it
-honestly with output ensembles of independently trained members."""
+honestly with output ensembles of independently trained members.
 
-from fusionnet.backbones import BackboneSpec, get_spec, list_backbones, register_backbone
-from fusionnet.checkpoints import inspect_checkpoint, read_checkpoint, read_state_dict, save_checkpoint
-from fusionnet.data import CsvImages, FolderImages, load_splits
-from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, FusionNetError, TrainingError,
-                              WeightsUnavailableError, WriteError)
-from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
-from fusionnet.fusion import BranchConfig, FusionConfig, FusionNet
-from fusionnet.inference import evaluate, predict
-from fusionnet.interface import Classifier, ModelOutput
-from fusionnet.train import FitResult, TrainConfig, fit
-from fusionnet.voting import MemberOutputs, VotingEnsemble, VotingModule, member_outputs
+The names below load on first use (PEP 562), so ``import fusionnet`` and the ``fusionnet`` command's help stay
+fast; ``from fusionnet import FusionNet`` works as usual.
+"""
 
-__version__ = "0.2.0"
+from __future__ import annotations
 
-__all__ = [
-    "BackboneSpec", "BranchConfig", "CheckpointMismatchError", "Classifier", "ConfigError", "CsvImages", "DataError",
-    "FitResult", "FolderImages", "FusionConfig", "FusionNet", "FusionNetError", "MemberOutputs", "ModelOutput",
-    "TrainConfig", "TrainingError", "VotingEnsemble", "VotingModule", "WeightsUnavailableError", "WriteError",
-    "create_fusionnet", "evaluate", "fit", "fuse_members", "get_spec", "inspect_checkpoint", "list_backbones",
-    "load_fusionnet", "load_splits", "member_outputs", "predict", "read_checkpoint", "read_state_dict",
-    "register_backbone", "save_checkpoint", "save_model",
-]
+import importlib
+
+from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, FusionNetError, MissingFileError,
+                              TrainingError, WeightsUnavailableError, WriteError)
+
+__version__ = "0.3.0"
+
+_WHERE = {  # name -> the module that defines it
+    "fusionnet.backbones": ("BackboneSpec", "get_spec", "list_backbones", "register_backbone"),
+    "fusionnet.checkpoints": ("inspect_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"),
+    "fusionnet.config": ("CompareConfig", "FuseConfig", "TrainConfig"),
+    "fusionnet.data": ("CsvImages", "FolderImages", "load_splits"),
+    "fusionnet.factory": ("create_fusionnet", "fuse_members", "load_fusionnet", "save_model"),
+    "fusionnet.fusion": ("BranchConfig", "FusionConfig", "FusionNet"),
+    "fusionnet.fusers": ("Fuser", "register_fusion"),
+    "fusionnet.callbacks": ("Callback",),
+    "fusionnet.inference": ("evaluate", "predict"),
+    "fusionnet.interface": ("Classifier", "ModelOutput"),
+    "fusionnet.train": ("FitResult", "fit"),
+    "fusionnet.voting": ("MemberOutputs", "VotingEnsemble", "VotingModule", "member_outputs"),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+
+__all__ = sorted([*_MODULE_OF, "CheckpointMismatchError", "ConfigError", "DataError", "FusionNetError",
+                  "MissingFileError", "TrainingError", "WeightsUnavailableError", "WriteError"])
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'fusionnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULE_OF))

@@ -13,7 +13,6 @@ import os
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from fusionnet import checkpoints as ckpt
 from fusionnet.backbones import build_trunk, get_spec
@@ -103,17 +102,16 @@ def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport
 
 
 def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix: str | None) -> bool:
-    """A single-branch model with a plain Linear head takes the checkpoint's classifier if its shape matches."""
-    if prefix is None or len(model.branches) != 1 or model.config.head_hidden or model.config.fusion != "concat":
+    """A single-branch model with a Linear head takes the checkpoint's classifier if its shape fits: the fusion
+    method starts from it as from one member (concat: the head itself; late: the branch classifier)."""
+    if prefix is None or len(model.branches) != 1 or model.config.head_hidden:
         return False
     w, b = state.get(f"{prefix}.weight"), state.get(f"{prefix}.bias")
-    fc: nn.Linear = model.head.fc
-    if w is None or b is None or w.shape != fc.weight.shape or b.shape != fc.bias.shape:
+    (branch,) = model.branches.values()
+    k = model.config.num_classes
+    if w is None or b is None or tuple(w.shape) != (k, branch.out_dim) or tuple(b.shape) != (k,):
         return False
-    with torch.no_grad():
-        fc.weight.copy_(w)
-        fc.bias.copy_(b)
-    return True
+    return model.fuser.start_from_heads(model.head.fc, [(w, b)])
 
 
 def load_fusionnet(path: PathLike, *, map_location: str | torch.device = "cpu") -> FusionNet:
@@ -144,11 +142,12 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
                  taps: int | None = None, **settings) -> FusionNet:
     """One FusionNet from trained single-backbone members (models or checkpoint paths of :func:`save_model`).
 
-    Each member's trunk is copied into a branch; with ``concat`` (or ``gated``, whose gates start uniform) the
-    fused head is initialised block-diagonally from the members' heads, scaled by 1/N, so that before any training
-    its logits are the mean of the members' logits; with ``late`` the members' heads become the branch classifiers
-    and the combiner averages their log-probabilities (the same softmax). Members must share class names and have
-    a plain Linear head. ``taps`` (see :class:`~fusionnet.fusion.BranchConfig`) gives every branch that many earlier
+    Each member's trunk is copied into a branch, and the fusion method starts from the members' heads
+    (:meth:`fusionnet.fusers.Fuser.start_from_heads`): ``concat`` (or ``gated``, whose gates start uniform) gets a
+    block-diagonal head scaled by 1/N, so that before any training its logits are the mean of the members' logits;
+    ``late`` takes the members' heads as its branch classifiers and averages their log-probabilities (the same
+    softmax); a method without such a start (``attention``) starts untrained. Members must share class names and
+    have a plain Linear head. ``taps`` (see :class:`~fusionnet.fusion.BranchConfig`) gives every branch that many earlier
     trunk levels (None: as the members have them); the members' heads weigh them 0, so the equality holds.
     ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
     """
@@ -156,7 +155,7 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
         raise ConfigError(f"fuse_members needs at least 2 members, got {len(members)}")
     models = [m if isinstance(m, FusionNet) else load_fusionnet(m) for m in members]
     for i, m in enumerate(models):
-        if len(m.branches) != 1 or m.config.head_hidden or m.config.fusion != "concat":
+        if member_head(m) is None:
             raise ConfigError(f"member {i} ({list(m.branches)}) is not a single-backbone FusionNet with a plain "
                               f"Linear head; fuse_members takes members trained as such")
     names = models[0].class_names
@@ -175,20 +174,18 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
     for branch, member in zip(model.branches.values(), models):
         (src,) = member.branches.values()
         branch.load_state_dict(src.state_dict())
-    if fusion in ("concat", "gated") and not config.head_hidden:
-        _average_heads(model, models)
-    elif fusion == "late" and not config.head_hidden:
-        _average_late(model, models)
+    if not config.head_hidden:
+        heads = [(_widened(m, br), member_head(m)[1]) for m, br in zip(models, model.branches.values())]
+        model.fuser.start_from_heads(model.head.fc, heads)
     return model.eval()
 
 
-@torch.no_grad()
-def _average_heads(model: FusionNet, members: Sequence[FusionNet]) -> None:
-    """fc = [W_1 ... W_N] / N, b = mean b_i: the fused logits equal the mean of the member logits."""
-    n = len(members)
-    weight = torch.cat([_widened(m, br) for m, br in zip(members, model.branches.values())], dim=1) / n
-    model.head.fc.weight.copy_(weight)  # (K, sum D_i)
-    model.head.fc.bias.copy_(torch.stack([m.head.fc.bias for m in members]).mean(0))
+def member_head(model: FusionNet) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight (K, D), bias (K,)) when ``model`` is one branch whose logits are a Linear map of its features."""
+    if len(model.branches) != 1 or model.config.head_hidden or model.fuser.branch_columns() is None \
+            or model.fuser.dims != [model.feature_dim]:
+        return None
+    return model.head.fc.weight.detach(), model.head.fc.bias.detach()
 
 
 def _widened(member: FusionNet, branch) -> torch.Tensor:
@@ -199,20 +196,8 @@ def _widened(member: FusionNet, branch) -> torch.Tensor:
         raise ConfigError(f"the member's branch {own.cfg.backbone!r} has {len(own.taps)} taps, more than the fused "
                           f"branch's {len(branch.taps)}; pass taps=None (as the members) or at least "
                           f"{len(own.taps)}")
-    weight = member.head.fc.weight
+    weight = member_head(member)[0]
     out = weight.new_zeros(weight.shape[0], branch.out_dim)
     for mine, theirs in zip(branch.levels(), own.levels()):  # nearest levels first: shared ones line up
         out[:, mine] = weight[:, theirs]
     return out
-
-
-@torch.no_grad()
-def _average_late(model: FusionNet, members: Sequence[FusionNet]) -> None:
-    """Late fusion: each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the
-    fused softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
-    n, k = len(members), model.config.num_classes
-    for classifier, member, branch in zip(model.fuser.classifiers, members, model.branches.values()):
-        classifier.weight.copy_(_widened(member, branch))
-        classifier.bias.copy_(member.head.fc.bias)
-    model.head.fc.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
-    model.head.fc.bias.zero_()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     remove_orphaned_temp_files(p.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, _UMASKED)  # mkstemp's private 0600 would outlive the rename: follow the umask, as open() does
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -98,6 +100,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
                                  f"permissions of {str(p.parent)!r}. The previous file, if any, is intact") from exc
         raise
     return p
+
+
+def _umasked_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_UMASKED = _umasked_mode()
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy a file through :func:`atomic_write` (a crash leaves the old copy or the new one)."""
+    with open(source, "rb") as src:
+        return atomic_write(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

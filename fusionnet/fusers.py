@@ -1,8 +1,20 @@
-"""How branch features become one vector: ``concat``, ``gated`` and ``attention`` fusion, and branch dropout.
+"""Fusion methods: how branch features become one vector. Each method is one registered :class:`Fuser` class.
 
-Every fuser maps ``{name: (B, D_i)}`` (in branch order) to ``(fused (B, F), extras)``; ``extras`` holds the
-per-branch weights for analysis (``"gates"`` or ``"attention"``, (B, M), rows summing to 1 over branches) or the
-per-branch logits of ``late`` fusion (``"branch_logits"``, (B, M, K)).
+Every fuser maps the branch features ``[(B, D_1), ..., (B, D_M)]`` (in branch order) to ``(fused (B, F), extras)``;
+``extras`` holds the per-branch weights for analysis (``"gates"`` or ``"attention"``, (B, M), rows summing to 1
+over branches) or the per-branch logits of ``late`` fusion (``"branch_logits"``, (B, M, K)).
+
+A method declares, besides its forward pass:
+
+* ``out_dim``: the width F of the fused vector, which the model's head reads;
+* :meth:`Fuser.start_from_heads`: how it starts from trained members' Linear heads so that, before any training,
+  the model predicts their logit average (or its equivalent); False where it cannot;
+* :meth:`Fuser.branch_columns`: where each branch lies in the fused vector, where the fused vector is a per-branch
+  rescaling of the features (OGM-GE needs each branch's share of the logits); None elsewhere;
+* :meth:`Fuser.fit_closed_form`: a closed-form fit of the fuser and head on frozen features, where it has one.
+
+Adding a method is one class with ``@register_fusion("name")`` here and its tests; nothing outside this file compares
+method names (the model, the factory, the trainer and the comparison ask the class).
 
 * ``concat``: (B, sum D_i), no parameters.
 * ``gated``: a gate network on the concatenated features gives per-sample softmax weights g (B, M); each branch
@@ -18,28 +30,94 @@ per-branch logits of ``late`` fusion (``"branch_logits"``, (B, M, K)).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, ClassVar, Mapping, Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
-FUSIONS = ("concat", "gated", "attention", "late")
+from fusionnet.errors import ConfigError
+
+Heads = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per branch: (weight (K, D_i), bias (K,)) of a member's head
+FUSERS: dict[str, type["Fuser"]] = {}
 
 
-class ConcatFusion(nn.Module):
-    def __init__(self, dims: Sequence[int]) -> None:
+def register_fusion(name: str) -> Callable[[type["Fuser"]], type["Fuser"]]:
+    """Class decorator: make a :class:`Fuser` available as ``FusionConfig(fusion=name)``; names are unique."""
+    def add(cls: type["Fuser"]) -> type["Fuser"]:
+        if name in FUSERS:
+            raise ValueError(f"fusion method {name!r} is registered already (by {FUSERS[name].__name__})")
+        cls.name = name
+        FUSERS[name] = cls
+        return cls
+    return add
+
+
+def fuser_class(name: str) -> type["Fuser"]:
+    """The registered class of a fusion method, or a ConfigError listing the methods."""
+    if name not in FUSERS:
+        raise ConfigError(f"unknown fusion {name!r}; choose one of {', '.join(FUSERS)}")
+    return FUSERS[name]
+
+
+class Fuser(nn.Module):
+    """Base class of the fusion methods (see the module docstring)."""
+
+    name: ClassVar[str]
+    per_branch_linear: ClassVar[bool] = False  # fused = the branch features, each scaled: branch_columns() holds
+
+    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int) -> None:
         super().__init__()
+        self.dims = list(dims)
         self.out_dim = sum(dims)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def branch_columns(self) -> list[slice] | None:
+        """Each branch's columns of the fused vector, for per-branch-linear fusions (else None)."""
+        if not self.per_branch_linear:
+            return None
+        ends = torch.tensor(self.dims).cumsum(0).tolist()
+        return [slice(end - d, end) for d, end in zip(self.dims, ends)]
+
+    @torch.no_grad()
+    def start_from_heads(self, head: nn.Linear, heads: Heads) -> bool:
+        """Set this fuser and the model's Linear ``head`` so that the model's logits are the mean of the
+        members' head logits ``W_i f_i + b_i`` over the branches; False where the method cannot."""
+        if not self.per_branch_linear:  # the fused vector mixes branches: no closed-form start
+            return False
+        n = len(heads)  # fc = [W_1 ... W_N] / N, b = mean b_i (gated starts with uniform gates: exactly concat)
+        head.weight.copy_(torch.cat([w for w, _ in heads], dim=1) / n)  # (K, sum D_i)
+        head.bias.copy_(torch.stack([b for _, b in heads]).mean(0))
+        return True
+
+    def fit_closed_form(self, model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, **options):
+        """Fit the fuser and head on frozen features in closed form, where the method has such a fit."""
+        raise ConfigError(f"fusion {self.name!r} has no closed-form fit; train it with fusionnet.fit, or build the "
+                          f"model with a method that has one: "
+                          f"{', '.join(n for n, c in FUSERS.items() if c.has_closed_form())}")
+
+    @classmethod
+    def has_closed_form(cls) -> bool:
+        return cls.fit_closed_form is not Fuser.fit_closed_form
+
+
+@register_fusion("concat")
+class ConcatFusion(Fuser):
+    per_branch_linear = True
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return torch.cat(list(feats), dim=1), {}
 
 
-class GatedFusion(nn.Module):
-    def __init__(self, dims: Sequence[int], hidden: int = 128) -> None:
-        super().__init__()
-        self.out_dim, self.m = sum(dims), len(dims)
+@register_fusion("gated")
+class GatedFusion(Fuser):
+    per_branch_linear = True
+
+    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int, hidden: int = 128) -> None:
+        super().__init__(dims, num_classes=num_classes, width=width)
+        self.m = len(dims)
         self.gate = nn.Sequential(nn.LayerNorm(sum(dims)), nn.Linear(sum(dims), hidden), nn.GELU(),
                                   nn.Linear(hidden, len(dims)))
         nn.init.zeros_(self.gate[-1].weight)  # uniform gates at the start: exactly concat
@@ -51,9 +129,10 @@ class GatedFusion(nn.Module):
         return torch.cat(scaled, dim=1), {"gates": gates}
 
 
-class AttentionFusion(nn.Module):
-    def __init__(self, dims: Sequence[int], width: int = 256, heads: int = 4) -> None:
-        super().__init__()
+@register_fusion("attention")
+class AttentionFusion(Fuser):
+    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int = 256, heads: int = 4) -> None:
+        super().__init__(dims, num_classes=num_classes, width=width)
         heads = max(h for h in range(1, heads + 1) if width % h == 0)
         self.out_dim = width
         self.proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in dims)
@@ -69,9 +148,10 @@ class AttentionFusion(nn.Module):
         return self.norm(rearrange(fused, "b 1 d -> b d")), {"attention": rearrange(weights, "b 1 m -> b m")}
 
 
-class LateFusion(nn.Module):
-    def __init__(self, dims: Sequence[int], num_classes: int) -> None:
-        super().__init__()
+@register_fusion("late")
+class LateFusion(Fuser):
+    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int) -> None:
+        super().__init__(dims, num_classes=num_classes, width=width)
         self.out_dim = len(dims) * num_classes
         self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
 
@@ -80,15 +160,27 @@ class LateFusion(nn.Module):
         log_probs = logits.float().log_softmax(dim=2).to(logits.dtype)
         return rearrange(log_probs, "b m k -> b (m k)"), {"branch_logits": logits}
 
+    @torch.no_grad()
+    def start_from_heads(self, head: nn.Linear, heads: Heads) -> bool:
+        """Each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the fused
+        softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
+        n, k = len(heads), head.out_features
+        for classifier, (w, b) in zip(self.classifiers, heads):
+            classifier.weight.copy_(w)
+            classifier.bias.copy_(b)
+        head.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
+        head.bias.zero_()
+        return True
 
-def make_fuser(kind: str, dims: Sequence[int], width: int = 256, num_classes: int = 1) -> nn.Module:
-    if kind == "concat":
-        return ConcatFusion(dims)
-    if kind == "gated":
-        return GatedFusion(dims)
-    if kind == "late":
-        return LateFusion(dims, num_classes)
-    return AttentionFusion(dims, width=width)
+    def fit_closed_form(self, model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, **options):
+        """Stacking inside the network: :func:`fusionnet.late_head.fit_late_head`."""
+        from fusionnet.late_head import fit_late_head
+
+        return fit_late_head(model, features, labels, **options)
+
+
+def make_fuser(name: str, dims: Sequence[int], *, num_classes: int, width: int = 256) -> Fuser:
+    return fuser_class(name)(dims, num_classes=num_classes, width=width)
 
 
 def branch_dropout(feats: Sequence[torch.Tensor], p: float, training: bool) -> list[torch.Tensor]:
@@ -104,20 +196,6 @@ def branch_dropout(feats: Sequence[torch.Tensor], p: float, training: bool) -> l
         keep[none.nonzero().flatten(), pick] = True
     scale = keep.float() * (m / keep.sum(dim=1, keepdim=True).float())  # (B, M)
     return [f * scale[:, i:i + 1].to(f.dtype) for i, f in enumerate(feats)]
-
-
-def ogm_coefficients(branch_logits: Sequence[torch.Tensor], target: torch.Tensor, alpha: float) -> torch.Tensor:
-    """OGM-GE's per-branch gradient coefficients (Peng et al., CVPR 2022), generalised to M branches.
-
-    Each branch's score is the summed softmax probability its own logit contribution gives the true class; a
-    branch whose score exceeds the mean of the others' by the ratio rho > 1 is dominant and gets
-    ``1 - tanh(alpha * (rho - 1))``; the others get 1. Returns (M,) coefficients in (0, 1].
-    """
-    scores = torch.stack([lg.detach().float().softmax(1).gather(1, target[:, None]).sum() for lg in branch_logits])
-    m = len(scores)
-    others = (scores.sum() - scores) / max(m - 1, 1)
-    rho = scores / others.clamp_min(1e-12)
-    return torch.where(rho > 1, 1 - torch.tanh(alpha * (rho - 1)), torch.ones_like(rho))
 
 
 def ordered(features: Mapping[str, torch.Tensor], names: Sequence[str]) -> list[torch.Tensor]:

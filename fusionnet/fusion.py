@@ -5,13 +5,15 @@ Data flow for one batch of images (B, 3, H, W) in [0, 1]::
     per branch: resize (if configured) -> normalise with the branch's own mean/std -> trunk -> feature map
                 -> pool (avg | max | avgmax | catavgmax | gem | token) -> (B, D_i)
     training:   branch dropout (whole branches, per sample; off in eval)
-    fusion:     concat (B, sum D_i) | gated (B, sum D_i) | attention (B, d) | late (B, M*K)   (see fusers.py)
+    fusion:     a registered method (fusers.py): concat (B, sum D_i) | gated | attention (B, d) | late (B, M*K)
     head:       dropout -> [Linear -> ReLU -> dropout] -> Linear -> logits (B, K)
     optional:   a Linear head per branch on (B, D_i) -> branch logits (deep supervision, per-branch predictions)
 
 This module builds modules only: random weights, no file reads, downloads or printing. Pretrained weights and
 checkpoints arrive through :mod:`fusionnet.factory` (``create_fusionnet``, ``load_fusionnet``, ``fuse_members``).
-A single-backbone FusionNet is an ordinary classifier; ensemble members are built that way.
+A single-backbone FusionNet is an ordinary classifier; ensemble members are built that way. Training machinery
+(activation checkpointing, CUDA streams per branch, gradient modulation) is not part of the model or its config:
+the trainer switches it on through :mod:`fusionnet.callbacks`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 
 from fusionnet.backbones import BackboneSpec, build_trunk, get_spec, tap_stages, trunk_output, trunk_stages
 from fusionnet.errors import ConfigError, is_int
-from fusionnet.fusers import FUSIONS, branch_dropout, make_fuser, ogm_coefficients, ordered
+from fusionnet.fusers import branch_dropout, fuser_class, make_fuser, ordered
 from fusionnet.interface import Classifier, ModelOutput
 from fusionnet.pooling import POOLS, Pool
 
@@ -58,16 +60,10 @@ class FusionConfig:
     dropout: float = 0.0  # before each head Linear
     freeze_trunks: bool = False  # trunks as fixed feature extractors: no gradients, BatchNorm stats frozen
     class_names: list[str] | None = None
-    fusion: str = "concat"  # concat | gated | attention | late (see fusionnet.fusers)
+    fusion: str = "concat"  # a registered fusion method: concat | gated | attention | late (fusionnet.fusers)
     fusion_width: int = 256  # attention: the width of the branch tokens
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
-    ogm_alpha: float = 0.0  # OGM-GE gradient modulation of the dominant branch (0: off); concat/gated, no hidden
-    checkpoint_trunks: bool = False  # training: recompute each trainable trunk in backward instead of storing
-    # its activations (less memory, ~one more forward pass of time; BatchNorm statistics update twice per step)
-    branch_streams: bool = False  # CUDA: launch each branch on its own CUDA stream, so small trunks' kernels can
-    # overlap; same results as in turn (tests/test_cuda.py); no effect on the CPU. Off until the benchmark
-    # (experiments/bench_throughput.py, mode "streams") shows it faster on a GPU
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -83,13 +79,9 @@ class FusionConfig:
                 raise ConfigError(f"{field_name} must be in [0, 1), got {getattr(self, field_name)!r}")
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ConfigError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}")
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"unknown fusion {self.fusion!r}; choose one of {', '.join(FUSIONS)}")
+        fuser_class(self.fusion)  # a ConfigError listing the registered methods
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
-        if self.ogm_alpha < 0 or (self.ogm_alpha and (self.fusion in ("attention", "late") or self.head_hidden)):
-            raise ConfigError(f"ogm_alpha={self.ogm_alpha!r}: OGM-GE needs alpha >= 0 and a linear head over "
-                              f"concat or gated fusion (head_hidden=None), where each branch's logit share is known")
         used: dict[str, int] = {}
         for b in self.branches:
             if b.pool not in POOLS:
@@ -119,10 +111,14 @@ class FusionConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FusionConfig":
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k not in _TRAINING_FIELDS_OF_0_2}
         d["branches"] = [BranchConfig(**{**b, "mean": _tuple(b.get("mean")), "std": _tuple(b.get("std"))})
                          for b in d["branches"]]
         return cls(**d)
+
+
+_TRAINING_FIELDS_OF_0_2 = ("ogm_alpha", "checkpoint_trunks", "branch_streams")  # training settings that 0.2
+# saved with the model; now TrainConfig's (fusionnet.callbacks), ignored when an old checkpoint loads
 
 
 def _tuple(v):
@@ -217,42 +213,6 @@ class Branch(nn.Module):
         return self
 
 
-_STREAMS: dict[tuple[int, int], "torch.cuda.Stream"] = {}  # (device index, slot) -> a side stream, made once
-
-
-def on_streams(x: torch.Tensor, calls: Mapping[str, Callable[[], object]]) -> dict[str, object]:
-    """Run each call on its own CUDA stream; the caller's stream then waits for all of them.
-
-    Each side stream first waits for the work already queued on the caller's stream (which produced ``x``). The
-    caching allocator is told where tensors are used across streams (``record_stream``), so no memory is reused
-    while another stream may still read it. Autograd runs each backward op on its forward op's stream.
-    """
-    main = torch.cuda.current_stream(x.device)
-    results, used = {}, []
-    for slot, (name, call) in enumerate(calls.items()):
-        key = (x.device.index if x.device.index is not None else torch.cuda.current_device(), slot)
-        stream = _STREAMS.get(key)
-        if stream is None:
-            stream = _STREAMS[key] = torch.cuda.Stream(x.device)
-        stream.wait_stream(main)
-        x.record_stream(stream)
-        with torch.cuda.stream(stream):
-            results[name] = call()
-        used.append(stream)
-    for stream in used:
-        main.wait_stream(stream)
-    for t in _tensors(results):
-        t.record_stream(main)
-    return results
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    items = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (list, tuple)) else ()
-    return [t for item in items for t in _tensors(item)]
-
-
 class FusionNet(Classifier):
     """Several trunks, pooled and fused into one head; see the module docstring. Random weights: use
     :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints (``trunks``: modules already built
@@ -287,7 +247,7 @@ class FusionNet(Classifier):
                 trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
             self.branches[b.name] = Branch(b, spec, trunk)
         dims = [br.out_dim for br in self.branches.values()]
-        self.fuser = make_fuser(config.fusion, dims, config.fusion_width, config.num_classes)
+        self.fuser = make_fuser(config.fusion, dims, num_classes=config.num_classes, width=config.fusion_width)
         self.feature_dim = self.fuser.out_dim
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
         width = self.feature_dim
@@ -299,6 +259,9 @@ class FusionNet(Classifier):
         self.head = nn.Sequential(OrderedDict(layers))
         self.branch_heads = nn.ModuleDict({n: nn.Linear(br.out_dim, config.num_classes)
                                            for n, br in self.branches.items()}) if config.branch_heads else None
+        # how the trainer runs the branches (fusionnet.callbacks); not part of the config or the checkpoint
+        self.checkpoint_activations = False
+        self.branch_runner: Callable | None = None  # e.g. fusionnet.streams.BranchStreams: each on a CUDA stream
         if config.freeze_trunks:
             self.set_trainable_stages(0)
 
@@ -320,15 +283,37 @@ class FusionNet(Classifier):
     def feature_extractors(self) -> Mapping[str, nn.Module]:
         return self.branches
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.checkpoint_activations = bool(enabled)
+
+    def set_branch_runner(self, runner: Callable | None) -> None:
+        self.branch_runner = runner
+
+    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {name: list(br.parameters()) for name, br in self.branches.items()}
+
+    def branch_logit_shares(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        """{name: (B, K)}: each branch's share ``W_i f_i + b / M`` of the logits, for a Linear head over a fusion
+        that keeps each branch in its own columns (concat, gated)."""
+        columns = self.fuser.branch_columns()
+        if columns is None or self.config.head_hidden or "fused" not in output.extras:
+            raise ConfigError(f"per-branch logit shares (OGM-GE) need a Linear head (head_hidden=None) over a fusion "
+                              f"that keeps each branch in its own columns, e.g. concat or gated; this model has "
+                              f"fusion={self.config.fusion!r}, head_hidden={self.config.head_hidden!r}")
+        fc: nn.Linear = self.head.fc
+        fused, m = output.extras["fused"], len(columns)
+        return {name: fused[:, cols] @ fc.weight[:, cols].T + fc.bias / m for name, cols in zip(self.branches, columns)}
+
     def _per_branch(self, x: torch.Tensor, fn: Callable[[Branch], object]) -> dict[str, object]:
-        """{name: fn(branch)}: the branches in turn, or each on its own CUDA stream (``branch_streams``)."""
-        if self.config.branch_streams and x.is_cuda and len(self.branches) > 1:
-            return on_streams(x, {name: (lambda br=br: fn(br)) for name, br in self.branches.items()})
-        return {name: fn(br) for name, br in self.branches.items()}
+        """{name: fn(branch)}: the branches in turn, or through ``branch_runner`` (e.g. each on a CUDA stream)."""
+        calls = {name: (lambda br=br: fn(br)) for name, br in self.branches.items()}
+        if self.branch_runner is not None and x.is_cuda and len(self.branches) > 1:
+            return self.branch_runner(x, calls)
+        return {name: call() for name, call in calls.items()}
 
     def forward_output(self, x: torch.Tensor) -> ModelOutput:
         _check_images(x)
-        runs = self._per_branch(x, lambda br: br.forward_with_aux(x, checkpoint=self.config.checkpoint_trunks))
+        runs = self._per_branch(x, lambda br: br.forward_with_aux(x, checkpoint=self.checkpoint_activations))
         feats = {name: f for name, (f, _) in runs.items()}
         aux = {f"{name}:{k}": v for name, (_, branch_aux) in runs.items() for k, v in branch_aux.items()}
         out = self.forward_head_output(feats)
@@ -341,35 +326,7 @@ class FusionNet(Classifier):
         aux = {}
         if self.branch_heads is not None:  # on the undropped features: every branch learns to classify alone
             aux = {f"branch:{n}": self.branch_heads[n](features[n]) for n in names}
-        if self.config.ogm_alpha and self.training:  # each branch's share of the logits: its columns of fc
-            extras = {**extras, **self._logit_shares(fused, names)}
-        return ModelOutput(self.head(fused), aux, extras)
-
-    def _logit_shares(self, fused: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-        """{"share:<name>": (B, K)}: W_i f_i + b / M for a linear head over the concatenated (gated) vector."""
-        fc: nn.Linear = self.head.fc
-        shares, start = {}, 0
-        for name in names:
-            d = self.branches[name].out_dim
-            shares[f"share:{name}"] = fused[:, start:start + d] @ fc.weight[:, start:start + d].T + fc.bias / len(names)
-            start += d
-        return shares
-
-    def modulate_gradients(self, output: ModelOutput, target: torch.Tensor) -> dict[str, float]:
-        """OGM-GE: scale the dominant branch's trunk gradients by its coefficient and add Gaussian noise of the
-        gradient's own spread (the GE part), so the slower branches get room to learn."""
-        if not self.config.ogm_alpha or not self.training:
-            return {}
-        names = list(self.branches)
-        coeffs = ogm_coefficients([output.extras[f"share:{n}"] for n in names], target, self.config.ogm_alpha)
-        for name, k in zip(names, coeffs.tolist()):
-            if k >= 1:
-                continue
-            for p in self.branches[name].parameters():
-                if p.grad is not None:
-                    noise = torch.randn_like(p.grad) * p.grad.std() if p.grad.numel() > 1 else 0.0
-                    p.grad.mul_(k).add_(noise)
-        return dict(zip(names, coeffs.tolist()))
+        return ModelOutput(self.head(fused), aux, {**extras, "fused": fused})
 
     def model_config(self) -> dict:
         return self.config.to_dict()

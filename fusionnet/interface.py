@@ -9,13 +9,21 @@ A model is a :class:`Classifier` (``FusionNet`` is one), or any ``nn.Module`` th
 ``forward_output(x)``           images -> :class:`ModelOutput` (logits + aux logits + extras): training
 ``forward_head_output(f)``      cached per-branch features ``{name: (B, D_i)}`` -> :class:`ModelOutput`
 ``feature_extractors()``        ``{name: module}`` each mapping images to (B, D_i): the cacheable path ({} none)
-``extra_losses(out, y)``        model-specific loss terms ``{name: scalar}`` added to the task loss ({} none)
-``modulate_gradients(out, y)``  after backward, before the step: rescale gradients (OGM-GE); returns facts
 ``trunk_parameters()``          pretrained trunk weights (their own learning rate); [] none
 ``num_trunk_stages()``          how many stages the deepest trunk has (gradual unfreezing); 0 none
 ``set_trainable_stages(k)``     train the top ``k`` stages of every trunk: 0 frozen, None everything
 ``model_config()``              plain data that rebuilds the model (stored in checkpoints); None none
 ==============================  =============================================================================
+
+What training callbacks (:mod:`fusionnet.callbacks`) ask of a model; the defaults refuse with a ConfigError
+naming the model, so a trick switched on for a model that cannot take it says so at its first use:
+
+====================================  =======================================================================
+``set_activation_checkpointing(on)``  recompute trunk activations in backward (less memory)
+``set_branch_runner(runner)``         how the branches run, e.g. each on a CUDA stream (None: in turn)
+``branch_parameters()``               ``{branch: [parameters]}``
+``branch_logit_shares(out)``          ``{branch: (B, K)}``: each branch's share of the logits (OGM-GE)
+====================================  =======================================================================
 
 ``ModelOutput.aux`` holds extra logits (GoogLeNet's auxiliary classifiers, per-branch heads) that the trainer
 adds to the loss with ``TrainConfig.aux_weight``; ``extras`` holds tensors for analysis (gate weights ...).
@@ -56,12 +64,6 @@ class Classifier(nn.Module):
     def feature_extractors(self) -> Mapping[str, nn.Module]:
         return {}
 
-    def extra_losses(self, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {}
-
-    def modulate_gradients(self, output: ModelOutput, target: torch.Tensor) -> dict[str, float]:
-        return {}
-
     def trunk_parameters(self) -> list[nn.Parameter]:
         return []
 
@@ -75,6 +77,24 @@ class Classifier(nn.Module):
 
     def model_config(self) -> dict | None:
         return None
+
+    # ---- what training callbacks ask (fusionnet.callbacks) -------------------------------------------------------
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            raise ConfigError(f"{type(self).__name__} cannot checkpoint activations; train it without "
+                              f"checkpoint_activations, or build the model as a FusionNet")
+
+    def set_branch_runner(self, runner) -> None:
+        if runner is not None:
+            raise ConfigError(f"{type(self).__name__} has no branches to run on streams; train it without "
+                              f"branch_streams")
+
+    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
+    def branch_logit_shares(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        raise ConfigError(f"{type(self).__name__} has no per-branch logit shares; OGM-GE (ogm_alpha) needs a "
+                          f"FusionNet with a Linear head over concat or gated fusion")
 
     @property
     def class_names(self) -> list[str] | None:

@@ -47,9 +47,10 @@ class LateHeadFit:
     # chosen like C by out-of-fold NLL
 
 
-def fit_late_head_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
-                     log: Callable[[str], None] | None = None, num_workers: int = 0) -> LateHeadFit:
-    """:func:`fit_late_head` on the training images of ``splits`` (a :class:`fusionnet.data.Splits`), seen through
+def fit_closed_form_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
+                       log: Callable[[str], None] | None = None, num_workers: int = 0):
+    """The fusion method's closed-form fit (:meth:`fusionnet.fusers.Fuser.fit_closed_form`; ``late``:
+    :func:`fit_late_head`) on the training images of ``splits`` (a :class:`fusionnet.data.Splits`), seen through
     the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
     from fusionnet.data import eval_view
     from fusionnet.feature_cache import cached_features
@@ -57,7 +58,7 @@ def fit_late_head_on(model, splits, *, cache_dir, device: str = "auto", seed: in
     train = eval_view(splits.train, splits.val)
     feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64,
                                num_workers=num_workers)
-    return fit_late_head(model, feats.features, feats.targets, seed=seed, log=log)
+    return model.fuser.fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log)
 
 
 def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *, folds: int = 5,
@@ -68,10 +69,14 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     from sklearn.model_selection import StratifiedKFold
 
     t0 = time.perf_counter()
-    config = getattr(model, "config", None)
-    if config is None or config.fusion != "late" or config.head_hidden:
-        raise ConfigError("fit_late_head needs a FusionNet built with fusion='late' and head_hidden=None, got "
-                          f"{getattr(config, 'fusion', type(model).__name__)!r}")
+    from fusionnet.fusers import LateFusion
+    from fusionnet.fusion import FusionNet
+
+    if not isinstance(model, FusionNet) or not isinstance(model.fuser, LateFusion) or model.config.head_hidden:
+        what = f"fusion={model.config.fusion!r}" if isinstance(model, FusionNet) else type(model).__name__
+        raise ConfigError(f"fit_late_head needs a FusionNet built with fusion='late' and head_hidden=None, got "
+                          f"{what}")
+    config = model.config
     names = list(model.branches)
     missing = [n for n in names if n not in features]
     if missing:
@@ -129,7 +134,7 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     oof_nll["combined"] = float(-lp[torch.arange(len(y)), target].mean())
     oof_acc["combined"] = float((lp.argmax(1) == target).double().mean())
     w, b = _fit_combiner(log_p, target)
-    m = len(names)
+
     weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
     _copy(model.head.fc, weight.numpy(), b.numpy())
     say(f"late head: combiner out-of-fold acc {oof_acc['combined']:.4f}, NLL {oof_nll['combined']:.4f}; "

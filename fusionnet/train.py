@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,85 +30,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from fusionnet import checkpoints as ckpt
+from fusionnet.callbacks import Callback
+from fusionnet.callbacks import from_config as callbacks_from_config
+from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
-from fusionnet.errors import ConfigError, MissingFileError, TrainingError, check_settings, is_finite, is_int
+from fusionnet.errors import ConfigError, MissingFileError, TrainingError
 from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.inference import evaluate
 from fusionnet.interface import Classifier, TrainStep, as_classifier
 from fusionnet.losses import make_loss
 
-STRATEGIES = ("full", "frozen", "gradual")
-MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
-
-
-@dataclass
-class TrainConfig:
-    """How to train. Every field is plain data and is written to ``train_config.json``."""
-
-    epochs: int = 10
-    batch_size: int = 32
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3  # the head's learning rate
-    trunk_lr_mult: float = 1.0  # pretrained trunks learn at lr * this; 1 chosen on validation over 0.1 (flowers5_128
-    # Lite0, 3 epochs: val acc 0.743 vs 0.662; digits: 0.66 vs 0.28 after one epoch; experiments/README.md)
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd only
-    warmup_epochs: float = 0.5  # linear warm-up, then cosine decay to 0 over the remaining steps
-    grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
-    label_smoothing: float = 0.0
-    loss: str = "ce"  # ce | focal
-    aux_weight: float = 0.3  # weight of each auxiliary head's loss (GoogLeNet aux heads; 0.3 as in the paper)
-    focal_gamma: float = 2.0
-    class_weighting: bool = False  # inverse-frequency class weights in the loss (focal: as alpha)
-    balanced_sampling: bool = False  # oversample rare classes (WeightedRandomSampler)
-    strategy: str = "full"  # full: train everything | frozen: head only | gradual: unfreeze from the top;
-    # the strategy overrides the model's own freeze_trunks setting
-    unfreeze_after: int = 1  # gradual: epochs with every trunk frozen
-    unfreeze_every: int = 1  # gradual: epochs between unfreezing steps
-    stages_per_step: int = 1  # gradual: trunk stages released per step, nearest the output first
-    monitor: str = "macro_f1"  # acc | macro_f1 | nll | ece: the validation metric for best.pth and early stopping
-    patience: int | None = None  # stop after this many epochs without improvement; None: never
-    amp: bool | str = "auto"  # mixed precision: "auto" uses bf16 autocast on CUDA, nothing on CPU
-    cache_features: bool | str = "auto"  # frozen strategy: "auto" caches when the train pipeline is deterministic;
-    # True caches regardless, using the val pipeline on train images (no augmentation); False never caches
-    cache_dir: str | None = None  # where cached features persist between runs (None: memory only)
-    seed: int = 0
-    num_workers: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    progress: bool = True  # a tqdm bar per epoch
-    validate_start: bool = False  # also score the untrained starting point ("epoch 0") as a best.pth candidate
-
-    def __post_init__(self) -> None:
-        check_settings([
-            (is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
-            (is_int(self.batch_size) and self.batch_size >= 1,
-             f"batch_size must be an int >= 1, got {self.batch_size!r}"),
-            (is_int(self.num_workers) and self.num_workers >= 0,
-             f"num_workers must be an int >= 0, got {self.num_workers!r}"),
-            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'sgd'"),
-            (is_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
-            (is_finite(self.trunk_lr_mult) and self.trunk_lr_mult >= 0,
-             f"trunk_lr_mult must be >= 0, got {self.trunk_lr_mult!r}"),
-            (is_finite(self.weight_decay) and self.weight_decay >= 0,
-             f"weight_decay must be >= 0, got {self.weight_decay!r}"),
-            (is_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-             f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}"),
-            (is_finite(self.aux_weight) and self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight!r}"),
-            (self.grad_clip is None or (is_finite(self.grad_clip) and self.grad_clip > 0),
-             f"grad_clip must be > 0 or None, got {self.grad_clip!r}"),
-            (is_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
-             f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}"),
-            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
-            (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
-            (self.loss in ("ce", "focal"), f"unknown loss {self.loss!r}; choose 'ce' or 'focal'"),
-            (self.patience is None or self.patience >= 1, f"patience must be >= 1 or None, got {self.patience!r}"),
-            (self.amp in ("auto", True, False), f"amp must be 'auto', True or False, got {self.amp!r}"),
-            (self.cache_features in ("auto", True, False),
-             f"cache_features must be 'auto', True or False, got {self.cache_features!r}"),
-        ])
 
 
 @dataclass
@@ -174,20 +108,77 @@ def _is_deterministic(dataset) -> bool:
 
 
 # ---- fit -------------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What one call of :func:`fit` holds while it trains: set up by :func:`_setup`, advanced by :func:`_epoch`."""
+
+    cfg: TrainConfig
+    model: nn.Module  # as given (its state dict is what checkpoints hold)
+    clf: Classifier
+    device: torch.device
+    rank: int
+    world: int
+    say: Callable[[str], None]
+    class_names: list[str] | None
+    criterion: nn.Module
+    train_src: Dataset
+    val_src: Dataset
+    used_cache: bool
+    step_module: TrainStep
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    labels: list[int]
+    sample_weights: torch.Tensor | None
+    callbacks: list[Callback]
+    out: Path | None
+    writer: "_RunWriter | None"
+    history: list[dict] = field(default_factory=list)
+    best_score: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    start: int = 0
+
+    def resume_state(self, epoch: int) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                "history": self.history, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "torch_rng": torch.get_rng_state(), "train_config": asdict(self.cfg)}
+
+
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
-        out_dir: str | Path | None = None, resume: bool = False,
-        log: Callable[[str], None] | None = print, sample_weights: torch.Tensor | None = None) -> FitResult:
+        out_dir: str | Path | None = None, resume: bool = False, log: Callable[[str], None] | None = print,
+        sample_weights: torch.Tensor | None = None, callbacks: Sequence[Callback] = ()) -> FitResult:
     """Train ``model`` on ``train_data``, choosing the best epoch on ``val_data``; see the module docstring.
 
     ``sample_weights`` (N,) draws training samples in proportion to them, with replacement (boosting by
-    resampling); it replaces ``balanced_sampling``.
+    resampling); it replaces ``balanced_sampling``. ``callbacks`` (:mod:`fusionnet.callbacks`) run beside those
+    the config asks for (``checkpoint_activations``, ``branch_streams``, ``ogm_alpha``).
     """
-    cfg = config or TrainConfig()
+    run = _setup(model, train_data, val_data, config or TrainConfig(), out_dir, resume, log, sample_weights,
+                 callbacks)
+    for cb in run.callbacks:
+        cb.on_fit_start(run.clf)
+    try:
+        stopped_early = _epochs(run)
+    finally:
+        for cb in run.callbacks:
+            cb.on_fit_end(run.clf)
+    if run.writer is not None and run.history:
+        run.writer.finish(run.history)
+    if run.world > 1:
+        dist.barrier()
+    return FitResult(history=run.history, best_epoch=run.best_epoch, best_score=float(run.best_score),
+                     stopped_early=stopped_early, out_dir=str(run.out) if run.out is not None else None,
+                     used_cache=run.used_cache)
+
+
+def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool, log, sample_weights,
+           callbacks: Sequence[Callback]) -> _Run:
+    """Everything before the first epoch: device, checks, loss, feature cache, optimiser, resume state."""
     clf = as_classifier(model)
     device = setup_distributed(cfg.device)
     rank, world = rank_world()
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
-    class_names = clf.class_names or getattr(train_data, "class_names", None)
+    class_names = clf.class_names or train_data.class_names
     num_classes = len(class_names) if class_names else None
     check_training_data(train_data, val_data, num_classes)
     seed_everything(cfg.seed)
@@ -196,97 +187,99 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
         raise MissingFileError(f"resume=True needs {str(out / 'final.pth') if out else 'out_dir'!r} from an "
                                f"earlier run; pass the run folder as out_dir")
     clf.to(device)
-    labels = list(getattr(train_data, "labels", []))
-    weight = None
-    if cfg.class_weighting or cfg.balanced_sampling:
-        if not labels or num_classes is None:
-            raise ConfigError("class_weighting / balanced_sampling need a dataset with .labels and .class_names")
-    if cfg.class_weighting:
-        weight = class_weights(labels, num_classes).to(device)
+    labels = list(train_data.labels)
+    weight = class_weights(labels, num_classes).to(device) if cfg.class_weighting else None
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
-
     clf.set_trainable_stages(stages_for_epoch(0, cfg))
     train_src, val_src, used_cache = _maybe_cache(clf, train_data, val_data, cfg, device, world, say)
-    step_module = TrainStep(clf, cached=used_cache)
-
     steps_per_epoch = math.ceil(len(train_data) / world / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(clf, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
-    history: list[dict] = []
-    best_score, best_epoch, bad_epochs, start = None, -1, 0, 0
+    run = _Run(cfg, model, clf, device, rank, world, say, class_names, criterion, train_src, val_src, used_cache,
+               TrainStep(clf, cached=used_cache), optimizer, scheduler, labels, sample_weights,
+               [*callbacks_from_config(cfg), *callbacks], out,
+               _RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None)
     if resume:
-        payload = ckpt.read_checkpoint(out / "final.pth")
-        model.load_state_dict(payload["state_dict"])
-        state = payload["extra"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best_score, best_epoch = state["history"], state["best_score"], state["best_epoch"]
-        bad_epochs, start = state["bad_epochs"], state["epoch"] + 1
-        torch.set_rng_state(state["torch_rng"])
-        say(f"resumed from {str(out / 'final.pth')!r} at epoch {start + 1}/{cfg.epochs}")
+        _resume(run)
     if out is not None and rank == 0:
         atomic_write_json(out / "train_config.json", asdict(cfg))
+    return run
 
-    better = (lambda a, b: a > b) if MONITORS[cfg.monitor] == "max" else (lambda a, b: a < b)
-    writer = _RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None
-    stopped_early = False
-    train_module: nn.Module = step_module
+
+def _resume(run: _Run) -> None:
+    payload = ckpt.read_checkpoint(run.out / "final.pth")
+    run.model.load_state_dict(payload["state_dict"])
+    state = payload["extra"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.history, run.best_score, run.best_epoch = state["history"], state["best_score"], state["best_epoch"]
+    run.bad_epochs, run.start = state["bad_epochs"], state["epoch"] + 1
+    torch.set_rng_state(state["torch_rng"])
+    run.say(f"resumed from {str(run.out / 'final.pth')!r} at epoch {run.start + 1}/{run.cfg.epochs}")
+
+
+def _epochs(run: _Run) -> bool:
+    """The epoch loop from ``run.start``; True when early stopping ended it."""
+    cfg = run.cfg
+    if cfg.validate_start and run.start == 0:
+        _score_start(run)
+    train_module: nn.Module = run.step_module
     stages_now = stages_for_epoch(0, cfg)
-    if cfg.validate_start and start == 0:
-        metrics = _validate(clf, val_src, class_names, cfg, device)
-        best_score, best_epoch = metrics[cfg.monitor], 0
-        say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
-            f"nll {metrics['nll']:.4f}  *best*")
-        if out is not None and rank == 0:
-            ckpt.save_checkpoint(out / "best.pth", config=clf.model_config(), state_dict=model.state_dict(),
-                                 class_names=class_names, metrics={"epoch": 0, "val_acc": metrics["acc"],
-                                                                   "monitor": cfg.monitor, "best_epoch": 0})
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(run.start, cfg.epochs):
         stages = stages_for_epoch(epoch, cfg)
         if stages != stages_now:
-            clf.set_trainable_stages(stages)
+            run.clf.set_trainable_stages(stages)
             stages_now = stages
-            train_module = step_module  # DDP fixes its parameter set at wrap time: re-wrap when it changes
-        if world > 1 and train_module is step_module:
-            train_module = nn.parallel.DistributedDataParallel(step_module)
-        t0 = time.perf_counter()
-        train_loss = _train_epoch(train_module, train_src, criterion, optimizer, scheduler, cfg, epoch, device,
-                                  labels, world, rank, sample_weights)
-        if world > 1:
-            average_buffers(clf, world)
-        metrics = _validate(clf, val_src, class_names, cfg, device)
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
-               "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-               "trainable_params": sum(p.numel() for p in clf.parameters() if p.requires_grad)}
-        history.append(row)
-        score = metrics[cfg.monitor]
-        improved = best_score is None or better(score, best_score)  # strict: the first of tied epochs stays
-        if improved:
-            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
-        else:
-            bad_epochs += 1
-        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val acc {metrics['acc']:.4f}  "
+            train_module = run.step_module  # DDP fixes its parameter set at wrap time: re-wrap when it changes
+        if run.world > 1 and train_module is run.step_module:
+            train_module = nn.parallel.DistributedDataParallel(run.step_module)
+        if _epoch(run, train_module, epoch):
+            run.say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch "
+                    f"{run.best_epoch}")
+            return True
+    return False
+
+
+def _score_start(run: _Run) -> None:
+    """Validate the untrained starting point as "epoch 0", a best.pth candidate."""
+    metrics = _validate(run.clf, run.val_src, run.class_names, run.cfg, run.device)
+    run.best_score, run.best_epoch = metrics[run.cfg.monitor], 0
+    run.say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+            f"nll {metrics['nll']:.4f}  *best*")
+    if run.out is not None and run.rank == 0:
+        ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.model.state_dict(),
+                             class_names=run.class_names, metrics={"epoch": 0, "val_acc": metrics["acc"],
+                                                                   "monitor": run.cfg.monitor, "best_epoch": 0})
+
+
+def _epoch(run: _Run, train_module: nn.Module, epoch: int) -> bool:
+    """Train one epoch, validate, record and write; True when early stopping is due."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    train_loss = _train_epoch(run, train_module, epoch)
+    if run.world > 1:
+        average_buffers(run.clf, run.world)
+    metrics = _validate(run.clf, run.val_src, run.class_names, cfg, run.device)
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
+           "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+           "trainable_params": sum(p.numel() for p in run.clf.parameters() if p.requires_grad)}
+    run.history.append(row)
+    score = metrics[cfg.monitor]
+    improved = run.best_score is None or (  # strict: the first of tied epochs stays
+        score > run.best_score if MONITORS[cfg.monitor] == "max" else score < run.best_score)
+    if improved:
+        run.best_score, run.best_epoch, run.bad_epochs = score, epoch + 1, 0
+    else:
+        run.bad_epochs += 1
+    run.say(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f}  val acc {metrics['acc']:.4f}  "
             f"macro-F1 {metrics['macro_f1']:.4f}  nll {metrics['nll']:.4f}  {row['seconds']:.1f}s"
             + ("  *best*" if improved else ""))
-        stop = cfg.patience is not None and bad_epochs >= cfg.patience
-        if writer is not None:
-            writer.epoch(model, row, improved, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "history": history, "best_score": best_score, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                "torch_rng": torch.get_rng_state(), "train_config": asdict(cfg)}, last=stop or epoch + 1 == cfg.epochs)
-        if stop:
-            say(f"early stop: {cfg.monitor} did not improve for {cfg.patience} epoch(s); best epoch {best_epoch}")
-            stopped_early = True
-            break
-    if writer is not None and history:
-        writer.finish(history)
-    if world > 1:
-        dist.barrier()
-    return FitResult(history=history, best_epoch=best_epoch, best_score=float(best_score), stopped_early=stopped_early,
-                     out_dir=str(out) if out is not None else None, used_cache=used_cache)
+    stop = cfg.patience is not None and run.bad_epochs >= cfg.patience
+    if run.writer is not None:
+        run.writer.epoch(run.model, row, improved, run.resume_state(epoch), last=stop or epoch + 1 == cfg.epochs)
+    return stop
 
 
 def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -> dict:
@@ -383,44 +376,54 @@ def _sampler(dataset, cfg: TrainConfig, epoch: int, generator, labels, world: in
     return torch.utils.data.RandomSampler(dataset, generator=generator)
 
 
-def _train_epoch(step: nn.Module, dataset, criterion, optimizer, scheduler, cfg: TrainConfig, epoch: int, device,
-                 labels, world: int, rank: int, sample_weights: torch.Tensor | None = None) -> float:
-    """One pass over ``dataset``; ``step`` maps a batch to a ModelOutput (a TrainStep, DDP-wrapped under torchrun)."""
+def _train_epoch(run: _Run, step: nn.Module, epoch: int) -> float:
+    """One pass over the training source; ``step`` maps a batch to a ModelOutput (a TrainStep, DDP-wrapped under
+    torchrun)."""
+    cfg, dataset = run.cfg, run.train_src
     epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
     generator = torch.Generator().manual_seed(epoch_seed)
-    sampler = _sampler(dataset, cfg, epoch, generator, labels, world, sample_weights)
-    seed_pipeline(dataset, epoch_seed * 1_000 + rank)
+    sampler = _sampler(dataset, cfg, epoch, generator, run.labels, run.world, run.sample_weights)
+    seed_pipeline(dataset, epoch_seed * 1_000 + run.rank)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        worker_init_fn=seed_worker_pipeline, pin_memory=device.type == "cuda")
+                        worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda")
     step.train()
-    model: Classifier = step.module.model if isinstance(step, nn.parallel.DistributedDataParallel) else step.model
     total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or rank != 0, leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or run.rank != 0,
+               leave=False)
     for i, (x, y) in enumerate(bar):
-        x, y = to_device(x, device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            out = step(x)
-            loss = criterion(out.logits.float(), y)
-            for aux in out.aux.values() if cfg.aux_weight else ():  # aux heads only add training signal
-                loss = loss + cfg.aux_weight * criterion(aux.float(), y)
-            for term in model.extra_losses(out, y).values():
-                loss = loss + term
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; "
-                                f"training stopped and the checkpoints of the last good epoch were kept. Lower "
-                                f"lr (now {cfg.lr}), keep grad_clip on, or check the data for broken images")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        model.modulate_gradients(out, y)
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        total += float(loss.detach()) * len(y)
+        x, y = to_device(x, run.device, non_blocking=True), torch.as_tensor(y).to(run.device, non_blocking=True)
+        loss = _step(run, step, x, y, epoch, i)
+        total += float(loss) * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / count:.4f}")
-    if world > 1:
+    if run.world > 1:
         t = torch.tensor([total, count], dtype=torch.float64)
         dist.all_reduce(t)
         total, count = float(t[0]), float(t[1])
     return total / max(count, 1)
+
+
+def _step(run: _Run, step: nn.Module, x, y: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
+    """Forward, loss (task + aux heads + callbacks' terms), backward, callbacks, clip, step; returns the loss."""
+    cfg = run.cfg
+    with autocast(run.device, cfg.amp):
+        out = step(x)
+        loss = run.criterion(out.logits.float(), y)
+        for aux in out.aux.values() if cfg.aux_weight else ():  # aux heads only add training signal
+            loss = loss + cfg.aux_weight * run.criterion(aux.float(), y)
+        for cb in run.callbacks:
+            for term in cb.extra_loss(run.clf, out, y).values():
+                loss = loss + term
+    if not torch.isfinite(loss):
+        raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; "
+                            f"training stopped and the checkpoints of the last good epoch were kept. Lower "
+                            f"lr (now {cfg.lr}), keep grad_clip on, or check the data for broken images")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for cb in run.callbacks:
+        cb.on_after_backward(run.clf, out, y)
+    if cfg.grad_clip is not None:
+        nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return loss.detach()

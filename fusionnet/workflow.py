@@ -5,7 +5,8 @@
   torchvision/timm classifier state dict (architecture guessed from its keys, its Linear head kept).
 * :func:`fuse_checkpoints`: the practitioner's question in one call: fuse my members, fit the fused head on my
   training data (the members' heads trained on as one, starting at their logit average; and the stacked late
-  fusion), choose on validation, and report it beside soft voting of the same members on the test split.
+  fusion), choose on validation, and report it beside soft voting of the same members on the test split: the
+  entries of :mod:`fusionnet.pipeline`, as ``compare`` runs them.
 * :func:`vote_files`: any output-ensemble method over saved ``.pt`` probability files (validation files for every
   choice, test files for the report).
 """
@@ -13,7 +14,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -21,16 +22,15 @@ import torch
 
 from fusionnet.backbones import list_backbones
 from fusionnet.checkpoints import inspect_checkpoint
+from fusionnet.config import FuseConfig
 from fusionnet.data import load_splits
 from fusionnet.ensembles import METHODS, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError, is_int
-from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet, save_model
-from fusionnet.feature_cache import cached_features
-from fusionnet.late_head import fit_late_head_on
-from fusionnet.files import atomic_write_json, atomic_write_text
-from fusionnet.metrics import classification_metrics, nll
-from fusionnet.train import TrainConfig, fit
-from fusionnet.voting import MemberOutputs, check_aligned, member_outputs, soft_vote
+from fusionnet.errors import CheckpointMismatchError, ConfigError
+from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
+from fusionnet.files import atomic_copy, atomic_write_json, atomic_write_text
+from fusionnet.metrics import classification_metrics
+from fusionnet.pipeline import ClosedForm, Context, Loaded, Table, Trained
+from fusionnet.voting import MemberOutputs, check_aligned
 
 
 def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None):
@@ -56,81 +56,56 @@ def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[
     return model
 
 
-HEADS = ("trained", "stacked")
-
-
-def fuse_checkpoints(members: Sequence[str | os.PathLike], data: str | os.PathLike, *, out: str | os.PathLike,
-                     size: int = 128, epochs: int = 10, lr: float = 1e-3, seed: int = 0, val_fraction: float = 0.15,
-                     heads: Sequence[str] = HEADS, stacked_taps: int = 4, device: str = "auto", progress: bool = True,
-                     log=print) -> dict:
-    """Fuse the members, fit the fused head(s), and compare with the members' soft vote; writes ``out``.
-
-    ``heads``: ``trained`` (the members' heads as one block-diagonal head, trained on cached features, the best
-    epoch by validation NLL with epoch 0, the members' logit average, included) and/or ``stacked`` (late fusion:
-    :func:`fusionnet.late_head.fit_late_head` on the training split, each branch offered up to ``stacked_taps``
-    earlier trunk levels). With both, the one of lower validation NLL is reported as "FusionNet (selected on
-    val)"."""
-    if len(members) < 2:
-        raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(members)}")
-    bad = [h for h in heads if h not in HEADS]
-    if bad or not heads:
-        raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
-    if not (is_int(stacked_taps) and stacked_taps >= 0):
-        raise ConfigError(f"stacked_taps must be a whole number >= 0, got {stacked_taps!r}")
+def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> dict:
+    """Fuse the members, fit the fused head(s) (:class:`FuseConfig`), and report them beside every member and the
+    members' soft vote; the one of lower validation NLL is "FusionNet (selected on val)" and is copied to
+    ``out/selected.pth``, the model to use. Writes ``fuse.json`` and ``fuse.md``."""
     out = Path(out)
-    splits = load_splits(data, size=size, val_fraction=val_fraction, seed=seed)
+    splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
     if splits.test is None:
-        raise ConfigError(f"{str(data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
-    names, k = splits.class_names, len(splits.class_names)
-    loaded = [load_member(p, num_classes=k, class_names=names) for p in members]
-    outputs = {split: [member_outputs(m, getattr(splits, split), member=Path(p).stem, split=split, device=device)
-                       for m, p in zip(loaded, members)] for split in ("val", "test")}
-    for split in outputs:
-        check_aligned(outputs[split])
-    fused: dict[str, dict[str, MemberOutputs]] = {}
-    notes = []
-    if "trained" in heads:
-        cfg = TrainConfig(epochs=epochs, lr=lr, strategy="frozen", cache_features=True, validate_start=True,
-                          monitor="nll", seed=seed, device=device, progress=progress, cache_dir=str(out / "cache"))
-        result = fit(fuse_members(loaded, freeze_trunks=True), splits.train, splits.val, cfg, out_dir=out / "fused",
-                     log=log)
-        best = load_fusionnet(result.best_path)
-        fused["FusionNet (fused members)"] = {s: member_outputs(best, getattr(splits, s), member="fused", split=s,
-                                                                device=device) for s in ("val", "test")}
-        notes.append(f"fused members: the head trained {epochs} epochs on cached features, best epoch "
-                     f"{result.best_epoch} by validation NLL (epoch 0 = the members' logit average)")
-    if "stacked" in heads:
-        model = fuse_members(loaded, fusion="late", taps=stacked_taps)
-        info = fit_late_head_on(model, splits, cache_dir=out / "cache", device=device, seed=seed, log=log)
-        save_model(model, out / "stacked" / "best.pth", metrics={"late_head": asdict(info)})
-        fused["FusionNet (stacked)"] = {}
-        for s in ("val", "test"):  # through the cache: the trained head already cached val with these trunks
-            data = getattr(splits, s)
-            source, _ = cached_features(model, data, cache_dir=out / "cache", device=device, batch_size=64)
-            fused["FusionNet (stacked)"][s] = member_outputs(model, source, member="stacked", split=s,
-                                                             sample_ids=data.paths, device=device)
-        notes.append("stacked: a classifier per member trunk and per-class branch weights, fitted on out-of-fold "
-                     "predictions of the training split (members fine-tuned on it make those optimistic: "
-                     "validation decides)")
-    y_val, y = outputs["val"][0].labels, outputs["test"][0].labels
-    rows = {f"member: {o.member}": classification_metrics(o.probs, y, names) for o in outputs["test"]}
-    rows["soft voting"] = classification_metrics(soft_vote(torch.stack([o.probs for o in outputs["test"]])), y, names)
-    val_nll = {}
-    for label, outs in fused.items():
-        check_aligned([outputs["test"][0], outs["test"]])
-        rows[label] = classification_metrics(outs["test"].probs, y, names)
-        val_nll[label] = nll(outs["val"].probs, y_val)
-    chosen = min(val_nll, key=val_nll.get)
-    if len(fused) > 1:
-        rows["FusionNet (selected on val)"] = rows[chosen]
-    report = {"members": [str(p) for p in members], "selected": chosen, "val_nll": val_nll,
-              "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} for n, r in rows.items()}}
+        raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
+    names = splits.class_names
+    ctx = Context(splits, out, device=cfg.train.device, progress=cfg.train.progress,
+                  cache_dir=lambda _name: str(out / "cache"), log=log or (lambda _m: None))
+    loaded = [load_member(p, num_classes=len(names), class_names=names) for p in cfg.members]
+    members = [Loaded(Path(p).stem, m, str(p)).run(ctx) for m, p in zip(loaded, cfg.members)]
+    table = Table(members, names)
+    table.add_ensembles({"soft voting": METHODS["soft voting"]})
+    entries = {"trained": Trained("fused", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
+                                  replace(cfg.train, cache_dir=str(out / "cache"))),
+               "stacked": ClosedForm("stacked", lambda: (fuse_members(loaded, fusion="late",
+                                                                      taps=cfg.stacked_taps), 0.0),
+                                     seed=cfg.train.seed)}
+    labels = {"trained": "FusionNet (fused members)", "stacked": "FusionNet (stacked)"}
+    for head in cfg.heads:
+        log(f"== {labels[head]}")
+        table.add_fusion(entries[head].run(ctx), labels[head])
+    table.add_selected("nll")
+    chosen = table.rows["FusionNet (selected on val)"]["chosen"]
+    selected = out / "selected.pth"
+    atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
+    return _write_fuse_report(cfg, out, table, chosen, selected)
+
+
+def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path) -> dict:
+    best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], "nll")
+    report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
+              "best_member_on_val": best_member,
+              "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} | {"val": r["val"]}
+                          for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
-    lines = [f"Fused {len(members)} members. " + "; ".join(notes) + ".",
-             f"Selected on validation NLL: {chosen}.", "",
-             "| method | test acc | macro-F1 | NLL | ECE |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {n} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} |"
-              for n, r in report["methods"].items()]
+    lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL: {chosen}, written to "
+             f"{str(selected)!r} (use this file for predict and export). Best member on validation: "
+             f"{best_member}.", "",
+             "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n, r in report["methods"].items():
+        val = f"{r['val']['acc']:.4f} | {r['val']['nll']:.4f}" if r["val"] else "- | -"
+        lines.append(f"| {n} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} |")
+    lines += ["", "Fused members: the members' heads as one, trained on cached features, the best epoch by "
+                  "validation NLL (epoch 0 = the members' logit average). Stacked: a classifier per member trunk and "
+                  "per-class branch weights fitted on out-of-fold predictions of the training split (members "
+                  "fine-tuned on it make those optimistic: validation decides)."]
     atomic_write_text(out / "fuse.md", "\n".join(lines) + "\n")
     return report
 

@@ -240,7 +240,8 @@ def test_taps_append_the_pooled_outputs_of_earlier_trunk_levels(tmp_path):
     # trunk checkpointing recomputes the taps too: same loss and gradients as storing activations
     grads = []
     for ckpt in (False, True):
-        m = FusionNet(backbones=["resnet18"], num_classes=2, taps=2, checkpoint_trunks=ckpt)
+        m = FusionNet(backbones=["resnet18"], num_classes=2, taps=2)
+        m.set_activation_checkpointing(ckpt)
         m.load_state_dict(model.state_dict())
         m.train()
         m(x).square().sum().backward()
@@ -260,12 +261,22 @@ def test_taps_refuse_bad_values_and_token_trunks():
         FusionNet(backbones=["timm/test_vit"], num_classes=2, taps=1)
 
 
-def test_branch_streams_change_nothing_on_the_cpu_and_are_saved(tmp_path):
+def test_branch_streams_change_nothing_on_the_cpu_and_training_switches_are_not_saved(tmp_path):
+    from fusionnet.checkpoints import read_checkpoint, save_checkpoint
+    from fusionnet.streams import BranchStreams
+
     torch.manual_seed(0)
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()
-    streamed = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2,
-                         branch_streams=True).eval()
+    streamed = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()
     streamed.load_state_dict(model.state_dict())
+    streamed.set_branch_runner(BranchStreams())
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(streamed(x), model(x))
-    assert load_fusionnet(save_model(streamed, tmp_path / "m.pth")).config.branch_streams
+    path = save_model(streamed, tmp_path / "m.pth")
+    assert "branch_streams" not in read_checkpoint(path)["config"]
+    # a 0.2 checkpoint, whose config still holds the training settings, loads and predicts the same
+    payload = read_checkpoint(path)
+    old = {**payload["config"], "ogm_alpha": 0.5, "checkpoint_trunks": True, "branch_streams": True}
+    save_checkpoint(tmp_path / "old.pth", config=old, state_dict=payload["state_dict"],
+                    class_names=payload.get("class_names"))
+    assert torch.equal(load_fusionnet(tmp_path / "old.pth")(x), model(x))

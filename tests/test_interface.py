@@ -6,7 +6,8 @@ from torch import nn
 
 from fusionnet import (BranchConfig, ConfigError, FusionNet, TrainConfig, create_fusionnet, fit, fuse_members,
                        load_fusionnet, save_model)
-from fusionnet.fusers import branch_dropout, ogm_coefficients
+from fusionnet.callbacks import Callback, GradientModulation, ogm_coefficients
+from fusionnet.fusers import branch_dropout
 from fusionnet.interface import ModelOutput, PlainClassifier, as_classifier
 from fusionnet.pooling import Pool
 
@@ -137,10 +138,45 @@ def test_ogm_coefficient_damps_only_the_dominant_branch():
     k = ogm_coefficients([strong, weak], y, alpha=0.5)
     rho = (4 * 1.0) / (4 / 3)  # scores: ~4 vs 4/3
     assert k[1] == 1.0 and k[0] == pytest.approx(1 - torch.tanh(torch.tensor(0.5 * (rho - 1))).item(), rel=1e-3)
-    model = FusionNet(backbones=TINY, num_classes=3, ogm_alpha=0.5)
-    fit(model, Data(), Data(seed=1), _cfg(), log=None)  # the hook runs inside the loop
-    with pytest.raises(ConfigError, match="OGM-GE needs"):
-        FusionNet(backbones=TINY, num_classes=3, ogm_alpha=0.5, fusion="attention")
+    # a training callback: the config switches it on, the loop calls it after every backward pass
+    seen = GradientModulation(0.5)
+    model = FusionNet(backbones=TINY, num_classes=3)
+    fit(model, Data(), Data(seed=1), _cfg(ogm_alpha=0.5), log=None, callbacks=[seen])
+    assert set(seen.last) == set(model.branches) and all(0 < k <= 1 for k in seen.last.values())
+    with pytest.raises(ConfigError, match="OGM-GE"):
+        fit(FusionNet(backbones=TINY, num_classes=3, fusion="attention"), Data(), Data(seed=1), _cfg(ogm_alpha=0.5),
+            log=None)
+
+
+def test_callbacks_are_called_at_their_points_and_released_after_a_failure():
+    calls = []
+
+    class Spy(Callback):
+        def on_fit_start(self, model):
+            calls.append("start")
+
+        def extra_loss(self, model, output, target):
+            calls.append("loss")
+            return {"zero": output.logits.sum() * 0}
+
+        def on_after_backward(self, model, output, target):
+            assert any(p.grad is not None for p in model.parameters())  # after backward, before the step
+            calls.append("backward")
+
+        def on_fit_end(self, model):
+            calls.append("end")
+
+    fit(FusionNet(backbones=TINY, num_classes=3), Data(), Data(seed=1), _cfg(epochs=1), log=None, callbacks=[Spy()])
+    assert calls[0] == "start" and calls[-1] == "end" and calls[1:3] == ["loss", "backward"]
+
+    class Boom(Callback):
+        def on_after_backward(self, model, output, target):
+            raise RuntimeError("boom")
+
+    model = FusionNet(backbones=TINY, num_classes=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, Data(), Data(seed=1), _cfg(epochs=1, checkpoint_activations=True), log=None, callbacks=[Boom()])
+    assert model.checkpoint_activations is False  # the trick's switch is released even when training fails
 
 
 def test_fusion_variants_save_and_load_bit_identically(tmp_path):
@@ -162,7 +198,8 @@ def test_model_output_is_what_training_sees():
 def test_trunk_checkpointing_gives_the_same_gradients_and_saves_fewer_activations(branches):
     def run(checkpoint):
         torch.manual_seed(0)
-        model = FusionNet(backbones=branches, num_classes=3, checkpoint_trunks=checkpoint).train()
+        model = FusionNet(backbones=branches, num_classes=3).train()
+        model.set_activation_checkpointing(checkpoint)
         for m in model.modules():  # BatchNorm would update its statistics twice under recomputation
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()

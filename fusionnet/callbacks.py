@@ -1,0 +1,107 @@
+"""Training tricks as callbacks: objects the training loop calls at named points, beside the model, not in it.
+
+``fit`` calls, in order: :meth:`Callback.on_fit_start` (once, after the model is on its device),
+:meth:`Callback.extra_loss` (after the forward pass; returned terms are added to the task loss),
+:meth:`Callback.on_after_backward` (before gradient clipping and the optimiser step), :meth:`Callback.on_fit_end`
+(once, also when training stops with an error). A trick that needs something from the model asks for it through
+the model interface (:mod:`fusionnet.interface`).
+
+* :class:`ActivationCheckpointing` (``TrainConfig.checkpoint_activations``): each trainable trunk recomputes its
+  activations in backward instead of storing them (less memory, about one more forward pass of time).
+* :class:`BranchStreams` (``TrainConfig.branch_streams``): on CUDA, each branch on its own stream.
+* :class:`GradientModulation` (``TrainConfig.ogm_alpha``): OGM-GE (Peng et al., CVPR 2022) for M branches.
+
+Adding a trick: a Callback subclass here, a TrainConfig field if it should be a setting, and a line in
+:func:`from_config`; or pass the object to ``fit(callbacks=[...])``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fusionnet.interface import Classifier, ModelOutput
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_fit_start(self, model: Classifier) -> None:
+        pass
+
+    def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_after_backward(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> None:
+        pass
+
+    def on_fit_end(self, model: Classifier) -> None:
+        pass
+
+
+class ActivationCheckpointing(Callback):
+    def on_fit_start(self, model: Classifier) -> None:
+        model.set_activation_checkpointing(True)
+
+    def on_fit_end(self, model: Classifier) -> None:
+        model.set_activation_checkpointing(False)
+
+
+class BranchStreams(Callback):
+    def on_fit_start(self, model: Classifier) -> None:
+        from fusionnet.streams import BranchStreams as Runner
+
+        model.set_branch_runner(Runner())
+
+    def on_fit_end(self, model: Classifier) -> None:
+        model.set_branch_runner(None)
+
+
+class GradientModulation(Callback):
+    """OGM-GE: scale the dominant branch's gradients by its coefficient and add Gaussian noise of the gradient's
+    own spread (the GE part), so the slower branches get room to learn. Needs per-branch logit shares
+    (``Classifier.branch_logit_shares``: a Linear head over concat or gated fusion)."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.last: dict[str, float] = {}  # the coefficients of the last step, by branch
+
+    def on_after_backward(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> None:
+        shares = model.branch_logit_shares(output)
+        coeffs = ogm_coefficients(list(shares.values()), target, self.alpha)
+        params = model.branch_parameters()
+        self.last = dict(zip(shares, coeffs.tolist()))
+        for name, k in self.last.items():
+            if k >= 1:
+                continue
+            for p in params[name]:
+                if p.grad is not None:
+                    noise = torch.randn_like(p.grad) * p.grad.std() if p.grad.numel() > 1 else 0.0
+                    p.grad.mul_(k).add_(noise)
+
+
+def ogm_coefficients(branch_logits: Sequence[torch.Tensor], target: torch.Tensor, alpha: float) -> torch.Tensor:
+    """OGM-GE's per-branch gradient coefficients (Peng et al., CVPR 2022), generalised to M branches.
+
+    Each branch's score is the summed softmax probability its own logit contribution gives the true class; a
+    branch whose score exceeds the mean of the others' by the ratio rho > 1 is dominant and gets
+    ``1 - tanh(alpha * (rho - 1))``; the others get 1. Returns (M,) coefficients in (0, 1].
+    """
+    scores = torch.stack([lg.detach().float().softmax(1).gather(1, target[:, None]).sum() for lg in branch_logits])
+    m = len(scores)
+    others = (scores.sum() - scores) / max(m - 1, 1)
+    rho = scores / others.clamp_min(1e-12)
+    return torch.where(rho > 1, 1 - torch.tanh(alpha * (rho - 1)), torch.ones_like(rho))
+
+
+def from_config(cfg) -> list[Callback]:
+    """The callbacks a :class:`fusionnet.train.TrainConfig` asks for."""
+    out: list[Callback] = []
+    if cfg.checkpoint_activations:
+        out.append(ActivationCheckpointing())
+    if cfg.branch_streams:
+        out.append(BranchStreams())
+    if cfg.ogm_alpha:
+        out.append(GradientModulation(cfg.ogm_alpha))
+    return out

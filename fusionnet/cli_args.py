@@ -1,0 +1,248 @@
+"""The ``fusionnet`` command's arguments, derived from the config dataclasses of :mod:`fusionnet.config`.
+
+Each config field with help text is a flag: ``batch_size`` is ``--batch-size``, a ``bool`` is ``--x`` / ``--no-x``,
+a ``Literal`` gives the choices, ``list[...]`` takes several values, an optional number takes ``none``. Flags
+default to "not given", so a preset, a ``--config FILE`` and the dataclass defaults fill in the rest; a flag given
+on the command line wins. No torch here: ``fusionnet X --help`` answers at once.
+
+:data:`COMMANDS` lists every subcommand: its one-line help, a function adding its arguments and the handler
+(``"module:function"``, imported only when the command runs). Adding a command is one entry and one handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, get_args, get_origin
+
+from fusionnet.config import CompareConfig, FuseConfig, TrainConfig, TrainRun
+from fusionnet.errors import ConfigError
+
+
+# ---- fields -> flags ---------------------------------------------------------------------------------------------
+def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_or_none(text: str):
+        return None if text.lower() == "none" else parse(text)
+    parse_or_none.__name__ = parse.__name__
+    return parse_or_none
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _auto_bool(text: str) -> bool | str:
+    value = {"auto": "auto", "true": True, "false": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return value
+
+
+def _kwargs(hint) -> dict:
+    """argparse keywords for a field's type."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = get_origin(hint) in (typing.Union, types.UnionType) and type(None) in get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if set(get_args(hint)) == {bool, str}:
+        return {"type": _auto_bool, "metavar": "{auto,true,false}"}
+    if get_origin(hint) is Literal:
+        return {"choices": list(get_args(hint))}
+    if get_origin(hint) is list or (optional and get_origin(args[0]) is list):
+        (item,) = get_args(hint if get_origin(hint) is list else args[0])
+        return {"nargs": "+", "type": item}
+    base = args[0] if optional else hint
+    return {"type": _optional(base) if optional else base}
+
+
+def add_fields(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
+               only: tuple[str, ...] | None = None, title: str | None = None) -> None:
+    """A flag for each field of ``cls`` that has help text (see the module docstring)."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if "help" not in f.metadata or f.name in skip or (only is not None and f.name not in only):
+            continue
+        if hints[f.name] is TrainConfig or hints[f.name] == TrainConfig | None:  # a nested config: its own flags
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        default = f" (default: {f.default})" if f.default is not MISSING and f.default is not None else ""
+        group.add_argument(flag, dest=f.name, default=None, help=(f.metadata["help"] + default).replace("%", "%%"), **_kwargs(hints[f.name]))
+
+
+def given(settings: dict, cls) -> dict:
+    """The entries of ``settings`` that are fields of ``cls``."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in settings.items() if k in names}
+
+
+def settings(args: argparse.Namespace, *classes) -> dict:
+    """The flags given on the command line over a ``--config`` file's keys (flat, or a config.json's nested
+    ``compare``/``train`` sections); keys that are no field of ``classes`` are refused."""
+    from_file = _read_config(args.config) if getattr(args, "config", None) else {}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in _CONTROL}
+    merged = {**from_file, **flags}
+    known = {f.name for cls in classes for f in fields(cls)} | _CONTROL
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; settings: {', '.join(sorted(known - _CONTROL))}")
+    return merged
+
+
+_CONTROL = {"command", "debug", "config", "overwrite", "resume"}
+
+
+def _read_config(path_text: str) -> dict:
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    nested = {**data.get("compare", {}), **(data.get("compare", {}).get("train") or {})} if "compare" in data else {}
+    flat = {**nested, **{k: v for k, v in data.items() if k not in ("compare", "train")}, **(data.get("train") or {})}
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+# ---- the commands ------------------------------------------------------------------------------------------------
+def _examples(*lines: str) -> dict:
+    return {"formatter_class": argparse.RawDescriptionHelpFormatter,
+            "description": "examples:\n" + "\n".join(f"  {line}" for line in lines)}
+
+
+def _train(p) -> None:
+    p.add_argument("--config", help="a YAML or JSON file of settings, the flags' names with _ (flags given win)")
+    add_fields(p, TrainRun, title="data and model")
+    add_fields(p, TrainConfig, skip=("cache_dir",), title="training")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from final.pth")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+
+
+def _compare(p) -> None:
+    p.add_argument("--config", help="a YAML or JSON file of settings, or a run's config.json (flags given win)")
+    add_fields(p, CompareConfig, title="comparison")
+    add_fields(p, TrainConfig, skip=("strategy", "cache_features", "cache_dir", "validate_start"),
+               title="training (every model; default: the regime's preset)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+
+
+def _fuse(p) -> None:
+    add_fields(p, FuseConfig, title="fusing")
+    add_fields(p, TrainConfig, only=("epochs", "lr", "seed", "device", "progress", "num_workers"),
+               title="the trained head")
+    p.add_argument("--out", default="runs/fuse", help="run folder (default runs/fuse)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+
+
+def _predict(p) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--images", help="a folder of images (any layout): a class per image, as CSV")
+    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--seed", type=int, default=0, help="the seed of the validation split made from train/")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help=".pt for --data, .csv for --images")
+
+
+VOTE_METHODS = {"soft": "soft voting", "hard": "hard voting", "weighted": "weighted voting (NLL-fitted)",
+                "greedy": "greedy selection (Caruana)", "exhaustive": "best subset (exhaustive)",
+                "temperature": "soft voting, temperature-scaled", "stacking": "stacking (logistic regression)",
+                "stacking-hgb": "stacking (gradient boosting)"}
+
+
+def _vote(p) -> None:
+    p.add_argument("--method", choices=list(VOTE_METHODS), default="soft")
+    p.add_argument("--val", nargs="+", required=True, help="each member's validation probabilities (.pt)")
+    p.add_argument("--test", nargs="+", required=True, help="each member's test probabilities, same member order")
+    p.add_argument("--out", help="write the ensemble's test probabilities and metrics as JSON")
+
+
+def _inspect(p) -> None:
+    p.add_argument("path")
+
+
+def _classify(p) -> None:
+    p.add_argument("images", nargs="*", help="image files (default: the photos scikit-learn ships)")
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1",
+                                                                          "efficientnet_lite2"])
+    p.add_argument("--top", type=positive_int, default=3, help="how many classes to show per image (1-1000)")
+
+
+def _export(p) -> None:
+    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth / final.pth)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--size", type=positive_int, default=224, help="input image size in pixels")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="PyTorch's ONNX exporter: torchscript (fast), dynamo (torch.export); auto: torchscript "
+                        "while PyTorch has it")
+
+
+def _gap(p) -> None:
+    p.add_argument("--train", required=True, help="the training images (class sub-folders or a flat folder)")
+    p.add_argument("--test", required=True, help="the test images")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="the pretrained trunk for the feature check")
+    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--max-images", type=positive_int, default=500, help="images sampled per folder")
+    p.add_argument("--out", default="runs/gap")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _demo(p) -> None:
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _nothing(p) -> None:
+    pass
+
+
+H = "fusionnet.cli_workflow:"
+COMMANDS: dict[str, tuple[str, Callable, dict, str]] = {  # name: (help, arguments, parser options, handler)
+    "demo": ("the comparison on scikit-learn's digits with offline EfficientNet-Lite weights", _demo, {},
+             H + "handle_demo"),
+    "backbones": ("list the registered backbones", _nothing, {}, H + "handle_backbones"),
+    "inspect": ("say what a file is: a checkpoint (architecture, classes, aux heads, prefixes), saved outputs, "
+                "ONNX", _inspect, {}, H + "handle_inspect"),
+    "classify": ("classify images with an ImageNet-pretrained single-backbone FusionNet (offline EfficientNet-Lite "
+                 "weights); default: scikit-learn's sample photos", _classify, {}, H + "handle_classify"),
+    "train": ("train a member (one backbone) or a FusionNet (several) on your folders", _train, _examples(
+        "fusionnet train --data data --backbones resnet18 --out runs/resnet18",
+        "fusionnet train --data data --backbones efficientnet_lite0 efficientnet_lite1 --fusion gated "
+        "--strategy frozen --epochs 10 --out runs/fused",
+        "fusionnet train --config train.yaml   # the same keys as the flags, in YAML or JSON"), H + "handle_train"),
+    "predict": ("saved probabilities of a split (.pt, what vote reads), or a class per image of a folder (CSV)",
+                _predict, _examples("fusionnet predict runs/resnet18/best.pth --data data --split test "
+                                    "--out runs/resnet18/test_probs.pt",
+                                    "fusionnet predict runs/resnet18/best.pth --images new_photos/ "
+                                    "--out predictions.csv"), H + "handle_predict"),
+    "vote": ("an output-ensemble method over saved probability files", _vote, _examples(
+        "fusionnet vote --method greedy --val a_val.pt b_val.pt --test a_test.pt b_test.pt"), H + "handle_vote"),
+    "fuse": ("fuse your member checkpoints into one FusionNet, fit its head on your data, and report it beside "
+             "every member and their soft vote", _fuse, _examples(
+                 "fusionnet fuse --members weights/*_best.pth --data data --out runs/fuse"), H + "handle_fuse"),
+    "compare": ("train members and FusionNets on the same budget and compare them with every output-ensemble "
+                "method; writes runs/<name>/", _compare, {}, H + "handle_compare"),
+    "gap": ("why test accuracy is below validation: compare two image folders", _gap, _examples(
+        "fusionnet gap --train data/train --test data/test --out runs/gap"), H + "handle_gap"),
+    "export": ("write a saved model as ONNX (dynamic batch) and check it with onnxruntime", _export, _examples(
+        "fusionnet export runs/fuse/selected.pth --out fused.onnx --size 128"), H + "handle_export"),
+}

@@ -1,0 +1,267 @@
+"""Every setting of the library as small typed dataclasses: the one place their defaults, checks and help live.
+
+The ``fusionnet`` command derives its flags from these fields (:func:`fusionnet.cli_args.add_fields`), a
+``--config FILE`` holds the same keys, and every run folder saves the config it ran with, so a flag, a config-file
+key and a saved setting are one field. This module imports no torch: ``fusionnet X --help`` stays fast.
+
+* :class:`TrainConfig`: optimisation, freezing, loss, schedule, training tricks and run settings of one ``fit``.
+* :class:`TrainRun`: what ``fusionnet train`` adds: data, backbones, fusion method, output folder.
+* :class:`CompareConfig`: the fusion-vs-voting experiment; it holds a TrainConfig that every model trains with.
+* :class:`FuseConfig`: ``fusionnet fuse``: the user's members, the fused heads, and a TrainConfig for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
+
+STRATEGIES = ("full", "frozen", "gradual")
+MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
+REGIMES = ("frozen", "finetune")
+
+
+def setting(default, help: str, *, flag: str | None = None, factory=None):
+    """A dataclass field with its help text (and optional flag name) for the command line."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, freezing, loss, schedule and run settings. Every field is plain data, written
+    to ``train_config.json``, and a ``fusionnet train`` / ``compare`` flag (``--batch-size`` for ``batch_size``)."""
+
+    epochs: int = setting(10, "passes over the training split")
+    batch_size: int = setting(32, "images per step (per process under torchrun)")
+    optimizer: Literal["adamw", "sgd"] = setting("adamw", "the optimiser")
+    lr: float = setting(1e-3, "the head's learning rate")
+    trunk_lr_mult: float = setting(1.0, "pretrained trunks learn at lr * this; 1 chosen on validation over 0.1 (flowers5_128 Lite0, 3 epochs: val acc 0.743 vs 0.662; digits: 0.66 vs 0.28 after one epoch; experiments/README.md)")
+    weight_decay: float = setting(1e-4, "AdamW/SGD weight decay")
+    momentum: float = setting(0.9, "sgd only")
+    warmup_epochs: float = setting(0.5, "linear warm-up, then cosine decay to 0 over the remaining steps")
+    grad_clip: float | None = setting(1.0, "max global gradient norm (none: no clipping)")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss")
+    loss: Literal["ce", "focal"] = setting("ce", "ce: cross-entropy | focal: focal loss")
+    aux_weight: float = setting(0.3, "weight of each auxiliary head's loss (GoogLeNet aux heads; 0.3 as in the paper)")
+    focal_gamma: float = setting(2.0, "focal loss's gamma")
+    class_weighting: bool = setting(False, "inverse-frequency class weights in the loss (focal: as alpha)")
+    balanced_sampling: bool = setting(False, "oversample rare classes (WeightedRandomSampler)")
+    strategy: Literal["full", "frozen", "gradual"] = setting("full", "full: train everything | frozen: head only | gradual: unfreeze from the top; the strategy overrides the model's own freeze_trunks setting")
+    unfreeze_after: int = setting(1, "gradual: epochs with every trunk frozen")
+    unfreeze_every: int = setting(1, "gradual: epochs between unfreezing steps")
+    stages_per_step: int = setting(1, "gradual: trunk stages released per step, nearest the output first")
+    monitor: Literal["acc", "macro_f1", "nll", "ece"] = setting("macro_f1", "the validation metric that picks best.pth and early stopping")
+    patience: int | None = setting(None, "stop after this many epochs without improvement (none: never)")
+    amp: bool | str = setting("auto", "mixed precision: 'auto' uses bf16 autocast on CUDA, nothing on the CPU; true | false")
+    cache_features: bool | str = setting("auto", "frozen strategy: 'auto' caches trunk features when the train pipeline is deterministic; true caches regardless, training on the un-augmented (val pipeline) train images, much faster; false never caches")
+    cache_dir: str | None = setting(None, "where cached features persist between runs (none: in memory only)")
+    seed: int = setting(0, "seed of the validation split, initialisation, order and augmentation")
+    num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)", flag="--workers")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    progress: bool = setting(True, "progress bars")
+    validate_start: bool = setting(False, "also score the untrained starting point ('epoch 0') as a best.pth candidate")
+    checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (a step's peak memory -61 % for three Lite trunks at 224 px; ~one more forward pass of time; BatchNorm statistics update twice per step)")
+    branch_streams: bool = setting(False, "CUDA: each branch on its own CUDA stream (no effect on the CPU); off until experiments/bench_throughput.py (mode 'streams') shows it faster on a GPU")
+    ogm_alpha: float = setting(0.0, "OGM-GE gradient modulation of the dominant branch (0: off); a Linear head over concat or gated fusion")
+
+    def __post_init__(self) -> None:
+        check_settings([
+            (is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
+            (is_int(self.batch_size) and self.batch_size >= 1,
+             f"batch_size must be an int >= 1, got {self.batch_size!r}"),
+            (is_int(self.num_workers) and self.num_workers >= 0,
+             f"num_workers must be an int >= 0, got {self.num_workers!r}"),
+            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'sgd'"),
+            (is_finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}"),
+            (is_finite(self.trunk_lr_mult) and self.trunk_lr_mult >= 0,
+             f"trunk_lr_mult must be >= 0, got {self.trunk_lr_mult!r}"),
+            (is_finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            (is_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}"),
+            (is_finite(self.aux_weight) and self.aux_weight >= 0, f"aux_weight must be >= 0, got {self.aux_weight!r}"),
+            (self.grad_clip is None or (is_finite(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be > 0 or None, got {self.grad_clip!r}"),
+            (is_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+             f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}"),
+            (self.strategy in STRATEGIES, f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}"),
+            (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
+            (self.loss in ("ce", "focal"), f"unknown loss {self.loss!r}; choose 'ce' or 'focal'"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1 or None, got {self.patience!r}"),
+            (self.amp in ("auto", True, False), f"amp must be 'auto', True or False, got {self.amp!r}"),
+            (self.cache_features in ("auto", True, False),
+             f"cache_features must be 'auto', True or False, got {self.cache_features!r}"),
+            (is_finite(self.ogm_alpha) and self.ogm_alpha >= 0, f"ogm_alpha must be >= 0, got {self.ogm_alpha!r}"),
+        ])
+
+
+
+@dataclass
+class TrainRun:
+    """``fusionnet train``: the data and the model; the training itself is a :class:`TrainConfig`."""
+
+    data: str = setting(None, "folder with train/ (val/, test/ optional)")
+    backbones: list[str] = setting(None, "one backbone (a member) or several (a FusionNet); fusionnet backbones "
+                                         "lists them")
+    fusion: str = setting("concat", "fusion method (fusionnet.fusers: concat, gated, attention, late)")
+    pretrained: bool = setting(True, "ImageNet-pretrained trunks")
+    policy: Literal["default", "strong", "none"] = setting("default", "augmentation policy")
+    size: int = setting(128, "input size in pixels")
+    val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    image_cache: str | None = setting(None, "a folder: decode every image once into it and train from there "
+                                            "(fast on large photos; reused by later runs on the same files)")
+    out: str | None = setting(None, "run folder (default runs/<backbones>)")
+
+    def __post_init__(self) -> None:
+        for required in ("data", "backbones"):
+            if not getattr(self, required):
+                raise ConfigError(f"train needs --{required} (or '{required}' in --config)")
+        if self.out is None:
+            self.out = "runs/" + "+".join(b.replace("/", "_") for b in self.backbones)
+
+
+def regime_train_config(regime: str, **fields) -> TrainConfig:
+    """The training preset of a comparison regime: frozen trunks with heads on cached features at lr 3e-3, or
+    every layer fine-tuned at lr 1e-3; best epochs by validation NLL. ``fields`` override it."""
+    if regime not in REGIMES:
+        raise ConfigError(f"unknown regime {regime!r}; choose one of {', '.join(REGIMES)}")
+    frozen = regime == "frozen"
+    base = {"strategy": "frozen" if frozen else "full", "cache_features": frozen, "lr": 3e-3 if frozen else 1e-3,
+            "monitor": "nll"}
+    return TrainConfig(**{**base, **fields})
+
+
+def _variants() -> list[str]:
+    from fusionnet.compare import VARIANTS  # the registered fusion methods and compare's recipes (imports torch)
+
+    return list(VARIANTS)
+
+
+@dataclass
+class CompareConfig:
+    """``fusionnet compare``: every member, fusion variant and output ensemble on one budget (``train``)."""
+
+    data: str = setting(None, "folder with train/ and test/ (val/ optional)")
+    backbones: list[str] = setting(None, "the members' backbones (at least 2)", factory=lambda: [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    regime: Literal["frozen", "finetune"] = setting("frozen", "frozen: trunks fixed, heads trained on cached "
+                                                              "features | finetune: everything trains")
+    train: TrainConfig | None = setting(None, "how every model trains; None: the regime's preset "
+                                              "(regime_train_config), NLL picking best epochs (chosen on validation: "
+                                              "it lets the from-members fusion keep its start)")
+    size: int = setting(128, "input size in pixels")
+    seeds: list[int] | None = setting(None, "run the whole comparison once per seed (train.seed) and report mean "
+                                            "+- sd, e.g. --seeds 0 1 2")
+    val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    pretrained: bool = setting(True, "ImageNet-pretrained trunks")
+    variants: list[str] = setting(None, "fusion variants: every registered fusion method trained jointly, "
+                                        "from_members, stacked (default: all)", factory=_variants)
+    fusion_dropout: float = setting(0.2, "the fused head's dropout")
+    branch_dropout: float = setting(0.0, "the fused head's branch dropout (jointly trained variants)")
+    from_members_lr_mult: float = setting(1.0, "the from-members fusion trains its head at lr * this")
+    select_by: Literal["nll", "acc"] = setting("nll", "the validation score that picks the selected rows")
+    shared_cache: bool = setting(False, "frozen regime: compute each trunk's features once for all models (fast; "
+                                        "wall times then leave out features an earlier model computed)")
+    cache_root: str | None = setting(None, "frozen regime: where feature caches live, e.g. shared between runs "
+                                           "(default <out>/cache; seeds share their parent's)")
+    image_cache: bool = setting(True, "decode every image once into <cache root>/images")
+    stacked_taps: int = setting(4, "earlier trunk levels the stacked fusion may add per branch, used where they "
+                                   "lower the out-of-fold NLL (0: none)")
+    out: str = setting("runs/fusion_vs_voting", "run folder")
+
+    def __post_init__(self) -> None:
+        """Every setting is checked here, before any image is read or model trained (a bad value found after an
+        hour of training members is an hour lost)."""
+        if self.regime not in REGIMES:
+            raise ConfigError(f"unknown regime {self.regime!r}; choose one of {', '.join(REGIMES)}")
+        if isinstance(self.train, dict):  # from a saved config.json
+            self.train = TrainConfig(**self.train)
+        self.train = self.train or regime_train_config(self.regime)
+        if (self.train.strategy == "frozen") != (self.regime == "frozen"):
+            raise ConfigError(f"regime {self.regime!r} with train.strategy={self.train.strategy!r}: the frozen "
+                              f"regime trains with strategy 'frozen', the finetune regime with 'full' or 'gradual'")
+        if not self.data:
+            raise ConfigError("compare needs --data, a folder with train/ and test/")
+        if len(self.backbones) < 2:
+            raise ConfigError(f"the comparison needs at least 2 backbones, got {self.backbones}")
+        known = _variants()
+        bad = [v for v in self.variants if v not in known]
+        if bad or not self.variants:
+            raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(known)}")
+        if self.select_by not in ("nll", "acc"):
+            raise ConfigError(f"select_by must be 'nll' or 'acc', got {self.select_by!r}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        check_settings([
+            (is_int(self.size) and self.size >= 1, f"size must be a whole number of pixels >= 1, got {self.size!r}"),
+            (is_int(self.stacked_taps) and self.stacked_taps >= 0,
+             f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
+            (is_finite(self.val_fraction) and 0 < self.val_fraction < 1,
+             f"val_fraction must be in (0, 1), got {self.val_fraction!r}"),
+            (is_finite(self.from_members_lr_mult) and self.from_members_lr_mult > 0,
+             f"from_members_lr_mult must be > 0, got {self.from_members_lr_mult!r}"),
+        ] + [(is_finite(getattr(self, f)) and 0 <= getattr(self, f) < 1,
+              f"{f} must be in [0, 1), got {getattr(self, f)!r}") for f in ("fusion_dropout", "branch_dropout")])
+        from fusionnet.distributed import resolve_device
+
+        resolve_device(self.train.device)
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+    def cache_dir(self, model_name: str) -> str | None:
+        """Frozen regime: each model's own feature cache, so that every wall time includes computing its own trunk
+        features (a fusion model could otherwise reuse its members'); one for all with ``shared_cache``."""
+        if self.regime != "frozen":
+            return None
+        return str(Path(self.cache_root or Path(self.out) / "cache") / ("shared" if self.shared_cache else model_name))
+
+    def train_config(self, model_name: str = "model", **changes) -> TrainConfig:
+        """The budget every model gets, with its own feature cache."""
+        return replace(self.train, cache_dir=self.cache_dir(model_name), **changes)
+
+
+HEADS = ("trained", "stacked")
+
+
+@dataclass
+class FuseConfig:
+    """``fusionnet fuse``: the user's member checkpoints, their data, and which fused heads to fit."""
+
+    members: list[str] = setting(None, "member checkpoints (fusionnet or plain state dicts)")
+    data: str = setting(None, "folder with train/ and test/ (val/ optional)")
+    heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
+                                     "features from their logit average, best epoch by validation NLL with epoch 0 "
+                                     "included) and/or stacked (late fusion fitted out of fold on the training "
+                                     "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
+    stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
+                                   "(0: none)")
+    size: int = setting(128, "input size in pixels")
+    val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    train: TrainConfig = setting(None, "how the trained head trains", factory=lambda: fuse_train_config())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if not self.members or len(self.members) < 2:
+            raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(self.members or [])}")
+        if not self.data:
+            raise ConfigError("fuse needs --data, a folder with train/ and test/")
+        bad = [h for h in self.heads if h not in HEADS]
+        if bad or not self.heads:
+            raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
+        if not (is_int(self.stacked_taps) and self.stacked_taps >= 0):
+            raise ConfigError(f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}")
+
+
+def fuse_train_config(**fields) -> TrainConfig:
+    """``fuse``'s trained head: frozen trunks on cached features, 10 epochs at lr 1e-3, best epoch by validation
+    NLL with the members' logit average (epoch 0) as a candidate."""
+    return TrainConfig(**{"epochs": 10, "lr": 1e-3, "strategy": "frozen", "cache_features": True,
+                          "validate_start": True, "monitor": "nll", **fields})
