@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fusionnet import FusionNet, create_fusionnet, load_fusionnet
+from fusionnet import FusionNet, create_fusionnet
 from fusionnet.data import eval_transform, load_splits
 from fusionnet.train import TrainConfig, fit
 

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from fusionnet import FusionNet, TrainConfig, fit
+from fusionnet.streams import BranchStreams
 from fusionnet.data import load_splits
 from fusionnet.distributed import resolve_device
 from fusionnet.files import atomic_write_json
@@ -85,7 +86,7 @@ def inference(args, device) -> list[dict]:
     for bf16, cl, comp, st in itertools.product(precisions, (False, True), (False, True) if args.compile else (False,),
                                                 streams):
         mode = {"bf16": bf16, "channels_last": cl, "compile": comp, "streams": st}
-        fusion.config.branch_streams = st
+        fusion.set_branch_runner(BranchStreams() if st else None)
         x = x0.to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
         ms = [prepare(m, mode, device) for m in members]
@@ -169,9 +170,11 @@ def train_rates(args, device) -> dict:
 MEMORY_STEP = """
 import resource, sys, time, torch
 from fusionnet import FusionNet
+from fusionnet.streams import BranchStreams
 backbones, batch, size, ckpt = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.manual_seed(0)
-model = FusionNet(backbones=backbones, num_classes=5, checkpoint_trunks=ckpt).train()
+model = FusionNet(backbones=backbones, num_classes=5).train()
+model.set_activation_checkpointing(ckpt)
 x = torch.rand(batch, 3, size, size)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
@@ -191,7 +194,8 @@ def memory(args, device) -> dict:
     for ckpt in (False, True):
         if device.type == "cuda":
             torch.manual_seed(0)
-            model = FusionNet(backbones=args.backbones, num_classes=5, checkpoint_trunks=ckpt).to(device).train()
+            model = FusionNet(backbones=args.backbones, num_classes=5).to(device).train()
+            model.set_activation_checkpointing(ckpt)
             x = torch.rand(args.mem_batch, 3, args.mem_size, args.mem_size, device=device)
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

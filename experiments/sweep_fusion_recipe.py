@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.compare import CompareConfig, run_comparison
+from fusionnet.compare import CompareConfig, regime_train_config, run_comparison
 
 RECIPES = [  # (fused-head dropout, branch dropout, label smoothing, monitor)
     dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.0, monitor="macro_f1"),  # round 1's
@@ -40,9 +40,11 @@ def main() -> None:
         link = Path(args.out) / name / "cache" / "shared"  # one feature cache for every recipe (keys keep it exact)
         if not link.exists():
             link.symlink_to(shared.resolve(), target_is_directory=True)
-        res = run_comparison(CompareConfig(data=args.data, size=args.size, epochs=args.epochs, seed=args.seed,
-                                           regime="frozen", shared_cache=True, progress=False,
-                                           out=str(Path(args.out) / name), **recipe), log=None)
+        train_fields = {k: v for k, v in recipe.items() if k in ("label_smoothing", "monitor")}
+        compare_fields = {k: v for k, v in recipe.items() if k not in train_fields}
+        train = regime_train_config("frozen", epochs=args.epochs, seed=args.seed, progress=False, **train_fields)
+        res = run_comparison(CompareConfig(data=args.data, size=args.size, regime="frozen", shared_cache=True,
+                                           train=train, out=str(Path(args.out) / name), **compare_fields), log=None)
         val = {m: r["val"] for m, r in res["methods"].items() if r.get("val")}
         rows.append({"recipe": recipe, "val": val})
         print(name, {m: round(v["nll"], 4) for m, v in val.items() if "FusionNet" in m or m in (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, FusionNetError, MissingFileError,
+from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, FusionNetError, MissingFileError,  # noqa: F401
                               TrainingError, WeightsUnavailableError, WriteError)
 
 __version__ = "0.3.0"

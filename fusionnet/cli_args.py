@@ -86,13 +86,13 @@ def given(settings: dict, cls) -> dict:
     return {k: v for k, v in settings.items() if k in names}
 
 
-def settings(args: argparse.Namespace, *classes) -> dict:
+def settings(args: argparse.Namespace, *classes, extra: tuple[str, ...] = ()) -> dict:
     """The flags given on the command line over a ``--config`` file's keys (flat, or a config.json's nested
     ``compare``/``train`` sections); keys that are no field of ``classes`` are refused."""
     from_file = _read_config(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in _CONTROL}
     merged = {**from_file, **flags}
-    known = {f.name for cls in classes for f in fields(cls)} | _CONTROL
+    known = {f.name for cls in classes for f in fields(cls)} | _CONTROL | set(extra)
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; settings: {', '.join(sorted(known - _CONTROL))}")

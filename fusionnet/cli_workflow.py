@@ -66,7 +66,7 @@ def handle_compare(args) -> None:
 def handle_fuse(args) -> None:
     from fusionnet.workflow import fuse_checkpoints
 
-    s = settings(args, FuseConfig, TrainConfig)
+    s = settings(args, FuseConfig, TrainConfig, extra=("out",))
     cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)))
     out = run_folder(args.out, bool(args.overwrite))
     report = fuse_checkpoints(cfg, out=out)

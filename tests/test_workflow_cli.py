@@ -69,7 +69,14 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     report = json.loads((tmp_path / "fuse" / "fuse.json").read_text())
     assert {"soft voting", "FusionNet (fused members)", "FusionNet (stacked)",
             "FusionNet (selected on val)"} <= set(report["methods"])
-    assert report["selected"] == min(report["val_nll"], key=report["val_nll"].get)  # chosen on validation
+    fused = {n: r for n, r in report["methods"].items() if n in ("FusionNet (fused members)", "FusionNet (stacked)")}
+    assert report["selected"] == min(fused, key=lambda n: fused[n]["val"]["nll"])  # chosen on validation
     assert report["methods"]["FusionNet (selected on val)"] == report["methods"][report["selected"]]
-    assert (tmp_path / "fuse" / "stacked" / "best.pth").is_file()
+    assert (tmp_path / "fuse" / "models" / "stacked" / "best.pth").is_file()
+    # the model validation chose is where the next step looks: selected.pth, the chosen head's own file
+    chosen_file = {"FusionNet (fused members)": "models/fused/best.pth", "FusionNet (stacked)": "models/stacked/best.pth"}
+    assert report["selected_model"] == str(tmp_path / "fuse" / "selected.pth")
+    assert (tmp_path / "fuse" / "selected.pth").read_bytes() == \
+        (tmp_path / "fuse" / chosen_file[report["selected"]]).read_bytes()
+    assert "selected.pth" in capsys.readouterr().out  # the command says which file to use
     assert "| soft voting |" in (tmp_path / "fuse" / "fuse.md").read_text()
