@@ -101,14 +101,22 @@ def write_digits_folder(root: str | os.PathLike, *, size: int = 32, test_fractio
     return str(root)
 
 
+def demo_config(out: str = "runs/demo", *, epochs: int = 8, size: int = 64, progress: bool = True,
+                **settings) -> "CompareConfig":
+    """The demo's comparison settings: digits at ``size`` px, three offline Lite trunks, frozen, one shared feature
+    cache. ``settings`` are further :class:`fusionnet.config.CompareConfig` fields (e.g. ``variants``)."""
+    from fusionnet.config import CompareConfig, regime_train_config
+
+    data = write_digits_folder(os.path.join(out, "digits"))
+    train = regime_train_config("frozen", epochs=epochs, batch_size=32, seed=0, progress=progress)
+    return CompareConfig(**{"data": data, "regime": "frozen", "size": size, "out": out, "shared_cache": True,
+                            "train": train, **settings})
+
+
 def run_demo(out: str = "runs/demo", *, epochs: int = 8, size: int = 64, progress: bool = True, log=print,
              **settings) -> dict:
     """The fusion-vs-voting comparison on scikit-learn's digits with three offline-pretrained EfficientNet-Lite
-    trunks, frozen (heads trained on cached features shared by all models): about five minutes on two CPU cores.
-    ``settings`` are further :class:`fusionnet.compare.CompareConfig` fields (e.g. ``variants``)."""
-    from fusionnet.compare import CompareConfig, run_comparison
+    trunks, frozen (heads trained on cached features shared by all models); see :func:`demo_config`."""
+    from fusionnet.compare import run_comparison
 
-    data = write_digits_folder(os.path.join(out, "digits"))
-    cfg = CompareConfig(**{"data": data, "regime": "frozen", "size": size, "epochs": epochs, "batch_size": 32,
-                           "seed": 0, "out": out, "progress": progress, "shared_cache": True, **settings})
-    return run_comparison(cfg, log=log)
+    return run_comparison(demo_config(out, epochs=epochs, size=size, progress=progress, **settings), log=log)

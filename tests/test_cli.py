@@ -45,3 +45,14 @@ def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, 
     assert "max abs diff" in capsys.readouterr().out
     for batch in (1, 5):
         assert check_onnx(model, tmp_path / "m.onnx", torch.rand(batch, 3, 32, 32)) <= 1e-4
+
+
+def test_the_demo_builds_its_comparison_as_the_readme_runs_it(tmp_path):
+    """`fusionnet demo` is CI's set-up command, not run by the suite: its settings must still build (and be the
+    documented budget: frozen Lite0/1/2 at 64 px, 8 epochs, one shared cache)."""
+    from fusionnet.demo import demo_config
+
+    cfg = demo_config(str(tmp_path / "demo"))
+    assert cfg.regime == "frozen" and cfg.size == 64 and cfg.train.epochs == 8 and cfg.shared_cache
+    assert cfg.backbones == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert (tmp_path / "demo" / "digits" / "train").is_dir()
