@@ -55,18 +55,18 @@ def _joint(variant: str):
     return entry
 
 
-def _member_paths(cfg: CompareConfig, members: dict[str, Scored]) -> tuple[list[str], float]:
-    return [members[b].info["checkpoint"] for b in cfg.backbones], sum(members[b].info["seconds"]
-                                                                        for b in cfg.backbones)
+def _members(cfg: CompareConfig, members: dict[str, Scored]) -> tuple[list, float]:
+    """The trained members (their best epochs, in memory) and the seconds they took."""
+    return [members[b].model for b in cfg.backbones], sum(members[b].info["seconds"] for b in cfg.backbones)
 
 
 def _from_members(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trained:
     """The members' trained trunks fused, the head starting at their logit average; that start is validated too
     (epoch 0), so training can only move away from it where validation says so."""
     def build():
-        paths, prior_s = _member_paths(cfg, members)
+        models, prior_s = _members(cfg, members)
         torch.manual_seed(cfg.seed)
-        return fuse_members(paths, freeze_trunks=cfg.regime == "frozen", dropout=cfg.fusion_dropout), prior_s
+        return fuse_members(models, freeze_trunks=cfg.regime == "frozen", dropout=cfg.fusion_dropout), prior_s
     train = cfg.train_config("fusion_from_members", validate_start=True, lr=cfg.train.lr * cfg.from_members_lr_mult)
     return Trained("fusion_from_members", build, train)
 
@@ -79,8 +79,8 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]) -> ClosedFo
             torch.manual_seed(cfg.seed)
             return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
                                     fusion=STACKED_FUSION, freeze_trunks=True, taps=cfg.stacked_taps), 0.0
-        paths, prior_s = _member_paths(cfg, members)
-        return fuse_members(paths, fusion=STACKED_FUSION, taps=cfg.stacked_taps), prior_s
+        models, prior_s = _members(cfg, members)
+        return fuse_members(models, fusion=STACKED_FUSION, taps=cfg.stacked_taps), prior_s
     return ClosedForm("fusion_stacked", build, seed=cfg.seed)
 
 
@@ -120,6 +120,10 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     cfg = replace(cfg, data=str(resolve_path(cfg.data, what="data folder").resolve()))  # found from any folder
     ctx = _context(cfg, log)
     atomic_write_json(ctx.out / "config.json", {"compare": asdict(cfg)})
+    # frozen, the stacked fusion needs no member: run first, its trunk pass with taps also caches the plain
+    # features the members and the other variants then load (one pass per trunk with a shared cache)
+    early = {"stacked": _run_variant("stacked", cfg, ctx, {})} if cfg.regime == "frozen" and \
+        "stacked" in cfg.variants else {}
     members = {}
     for b in cfg.backbones:
         ctx.log(f"== member {b}")
@@ -128,9 +132,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     table.add_ensembles(seed=cfg.seed, log=ctx.log)
     fusion = {}
     for variant in cfg.variants:
-        label = f"FusionNet ({variant.replace('_', ' ')})"
-        ctx.log(f"== {label}")
-        scored = fusion_entry(variant, cfg, ctx.splits, members).run(ctx)
+        scored = early.get(variant) or _run_variant(variant, cfg, ctx, members)
+        label = _label(variant)
         fusion[variant] = scored.info
         table.add_fusion(scored, label)
         if variant == "stacked":  # its branch classifiers alone, soft-voted: how much of its edge is the combiner's
@@ -139,6 +142,15 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
                       scored.info["params"], val_scores(vote["val"], table.y_val), "fusion variant")
     table.add_selected(cfg.select_by)
     return _write(cfg, ctx, table, members, fusion)
+
+
+def _label(variant: str) -> str:
+    return f"FusionNet ({variant.replace('_', ' ')})"
+
+
+def _run_variant(variant: str, cfg: CompareConfig, ctx: Context, members: dict[str, Scored]) -> Scored:
+    ctx.log(f"== {_label(variant)}")
+    return fusion_entry(variant, cfg, ctx.splits, members).run(ctx)
 
 
 def _context(cfg: CompareConfig, log) -> Context:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fusionnet.config import CompareConfig, regime_train_config
 from fusionnet.data import read_rgb
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.files import resolve_path
@@ -102,11 +103,9 @@ def write_digits_folder(root: str | os.PathLike, *, size: int = 32, test_fractio
 
 
 def demo_config(out: str = "runs/demo", *, epochs: int = 8, size: int = 64, progress: bool = True,
-                **settings) -> "CompareConfig":
+                **settings) -> CompareConfig:
     """The demo's comparison settings: digits at ``size`` px, three offline Lite trunks, frozen, one shared feature
     cache. ``settings`` are further :class:`fusionnet.config.CompareConfig` fields (e.g. ``variants``)."""
-    from fusionnet.config import CompareConfig, regime_train_config
-
     data = write_digits_folder(os.path.join(out, "digits"))
     train = regime_train_config("frozen", epochs=epochs, batch_size=32, seed=0, progress=progress)
     return CompareConfig(**{"data": data, "regime": "frozen", "size": size, "out": out, "shared_cache": True,

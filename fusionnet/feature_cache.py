@@ -14,17 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from fusionnet.distributed import place
 from fusionnet.files import atomic_torch_save, files_fingerprint
 
-CACHE_VERSION = 3  # 3: images upright by their EXIF orientation
+CACHE_VERSION = 4  # 3: images upright by their EXIF orientation; 4: computed in channels-last memory format
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -44,10 +45,11 @@ def _files_fingerprint(dataset) -> list:
     return files_fingerprint(paths)
 
 
-def cache_key(model: nn.Module, dataset) -> str:
+def cache_key(model: nn.Module, dataset, cfg=None) -> str:
     """What cached features depend on: the model's weights (or one branch's config and weights), the transform,
-    the labels and the files. A branch's key leaves out its name, so equal branches of two models share a cache."""
-    cfg = getattr(model, "cfg", None)
+    the labels and the files. A branch's key leaves out its name, so equal branches of two models share a cache.
+    ``cfg``: key the module's features as those of a branch with this config (the same weights)."""
+    cfg = cfg if cfg is not None else getattr(model, "cfg", None)
     parts = {
         "version": CACHE_VERSION,
         "model": [{k: v for k, v in vars(cfg).items() if k != "name"} if cfg is not None else type(model).__name__,
@@ -81,6 +83,15 @@ class FeatureDataset(Dataset):
     def labels(self) -> list[int]:
         return self.targets.tolist()
 
+    def batches(self, sampler, batch_size: int, *, with_index: bool = False):
+        """The batches a DataLoader with this ``sampler`` and ``batch_size`` would give (the same indices and
+        values), gathered by tensor indexing instead of collating one sample at a time: ({branch: (B, D_i)}, (B,))
+        [, indices (B,)]. A head epoch on cached features is dominated by that collation otherwise."""
+        for idx in BatchSampler(sampler, batch_size, drop_last=False):
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            batch = ({name: f[idx] for name, f in self.features.items()}, self.targets[idx])
+            yield (*batch, idx) if with_index else batch
+
 
 def cache_blocker(model) -> str | None:
     """None if the model's features can be cached now, else the reason they cannot."""
@@ -97,10 +108,13 @@ def cache_blocker(model) -> str | None:
 def compute_features(extractors: Mapping[str, nn.Module], dataset, *, batch_size: int = 64,
                      device: torch.device | str = "auto", num_workers: int = 0, progress: Callable | None = None
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """({branch: (N, D_i)}, labels (N,)) in dataset order, each extractor in eval mode on ``device``."""
+    """({branch: (N, D_i)}, labels (N,)) in dataset order, each extractor in eval mode on ``device``, in
+    channels-last memory format as ``predict`` runs (the modules are converted in place): EfficientNet-Lite2 at
+    64 px, batch 64, on two CPU cores: 101-128 vs 140-166 ms a batch, features equal to 3e-5."""
     modules = nn.ModuleDict(dict(extractors))
     was_training = modules.training
     device = place(modules, device)
+    modules.to(memory_format=torch.channels_last)
     modules.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -108,13 +122,25 @@ def compute_features(extractors: Mapping[str, nn.Module], dataset, *, batch_size
     labels = []
     try:
         for x, y in (progress(loader) if progress else loader):
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             for name, module in modules.items():
                 feats[name].append(module(x).float().cpu())
             labels.append(torch.as_tensor(y))
     finally:
         modules.train(was_training)
     return {n: torch.cat(v) for n, v in feats.items()}, torch.cat(labels)
+
+
+def _save_untapped(module: nn.Module, features: torch.Tensor, labels: torch.Tensor, dataset, cache_dir: Path) -> None:
+    """A branch with taps computed its trunk's own pooled output too (its first feature level, from the same trunk
+    run): keep that under the key of the same branch without taps, so a model using the plain branch loads it."""
+    from fusionnet.fusion import Branch
+
+    if not isinstance(module, Branch) or not module.taps:
+        return
+    path = cache_dir / f"features-{cache_key(module, dataset, replace(module.cfg, taps=0))}.pt"
+    if not path.is_file():
+        atomic_torch_save({"features": features[:, module.levels()[0]].clone(), "labels": labels}, path)
 
 
 def cached_features(model, dataset, *, cache_dir: str | os.PathLike | None, **kwargs) -> tuple[FeatureDataset, bool]:
@@ -140,5 +166,6 @@ def cached_features(model, dataset, *, cache_dir: str | os.PathLike | None, **kw
         new, labels = compute_features(missing, dataset, **kwargs)
         for name in missing:
             atomic_torch_save({"features": new[name], "labels": labels}, paths[name])
+            _save_untapped(missing[name], new[name], labels, dataset, Path(cache_dir))
         feats.update(new)
     return FeatureDataset({name: feats[name] for name in extractors}, labels, names), not missing

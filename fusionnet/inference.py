@@ -7,10 +7,12 @@ Under ``torchrun`` every rank computes a shard and all ranks get all N rows, in 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from fusionnet.distributed import autocast, place, rank_world, to_device
@@ -52,15 +54,37 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     clf = as_classifier(model)
     forward = clf.forward_head if isinstance(data, FeatureDataset) else clf
     rank, world = rank_world()
-    was_training = clf.training
-    clf.eval()
     indexed = _Indexed(data)
     sampler = DistributedSampler(indexed, shuffle=False) if world > 1 else None
-    loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    if isinstance(data, FeatureDataset):  # cached features: whole batches by indexing
+        loader = data.batches(sampler or SequentialSampler(data), batch_size, with_index=True)
+    else:
+        loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
     probs, labels, index = [], [], []
+    # predicting leaves the global random stream as it was (a DataLoader draws seeds from it): validating during
+    # training then never shifts the training's own random numbers (dropout masks, augmentation order)
+    with torch.random.fork_rng(devices=[]):
+        _predict_batches(clf, loader, forward, probs, labels, index, device=device, amp=amp,
+                         channels_last=channels_last, bar=dict(desc=desc, disable=not progress or rank != 0,
+                                                               total=math.ceil(len(sampler or indexed) / batch_size)))
+    p, y, i = torch.cat(probs), torch.cat(labels), torch.cat(index)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (p, y, i))
+        p, y, i = (torch.cat([g[k] for g in gathered]) for k in range(3))
+    order = torch.zeros(len(data), dtype=torch.long)
+    order[i] = torch.arange(len(i))  # DistributedSampler pads with repeats: the last write per index wins
+    return p[order], y[order]
+
+
+def _predict_batches(clf, loader, forward, probs: list, labels: list, index: list, *, device, amp, channels_last,
+                     bar: dict) -> None:
+    """Run ``forward`` over the loader's batches in eval mode, appending probabilities, labels and indices."""
+    was_training = clf.training
+    clf.eval()
     try:
-        for x, y, i in tqdm(loader, desc=desc, disable=not progress or rank != 0, leave=False):
+        for x, y, i in tqdm(loader, leave=False, **bar):
             x = to_device(x, device, non_blocking=True)
             if channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -71,14 +95,6 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
             index.append(i)
     finally:
         clf.train(was_training)
-    p, y, i = torch.cat(probs), torch.cat(labels), torch.cat(index)
-    if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, (p, y, i))
-        p, y, i = (torch.cat([g[k] for g in gathered]) for k in range(3))
-    order = torch.zeros(len(data), dtype=torch.long)
-    order[i] = torch.arange(len(i))  # DistributedSampler pads with repeats: the last write per index wins
-    return p[order], y[order]
 
 
 def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None, **kwargs) -> dict:

@@ -26,7 +26,8 @@ from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import DataError
-from fusionnet.factory import load_fusionnet, save_model
+from fusionnet.checkpoints import read_checkpoint
+from fusionnet.factory import save_model
 from fusionnet.feature_cache import cached_features
 from fusionnet.late_head import fit_closed_form_on
 from fusionnet.metrics import accuracy, classification_metrics, nll
@@ -106,12 +107,19 @@ class Trained:
         result = fit(model, ctx.splits.train, ctx.splits.val, self.train, out_dir=ctx.out / "models" / self.name,
                      log=ctx.log)
         train_s = time.perf_counter() - t0
-        best = load_fusionnet(result.best_path)  # the epoch chosen on validation
+        best = _best_epoch(model, result.best_path)
         scored = score(best, ctx, self.name, self.kind, checkpoint=result.best_path,
                        cached=ctx.predict_from_cache and result.used_cache)
         scored.info.update(train_seconds=train_s, best_epoch=result.best_epoch, epochs_run=len(result.history),
                            seconds=prior_s + train_s + scored.info["predict_seconds"])
         return scored
+
+
+def _best_epoch(model: nn.Module, path: str) -> nn.Module:
+    """The trained model with the weights of the epoch chosen on validation (read from best.pth into the model
+    already built: no trunk is built twice)."""
+    model.load_state_dict(read_checkpoint(path)["state_dict"])
+    return model.eval()
 
 
 @dataclass

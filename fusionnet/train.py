@@ -36,7 +36,7 @@ from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (S
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
-from fusionnet.errors import ConfigError, MissingFileError, TrainingError
+from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError, TrainingError
 from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.inference import evaluate
@@ -80,11 +80,15 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the model's trunk parameters at ``lr * trunk_lr_mult``, everything else at ``lr``."""
+    """Two parameter groups: the model's trunk parameters at ``lr * trunk_lr_mult``, everything else at ``lr``.
+    With the ``frozen`` strategy only the trainable parameters (the trunks stay frozen throughout): a head step then
+    does not walk every trunk parameter in the optimiser, the clipping and ``zero_grad``."""
     trunk = model.trunk_parameters()
     ids = {id(p) for p in trunk}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr, "name": "head"},
-              {"params": trunk, "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
+    trains = (lambda p: p.requires_grad) if cfg.strategy == "frozen" else (lambda p: True)
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids and trains(p)], "lr": cfg.lr,
+               "name": "head"},
+              {"params": [p for p in trunk if trains(p)], "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -211,7 +215,12 @@ def _resume(run: _Run) -> None:
     payload = ckpt.read_checkpoint(run.out / "final.pth")
     run.model.load_state_dict(payload["state_dict"])
     state = payload["extra"]
-    run.optimizer.load_state_dict(state["optimizer"])
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:  # e.g. a frozen run of fusionnet 0.2, whose optimiser also held the trunk weights
+        raise CheckpointMismatchError(f"{str(run.out / 'final.pth')!r}: its optimiser state does not fit this "
+                                      f"run's parameters ({exc}); it was written with other settings or an older "
+                                      f"fusionnet: start a new run (without resume)") from exc
     run.scheduler.load_state_dict(state["scheduler"])
     run.history, run.best_score, run.best_epoch = state["history"], state["best_score"], state["best_epoch"]
     run.bad_epochs, run.start = state["bad_epochs"], state["epoch"] + 1
@@ -384,12 +393,15 @@ def _train_epoch(run: _Run, step: nn.Module, epoch: int) -> float:
     generator = torch.Generator().manual_seed(epoch_seed)
     sampler = _sampler(dataset, cfg, epoch, generator, run.labels, run.world, run.sample_weights)
     seed_pipeline(dataset, epoch_seed * 1_000 + run.rank)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                        worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda")
+    if isinstance(dataset, FeatureDataset):  # cached features: whole batches by indexing, the same batches
+        loader = dataset.batches(sampler, cfg.batch_size)
+    else:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                            worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda")
     step.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or run.rank != 0,
-               leave=False)
+               leave=False, total=math.ceil(len(sampler) / cfg.batch_size))
     for i, (x, y) in enumerate(bar):
         x, y = to_device(x, run.device, non_blocking=True), torch.as_tensor(y).to(run.device, non_blocking=True)
         loss = _step(run, step, x, y, epoch, i)
@@ -423,7 +435,8 @@ def _step(run: _Run, step: nn.Module, x, y: torch.Tensor, epoch: int, i: int) ->
     for cb in run.callbacks:
         cb.on_after_backward(run.clf, out, y)
     if cfg.grad_clip is not None:
-        nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"] if p.grad is not None],
+                                 cfg.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     return loss.detach()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, create_fusionnet, load_fusionnet, read_checkpoint
-from fusionnet.data import FolderImages, eval_transform, load_splits, train_transform
+from fusionnet.data import eval_transform, load_splits
 from fusionnet.losses import FocalLoss
 from fusionnet.inference import evaluate
 from fusionnet.train import TrainConfig, fit
@@ -298,3 +298,31 @@ def test_short_epochs_write_checkpoints_every_few_epochs_yet_keep_the_best_and_t
         assert got["metrics"]["epoch"] == expected["metrics"]["epoch"]
         for k, v in expected["state_dict"].items():
             assert torch.equal(got["state_dict"][k], v), (name, k)
+
+
+def test_cached_feature_batches_are_the_dataloaders_batches():
+    """The trainer and predict gather batches of cached features by indexing: the same indices and values as a
+    DataLoader over the same sampler (so a run's numbers do not depend on the path)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from fusionnet.feature_cache import FeatureDataset
+
+    data = FeatureDataset({"a": torch.randn(23, 4), "b": torch.randn(23, 2)}, torch.arange(23) % 3)
+    fast = list(data.batches(RandomSampler(data, generator=torch.Generator().manual_seed(5)), 8))
+    slow = list(DataLoader(data, batch_size=8, sampler=RandomSampler(data, generator=torch.Generator().manual_seed(5))))
+    assert len(fast) == len(slow) == 3
+    # predicting (validation inside fit) leaves the global random stream as it found it, on either path: the
+    # training's dropout masks do not depend on how, or how often, it is validated
+    from fusionnet import FusionNet, predict
+
+    model = FusionNet(backbones=["timm/test_resnet"], num_classes=3, dropout=0.5)
+    images = torch.utils.data.TensorDataset(torch.rand(5, 3, 32, 32), torch.arange(5) % 3)
+    cached = FeatureDataset({"test_resnet": torch.randn(5, model.branches["test_resnet"].out_dim)}, torch.arange(5) % 3)
+    for source in (images, cached):
+        torch.manual_seed(1)
+        expected = torch.rand(3)
+        torch.manual_seed(1)
+        predict(model, source, batch_size=2)
+        assert torch.equal(torch.rand(3), expected)
+    for (xf, yf), (xs, ys) in zip(fast, slow):
+        assert torch.equal(yf, ys) and all(torch.equal(xf[k], xs[k]) for k in ("a", "b"))
