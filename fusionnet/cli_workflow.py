@@ -125,7 +125,8 @@ def handle_gap(args) -> None:
 
 
 def handle_predict(args) -> None:
-    from fusionnet.data import eval_transform, load_splits
+    from fusionnet.data import load_splits
+    from fusionnet.transforms import eval_transform
     from fusionnet.factory import load_fusionnet
     from fusionnet.inference import predict
     from fusionnet.voting import member_outputs
@@ -159,7 +160,8 @@ class _FlatFolder:
     """Every image under a folder, any layout, label 0: for predicting classes of new images."""
 
     def __init__(self, root: str, transform) -> None:
-        from fusionnet.data import ImageDataset, images_in
+        from fusionnet.datasets import ImageDataset
+        from fusionnet.images import images_in
         from fusionnet.files import resolve_path
 
         files = images_in(resolve_path(root, what="image folder"))

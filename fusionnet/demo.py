@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fusionnet.config import CompareConfig, regime_train_config
-from fusionnet.data import read_rgb
+from fusionnet.images import read_rgb
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.files import resolve_path
 from fusionnet.efficientnet_lite import lite_package_path

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from fusionnet.datasets import LabelledData, as_dataset
 from fusionnet.distributed import place
 from fusionnet.files import atomic_torch_save, files_fingerprint
 
@@ -38,8 +39,8 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _files_fingerprint(dataset) -> list:
-    paths = getattr(dataset, "paths", None)
+def _files_fingerprint(dataset: LabelledData) -> list:
+    paths = dataset.paths
     if paths is None:  # not a file-backed dataset: key on its length and type only
         return [type(dataset).__name__, len(dataset)]
     return files_fingerprint(paths)
@@ -49,22 +50,22 @@ def cache_key(model: nn.Module, dataset, cfg=None) -> str:
     """What cached features depend on: the model's weights (or one branch's config and weights), the transform,
     the labels and the files. A branch's key leaves out its name, so equal branches of two models share a cache.
     ``cfg``: key the module's features as those of a branch with this config (the same weights)."""
-    cfg = cfg if cfg is not None else getattr(model, "cfg", None)
+    cfg = cfg if cfg is not None else getattr(model, "cfg", None)  # a Branch's config (models are not Branches)
+    dataset = as_dataset(dataset)
     parts = {
         "version": CACHE_VERSION,
         "model": [{k: v for k, v in vars(cfg).items() if k != "name"} if cfg is not None else type(model).__name__,
                   weights_hash(model)],
-        "transform": repr(getattr(dataset, "transform", None)),
-        "labels": list(getattr(dataset, "labels", [])),
+        "transform": repr(dataset.transform),
+        "labels": list(dataset.labels or []),
         "files": _files_fingerprint(dataset),
     }
-    store = getattr(dataset, "store", None)
-    if store is not None:  # images read from a decoded-image cache (fusionnet.image_cache)
-        parts["source"] = store.describe()
+    if dataset.store is not None:  # images read from a decoded-image cache (fusionnet.image_cache)
+        parts["source"] = dataset.store.describe()
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(LabelledData):
     """Cached per-branch features as a dataset: item i is ({branch: (D_i,)}, label); batches collate to
     ({branch: (B, D_i)}, (B,)). Keeps the source dataset's ``labels`` and ``class_names``."""
 
@@ -148,7 +149,7 @@ def cached_features(model, dataset, *, cache_dir: str | os.PathLike | None, **kw
     (and saved there when given), one file per branch, so equal branches of two models share files.
     Returns (features, hit): hit is True when nothing had to be computed."""
     extractors = dict(model.feature_extractors())
-    names = getattr(dataset, "class_names", None)
+    names = as_dataset(dataset).class_names
     if cache_dir is None:
         feats, labels = compute_features(extractors, dataset, **kwargs)
         return FeatureDataset(feats, labels, names), False

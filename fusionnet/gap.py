@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fusionnet.data import IMAGE_EXTENSIONS, images_in, read_rgb
+from fusionnet.images import IMAGE_EXTENSIONS, images_in, read_rgb
 from fusionnet.errors import DataError
 from fusionnet.files import resolve_path
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from fusionnet.errors import DataError
 from fusionnet.files import atomic_write, atomic_write_json, files_fingerprint
+from fusionnet.images import read_rgb
 
 STORE_VERSION = 2  # 2: images upright by their EXIF orientation
 INTERPOLATIONS = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
@@ -56,7 +57,6 @@ class _Decode(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        from fusionnet.data import read_rgb
 
         try:
             image = read_rgb(self.paths[i])

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sequential
 from tqdm.auto import tqdm
 
 from fusionnet.distributed import autocast, place, rank_world, to_device
+from fusionnet.datasets import as_dataset
 from fusionnet.errors import DataError
 from fusionnet.feature_cache import FeatureDataset
 from fusionnet.interface import as_classifier
@@ -100,5 +101,5 @@ def _predict_batches(clf, loader, forward, probs: list, labels: list, index: lis
 def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None, **kwargs) -> dict:
     """Metrics (acc, macro_f1, nll, ece, per-class, confusion) of ``model`` on ``data``."""
     probs, labels = predict(model, data, **kwargs)
-    names = class_names or getattr(data, "class_names", None)  # datasets are duck-typed (any torch Dataset)
+    names = class_names or as_dataset(data).class_names
     return classification_metrics(probs, labels, names)

@@ -33,6 +33,7 @@ from fusionnet import checkpoints as ckpt
 from fusionnet.callbacks import Callback
 from fusionnet.callbacks import from_config as callbacks_from_config
 from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
+from fusionnet.datasets import as_dataset
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
@@ -179,6 +180,7 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
            callbacks: Sequence[Callback]) -> _Run:
     """Everything before the first epoch: device, checks, loss, feature cache, optimiser, resume state."""
     clf = as_classifier(model)
+    train_data, val_data = as_dataset(train_data), as_dataset(val_data)  # the dataset protocol (datasets.py)
     device = setup_distributed(cfg.device)
     rank, world = rank_world()
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
@@ -191,7 +193,10 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
         raise MissingFileError(f"resume=True needs {str(out / 'final.pth') if out else 'out_dir'!r} from an "
                                f"earlier run; pass the run folder as out_dir")
     clf.to(device)
-    labels = list(train_data.labels)
+    labels = train_data.labels
+    if (cfg.class_weighting or cfg.balanced_sampling) and (labels is None or num_classes is None):
+        raise ConfigError("class_weighting / balanced_sampling need a dataset that knows its labels and class names "
+                          "(a fusionnet.datasets.LabelledData such as FolderImages)")
     weight = class_weights(labels, num_classes).to(device) if cfg.class_weighting else None
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
     clf.set_trainable_stages(stages_for_epoch(0, cfg))
@@ -349,12 +354,14 @@ def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device
     train_for_cache = train_data
     if reason is None and not _is_deterministic(train_data):
         if cfg.cache_features == "auto":
-            reason = "the train pipeline is random (augmentation); cache_features=True caches it un-augmented"
-        elif hasattr(train_data, "with_transform") and hasattr(val_data, "transform"):
-            train_for_cache = eval_view(train_data, val_data)
-            say("feature cache: training on un-augmented train features (cache_features=True)")
+            reason = ("the train pipeline is random (augmentation); cache_features=True (fusionnet train "
+                      "--cache-features true) trains on cached un-augmented features, many times faster")
         else:
-            reason = "the train pipeline is random and the dataset cannot swap in the val pipeline"
+            try:
+                train_for_cache = eval_view(train_data, val_data)
+                say("feature cache: training on un-augmented train features (cache_features=True)")
+            except ConfigError as exc:
+                reason = f"the train pipeline is random and {exc}"
     if reason is not None:
         if cfg.cache_features is True:
             raise ConfigError(f"cache_features=True, but the features cannot be cached: {reason}")

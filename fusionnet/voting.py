@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fusionnet.checkpoints import load_weights_file
+from fusionnet.datasets import as_dataset
 from fusionnet.ensemble_inputs import check_probs, check_stack, check_weights
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.files import atomic_torch_save, file_sha256, resolve_path
@@ -72,9 +73,10 @@ def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoin
     """Run ``model`` once over ``data`` (on ``device``, see :mod:`fusionnet.distributed`) and keep its
     probabilities; ``forward`` gives the main logits only."""
     probs, labels = predict(model, data, **predict_kwargs)
-    ids = list(sample_ids) if sample_ids is not None else list(getattr(data, "paths", map(str, range(len(data)))))
+    view = as_dataset(data)
+    ids = list(sample_ids if sample_ids is not None else view.paths or map(str, range(len(data))))
     return MemberOutputs(member=member, split=split, probs=probs, labels=labels,
-                         class_names=list(getattr(data, "class_names", [str(i) for i in range(probs.shape[1])])),
+                         class_names=list(view.class_names or [str(i) for i in range(probs.shape[1])]),
                          sample_ids=ids, checkpoint=str(checkpoint) if checkpoint else None,
                          checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None)
 

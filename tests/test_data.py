@@ -135,3 +135,31 @@ def test_too_small_validation_split_is_explained(tmp_path):
     make_folder(tmp_path / "train", {"a": 2, "b": 2, "c": 2})
     with pytest.raises(DataError, match=r"val_fraction=0.15 of 6 images leaves 1 for validation .* fewer than the 3"):
         load_splits(tmp_path, size=32)
+
+
+def test_any_torch_dataset_is_seen_through_the_dataset_protocol():
+    """as_dataset: the library's datasets as they are; a plain torch Dataset wrapped, with what it commonly
+    exposes (labels/targets, class_names/classes, paths/samples) read in that one place, the rest unknown."""
+    import pytest
+    from torch.utils.data import TensorDataset
+
+    from fusionnet.datasets import LabelledData, as_dataset
+    from fusionnet.data import eval_view
+    from fusionnet.errors import ConfigError
+
+    bare = as_dataset(TensorDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])))
+    assert isinstance(bare, LabelledData) and len(bare) == 4
+    assert bare.labels is None and bare.class_names is None and bare.paths is None and bare.transform is None
+
+    class TorchvisionLike(TensorDataset):
+        classes = ["cat", "dog"]
+        targets = [0, 1, 1]
+        samples = [("a.jpg", 0), ("b.jpg", 1), ("c.jpg", 1)]
+
+    seen = as_dataset(TorchvisionLike(torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 1])))
+    assert seen.labels == [0, 1, 1] and seen.class_names == ["cat", "dog"] and seen.paths == ["a.jpg", "b.jpg", "c.jpg"]
+    assert as_dataset(seen) is seen
+    with pytest.raises(ConfigError, match="cannot be given another pipeline"):
+        eval_view(bare, bare)  # a plain dataset's pipeline is its own
+    with pytest.raises(ConfigError, match="expected a torch Dataset"):
+        as_dataset(42)
