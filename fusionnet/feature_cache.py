@@ -20,7 +20,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader
 
 from fusionnet.datasets import LabelledData, as_dataset
 from fusionnet.distributed import place

@@ -74,6 +74,32 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     from sklearn.model_selection import StratifiedKFold
 
     t0 = time.perf_counter()
+    y, n_folds = _checked_inputs(model, features, labels, folds)
+    cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    say = log or (lambda _m: None)
+    names, k = list(model.branches), model.config.num_classes
+    branch_c, branch_taps, oof_nll, oof_acc, oof = {}, {}, {}, {}, []
+    for name, classifier in zip(names, model.fuser.classifiers):
+        best, branch_taps[name] = _fit_branch(model.branches[name], classifier, features[name], y, k, grid, cv, name)
+        branch_c[name], oof_nll[name], oof_acc[name] = best[0], best[1], best[2]
+        oof.append(best[3])
+        say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} tapped levels, "
+            f"out-of-fold acc {best[2]:.4f}, NLL {best[1]:.4f}")
+    log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities
+    target = torch.from_numpy(y)
+    oof_nll["combined"], oof_acc["combined"] = _combiner_oof(log_p, target, cv)
+    w, b = _fit_combiner(log_p, target)
+    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
+    _copy(model.head.fc, weight.numpy(), b.numpy())
+    say(f"late head: combiner out-of-fold acc {oof_acc['combined']:.4f}, NLL {oof_nll['combined']:.4f}; "
+        f"weights per branch (mean over classes) "
+        + ", ".join(f"{n} {float(w[i].mean()):.2f}" for i, n in enumerate(names)))
+    return LateHeadFit(branch_c, {n: w[i].tolist() for i, n in enumerate(names)}, oof_nll, oof_acc, n_folds,
+                       time.perf_counter() - t0, branch_taps)
+
+
+def _checked_inputs(model, features: Mapping[str, torch.Tensor], labels, folds: int) -> tuple[np.ndarray, int]:
+    """(labels as an array, the number of folds): the model, the features' branches and the labels checked."""
     from fusionnet.fusers import LateFusion
     from fusionnet.fusion import FusionNet
 
@@ -81,12 +107,10 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         what = f"fusion={model.config.fusion!r}" if isinstance(model, FusionNet) else type(model).__name__
         raise ConfigError(f"fit_late_head needs a FusionNet built with fusion='late' and head_hidden=None, got "
                           f"{what}")
-    config = model.config
-    names = list(model.branches)
-    missing = [n for n in names if n not in features]
+    missing = [n for n in model.branches if n not in features]
     if missing:
         raise DataError(f"no features for branch(es) {missing}; features hold {sorted(features)}")
-    k = config.num_classes
+    k = model.config.num_classes
     y = torch.as_tensor(labels).long().numpy()
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise DataError(f"labels must be class indices 0..{k - 1} for this {k}-class model, got values "
@@ -96,56 +120,44 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
         rare = int(counts.argmin())
         raise DataError(f"class {rare} has {int(counts[rare])} training sample(s); fitting the late-fusion head "
                         f"needs at least 2 per class for its out-of-fold predictions. Add images of that class")
-    n_folds = int(min(folds, counts.min()))
-    cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    say = log or (lambda _m: None)
+    return y, int(min(folds, counts.min()))
 
-    branch_c, branch_taps, oof_nll, oof_acc, oof = {}, {}, {}, {}, []
-    for name, classifier in zip(names, model.fuser.classifiers):
-        x = torch.as_tensor(features[name]).double().numpy()
-        if len(x) != len(y):
-            raise DataError(f"branch {name!r} has {len(x)} feature rows for {len(y)} labels")
-        if not np.isfinite(x).all():
-            raise DataError(f"branch {name!r} has NaN or infinite features in {int((~np.isfinite(x)).any(1).sum())} "
-                            f"row(s); check the images and the trunk's weights (a NaN in a checkpoint spreads)")
-        mean, std = x.mean(0), x.std(0)
-        std[std < 1e-12] = 1.0
-        z = ((x - mean) / std).astype(np.float32)  # solved in float32
-        levels = model.branches[name].levels()
-        main = np.arange(z.shape[1])[levels[0]]
-        best, cols = _choose(z[:, main], y, k, grid, cv), main
-        branch_taps[name] = 0
-        if len(levels) > 1:  # with every tapped level, kept if that lowers the out-of-fold NLL
-            trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv)  # more features: C rarely drops
-            if trial[1] < best[1]:
-                best, cols, branch_taps[name] = trial, np.arange(z.shape[1]), len(levels) - 1
-        branch_c[name], oof_nll[name], oof_acc[name] = best[0], best[1], best[2]
-        oof.append(best[3])
-        weight = np.zeros((k, z.shape[1]))
-        weight[:, cols], bias = _fit(z[:, cols], y, k, best[0], best[4])  # levels left out keep weight 0
-        weight = weight / std  # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
-        _copy(classifier, weight, bias - weight @ mean)
-        say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} tapped levels, "
-            f"out-of-fold acc {best[2]:.4f}, NLL {best[1]:.4f}")
 
-    log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities
-    target = torch.from_numpy(y)
-    held_out = torch.zeros(len(y), k, dtype=torch.float64)
-    for fit_idx, test_idx in cv.split(np.zeros(len(y)), y):  # the combiner's own out-of-fold score
+def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: np.ndarray, k: int, grid, cv,
+                name: str):
+    """Choose C (and whether the tapped levels help) by out-of-fold NLL, fit on every row and write the classifier
+    with the standardisation folded in. Returns (the chosen walk's best, how many tapped levels are used)."""
+    x = torch.as_tensor(features).double().numpy()
+    if len(x) != len(y):
+        raise DataError(f"branch {name!r} has {len(x)} feature rows for {len(y)} labels")
+    if not np.isfinite(x).all():
+        raise DataError(f"branch {name!r} has NaN or infinite features in {int((~np.isfinite(x)).any(1).sum())} "
+                        f"row(s); check the images and the trunk's weights (a NaN in a checkpoint spreads)")
+    mean, std = x.mean(0), x.std(0)
+    std[std < 1e-12] = 1.0
+    z = ((x - mean) / std).astype(np.float32)  # solved in float32
+    levels = branch.levels()
+    main = np.arange(z.shape[1])[levels[0]]
+    best, cols, taps = _choose(z[:, main], y, k, grid, cv), main, 0
+    if len(levels) > 1:  # with every tapped level, kept if that lowers the out-of-fold NLL
+        trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv)  # more features: C rarely drops
+        if trial[1] < best[1]:
+            best, cols, taps = trial, np.arange(z.shape[1]), len(levels) - 1
+    weight = np.zeros((k, z.shape[1]))
+    weight[:, cols], bias = _fit(z[:, cols], y, k, best[0], best[4])  # levels left out keep weight 0
+    weight = weight / std  # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
+    _copy(classifier, weight, bias - weight @ mean)
+    return best, taps
+
+
+def _combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[float, float]:
+    """The combiner's own out-of-fold (NLL, accuracy) over the branches' out-of-fold log-probabilities."""
+    held_out = torch.zeros(len(target), log_p.shape[2], dtype=torch.float64)
+    for fit_idx, test_idx in cv.split(np.zeros(len(target)), target.numpy()):
         w, b = _fit_combiner(log_p[fit_idx], target[fit_idx])
         held_out[test_idx] = (log_p[test_idx] * w).sum(1) + b
     lp = held_out.log_softmax(1)
-    oof_nll["combined"] = float(-lp[torch.arange(len(y)), target].mean())
-    oof_acc["combined"] = float((lp.argmax(1) == target).double().mean())
-    w, b = _fit_combiner(log_p, target)
-
-    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
-    _copy(model.head.fc, weight.numpy(), b.numpy())
-    say(f"late head: combiner out-of-fold acc {oof_acc['combined']:.4f}, NLL {oof_nll['combined']:.4f}; "
-        f"weights per branch (mean over classes) "
-        + ", ".join(f"{n} {float(w[i].mean()):.2f}" for i, n in enumerate(names)))
-    return LateHeadFit(branch_c, {n: w[i].tolist() for i, n in enumerate(names)}, oof_nll, oof_acc, n_folds,
-                       time.perf_counter() - t0, branch_taps)
+    return float(-lp[torch.arange(len(target)), target].mean()), float((lp.argmax(1) == target).double().mean())
 
 
 def _fit_combiner(log_p: torch.Tensor, target: torch.Tensor, pull: float = PULL

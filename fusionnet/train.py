@@ -8,7 +8,7 @@ A run folder holds ``best.pth`` (best validation score; the first of tied epochs
 with optimiser, scheduler and RNG state for ``resume=True``), ``history.json``, ``history.png`` and
 ``train_config.json``, all written atomically. The checkpoints are written after every epoch unless that would
 take over a tenth of the training time (short epochs: then every few epochs, and always after the last one;
-see :class:`_RunWriter`); the plot at the end. A non-finite loss stops training with a :class:`TrainingError`
+see :class:`fusionnet.run_writer.RunWriter`); the plot at the end. A non-finite loss stops training with a :class:`TrainingError`
 that names the epoch and step; the checkpoints of the last good epoch stay as they were. Under ``torchrun`` it
 trains with DistributedDataParallel; only rank 0 writes.
 """
@@ -40,9 +40,11 @@ from fusionnet.distributed import autocast, average_buffers, rank_world, setup_d
 from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError, TrainingError
 from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
+from fusionnet.run_writer import RunWriter
 from fusionnet.inference import evaluate
 from fusionnet.interface import Classifier, TrainStep, as_classifier
 from fusionnet.losses import make_loss
+from fusionnet.optim import lr_factor, make_optimizer  # noqa: F401  (re-exported)
 
 
 
@@ -70,31 +72,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: the model's trunk parameters at ``lr * trunk_lr_mult``, everything else at ``lr``.
-    With the ``frozen`` strategy only the trainable parameters (the trunks stay frozen throughout): a head step then
-    does not walk every trunk parameter in the optimiser, the clipping and ``zero_grad``."""
-    trunk = model.trunk_parameters()
-    ids = {id(p) for p in trunk}
-    trains = (lambda p: p.requires_grad) if cfg.strategy == "frozen" else (lambda p: True)
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids and trains(p)], "lr": cfg.lr,
-               "name": "head"},
-              {"params": [p for p in trunk if trains(p)], "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def stages_for_epoch(epoch: int, cfg: TrainConfig) -> int | None:
@@ -136,7 +113,7 @@ class _Run:
     sample_weights: torch.Tensor | None
     callbacks: list[Callback]
     out: Path | None
-    writer: "_RunWriter | None"
+    writer: RunWriter | None
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int = -1
@@ -208,7 +185,7 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
     run = _Run(cfg, model, clf, device, rank, world, say, class_names, criterion, train_src, val_src, used_cache,
                TrainStep(clf, cached=used_cache), optimizer, scheduler, labels, sample_weights,
                [*callbacks_from_config(cfg), *callbacks], out,
-               _RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None)
+               RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None)
     if resume:
         _resume(run)
     if out is not None and rank == 0:
@@ -301,49 +278,6 @@ def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -
     return evaluate(clf, val_src, class_names=class_names, batch_size=max(cfg.batch_size, 64), device=device,
                     amp=cfg.amp, channels_last=False,
                     num_workers=0 if isinstance(val_src, FeatureDataset) else cfg.num_workers)
-
-
-WRITE_SHARE = 0.1  # the share of training time that checkpoint writes may take (see _RunWriter)
-
-
-class _RunWriter:
-    """The run folder's per-epoch files: ``history.json`` every epoch; ``best.pth`` and ``final.pth`` (the resume
-    point) together, every epoch unless writing them would take more than WRITE_SHARE of the training time since
-    the last write (short epochs, e.g. a head on cached features beside three trunks' weights: then every few
-    epochs, so a crash loses at most ~10 write times of work); always after the last epoch or an early stop;
-    ``history.png`` at the end. An improved epoch that is not written yet is kept in memory (on the CPU)."""
-
-    def __init__(self, out: Path, clf: Classifier, class_names, cfg: TrainConfig) -> None:
-        self.out, self.clf, self.class_names, self.cfg = out, clf, class_names, cfg
-        self.write_s, self.since_s = 0.0, 0.0
-        self.best: tuple[dict | None, dict] | None = None  # (state dict or None: the model as it is, metrics)
-
-    def epoch(self, model: nn.Module, row: dict, improved: bool, resume_state: dict, last: bool) -> None:
-        summary = {**row, "monitor": self.cfg.monitor, "best_epoch": resume_state["best_epoch"]}
-        self.since_s += row["seconds"]
-        due = last or self.since_s * WRITE_SHARE >= self.write_s
-        if improved:
-            state = None if due else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best = (state, summary)
-        atomic_write_json(self.out / "history.json", resume_state["history"])
-        if not due:
-            return
-        t0 = time.perf_counter()
-        config = self.clf.model_config()
-        if self.best is not None:  # written first: final.pth's resume state never names a best epoch not on disk
-            state, best_summary = self.best
-            ckpt.save_checkpoint(self.out / "best.pth", config=config, class_names=self.class_names,
-                                 state_dict=state if state is not None else model.state_dict(),
-                                 metrics=best_summary)
-            self.best = None
-        ckpt.save_checkpoint(self.out / "final.pth", config=config, state_dict=model.state_dict(),
-                             class_names=self.class_names, metrics=summary, extra=resume_state)
-        self.write_s, self.since_s = time.perf_counter() - t0, 0.0
-
-    def finish(self, history: list[dict]) -> None:
-        from fusionnet.plots import training_curves  # matplotlib only where a run folder is written
-
-        training_curves(history, self.out / "history.png")
 
 
 def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device, world: int, say):

@@ -1,0 +1,35 @@
+"""The optimiser and the learning-rate schedule that ``fit`` trains with."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fusionnet.config import TrainConfig
+from fusionnet.interface import Classifier
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: Classifier, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Two parameter groups: the model's trunk parameters at ``lr * trunk_lr_mult``, everything else at ``lr``.
+    With the ``frozen`` strategy only the trainable parameters (the trunks stay frozen throughout): a head step then
+    does not walk every trunk parameter in the optimiser, the clipping and ``zero_grad``."""
+    trunk = model.trunk_parameters()
+    ids = {id(p) for p in trunk}
+    trains = (lambda p: p.requires_grad) if cfg.strategy == "frozen" else (lambda p: True)
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids and trains(p)], "lr": cfg.lr,
+               "name": "head"},
+              {"params": [p for p in trunk if trains(p)], "lr": cfg.lr * cfg.trunk_lr_mult, "name": "trunk"}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
