@@ -262,9 +262,10 @@ def _first_line(exc: BaseException) -> str:
 
 def save_checkpoint(path: str | os.PathLike, *, config: dict | None, state_dict: Mapping[str, torch.Tensor],
                     class_names: list[str] | None = None, metrics: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write our own checkpoint format atomically (see :func:`fusionnet.files.atomic_write`)."""
-    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": config,
+                    extra: dict | None = None, data: dict | None = None) -> Path:
+    """Write our own checkpoint format atomically (see :func:`fusionnet.files.atomic_write`). ``data``: what the
+    model was trained on (:func:`fusionnet.datasets.training_record`; files, seed, input size)."""
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "config": config, "data": data,
                "class_names": list(class_names) if class_names is not None else None,
                "metrics": dict(metrics or {}), "extra": dict(extra or {}),
                "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}}

@@ -155,10 +155,13 @@ def _predict(p) -> None:
     p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--images", help="a folder of images (any layout): a class per image, as CSV")
-    p.add_argument("--size", type=positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0, help="the seed of the validation split made from train/")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="input size in pixels (default: the size the model was trained at, else 128)")
+    p.add_argument("--seed", type=int, default=None, help="the seed of the validation split made from train/ "
+                                                          "(default: the one the model was trained with, else 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help=".pt for --data, .csv for --images")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 VOTE_METHODS = {"soft": "soft voting", "hard": "hard voting", "weighted": "weighted voting (NLL-fitted)",
@@ -188,7 +191,9 @@ def _classify(p) -> None:
 def _export(p) -> None:
     p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth / final.pth)")
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--size", type=positive_int, default=224, help="input image size in pixels")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="input size in pixels (default: the size the model was trained at, else 224)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
                    help="PyTorch's ONNX exporter: torchscript (fast), dynamo (torch.export); auto: torchscript "
                         "while PyTorch has it")

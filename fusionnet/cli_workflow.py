@@ -30,6 +30,23 @@ def run_folder(out: str, overwrite: bool) -> Path:
     return p
 
 
+def fresh_file(out: str, overwrite: bool | None) -> Path:
+    """``out`` as a file to write: an existing one is refused unless ``overwrite``."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a folder; give a file name")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{str(p)!r} exists already; choose another --out, or pass --overwrite to replace it")
+    return p
+
+
+def trained_on(checkpoint: str) -> dict:
+    """What a fusionnet checkpoint records of its training data (files, seed, input size); {} for older files."""
+    from fusionnet.checkpoints import read_checkpoint
+
+    return read_checkpoint(checkpoint).get("data") or {}
+
+
 def handle_train(args) -> None:
     from fusionnet.data import load_splits
     from fusionnet.distributed import rank_world, resolve_device
@@ -109,10 +126,12 @@ def handle_export(args) -> None:
     from fusionnet.export import check_onnx, export_onnx
     from fusionnet.factory import load_fusionnet
 
+    fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
-    path = export_onnx(model, args.out, size=args.size, exporter=args.exporter)
-    diff = check_onnx(model, path, torch.rand(3, 3, args.size, args.size))
-    print(f"wrote {str(path)!r}; onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
+    size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
+    path = export_onnx(model, args.out, size=size, exporter=args.exporter)
+    diff = check_onnx(model, path, torch.rand(3, 3, size, size))
+    print(f"wrote {str(path)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
 
 
 def handle_gap(args) -> None:
@@ -126,25 +145,31 @@ def handle_gap(args) -> None:
 
 def handle_predict(args) -> None:
     from fusionnet.data import load_splits
-    from fusionnet.transforms import eval_transform
+    from fusionnet.datasets import check_unseen
     from fusionnet.factory import load_fusionnet
+    from fusionnet.transforms import eval_transform
     from fusionnet.inference import predict
     from fusionnet.voting import member_outputs
 
     if (args.data is None) == (args.images is None):
         raise ConfigError("predict needs exactly one of --data (a split, saved as .pt) or --images (CSV)")
+    fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
+    trained = trained_on(args.checkpoint)
+    size = args.size or trained.get("input_size") or 128  # the size the model was trained at
     if args.data:
-        splits = load_splits(args.data, size=args.size, seed=args.seed)
+        seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
+        splits = load_splits(args.data, size=size, seed=seed)
         data = getattr(splits, args.split)
         if data is None:
             raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
+        check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
         out = member_outputs(model, data, member=Path(args.checkpoint).parent.name, split=args.split,
                              checkpoint=args.checkpoint, device=args.device)
         print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
               f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
         return
-    images = _FlatFolder(args.images, eval_transform(args.size))
+    images = _FlatFolder(args.images, eval_transform(size))
     probs, _ = predict(model, images, device=args.device)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

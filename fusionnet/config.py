@@ -242,6 +242,8 @@ class FuseConfig:
                                      "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")
+    classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "
+                                              "classes.txt beside each); fusionnet members know theirs")
     size: int = setting(128, "input size in pixels")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     train: TrainConfig = setting(None, "how the trained head trains", factory=lambda: fuse_train_config())

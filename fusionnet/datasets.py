@@ -265,3 +265,39 @@ class CsvImages(ImageDataset):
             raise DataError(f"CSV {str(csv_file)!r} lists {len(missing)} file(s) that do not exist, e.g. "
                             f"{', '.join(map(repr, missing[:3]))}; paths are relative to {str(base)!r}")
         super().__init__(samples, names, transform, check=check, strict=strict)
+
+
+# ---- what a model was trained on ---------------------------------------------------------------------------------
+def file_key(path: str | os.PathLike) -> str:
+    """A short key for an image file that survives moving the data folder: its split folder, class folder and
+    name (``train/daisy/1.jpg``), hashed; files of the same name in train/ and test/ stay apart."""
+    import hashlib
+
+    return hashlib.sha1("/".join(Path(path).parts[-3:]).encode()).hexdigest()[:16]
+
+
+def training_record(data: Dataset, seed: int) -> dict:
+    """What a checkpoint keeps of the data it was trained on: a key per training file (when file-backed), the seed
+    of its split and the input size of its images (when they are images), so that a later "validation" split can be
+    checked for images the model has seen, and an export gets the size the model was trained at."""
+    view = as_dataset(data)
+    paths = view.paths
+    sample = view[0][0] if len(view) else None
+    size = int(sample.shape[-1]) if isinstance(sample, torch.Tensor) and sample.ndim == 3 else None
+    return {"files": sorted(file_key(p) for p in paths) if paths is not None else None, "seed": seed,
+            "input_size": size, "train_images": len(view)}
+
+
+def check_unseen(record: dict | None, data: Dataset, split: str, model: str) -> None:
+    """Refuse scoring ``model`` on a ``split`` that holds images it was trained on (its scores there would not be
+    validation): a DataError naming how many and the seed its own split was made with."""
+    paths = as_dataset(data).paths
+    if not record or not record.get("files") or paths is None:
+        return
+    seen = set(record["files"])
+    overlap = sum(file_key(p) in seen for p in paths)
+    if overlap:
+        raise DataError(f"{model} was trained on {overlap} of the {len(paths)} images of this {split!r} split, so its "
+                        f"scores there would not be validation: the split was made differently from its training "
+                        f"split. It was trained with seed {record.get('seed')!r}: pass --seed {record.get('seed')} "
+                        f"(and the same validation fraction), or give the data a val/ folder")

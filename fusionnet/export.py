@@ -21,6 +21,8 @@ from torch import nn
 
 from fusionnet.errors import ConfigError
 from fusionnet.files import atomic_write
+from fusionnet.fusion import FusionNet
+from fusionnet.interface import as_classifier
 
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -56,7 +58,34 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int = 224, o
             _dynamo(model, example, buffer, opset)
     finally:
         model.train(was_training)
-    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    data = _with_metadata(buffer.getvalue(), onnx_metadata(model, size))
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def onnx_metadata(model: nn.Module, size: int) -> dict[str, str]:
+    """What a consumer of the file needs besides the graph: the input it expects, the classes of its outputs and
+    each branch's normalisation (applied inside the graph)."""
+    import json
+
+    meta = {"input": "images: float32 RGB, (batch, 3, H, W), values in [0, 1]; resize and normalisation are inside "
+                     "the graph", "input_size": str(size), "output": "logits: (batch, classes); softmax for "
+                                                                    "probabilities"}
+    names = as_classifier(model).class_names
+    if names:
+        meta["class_names"] = json.dumps(list(names))
+    if isinstance(model, FusionNet):
+        meta["normalisation"] = json.dumps({n: {"mean": br.mean.flatten().tolist(), "std": br.std.flatten().tolist()}
+                                            for n, br in model.branches.items()})
+    return meta
+
+
+def _with_metadata(data: bytes, meta: dict[str, str]) -> bytes:
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, buffer: io.BytesIO, opset: int) -> None:

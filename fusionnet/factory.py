@@ -132,10 +132,12 @@ def load_fusionnet(path: PathLike, *, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval()
 
 
-def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None, extra: dict | None = None):
-    """Save ``model`` in the library's own format (config + class names + weights + metrics), atomically."""
+def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None, extra: dict | None = None,
+               data: dict | None = None):
+    """Save ``model`` in the library's own format (config + class names + weights + metrics + what it was trained
+    on, ``data``: :func:`fusionnet.datasets.training_record`), atomically."""
     return ckpt.save_checkpoint(path, config=model.model_config(), state_dict=model.state_dict(),
-                                class_names=model.class_names, metrics=metrics, extra=extra)
+                                class_names=model.class_names, metrics=metrics, extra=extra, data=data)
 
 
 def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "concat", freeze_trunks: bool = True,

@@ -24,6 +24,7 @@ from torch import nn
 
 from fusionnet.calibration import fit_temperature
 from fusionnet.data import Splits
+from fusionnet.datasets import training_record
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
 from fusionnet.errors import DataError
 from fusionnet.checkpoints import read_checkpoint
@@ -138,7 +139,8 @@ class ClosedForm:
                                     seed=self.seed, log=ctx.log, num_workers=ctx.workers)
         facts = asdict(fitted)
         path = str(ctx.out / "models" / self.name / "best.pth")
-        save_model(model, path, metrics={"closed_form_fit": facts})
+        save_model(model, path, metrics={"closed_form_fit": facts},
+                   data=training_record(ctx.splits.train, self.seed))
         train_s = time.perf_counter() - t0
         scored = score(model, ctx, self.name, self.kind, checkpoint=path, cached=True)
         scored.info.update(train_seconds=train_s, best_epoch=None, epochs_run=0, closed_form_fit=facts,

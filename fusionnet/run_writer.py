@@ -23,8 +23,8 @@ class RunWriter:
     epochs, so a crash loses at most ~10 write times of work); always after the last epoch or an early stop;
     ``history.png`` at the end. An improved epoch that is not written yet is kept in memory (on the CPU)."""
 
-    def __init__(self, out: Path, clf: Classifier, class_names, cfg: TrainConfig) -> None:
-        self.out, self.clf, self.class_names, self.cfg = out, clf, class_names, cfg
+    def __init__(self, out: Path, clf: Classifier, class_names, cfg: TrainConfig, data: dict | None = None) -> None:
+        self.out, self.clf, self.class_names, self.cfg, self.data = out, clf, class_names, cfg, data
         self.write_s, self.since_s = 0.0, 0.0
         self.best: tuple[dict | None, dict] | None = None  # (state dict or None: the model as it is, metrics)
 
@@ -44,10 +44,10 @@ class RunWriter:
             state, best_summary = self.best
             ckpt.save_checkpoint(self.out / "best.pth", config=config, class_names=self.class_names,
                                  state_dict=state if state is not None else model.state_dict(),
-                                 metrics=best_summary)
+                                 metrics=best_summary, data=self.data)
             self.best = None
         ckpt.save_checkpoint(self.out / "final.pth", config=config, state_dict=model.state_dict(),
-                             class_names=self.class_names, metrics=summary, extra=resume_state)
+                             class_names=self.class_names, metrics=summary, extra=resume_state, data=self.data)
         self.write_s, self.since_s = time.perf_counter() - t0, 0.0
 
     def finish(self, history: list[dict]) -> None:

@@ -33,7 +33,7 @@ from fusionnet import checkpoints as ckpt
 from fusionnet.callbacks import Callback
 from fusionnet.callbacks import from_config as callbacks_from_config
 from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
-from fusionnet.datasets import as_dataset
+from fusionnet.datasets import as_dataset, training_record
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
@@ -114,6 +114,7 @@ class _Run:
     callbacks: list[Callback]
     out: Path | None
     writer: RunWriter | None
+    data: dict | None = None  # what the model is trained on (fusionnet.datasets.training_record), in checkpoints
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int = -1
@@ -182,10 +183,11 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
     total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(clf, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    data = training_record(train_data, cfg.seed)
     run = _Run(cfg, model, clf, device, rank, world, say, class_names, criterion, train_src, val_src, used_cache,
                TrainStep(clf, cached=used_cache), optimizer, scheduler, labels, sample_weights,
                [*callbacks_from_config(cfg), *callbacks], out,
-               RunWriter(out, clf, class_names, cfg) if out is not None and rank == 0 else None)
+               RunWriter(out, clf, class_names, cfg, data) if out is not None and rank == 0 else None, data)
     if resume:
         _resume(run)
     if out is not None and rank == 0:
@@ -240,8 +242,9 @@ def _score_start(run: _Run) -> None:
             f"nll {metrics['nll']:.4f}  *best*")
     if run.out is not None and run.rank == 0:
         ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.model.state_dict(),
-                             class_names=run.class_names, metrics={"epoch": 0, "val_acc": metrics["acc"],
-                                                                   "monitor": run.cfg.monitor, "best_epoch": 0})
+                             class_names=run.class_names, data=run.data,
+                             metrics={"epoch": 0, "val_acc": metrics["acc"], "monitor": run.cfg.monitor,
+                                      "best_epoch": 0})
 
 
 def _epoch(run: _Run, train_module: nn.Module, epoch: int) -> bool:

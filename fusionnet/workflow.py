@@ -21,11 +21,12 @@ from typing import Sequence
 import torch
 
 from fusionnet.backbones import list_backbones
-from fusionnet.checkpoints import inspect_checkpoint
+from fusionnet.checkpoints import inspect_checkpoint, read_checkpoint
 from fusionnet.config import FuseConfig
 from fusionnet.data import load_splits
+from fusionnet.datasets import check_unseen
 from fusionnet.ensembles import METHODS, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError
+from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.metrics import classification_metrics
@@ -33,14 +34,17 @@ from fusionnet.pipeline import ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.voting import MemberOutputs, check_aligned
 
 
-def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None):
-    """A single-backbone FusionNet from a member checkpoint of any supported kind, with its classifier head."""
+def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None,
+                member_classes: Sequence[str] | None = None):
+    """A single-backbone FusionNet from a member checkpoint of any supported kind, with its classifier head, its
+    outputs in the order of ``class_names`` (the data's). A fusionnet member knows its classes; a plain state dict
+    needs ``member_classes`` (the order it was trained with) or a ``classes.txt`` beside it (a name per line)."""
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         model = load_fusionnet(path)
         if model.config.num_classes != num_classes:
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
-        return model
+        return _in_order(model, model.class_names, class_names, path)
     arch = info.architecture
     if arch not in list_backbones():
         raise CheckpointMismatchError(f"cannot tell which backbone {str(path)!r} is (it looks like {arch!r}); save "
@@ -49,11 +53,64 @@ def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[
     if info.num_classes != num_classes:
         raise CheckpointMismatchError(f"member {str(path)!r} ({arch}) classifies {info.num_classes} classes but the "
                                       f"data has {num_classes}; fine-tune it on these classes first")
+    order = _stated_order(path, member_classes, class_names)
     model = create_fusionnet([arch], num_classes=num_classes, class_names=class_names, checkpoints={arch: path})
     if not model.load_reports[arch].head_kept:
         raise CheckpointMismatchError(f"member {str(path)!r}: its classifier head is not a plain Linear layer, so it "
                                       f"cannot start the fused head; train it as a fusionnet member")
+    return _in_order(model, order, class_names, path)
+
+
+def _stated_order(path, member_classes: Sequence[str] | None, data_classes: list[str] | None) -> list[str]:
+    """The class order a plain state dict was trained with: given, or read from classes.txt beside it."""
+    beside = Path(path).parent / "classes.txt"
+    if member_classes is None and beside.is_file():
+        member_classes = [line.strip() for line in beside.read_text().splitlines() if line.strip()]
+    if member_classes is None:
+        raise ConfigError(f"member {str(path)!r} is a plain state dict, which does not say its class order; give "
+                          f"the order it was trained with (--classes, or a classes.txt beside it, a name per line). "
+                          f"Trained with torchvision's ImageFolder on these folders, it is the sorted order: "
+                          f"--classes {' '.join(data_classes or [])}")
+    return list(member_classes)
+
+
+def _in_order(model, own: list[str] | None, data: list[str] | None, path):
+    """``model`` with its head's rows reordered from its own class order to the data's (refused if the classes
+    differ)."""
+    if own is None or data is None or list(own) == list(data):
+        return model
+    if sorted(own) != sorted(data):
+        raise ConfigError(f"member {str(path)!r} classifies {list(own)}, the data has {list(data)}; members must be "
+                          f"trained on the data's classes")
+    rows = torch.tensor([list(own).index(name) for name in data])
+    fc = model.head.fc
+    with torch.no_grad():
+        fc.weight.copy_(fc.weight[rows])
+        fc.bias.copy_(fc.bias[rows])
+    model.config.class_names = list(data)
     return model
+
+
+def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> None:
+    """Refuse a member whose validation predictions fit another class order far better than the one assumed
+    (its classes mapped wrongly): the best one-to-one relabelling of its predictions (Hungarian, on the confusion
+    matrix) gains at least ``min_gain`` accuracy and doubles it, on at least 4 validation images per class."""
+    from scipy.optimize import linear_sum_assignment
+
+    k = outputs.probs.shape[1]
+    pred, labels = outputs.probs.argmax(1), outputs.labels
+    if len(labels) < 4 * k:
+        return
+    confusion = torch.zeros(k, k)
+    confusion.index_put_((labels, pred), torch.ones(len(labels)), accumulate=True)  # rows true, columns predicted
+    rows, cols = linear_sum_assignment(-confusion.numpy())
+    plain, best = float(confusion.trace()) / len(labels), float(confusion[rows, cols].sum()) / len(labels)
+    if best - plain >= min_gain and best >= 2 * plain:
+        names = outputs.class_names
+        swaps = ", ".join(f"its {names[c]!r} is the data's {names[r]!r}" for r, c in zip(rows, cols) if r != c)
+        raise DataError(f"member {outputs.member!r} scores {plain:.2f} on validation in the data's class order but "
+                        f"{best:.2f} if {swaps}: it was trained with another class order. Give that order "
+                        f"(--classes, or classes.txt beside the checkpoint)")
 
 
 def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> dict:
@@ -67,8 +124,15 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     names = splits.class_names
     ctx = Context(splits, out, device=cfg.train.device, progress=cfg.train.progress,
                   cache_dir=lambda _name: str(out / "cache"), log=log or (lambda _m: None))
-    loaded = [load_member(p, num_classes=len(names), class_names=names) for p in cfg.members]
+    loaded = [load_member(p, num_classes=len(names), class_names=names, member_classes=cfg.classes)
+              for p in cfg.members]
+    for p in cfg.members:  # a member that saw this split's images would make its validation scores meaningless
+        record = read_checkpoint(p).get("data") if inspect_checkpoint(p).fusionnet is not None else None
+        for split in ("val", "test"):
+            check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
     members = [Loaded(Path(p).stem, m, str(p)).run(ctx) for m, p in zip(loaded, cfg.members)]
+    for m in members:
+        check_class_order(m.outputs["val"])
     table = Table(members, names)
     table.add_ensembles({"soft voting": METHODS["soft voting"]})
     entries = {"trained": Trained("fused", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),

@@ -80,3 +80,67 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
         (tmp_path / "fuse" / chosen_file[report["selected"]]).read_bytes()
     assert "selected.pth" in capsys.readouterr().out  # the command says which file to use
     assert "| soft voting |" in (tmp_path / "fuse" / "fuse.md").read_text()
+
+
+def test_a_validation_split_holding_training_images_is_refused(data, tmp_path, capsys):
+    """Wrong answer 1: predict --split val with another seed than training scored training images as validation."""
+    from fusionnet.checkpoints import read_checkpoint
+
+    run = tmp_path / "runs" / "a"
+    assert main(["train", "--data", str(data), "--out", str(run), "--seed", "0", *MEMBER]) == 0
+    record = read_checkpoint(run / "best.pth")["data"]
+    assert record["seed"] == 0 and record["input_size"] == 32 and len(record["files"]) == record["train_images"]
+    out = tmp_path / "val.pt"
+    assert main(["predict", str(run / "best.pth"), "--data", str(data), "--split", "val", "--seed", "1",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on" in err and "--seed 0" in err and not out.exists()
+    # by default predict makes the split the model was trained with (its seed, its size): accepted
+    assert main(["predict", str(run / "best.pth"), "--data", str(data), "--split", "val", "--out", str(out)]) == 0
+    # and an existing output is not replaced without --overwrite
+    assert main(["predict", str(run / "best.pth"), "--data", str(data), "--split", "val", "--out", str(out)]) == 2
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_export_defaults_to_the_trained_size_and_describes_its_input(data, tmp_path, capsys):
+    """Wrong answer 4: export defaulted to 224 px for a model trained at 128; the ONNX file now says what it takes."""
+    onnx = pytest.importorskip("onnx")
+    run = tmp_path / "runs" / "a"
+    assert main(["train", "--data", str(data), "--out", str(run), *MEMBER]) == 0
+    assert main(["export", str(run / "best.pth"), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "32 x 32 px" in capsys.readouterr().out
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["input_size"] == "32" and json.loads(meta["class_names"]) == ["a", "b", "c"]
+    assert "[0, 1]" in meta["input"] and "test_resnet" in json.loads(meta["normalisation"])
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
+
+
+def test_foreign_members_must_state_their_class_order(data, tmp_path, capsys):
+    """Wrong answer 2: a plain state dict's outputs were mapped onto the data's class order without a word."""
+    import torch
+    import torchvision
+
+    from fusionnet.voting import MemberOutputs
+    from fusionnet.workflow import check_class_order, load_member
+
+    plain = tmp_path / "weights" / "resnet18.pth"
+    plain.parent.mkdir()
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), plain)
+    with pytest.raises(Exception, match="does not say its class order.*--classes a b c"):
+        load_member(plain, num_classes=3, class_names=["a", "b", "c"])
+    reference = load_member(plain, num_classes=3, class_names=["a", "b", "c"], member_classes=["a", "b", "c"])
+    (plain.parent / "classes.txt").write_text("c\na\nb\n")  # trained with another order: rows put in the data's
+    reordered = load_member(plain, num_classes=3, class_names=["a", "b", "c"])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(reordered.eval()(x), reference.eval()(x)[:, [1, 2, 0]])
+    # the check on validation predictions: a member whose classes are rotated is refused, a right one passes
+    labels = torch.arange(30) % 3
+    right = torch.nn.functional.one_hot(labels, 3).float()
+    outputs = dict(member="m", split="val", labels=labels, class_names=["a", "b", "c"],
+                   sample_ids=[str(i) for i in range(30)])
+    check_class_order(MemberOutputs(probs=right, **outputs))
+    with pytest.raises(Exception, match="trained with another class order"):
+        check_class_order(MemberOutputs(probs=right[:, [1, 2, 0]], **outputs))
