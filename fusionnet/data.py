@@ -73,6 +73,9 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     train_tf, eval_tf = train_transform(size, policy=policy), eval_transform(size, crop_pct=crop_pct)
     full = FolderImages(base / "train", strict=strict)
     names = full.class_names
+    if len(names) < 2:
+        raise DataError(f"{str(base / 'train')!r} has one class folder ({names[0]!r}); a classifier needs at least "
+                        f"two, each a sub-folder of train/ with its images")
     for other in ("val", "test"):  # every split's classes are checked before any work is done on them
         if (base / other).is_dir():
             _checked(names, base / other)

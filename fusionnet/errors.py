@@ -43,6 +43,22 @@ class TrainingError(FusionNetError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoints are kept."""
 
 
+def install_hint(extra: str) -> str:
+    """The command that installs an optional extra, for how fusionnet was installed: from a source checkout
+    (``pip install -e .``) the checkout's own, else the package index's."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        direct = json.loads(metadata.distribution("fusionnet").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        direct = {}
+    if direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file://"):
+        return f'pip install -e "{unquote(urlparse(direct["url"]).path)}[{extra}]"'
+    return f"pip install 'fusionnet[{extra}]'"
+
+
 # ---- checking settings ------------------------------------------------------------------------------------------
 def is_int(v) -> bool:
     """A whole number (not a bool, which Python counts as an int)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusionnet.errors import ConfigError
+from fusionnet.errors import ConfigError, install_hint
 from fusionnet.files import atomic_write
 from fusionnet.fusion import FusionNet
 from fusionnet.interface import as_classifier
@@ -38,7 +38,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int = 224, o
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ConfigError("ONNX export needs the onnx and onnxscript packages: pip install 'fusionnet[export]'") from exc
+        raise ConfigError(f"ONNX export needs the onnx and onnxscript packages: {install_hint('export')}") from exc
     if not isinstance(size, int) or size < 8:
         raise ConfigError(f"size must be an int >= 8, got {size!r}")
     was_training = model.training

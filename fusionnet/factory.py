@@ -96,9 +96,10 @@ def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport
         state = head_state = remap_lite_keys(state, br.spec.arch)
     dropped = ckpt.load_trunk_state(br.trunk, state, backbone=br.spec.name,
                                     head_prefixes=br.spec.head_prefixes, source=source.path)
-    report = ckpt.LoadReport(source=source.path, dropped=dropped)
-    report.head_kept = _maybe_keep_head(model, head_state, linear_head)
-    return report
+    kept = _maybe_keep_head(model, head_state, linear_head)
+    if kept:  # the head went into FusionNet's own head: not dropped
+        dropped = [k for k in dropped if not k.startswith(f"{linear_head}.")]
+    return ckpt.LoadReport(source=source.path, dropped=dropped, head_kept=kept)
 
 
 def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix: str | None) -> bool:

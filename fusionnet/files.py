@@ -35,9 +35,37 @@ def resolve_path(path: str | os.PathLike, *, what: str = "checkpoint") -> Path:
         fixed = Path(*[part.strip() for part in p.parts])
         msg += (f"; the path component(s) {', '.join(map(repr, spaced))} have leading/trailing spaces"
                 + (f" - did you mean {str(fixed)!r}? (it exists)" if fixed.exists() else ""))
+    near = _near_miss(p)
+    if near is not None:
+        msg += f"; did you mean {str(near)!r}? (it exists)"
     elif p.parent != p and not p.parent.exists():
         msg += f"; its folder {str(p.parent)!r} does not exist either"
     raise MissingFileError(msg)
+
+
+def _near_miss(p: Path) -> Path | None:
+    """The existing path that differs from ``p`` in one component by spaces, case or a typo, if exactly one does:
+    the first component that does not exist is matched against its folder's entries."""
+    import difflib
+
+    parts = p.parts
+    for i in range(len(parts)):
+        head = Path(*parts[:i + 1])
+        if head.exists():
+            continue
+        folder = Path(*parts[:i]) if i else Path(".")
+        try:
+            names = [e.name for e in folder.iterdir()]
+        except OSError:
+            return None
+        wanted = parts[i]
+        same = [n for n in names if n.strip().lower() == wanted.strip().lower()]
+        close = same or difflib.get_close_matches(wanted, names, n=2, cutoff=0.8)
+        if len(close) != 1:
+            return None
+        guess = folder / close[0] / Path(*parts[i + 1:]) if i + 1 < len(parts) else folder / close[0]
+        return guess if guess.exists() else None
+    return None
 
 
 def _pid_alive(pid: int) -> bool:
