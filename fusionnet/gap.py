@@ -39,15 +39,16 @@ class FolderStats:
     brightness: list[float] = field(repr=False)  # mean luminance per image, 0..1
 
 
-def _images(root: Path, limit: int, seed: int) -> list[tuple[str, str]]:
-    """(path, class) pairs: class sub-folders when there are any, else the folder itself as one class."""
+def _images(root: Path, limit: int, seed: int) -> tuple[list[tuple[str, str]], int]:
+    """((path, class) pairs, how many images the folder has): class sub-folders when there are any, else the folder
+    itself as one class; at most ``limit`` of them, an even sample."""
     files = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)]
     if not files:
         raise DataError(f"no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if len(files) > limit:  # an even sample: a fixed seed, so reruns agree
         keep = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
-        files = [files[i] for i in sorted(keep)]
-    return files
+        return [files[i] for i in sorted(keep)], len(files)
+    return files, len(files)
 
 
 def folder_stats(files: list[tuple[str, str]], size: int = 64) -> tuple[FolderStats, np.ndarray]:
@@ -131,8 +132,11 @@ def verdict(a: FolderStats, b: FolderStats, auc: float) -> list[str]:
         tv = 0.5 * float(np.abs(pa - pb).sum())
         if tv > 0.15:
             causes.append(f"class prior: class proportions differ (total variation {tv:.2f})")
-    if a.formats.keys() != b.formats.keys():
-        causes.append(f"file format: {sorted(a.formats)} vs {sorted(b.formats)}")
+    for fmt in sorted(set(a.formats) | set(b.formats)):  # a cause needs a size: a share that differs by 10 points
+        na, nb = a.formats.get(fmt, 0), b.formats.get(fmt, 0)
+        if abs(na / a.n - nb / b.n) > 0.10:
+            causes.append(f"file format: {fmt} is {na / a.n:.0%} of train ({na} of {a.n}) vs {nb / b.n:.0%} of test "
+                          f"({nb} of {b.n})")
     if auc > 0.75 and not causes:
         causes.append("content: the features tell the folders apart (AUC above 0.75) though no pixel statistic does")
     return causes
@@ -147,7 +151,8 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, *, backbone: st
               out: str | os.PathLike | None = None) -> dict:
     """Compare two folders; returns (and with ``out`` writes ``gap.json``, ``gap.md``, ``gap.png``) the report."""
     roots = [resolve_path(p, what="image folder") for p in (train, test)]
-    files = [_images(r, max_images, seed) for r in roots]
+    found = [_images(r, max_images, seed) for r in roots]
+    files = [f for f, _ in found]
     (sa, pa), (sb, pb) = (folder_stats(f, size) for f in files)
     fa, fb = (trunk_features(p, backbone, pretrained) for p in (pa, pb))
     auc = domain_auc(fa, fb, seed)
@@ -155,6 +160,8 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, *, backbone: st
     causes = verdict(sa, sb, auc)
     report = {"train": str(roots[0]), "test": str(roots[1]), "backbone": backbone, "domain_auc": auc,
               "class_shift": shift, "causes": causes,
+              "images": {"train": {"sampled": len(files[0]), "found": found[0][1]},
+                         "test": {"sampled": len(files[1]), "found": found[1][1]}},
               "stats": {"train": _summary(sa), "test": _summary(sb)}}
     if out is not None:
         from fusionnet.files import atomic_write_json, atomic_write_text
@@ -178,9 +185,15 @@ def _summary(s: FolderStats) -> dict:
 def gap_markdown(r: dict) -> str:
     level = "indistinguishable" if r["domain_auc"] < 0.6 else "somewhat apart" if r["domain_auc"] < 0.75 else \
         "clearly apart"
-    lines = [f"# Domain gap: {r['train']!r} vs {r['test']!r}", "",
+    sampled = "; ".join(f"{split}: {n['sampled']} of {n['found']} images" + (" (an even sample)" if n["sampled"] <
+                                                                              n["found"] else "")
+                        for split, n in r.get("images", {}).items())
+    apart = r["domain_auc"] >= 0.6
+    lines = [f"# Domain gap: {r['train']!r} vs {r['test']!r}", "", f"Compared {sampled}.", "",
              f"Domain classifier AUC on {r['backbone']} features: **{r['domain_auc']:.3f}** ({level}; 0.5 = the "
-             f"folders cannot be told apart).", "", "Likely causes:"]
+             f"folders cannot be told apart).", "",
+             "Likely causes:" if apart else "Differences in the pixel statistics (the features do not tell the "
+                                            "folders apart, so these are unlikely to explain a gap in accuracy):"]
     lines += [f"- {c}" for c in r["causes"]] or ["- none found in the pixel statistics"]
     if r["class_shift"]:
         top = list(r["class_shift"].items())[:3]

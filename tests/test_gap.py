@@ -36,3 +36,24 @@ def test_a_colour_inverted_copy_is_told_apart_and_colour_is_named(tmp_path, caps
     assert main(["gap", "--train", str(a), "--test", str(b), "--size", "64", "--out", str(tmp_path / "gap")]) == 0
     assert {"gap.json", "gap.md", "gap.png"} <= {p.name for p in (tmp_path / "gap").iterdir()}
     assert "Domain classifier AUC" in capsys.readouterr().out
+
+
+def test_a_few_odd_files_are_not_a_cause_and_the_sample_is_stated(tmp_path):
+    """Two GIFs among many PNGs do not make 'file format' a likely cause; the report says what it sampled."""
+    from fusionnet.gap import gap_markdown
+
+    a = _photos(tmp_path / "a", 30, seed=0)
+    b = _photos(tmp_path / "b", 30, seed=1)
+    for i, png in enumerate(sorted((b / "a").glob("*.png"))[:2]):
+        Image.open(png).save(png.with_suffix(".gif"))
+        png.unlink()
+    r = gap_check(a, b, size=64, max_images=40)
+    assert not any(c.startswith("file format") for c in r["causes"])
+    assert r["images"]["train"] == {"sampled": 40, "found": 60}
+    text = gap_markdown(r)
+    assert "train: 40 of 60 images (an even sample)" in text
+    # an AUC at chance: whatever the pixel statistics differ in is reported as unlikely to explain a gap
+    low = gap_markdown({**r, "domain_auc": 0.43, "causes": ["brightness: mean luminance 0.40 vs 0.52"]})
+    assert "indistinguishable" in low and "unlikely to explain" in low and "Likely causes" not in low
+    high = gap_markdown({**r, "domain_auc": 0.9, "causes": ["brightness: mean luminance 0.40 vs 0.52"]})
+    assert "Likely causes:" in high
