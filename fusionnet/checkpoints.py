@@ -145,7 +145,11 @@ class CheckpointInfo:
         if self.fusionnet:
             cfg = self.fusionnet.get("config", {})
             lines.append(f"fusionnet:    branches {[b['backbone'] for b in cfg.get('branches', [])]}, "
-                         f"classes {self.fusionnet.get('class_names')}, metrics {self.fusionnet.get('metrics')}")
+                         f"fusion {cfg.get('fusion', 'concat')}, classes {self.fusionnet.get('class_names')}")
+            data = self.fusionnet.get("data") or {}
+            if data:
+                lines.append(f"trained on:   {data.get('train_images')} images at {data.get('input_size')} px, "
+                             f"split seed {data.get('seed')}")
         return "\n".join(lines)
 
 

@@ -99,9 +99,9 @@ def handle_demo(args) -> None:
 
 
 def handle_inspect(args) -> None:
-    from fusionnet.checkpoints import inspect_checkpoint
+    from fusionnet.describe import describe
 
-    print(inspect_checkpoint(args.path).summary())
+    print(describe(args.path))
 
 
 def handle_backbones(args) -> None:

@@ -144,3 +144,24 @@ def test_foreign_members_must_state_their_class_order(data, tmp_path, capsys):
     check_class_order(MemberOutputs(probs=right, **outputs))
     with pytest.raises(Exception, match="trained with another class order"):
         check_class_order(MemberOutputs(probs=right[:, [1, 2, 0]], **outputs))
+
+
+def test_inspect_says_what_each_of_the_librarys_files_is(data, tmp_path, capsys):
+    """inspect on our own outputs file said 'holds a dict without tensors', on ONNX a truncated unpickling error;
+    a checkpoint's metrics were one raw dict."""
+    pytest.importorskip("onnx")
+    run = tmp_path / "runs" / "a"
+    assert main(["train", "--data", str(data), "--out", str(run), *MEMBER]) == 0
+    assert main(["predict", str(run / "best.pth"), "--data", str(data), "--split", "val",
+                 "--out", str(tmp_path / "val.pt")]) == 0
+    assert main(["export", str(run / "best.pth"), "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(run / "best.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "trained on:" in out and "32 px" in out and "\nmetrics:\n  epoch " in out and "{" not in out
+    assert main(["inspect", str(tmp_path / "val.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "saved member outputs" in out and "split:        val" in out and "accuracy:" in out
+    assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "ONNX model" in out and "images (batch, 3, 32, 32)" in out and "class_names:" in out
