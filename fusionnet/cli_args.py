@@ -213,6 +213,9 @@ def _demo(p) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
     p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--keep", choices=["best", "all", "outputs"], default="best",
+                   help="model files kept: best (each model's best.pth, about 340 MB), all (also the resume points), "
+                        "outputs (none: the results only)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

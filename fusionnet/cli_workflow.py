@@ -94,7 +94,7 @@ def handle_fuse(args) -> None:
 def handle_demo(args) -> None:
     from fusionnet.demo import run_demo
 
-    run_demo(str(run_folder(args.out, args.overwrite)), epochs=args.epochs, progress=args.progress)
+    run_demo(str(run_folder(args.out, args.overwrite)), epochs=args.epochs, progress=args.progress, keep=args.keep)
     print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
 
 

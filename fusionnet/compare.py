@@ -162,7 +162,7 @@ def _context(cfg: CompareConfig, log) -> Context:
         raise DataError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
     return Context(splits, out, device=cfg.train.device, workers=cfg.train.num_workers, progress=cfg.train.progress,
                    cache_dir=cfg.cache_dir, predict_from_cache=cfg.shared_cache and cfg.regime == "frozen",
-                   log=log or (lambda _m: None))
+                   keep=cfg.keep, log=log or (lambda _m: None))
 
 
 def _member_builder(cfg: CompareConfig, ctx: Context, backbone: str):

@@ -172,6 +172,9 @@ class CompareConfig:
     image_cache: bool = setting(True, "decode every image once into <cache root>/images")
     stacked_taps: int = setting(4, "earlier trunk levels the stacked fusion may add per branch, used where they "
                                    "lower the out-of-fold NLL (0: none)")
+    keep: Literal["best", "all", "outputs"] = setting("best", "model files kept: best (each model's best.pth), all "
+                                                              "(also final.pth, the resume point), outputs (none: "
+                                                              "the saved outputs and the report)")
     out: str = setting("runs/fusion_vs_voting", "run folder")
 
     def __post_init__(self) -> None:

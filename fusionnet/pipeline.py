@@ -49,6 +49,8 @@ class Context:
     progress: bool = True
     cache_dir: Callable[[str], str | None] = lambda name: None  # the feature cache of an entry, by its name
     predict_from_cache: bool = False  # predict val/test through the entry's feature cache (frozen trunks)
+    keep: str = "all"  # which model files stay once an entry is scored: all | best (no final.pth: nothing resumes
+    # a scored entry) | outputs (no model file; the saved outputs and the report stay)
     log: Callable[[str], None] = lambda _m: None
 
 
@@ -113,6 +115,7 @@ class Trained:
                        cached=ctx.predict_from_cache and result.used_cache)
         scored.info.update(train_seconds=train_s, best_epoch=result.best_epoch, epochs_run=len(result.history),
                            seconds=prior_s + train_s + scored.info["predict_seconds"])
+        _tidy(ctx, ctx.out / "models" / self.name)
         return scored
 
 
@@ -145,7 +148,15 @@ class ClosedForm:
         scored = score(model, ctx, self.name, self.kind, checkpoint=path, cached=True)
         scored.info.update(train_seconds=train_s, best_epoch=None, epochs_run=0, closed_form_fit=facts,
                            seconds=prior_s + train_s + scored.info["predict_seconds"])
+        _tidy(ctx, ctx.out / "models" / self.name)
         return scored
+
+
+def _tidy(ctx: Context, folder: Path) -> None:
+    """Remove the model files ``ctx.keep`` does not keep (the entry is scored; its model stays in memory)."""
+    drop = {"all": (), "best": ("final.pth",), "outputs": ("final.pth", "best.pth")}[ctx.keep]
+    for name in drop:
+        (folder / name).unlink(missing_ok=True)
 
 
 @dataclass

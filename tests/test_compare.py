@@ -40,6 +40,8 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     for name in ["config.json", "results.json", "results.md", "confusion.png", "reliability.png",
                  "models/fusion_concat/best.pth", "outputs/fusion_concat_test.pt", "outputs/timm/test_resnet_val.pt"]:
         assert (run / name).is_file(), name
+    # a comparison keeps each model's best.pth, not its resume point (nothing resumes a scored model)
+    assert not list(run.glob("models/**/final.pth"))
     # every image decoded once, into the run's image cache: one store for the eval pipeline, one for training
     assert len(list((run / "cache" / "images").glob("images-*.json"))) == 2
     expected = METHODS if regime == "frozen" else {m for m in METHODS if not any(
@@ -195,3 +197,14 @@ def test_a_cuda_index_beyond_the_machine_names_the_ones_there(monkeypatch):
                                           r"to 'cuda:1'"):
         resolve_device("cuda:5")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_keep_outputs_leaves_no_model_file_and_the_same_rows(tmp_path):
+    data = make_splits(tmp_path / "data", per_class=16)
+    lean = run_comparison(tiny_compare(data, tmp_path / "lean", variants=["concat", "stacked"], keep="outputs"),
+                          log=None)
+    assert not list((tmp_path / "lean" / "models").rglob("*.pth"))
+    assert (tmp_path / "lean" / "outputs" / "fusion_stacked_test.pt").is_file()
+    full = run_comparison(tiny_compare(data, tmp_path / "full", variants=["concat", "stacked"], keep="all"), log=None)
+    assert list((tmp_path / "full" / "models").rglob("final.pth"))
+    assert {n: r["acc"] for n, r in lean["methods"].items()} == {n: r["acc"] for n, r in full["methods"].items()}
