@@ -26,6 +26,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fusionnet.errors import ConfigError, DataError
 
@@ -53,7 +54,7 @@ class LateHeadFit:
 
 
 def fit_closed_form_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
-                       log: Callable[[str], None] | None = None, num_workers: int = 0):
+                       log: Callable[[str], None] | None = None, num_workers: int = 0, progress: bool = False):
     """The fusion method's closed-form fit (:meth:`fusionnet.fusers.Fuser.fit_closed_form`; ``late``:
     :func:`fit_late_head`) on the training images of ``splits`` (a :class:`fusionnet.data.Splits`), seen through
     the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
@@ -61,14 +62,15 @@ def fit_closed_form_on(model, splits, *, cache_dir, device: str = "auto", seed: 
     from fusionnet.feature_cache import cached_features
 
     train = eval_view(splits.train, splits.val)
+    bar = (lambda it: tqdm(it, desc="features (train)", leave=False)) if progress else None
     feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64,
-                               num_workers=num_workers)
-    return model.fuser.fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log)
+                               num_workers=num_workers, progress=bar)
+    return model.fuser.fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log, progress=progress)
 
 
 def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *, folds: int = 5,
                   seed: int = 0, grid: tuple[float, ...] = GRID,
-                  log: Callable[[str], None] | None = None) -> LateHeadFit:
+                  log: Callable[[str], None] | None = None, progress: bool = False) -> LateHeadFit:
     """Fit ``model``'s branch classifiers and combiner on ``features`` ({branch: (N, D_i)}, e.g. a
     :class:`~fusionnet.feature_cache.FeatureDataset`'s ``.features``) with ``labels`` (N,), in place."""
     from sklearn.model_selection import StratifiedKFold
@@ -79,12 +81,17 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     say = log or (lambda _m: None)
     names, k = list(model.branches), model.config.num_classes
     branch_c, branch_taps, oof_nll, oof_acc, oof = {}, {}, {}, {}, []
+    bar = tqdm(total=len(names), desc="late head: branches", disable=not progress, leave=False)
     for name, classifier in zip(names, model.fuser.classifiers):
-        best, branch_taps[name] = _fit_branch(model.branches[name], classifier, features[name], y, k, grid, cv, name)
+        bar.set_postfix_str(name)
+        best, branch_taps[name] = _fit_branch(model.branches[name], classifier, features[name], y, k, grid, cv, name,
+                                              lambda c: bar.set_postfix_str(f"{name}: C={c:g}"))
+        bar.update()
         branch_c[name], oof_nll[name], oof_acc[name] = best[0], best[1], best[2]
         oof.append(best[3])
         say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} tapped levels, "
             f"out-of-fold acc {best[2]:.4f}, NLL {best[1]:.4f}")
+    bar.close()
     log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities
     target = torch.from_numpy(y)
     oof_nll["combined"], oof_acc["combined"] = _combiner_oof(log_p, target, cv)
@@ -124,7 +131,7 @@ def _checked_inputs(model, features: Mapping[str, torch.Tensor], labels, folds: 
 
 
 def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: np.ndarray, k: int, grid, cv,
-                name: str):
+                name: str, tick: Callable[[float], None] = lambda c: None):
     """Choose C (and whether the tapped levels help) by out-of-fold NLL, fit on every row and write the classifier
     with the standardisation folded in. Returns (the chosen walk's best, how many tapped levels are used)."""
     x = torch.as_tensor(features).double().numpy()
@@ -138,9 +145,9 @@ def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: 
     z = ((x - mean) / std).astype(np.float32)  # solved in float32
     levels = branch.levels()
     main = np.arange(z.shape[1])[levels[0]]
-    best, cols, taps = _choose(z[:, main], y, k, grid, cv), main, 0
+    best, cols, taps = _choose(z[:, main], y, k, grid, cv, tick), main, 0
     if len(levels) > 1:  # with every tapped level, kept if that lowers the out-of-fold NLL
-        trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv)  # more features: C rarely drops
+        trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv, tick)  # more features: C rarely drops
         if trial[1] < best[1]:
             best, cols, taps = trial, np.arange(z.shape[1]), len(levels) - 1
     weight = np.zeros((k, z.shape[1]))
@@ -218,7 +225,8 @@ def _folds(cv, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return fit_mask, held_in
 
 
-def _choose(x: np.ndarray, y: np.ndarray, k: int, grid, cv) -> tuple[float, float, float, np.ndarray]:
+def _choose(x: np.ndarray, y: np.ndarray, k: int, grid, cv, tick: Callable[[float], None] = lambda c: None
+            ) -> tuple[float, float, float, np.ndarray]:
     """(C, out-of-fold NLL, out-of-fold accuracy, out-of-fold log-probs (N, K)) for the C of lowest NLL.
 
     The grid is walked from strong to weak regularisation, every fold solved at once for each C (:func:`_solve`),
@@ -231,6 +239,7 @@ def _choose(x: np.ndarray, y: np.ndarray, k: int, grid, cv) -> tuple[float, floa
     rows = torch.arange(len(y))
     best, worse = None, 0
     for c in sorted(grid):
+        tick(c)
         _solve(xt, yt, fit_mask, w, b, c, tol=WALK_TOL)
         with torch.no_grad():
             logits = torch.einsum("nd,fdk->fnk", xt, w) + b[:, None]  # (F, N, K)

@@ -139,7 +139,7 @@ class ClosedForm:
         t0 = time.perf_counter()
         model, prior_s = self.build()
         fitted = fit_closed_form_on(model, ctx.splits, cache_dir=ctx.cache_dir(self.name), device=ctx.device,
-                                    seed=self.seed, log=ctx.log, num_workers=ctx.workers)
+                                    seed=self.seed, log=ctx.log, num_workers=ctx.workers, progress=ctx.progress)
         facts = asdict(fitted)
         path = str(ctx.out / "models" / self.name / "best.pth")
         save_model(model, path, metrics={"closed_form_fit": facts},
