@@ -58,7 +58,12 @@ class TrainConfig:
     monitor: Literal["acc", "macro_f1", "nll", "ece"] = setting("macro_f1", "the validation metric that picks best.pth and early stopping")
     patience: int | None = setting(None, "stop after this many epochs without improvement (none: never)")
     amp: bool | str = setting("auto", "mixed precision: 'auto' uses bf16 autocast on CUDA, nothing on the CPU; true | false")
-    cache_features: bool | str = setting("auto", "frozen strategy: 'auto' caches trunk features when the train pipeline is deterministic; true caches regardless, training on the un-augmented (val pipeline) train images, much faster; false never caches")
+    cache_features: bool | str = setting("auto", "frozen strategy: 'auto' and true compute each trunk's features "
+                                                 "once and train the head on them, the training images seen through "
+                                                 "the val pipeline (un-augmented; flowers5_128, Lite0, 5 epochs: val "
+                                                 "NLL 0.702 vs 0.715 augmented, McNemar p=0.87, 33 s vs 905 s); "
+                                                 "true refuses to train without the cache, auto falls back; false "
+                                                 "trains on augmented images")
     cache_dir: str | None = setting(None, "where cached features persist between runs (none: in memory only)")
     seed: int = setting(0, "seed of the validation split, initialisation, order and augmentation")
     num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)", flag="--workers")

@@ -290,15 +290,12 @@ def _maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device
     reason = cache_blocker(clf) or ("distributed training" if world > 1 else None)
     train_for_cache = train_data
     if reason is None and not _is_deterministic(train_data):
-        if cfg.cache_features == "auto":
-            reason = ("the train pipeline is random (augmentation); cache_features=True (fusionnet train "
-                      "--cache-features true) trains on cached un-augmented features, many times faster")
-        else:
-            try:
-                train_for_cache = eval_view(train_data, val_data)
-                say("feature cache: training on un-augmented train features (cache_features=True)")
-            except ConfigError as exc:
-                reason = f"the train pipeline is random and {exc}"
+        try:  # frozen trunks: un-augmented cached features, as good on validation and many times faster (config.py)
+            train_for_cache = eval_view(train_data, val_data)
+            say("feature cache: training on un-augmented train features (frozen trunks; --cache-features false "
+                "trains on augmented images instead)")
+        except ConfigError as exc:
+            reason = f"the train pipeline is random and {exc}"
     if reason is not None:
         if cfg.cache_features is True:
             raise ConfigError(f"cache_features=True, but the features cannot be cached: {reason}")

@@ -138,14 +138,31 @@ def test_feature_cache_matches_the_uncached_path_and_persists(splits, tmp_path, 
     torch.testing.assert_close(again.head.fc.weight, cached.head.fc.weight)
 
 
-def test_feature_cache_is_refused_for_random_pipelines_unless_asked(splits):
+def test_frozen_trunks_train_on_cached_unaugmented_features_by_default(splits):
+    """Chosen on validation (config.py: flowers5_128, Lite0): frozen trunks train the head on cached features of
+    the un-augmented training images unless told otherwise; a dataset that cannot switch pipelines falls back."""
+    from torch.utils.data import Dataset
+
     model = FusionNet(backbones=TINY, num_classes=3)
     messages = []
     res = fit(model, splits.train, splits.val, _cfg(epochs=1, strategy="frozen"), log=messages.append)
-    assert not res.used_cache and any("feature cache off: the train pipeline is random" in m for m in messages)
-    res = fit(model, splits.train, splits.val, _cfg(epochs=1, strategy="frozen", cache_features=True),
-              log=messages.append)
     assert res.used_cache and any("un-augmented" in m for m in messages)
+    res = fit(model, splits.train, splits.val, _cfg(epochs=1, strategy="frozen", cache_features=False), log=None)
+    assert not res.used_cache
+
+    class Augmenting(Dataset):  # a plain dataset whose samples change every read: its pipeline is its own
+        def __len__(self):
+            return len(splits.train)
+
+        def __getitem__(self, i):
+            x, y = splits.train[i]
+            return x + 0.01 * torch.rand_like(x), y
+
+    messages.clear()
+    res = fit(model, Augmenting(), splits.val, _cfg(epochs=1, strategy="frozen"), log=messages.append)
+    assert not res.used_cache and any("feature cache off: the train pipeline is random" in m for m in messages)
+    with pytest.raises(ValueError, match="cache_features=True, but the features cannot be cached"):
+        fit(model, Augmenting(), splits.val, _cfg(epochs=1, strategy="frozen", cache_features=True), log=None)
 
 
 def test_focal_loss_matches_its_formula():
