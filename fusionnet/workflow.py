@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from fusionnet.backbones import list_backbones
-from fusionnet.checkpoints import inspect_checkpoint, read_checkpoint
+from fusionnet.checkpoints import inspect_checkpoint
 from fusionnet.config import FuseConfig
 from fusionnet.data import load_splits
 from fusionnet.datasets import check_unseen
@@ -95,16 +95,15 @@ def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> None:
     """Refuse a member whose validation predictions fit another class order far better than the one assumed
     (its classes mapped wrongly): the best one-to-one relabelling of its predictions (Hungarian, on the confusion
     matrix) gains at least ``min_gain`` accuracy and doubles it, on at least 4 validation images per class."""
+    import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    k = outputs.probs.shape[1]
-    pred, labels = outputs.probs.argmax(1), outputs.labels
-    if len(labels) < 4 * k:
+    labels = outputs.labels
+    if len(labels) < 4 * outputs.probs.shape[1]:
         return
-    confusion = torch.zeros(k, k)
-    confusion.index_put_((labels, pred), torch.ones(len(labels)), accumulate=True)  # rows true, columns predicted
-    rows, cols = linear_sum_assignment(-confusion.numpy())
-    plain, best = float(confusion.trace()) / len(labels), float(confusion[rows, cols].sum()) / len(labels)
+    confusion = np.array(classification_metrics(outputs.probs, labels)["confusion"])  # rows true, columns predicted
+    rows, cols = linear_sum_assignment(-confusion)
+    plain, best = float(np.trace(confusion)) / len(labels), float(confusion[rows, cols].sum()) / len(labels)
     if best - plain >= min_gain and best >= 2 * plain:
         names = outputs.class_names
         swaps = ", ".join(f"its {names[c]!r} is the data's {names[r]!r}" for r, c in zip(rows, cols) if r != c)
@@ -127,7 +126,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     loaded = [load_member(p, num_classes=len(names), class_names=names, member_classes=cfg.classes)
               for p in cfg.members]
     for p in cfg.members:  # a member that saw this split's images would make its validation scores meaningless
-        record = read_checkpoint(p).get("data") if inspect_checkpoint(p).fusionnet is not None else None
+        record = (inspect_checkpoint(p).fusionnet or {}).get("data")
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
     members = [Loaded(Path(p).stem, m, str(p)).run(ctx) for m, p in zip(loaded, cfg.members)]
