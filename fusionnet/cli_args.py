@@ -115,8 +115,9 @@ def _read_config(path_text: str) -> dict:
         data = json.loads(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
-    nested = {**data.get("compare", {}), **(data.get("compare", {}).get("train") or {})} if "compare" in data else {}
-    flat = {**nested, **{k: v for k, v in data.items() if k not in ("compare", "train")}, **(data.get("train") or {})}
+    compare = data.get("compare") or {}  # a compare run's saved config.json: {"compare": {..., "train": {...}}}
+    flat = {**{k: v for k, v in compare.items() if k != "train"}, **(compare.get("train") or {}),
+            **{k: v for k, v in data.items() if k not in ("compare", "train")}, **(data.get("train") or {})}
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 

@@ -169,7 +169,7 @@ def handle_predict(args) -> None:
         print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
               f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
         return
-    images = _FlatFolder(args.images, eval_transform(size))
+    images = _every_image(args.images, eval_transform(size))
     probs, _ = predict(model, images, device=args.device)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -181,25 +181,16 @@ def handle_predict(args) -> None:
     print(f"wrote {args.out!r} ({len(images)} images)")
 
 
-class _FlatFolder:
-    """Every image under a folder, any layout, label 0: for predicting classes of new images."""
+def _every_image(root: str, transform):
+    """Every image under a folder, any layout, label 0: for predicting the classes of new images."""
+    from fusionnet.datasets import ImageDataset
+    from fusionnet.files import resolve_path
+    from fusionnet.images import images_in
 
-    def __init__(self, root: str, transform) -> None:
-        from fusionnet.datasets import ImageDataset
-        from fusionnet.images import images_in
-        from fusionnet.files import resolve_path
-
-        files = images_in(resolve_path(root, what="image folder"))
-        if not files:
-            raise ConfigError(f"no images under {root!r}")
-        self.data = ImageDataset([(f, 0) for f in files], ["?"], transform)
-        self.paths = self.data.paths
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i):
-        return self.data[i]
+    files = images_in(resolve_path(root, what="image folder"))
+    if not files:
+        raise ConfigError(f"no images under {root!r}")
+    return ImageDataset([(f, 0) for f in files], ["?"], transform)
 
 
 def handle_vote(args) -> None:

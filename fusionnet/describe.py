@@ -15,13 +15,15 @@ def describe(path: str | os.PathLike) -> str:
     p = resolve_path(path, what="file")
     if p.suffix.lower() == ".onnx":
         return describe_onnx(p)
-    if p.suffix.lower() in (".pt", ".pth") and not p.is_dir() and p.stat().st_size:
+    try:  # a checkpoint is read once; only a file that is not one is read again, as saved outputs
+        info = inspect_checkpoint(p)
+    except CheckpointMismatchError:
         from fusionnet.voting import OUTPUTS_FORMAT, MemberOutputs
 
         obj = load_weights_file(p)
         if isinstance(obj, dict) and obj.get("format") == OUTPUTS_FORMAT:
             return describe_outputs(MemberOutputs.load(p), p)
-    info = inspect_checkpoint(p)
+        raise
     return info.summary() + _metrics_table((info.fusionnet or {}).get("metrics"))
 
 

@@ -189,8 +189,8 @@ class Table:
         self.candidates: dict[str, list[str]] = {"fusion": [], "ensemble": []}  # what the selected rows choose from
         self.fusion_outputs: dict[str, dict[str, MemberOutputs]] = {}
         for m in members:
-            self.add(m.name if m.name.startswith("member: ") else f"member: {m.name}", m.outputs["test"].probs,
-                     m.info["seconds"], m.info["params"], m.info["val"], "member")
+            self.add(f"member: {m.name}", m.outputs["test"].probs, m.info["seconds"], m.info["params"],
+                     m.info["val"], "member")
 
     def add(self, label: str, test_probs: torch.Tensor, seconds: float, params: int, val: dict | None, kind: str,
             **extra) -> None:
@@ -249,6 +249,7 @@ class Table:
                  temperature=temp.temperature)
         ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None]
         if ensembles:
-            e = self.rows[self.pick(ensembles, by)]
+            best_ensemble = self.pick(ensembles, by)
+            e = self.rows[best_ensemble]
             self.add("ensemble (selected on val)", e["probs"], e["seconds"], e["params"], e["val"], "selected",
-                     chosen=self.pick(ensembles, by))
+                     chosen=best_ensemble)
