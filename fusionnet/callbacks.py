@@ -2,14 +2,18 @@
 
 ``fit`` calls, in order: :meth:`Callback.on_fit_start` (once, after the model is on its device),
 :meth:`Callback.extra_loss` (after the forward pass; returned terms are added to the task loss),
-:meth:`Callback.on_after_backward` (before gradient clipping and the optimiser step), :meth:`Callback.on_fit_end`
-(once, also when training stops with an error). A trick that needs something from the model asks for it through
-the model interface (:mod:`fusionnet.interface`).
+:meth:`Callback.on_after_backward` (before gradient clipping and the optimiser step), :meth:`Callback.on_step_end`
+(after the optimiser step), :meth:`Callback.on_fit_end` (once, also when training stops with an error). A callback
+whose :meth:`Callback.eval_model` returns a model has that model validated and saved instead of the trained one
+(EMA); :meth:`Callback.state_dict` goes into ``final.pth`` for ``resume``. A trick that needs something from the
+model asks for it through the model interface (:mod:`fusionnet.interface`).
 
 * :class:`ActivationCheckpointing` (``TrainConfig.checkpoint_activations``): each trainable trunk recomputes its
   activations in backward instead of storing them (less memory, about one more forward pass of time).
 * :class:`BranchStreams` (``TrainConfig.branch_streams``): on CUDA, each branch on its own stream.
 * :class:`GradientModulation` (``TrainConfig.ogm_alpha``): OGM-GE (Peng et al., CVPR 2022) for M branches.
+* :class:`WeightAverage` (``TrainConfig.ema_decay``): an exponential moving average of the weights (timm's
+  ``ModelEmaV3``), validated and saved in place of the trained weights.
 
 Adding a trick: a Callback subclass here, a TrainConfig field if it should be a setting, and a line in
 :func:`from_config`; or pass the object to ``fit(callbacks=[...])``.
@@ -36,8 +40,52 @@ class Callback:
     def on_after_backward(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> None:
         pass
 
+    def on_step_end(self, model: Classifier) -> None:
+        pass
+
     def on_fit_end(self, model: Classifier) -> None:
         pass
+
+    def eval_model(self) -> Classifier | None:
+        """The model to validate and save instead of the trained one (None: the trained one)."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class WeightAverage(Callback):
+    """EMA of the weights and buffers after every optimiser step (timm's ``ModelEmaV3`` with its decay warm-up:
+    ``min(decay, 1 - (1 + step) ** -0.75)``, so a short run averages over its own length, not over the start)."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.ema = None
+        self.step = 0
+
+    def on_fit_start(self, model: Classifier) -> None:
+        from timm.utils import ModelEmaV3
+
+        if self.ema is None:
+            self.ema = ModelEmaV3(model, decay=self.decay, use_warmup=True, warmup_power=0.75)
+            self.ema.module.requires_grad_(False)
+
+    def on_step_end(self, model: Classifier) -> None:
+        self.ema.update(model, step=self.step)
+        self.step += 1
+
+    def eval_model(self) -> Classifier | None:
+        return self.ema.module
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "weights": self.ema.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.ema.module.load_state_dict(state["weights"])
 
 
 class ActivationCheckpointing(Callback):
@@ -104,4 +152,6 @@ def from_config(cfg) -> list[Callback]:
         out.append(BranchStreams())
     if cfg.ogm_alpha:
         out.append(GradientModulation(cfg.ogm_alpha))
+    if cfg.ema_decay:
+        out.append(WeightAverage(cfg.ema_decay))
     return out

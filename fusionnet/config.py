@@ -73,6 +73,13 @@ class TrainConfig:
     checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (a step's peak memory -61 % for three Lite trunks at 224 px; ~one more forward pass of time; BatchNorm statistics update twice per step)")
     branch_streams: bool = setting(False, "CUDA: each branch on its own CUDA stream (no effect on the CPU); off until experiments/bench_throughput.py (mode 'streams') shows it faster on a GPU")
     ogm_alpha: float = setting(0.0, "OGM-GE gradient modulation of the dominant branch (0: off); a Linear head over concat or gated fusion")
+    ema_decay: float = setting(0.0, "exponential moving average of the weights (timm ModelEmaV3, decay warmed up over the first steps): the average is what is validated and saved (0: off)")
+    mixup: float = setting(0.0, "mixup's alpha (0: off; timm Mixup, with label_smoothing folded into its targets)")
+    cutmix: float = setting(0.0, "cutmix's alpha (0: off); with mixup too, each batch uses one of the two")
+    layer_decay: float = setting(1.0, "layer-wise learning-rate decay: a trunk stage k stages below the top learns at lr * trunk_lr_mult * layer_decay ** (k + 1) (1: off)")
+    device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
+    sync_every: int = setting(50, "steps between host reads of the running loss and the non-finite check (reading a CUDA value waits for the GPU); the epoch's end always checks")
+    compile: bool = setting(False, "torch.compile the training step (the first steps compile; see experiments/bench_throughput.py)")
 
     def __post_init__(self) -> None:
         check_settings([
@@ -102,6 +109,17 @@ class TrainConfig:
             (self.cache_features in ("auto", True, False),
              f"cache_features must be 'auto', True or False, got {self.cache_features!r}"),
             (is_finite(self.ogm_alpha) and self.ogm_alpha >= 0, f"ogm_alpha must be >= 0, got {self.ogm_alpha!r}"),
+            (is_finite(self.ema_decay) and 0 <= self.ema_decay < 1,
+             f"ema_decay must be in [0, 1) (e.g. 0.998; 0 turns EMA off), got {self.ema_decay!r}"),
+            (is_finite(self.mixup) and self.mixup >= 0, f"mixup must be >= 0 (an alpha; 0: off), got {self.mixup!r}"),
+            (is_finite(self.cutmix) and self.cutmix >= 0, f"cutmix must be >= 0 (an alpha; 0: off), got {self.cutmix!r}"),
+            (not ((self.mixup or self.cutmix) and self.loss == "focal"),
+             "mixup/cutmix train on soft targets, which the focal loss does not take; use loss='ce' or turn them off"),
+            (is_finite(self.layer_decay) and 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1] (1: off), got {self.layer_decay!r}"),
+            (self.device_augment in ("auto", True, False),
+             f"device_augment must be 'auto', True or False, got {self.device_augment!r}"),
+            (is_int(self.sync_every) and self.sync_every >= 1, f"sync_every must be an int >= 1, got {self.sync_every!r}"),
         ])
 
 

@@ -165,6 +165,14 @@ class FusionNet(Classifier):
         """Pretrained trunk weights (the optimiser gives them a smaller learning rate); aux heads are not."""
         return [p for br in self.branches.values() for stage in br.stages for p in stage.parameters()]
 
+    def trunk_parameters_by_depth(self) -> list[list[nn.Parameter]]:
+        """[parameters of every branch's top stage, of the stage below it, ...]: branches align at their tops."""
+        depths: list[list[nn.Parameter]] = [[] for _ in range(self.num_trunk_stages())]
+        for br in self.branches.values():
+            for depth, stage in enumerate(reversed(br.stages)):
+                depths[depth].extend(stage.parameters())
+        return depths
+
     def num_trunk_stages(self) -> int:
         return max(len(br.stages) for br in self.branches.values())
 

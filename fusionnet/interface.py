@@ -10,6 +10,7 @@ A model is a :class:`Classifier` (``FusionNet`` is one), or any ``nn.Module`` th
 ``forward_head_output(f)``      cached per-branch features ``{name: (B, D_i)}`` -> :class:`ModelOutput`
 ``feature_extractors()``        ``{name: module}`` each mapping images to (B, D_i): the cacheable path ({} none)
 ``trunk_parameters()``          pretrained trunk weights (their own learning rate); [] none
+``trunk_parameters_by_depth()``  the same, grouped by stages below the top: [top stage, next, ...] (layer decay)
 ``num_trunk_stages()``          how many stages the deepest trunk has (gradual unfreezing); 0 none
 ``set_trainable_stages(k)``     train the top ``k`` stages of every trunk: 0 frozen, None everything
 ``model_config()``              plain data that rebuilds the model (stored in checkpoints); None none
@@ -66,6 +67,10 @@ class Classifier(nn.Module):
 
     def trunk_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def trunk_parameters_by_depth(self) -> list[list[nn.Parameter]]:
+        trunk = self.trunk_parameters()
+        return [trunk] if trunk else []
 
     def num_trunk_stages(self) -> int:
         return 0

@@ -8,9 +8,15 @@ A run folder holds ``best.pth`` (best validation score; the first of tied epochs
 with optimiser, scheduler and RNG state for ``resume=True``), ``history.json``, ``history.png`` and
 ``train_config.json``, all written atomically. The checkpoints are written after every epoch unless that would
 take over a tenth of the training time (short epochs: then every few epochs, and always after the last one;
-see :class:`fusionnet.run_writer.RunWriter`); the plot at the end. A non-finite loss stops training with a :class:`TrainingError`
-that names the epoch and step; the checkpoints of the last good epoch stay as they were. Under ``torchrun`` it
-trains with DistributedDataParallel; only rank 0 writes.
+see :class:`fusionnet.run_writer.RunWriter`); the plot at the end. A non-finite loss stops training with a
+:class:`TrainingError` that names the epoch and the first bad step; the checkpoints of the last good epoch stay as
+they were. The step never waits for the GPU: the running loss and the first non-finite step are kept on the device
+and read every ``sync_every`` steps and at the epoch's end. Under ``torchrun`` it trains with
+DistributedDataParallel; only rank 0 writes.
+
+Inputs come from one of three sources: cached branch features (frozen trunks), the GPU input path
+(:mod:`fusionnet.device_input`: uint8 images in device memory, augmented a batch at a time; ``device_augment``), or
+a DataLoader over the dataset's per-image pipeline.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from fusionnet.callbacks import Callback
 from fusionnet.callbacks import from_config as callbacks_from_config
 from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
 from fusionnet.datasets import as_dataset, training_record
+from fusionnet.device_input import BatchAugment, DeviceImages, fits
 from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
                             seed_worker_pipeline)
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
@@ -42,9 +49,10 @@ from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_featur
 from fusionnet.files import atomic_write_json
 from fusionnet.run_writer import RunWriter
 from fusionnet.inference import evaluate
-from fusionnet.interface import Classifier, TrainStep, as_classifier
+from fusionnet.interface import Classifier, PlainClassifier, TrainStep, as_classifier
 from fusionnet.losses import make_loss
 from fusionnet.optim import lr_factor, make_optimizer  # noqa: F401  (re-exported)
+from fusionnet.transforms import spec_of
 
 
 
@@ -115,6 +123,9 @@ class _Run:
     out: Path | None
     writer: RunWriter | None
     data: dict | None = None  # what the model is trained on (fusionnet.datasets.training_record), in checkpoints
+    device_images: DeviceImages | None = None  # the GPU input path (device_input.py), when it is on
+    augment: BatchAugment | None = None
+    mix: Callable | None = None  # timm's Mixup (mixup / cutmix): (x, y) -> (mixed x, soft targets)
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int = -1
@@ -122,9 +133,25 @@ class _Run:
     start: int = 0
 
     def resume_state(self, epoch: int) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
-                "history": self.history, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "torch_rng": torch.get_rng_state(), "train_config": asdict(self.cfg)}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                 "history": self.history, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                 "bad_epochs": self.bad_epochs, "torch_rng": torch.get_rng_state(), "train_config": asdict(self.cfg),
+                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks}}
+        if self.evaluated is not self.clf:  # the saved weights are the validated ones (EMA): keep the trained ones
+            state["trained_state_dict"] = self.model.state_dict()
+        return state
+
+    @property
+    def evaluated(self) -> Classifier:
+        """The model validated and saved: a callback's (EMA) if one offers it, else the one being trained."""
+        return next((m for cb in self.callbacks if (m := cb.eval_model()) is not None), self.clf)
+
+    @property
+    def saved(self) -> nn.Module:
+        """The module whose state dict the checkpoints hold (the user's model, or its EMA copy)."""
+        if self.evaluated is self.clf:
+            return self.model
+        return self.evaluated.module if isinstance(self.evaluated, PlainClassifier) else self.evaluated
 
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
@@ -140,6 +167,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                  callbacks)
     for cb in run.callbacks:
         cb.on_fit_start(run.clf)
+    if resume:
+        _resume(run)
     try:
         stopped_early = _epochs(run)
     finally:
@@ -176,29 +205,84 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
         raise ConfigError("class_weighting / balanced_sampling need a dataset that knows its labels and class names "
                           "(a fusionnet.datasets.LabelledData such as FolderImages)")
     weight = class_weights(labels, num_classes).to(device) if cfg.class_weighting else None
-    criterion = make_loss(cfg.loss, weight=weight, label_smoothing=cfg.label_smoothing, gamma=cfg.focal_gamma)
+    mix = _mixup(cfg, num_classes)
+    criterion = make_loss(cfg.loss, weight=weight, label_smoothing=0.0 if mix else cfg.label_smoothing,
+                          gamma=cfg.focal_gamma)  # with mixup, its soft targets carry the smoothing
     clf.set_trainable_stages(stages_for_epoch(0, cfg))
     train_src, val_src, used_cache = _maybe_cache(clf, train_data, val_data, cfg, device, world, say)
-    steps_per_epoch = math.ceil(len(train_data) / world / cfg.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(train_data), cfg, world, drop_last=mix is not None)
     total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     optimizer = make_optimizer(clf, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
     data = training_record(train_data, cfg.seed)
+    step_module = TrainStep(clf, cached=used_cache)
     run = _Run(cfg, model, clf, device, rank, world, say, class_names, criterion, train_src, val_src, used_cache,
-               TrainStep(clf, cached=used_cache), optimizer, scheduler, labels, sample_weights,
-               [*callbacks_from_config(cfg), *callbacks], out,
-               RunWriter(out, clf, class_names, cfg, data) if out is not None and rank == 0 else None, data)
-    if resume:
-        _resume(run)
+               torch.compile(step_module) if cfg.compile else step_module, optimizer, scheduler, labels,
+               sample_weights, [*callbacks_from_config(cfg), *callbacks], out,
+               RunWriter(out, clf, class_names, cfg, data) if out is not None and rank == 0 else None, data, mix=mix)
+    if not used_cache:
+        _maybe_device_input(run, train_data)
     if out is not None and rank == 0:
         atomic_write_json(out / "train_config.json", asdict(cfg))
     return run
 
 
+def _steps_per_epoch(n: int, cfg: TrainConfig, world: int, drop_last: bool) -> int:
+    per_rank = math.ceil(n / world)
+    return max(per_rank // cfg.batch_size, 1) if drop_last else math.ceil(per_rank / cfg.batch_size)
+
+
+def _mixup(cfg: TrainConfig, num_classes: int | None):
+    """timm's Mixup for ``mixup`` / ``cutmix`` (one of them per batch when both are on), or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    if num_classes is None:
+        raise ConfigError("mixup/cutmix need the number of classes: give a dataset with class names (a "
+                          "fusionnet.datasets.LabelledData such as FolderImages) or a model that knows them")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
+
+
+def _maybe_device_input(run: _Run, train_data) -> None:
+    """Switch ``run`` to the GPU input path (:mod:`fusionnet.device_input`) when ``device_augment`` allows it."""
+    cfg = run.cfg
+    spec = spec_of(train_data.transform)
+    if cfg.device_augment is False or run.world > 1 or run.sample_weights is not None:
+        return
+    side = spec.size if spec is not None else 0
+    reason = ("the training pipeline is not a fusionnet train_transform" if spec is None else
+              "the training images do not fit in a quarter of the free GPU memory"
+              if run.device.type == "cuda" and not fits(len(train_data), side, run.device) else None)
+    if reason is None and cfg.device_augment == "auto" and run.device.type != "cuda":
+        return  # the CPU keeps the per-image loader unless asked
+    if reason is not None:
+        if cfg.device_augment is True:
+            raise ConfigError(f"device_augment=True, but {reason}; use device_augment='auto' or False")
+        run.say(f"GPU input path off: {reason}")
+        return
+    bar = (lambda it: tqdm(it, desc="images to device", leave=False)) if cfg.progress else None
+    try:
+        run.device_images = DeviceImages.load(train_data, side, run.device, num_workers=cfg.num_workers,
+                                              progress=bar)
+    except ConfigError as exc:
+        if cfg.device_augment is True:
+            raise
+        run.say(f"GPU input path off: {exc}")
+        return
+    run.augment = BatchAugment(spec)
+    run.say(f"GPU input path: {len(train_data)} images at {side} px on {run.device} "
+            f"({run.device_images.images.numel() / 2 ** 20:.0f} MiB), augmented per batch there")
+
+
 def _resume(run: _Run) -> None:
     payload = ckpt.read_checkpoint(run.out / "final.pth")
-    run.model.load_state_dict(payload["state_dict"])
     state = payload["extra"]
+    run.model.load_state_dict(state.get("trained_state_dict", payload["state_dict"]))
+    for cb in run.callbacks:
+        if type(cb).__name__ in state.get("callbacks", {}):
+            cb.load_state_dict(state["callbacks"][type(cb).__name__])
     try:
         run.optimizer.load_state_dict(state["optimizer"])
     except ValueError as exc:  # e.g. a frozen run of fusionnet 0.2, whose optimiser also held the trunk weights
@@ -236,12 +320,12 @@ def _epochs(run: _Run) -> bool:
 
 def _score_start(run: _Run) -> None:
     """Validate the untrained starting point as "epoch 0", a best.pth candidate."""
-    metrics = _validate(run.clf, run.val_src, run.class_names, run.cfg, run.device)
+    metrics = _validate(run.evaluated, run.val_src, run.class_names, run.cfg, run.device)
     run.best_score, run.best_epoch = metrics[run.cfg.monitor], 0
     run.say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"nll {metrics['nll']:.4f}  *best*")
     if run.out is not None and run.rank == 0:
-        ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.model.state_dict(),
+        ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.saved.state_dict(),
                              class_names=run.class_names, data=run.data,
                              metrics={"epoch": 0, "val_acc": metrics["acc"], "monitor": run.cfg.monitor,
                                       "best_epoch": 0})
@@ -254,7 +338,7 @@ def _epoch(run: _Run, train_module: nn.Module, epoch: int) -> bool:
     train_loss = _train_epoch(run, train_module, epoch)
     if run.world > 1:
         average_buffers(run.clf, run.world)
-    metrics = _validate(run.clf, run.val_src, run.class_names, cfg, run.device)
+    metrics = _validate(run.evaluated, run.val_src, run.class_names, cfg, run.device)
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": metrics["acc"],
            "val_macro_f1": metrics["macro_f1"], "val_nll": metrics["nll"], "val_ece": metrics["ece"],
            "lr": run.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
@@ -272,7 +356,7 @@ def _epoch(run: _Run, train_module: nn.Module, epoch: int) -> bool:
             + ("  *best*" if improved else ""))
     stop = cfg.patience is not None and run.bad_epochs >= cfg.patience
     if run.writer is not None:
-        run.writer.epoch(run.model, row, improved, run.resume_state(epoch), last=stop or epoch + 1 == cfg.epochs)
+        run.writer.epoch(run.saved, row, improved, run.resume_state(epoch), last=stop or epoch + 1 == cfg.epochs)
     return stop
 
 
@@ -326,51 +410,82 @@ def _sampler(dataset, cfg: TrainConfig, epoch: int, generator, labels, world: in
     return torch.utils.data.RandomSampler(dataset, generator=generator)
 
 
-def _train_epoch(run: _Run, step: nn.Module, epoch: int) -> float:
-    """One pass over the training source; ``step`` maps a batch to a ModelOutput (a TrainStep, DDP-wrapped under
-    torchrun)."""
+def _batches(run: _Run, epoch: int, epoch_seed: int):
+    """(batches of (x, y) on the device, their number) for one epoch, from the run's input source."""
     cfg, dataset = run.cfg, run.train_src
-    epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
     generator = torch.Generator().manual_seed(epoch_seed)
     sampler = _sampler(dataset, cfg, epoch, generator, run.labels, run.world, run.sample_weights)
+    drop_last = run.mix is not None and len(sampler) >= cfg.batch_size  # mixup pairs need even, full batches
+    count = _steps_per_epoch(len(sampler), cfg, 1, drop_last)
+    if run.device_images is not None:  # the GPU input path: indices in the sampler's order, augmented on the device
+        order = torch.tensor(list(sampler))
+        gen = torch.Generator(device=run.device).manual_seed(epoch_seed)
+        return ((run.device_images.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], run.augment, gen)
+                 for i in range(count)), count)
     seed_pipeline(dataset, epoch_seed * 1_000 + run.rank)
     if isinstance(dataset, FeatureDataset):  # cached features: whole batches by indexing, the same batches
         loader = dataset.batches(sampler, cfg.batch_size)
     else:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda")
-    step.train()
-    total, count = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or run.rank != 0,
-               leave=False, total=math.ceil(len(sampler) / cfg.batch_size))
-    for i, (x, y) in enumerate(bar):
-        x, y = to_device(x, run.device, non_blocking=True), torch.as_tensor(y).to(run.device, non_blocking=True)
-        loss = _step(run, step, x, y, epoch, i)
-        total += float(loss) * len(y)
-        count += len(y)
-        bar.set_postfix(loss=f"{total / count:.4f}")
-    if run.world > 1:
-        t = torch.tensor([total, count], dtype=torch.float64)
-        dist.all_reduce(t)
-        total, count = float(t[0]), float(t[1])
-    return total / max(count, 1)
+                            worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda",
+                            drop_last=drop_last)
+    device = run.device
+    return ((to_device(x, device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True))
+            for x, y in loader), count
 
 
-def _step(run: _Run, step: nn.Module, x, y: torch.Tensor, epoch: int, i: int) -> torch.Tensor:
-    """Forward, loss (task + aux heads + callbacks' terms), backward, callbacks, clip, step; returns the loss."""
+def _train_epoch(run: _Run, step: nn.Module, epoch: int) -> float:
+    """One pass over the training source; ``step`` maps a batch to a ModelOutput (a TrainStep, DDP-wrapped under
+    torchrun). The loss sum and the first non-finite step stay on the device; the host reads them every
+    ``sync_every`` steps (the progress bar, the non-finite check) and at the end."""
     cfg = run.cfg
+    epoch_seed = cfg.seed * 100_003 + epoch  # order and augmentation depend on (seed, epoch) only: resumable
+    batches, count = _batches(run, epoch, epoch_seed)
+    step.train()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+    seen = 0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress or run.rank != 0,
+               leave=False, total=count)
+    for i, (x, y) in enumerate(bar):
+        loss = _step(run, step, x, y)
+        total += loss.double() * len(y)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i, first_bad)
+        seen += len(y)
+        if (i + 1) % cfg.sync_every == 0:
+            _check_finite(run, first_bad, epoch)
+            bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+    _check_finite(run, first_bad, epoch)
+    t = torch.stack([total, torch.tensor(float(seen), dtype=torch.float64, device=run.device)])
+    if run.world > 1:
+        t = t.cpu()
+        dist.all_reduce(t)
+    return float(t[0]) / max(float(t[1]), 1)
+
+
+def _check_finite(run: _Run, first_bad: torch.Tensor, epoch: int) -> None:
+    bad = int(first_bad)  # the one host read: waits for the queued steps
+    if bad >= 0:
+        raise TrainingError(f"the training loss became non-finite at epoch {epoch + 1}, step {bad + 1}; training "
+                            f"stopped and the checkpoints of the last good epoch were kept. Lower lr (now "
+                            f"{run.cfg.lr}), keep grad_clip on, or check the data for broken images")
+
+
+def _step(run: _Run, step: nn.Module, x, y: torch.Tensor) -> torch.Tensor:
+    """Forward, loss (task + aux heads + callbacks' terms), backward, callbacks, clip, step; returns the loss
+    (detached, on the device: nothing here waits for the GPU)."""
+    cfg = run.cfg
+    target = y
+    if run.mix is not None and len(y) % 2 == 0:
+        x, target = run.mix(x, y)  # soft targets (B, K); callbacks still see the hard labels
     with autocast(run.device, cfg.amp):
         out = step(x)
-        loss = run.criterion(out.logits.float(), y)
+        loss = run.criterion(out.logits.float(), target)
         for aux in out.aux.values() if cfg.aux_weight else ():  # aux heads only add training signal
-            loss = loss + cfg.aux_weight * run.criterion(aux.float(), y)
+            loss = loss + cfg.aux_weight * run.criterion(aux.float(), target)
         for cb in run.callbacks:
             for term in cb.extra_loss(run.clf, out, y).values():
                 loss = loss + term
-    if not torch.isfinite(loss):
-        raise TrainingError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {i + 1}; "
-                            f"training stopped and the checkpoints of the last good epoch were kept. Lower "
-                            f"lr (now {cfg.lr}), keep grad_clip on, or check the data for broken images")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for cb in run.callbacks:
@@ -380,4 +495,6 @@ def _step(run: _Run, step: nn.Module, x, y: torch.Tensor, epoch: int, i: int) ->
                                  cfg.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
+    for cb in run.callbacks:
+        cb.on_step_end(run.clf)
     return loss.detach()

@@ -6,6 +6,7 @@ and std. The GPU input path (whole batches augmented on the device) is a separat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import albumentations as A
@@ -18,14 +19,44 @@ Transform = Callable[[np.ndarray], torch.Tensor]
 _TO_TENSOR = [A.ToFloat(max_value=255.0), ToTensorV2()]  # uint8 (H, W, 3) -> float (3, H, W) in [0, 1]
 
 
+POLICIES = ("default", "strong", "none")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """One augmentation policy, built by either path: :func:`train_transform` (albumentations, per image on the CPU)
+    or :class:`fusionnet.device_input.BatchAugment` (whole batches on the device)."""
+
+    size: int
+    policy: str = "default"
+    erase_p: float = 0.25
+    scale: tuple[float, float] = (0.35, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown augmentation policy {self.policy!r}; choose 'default', 'strong' or 'none'")
+
+
 def train_transform(size: int, *, policy: str = "default", erase_p: float = 0.25,
                     scale: tuple[float, float] = (0.35, 1.0)) -> A.Compose:
     """Random resized crop, flip, colour jitter, coarse dropout; ``policy="strong"`` adds two RandAugment-style ops
-    per image; ``policy="none"`` is the eval pipeline (deterministic, e.g. for feature caching)."""
+    per image; ``policy="none"`` is the eval pipeline (deterministic, e.g. for feature caching). The pipeline carries
+    its :class:`AugmentSpec` (:func:`spec_of`), so the GPU input path can apply the same policy."""
+    spec = AugmentSpec(size, policy, erase_p, tuple(scale))
+    pipeline = _albumentations(spec)
+    pipeline.fusionnet_spec = spec
+    return pipeline
+
+
+def spec_of(transform) -> AugmentSpec | None:
+    """The policy a :func:`train_transform` pipeline was built from; None for any other transform."""
+    return getattr(transform, "fusionnet_spec", None)
+
+
+def _albumentations(spec: AugmentSpec) -> A.Compose:
+    size, policy, erase_p, scale = spec.size, spec.policy, spec.erase_p, spec.scale
     if policy == "none":
         return eval_transform(size)
-    if policy not in ("default", "strong"):
-        raise ValueError(f"unknown augmentation policy {policy!r}; choose 'default', 'strong' or 'none'")
     ops: list = [A.RandomResizedCrop(size=(size, size), scale=scale), A.HorizontalFlip(p=0.5),
                  A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8)]
     if policy == "strong":

@@ -71,7 +71,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoints(tm
     good = read_checkpoint(tmp_path / "run" / "best.pth")["state_dict"]
     with torch.no_grad():
         model.head.fc.weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 1"):
+    with pytest.raises(TrainingError, match=r"loss became non-finite at epoch 1, step 1"):
         fit(model, splits.train, splits.val, cfg, out_dir=tmp_path / "run", log=None)
     kept = read_checkpoint(tmp_path / "run" / "best.pth")["state_dict"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
