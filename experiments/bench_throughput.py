@@ -7,7 +7,10 @@ Modes: precision (fp32 | bf16 autocast) x memory format (contiguous | channels_l
 with --compile) x, on CUDA, the fusion's branches in turn or each on its own CUDA stream (``branch_streams``).
 For each mode: inference img/s of every member, of voting (the members in turn, then a soft vote) and of
 FusionNet, the ratio FusionNet time / sum of member times, and the largest logit difference from fp32 contiguous
-eager (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16). Training: the step rate on a
+eager **on the same device** with TF32 off (a mode is "correct" within --tol for fp32 and --tol-bf16 for bf16; a
+CPU reference would call every CUDA fp32 mode wrong, as TF32 convolutions differ from it by ~1e-2). On CUDA every
+fp32 mode is timed with TF32 off and on (``tf32`` in the mode), and ``fastest_correct`` names the fastest correct
+mode: the one ``predict`` should default to there. Training: the step rate on a
 batch already in device memory (forward + backward + AdamW step, no data loading) for one member and for the
 fusion, beside ``fit``'s measured rate over image files on disk (data loading included). Every figure is a median
 of --runs timed runs after warm-up, with min and max. Untrained weights (pretrained=False): speed does not depend
@@ -71,6 +74,17 @@ def autocast(mode, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if mode["bf16"] else nullcontext()
 
 
+def set_tf32(device, on: bool) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+
+
+def fastest_correct(results: list[dict]) -> dict | None:
+    correct = [r for r in results if r["correct"]]
+    return max(correct, key=lambda r: r["fusion_img_s"]["median"])["mode"] if correct else None
+
+
 def inference(args, device) -> list[dict]:
     torch.manual_seed(0)
     members = [FusionNet(backbones=[b], num_classes=5) for b in args.backbones]
@@ -78,14 +92,19 @@ def inference(args, device) -> list[dict]:
     for m, (name, br) in zip(members, fusion.branches.items()):  # same trunks: equal work, comparable logits
         m.branches[name].load_state_dict(br.state_dict())
     x0 = torch.rand(args.batch, 3, args.size, args.size)
-    with torch.no_grad():
-        reference = fusion.eval()(x0)
+    set_tf32(device, False)
+    with torch.no_grad():  # the reference: fp32, contiguous, eager, TF32 off, on the device being measured
+        reference = fusion.to(device).eval()(x0.to(device)).float().cpu()
     results = []
     precisions = (False,) if args.no_bf16 else (False, True)
     streams = (False, True) if device.type == "cuda" and len(args.backbones) > 1 else (False,)
-    for bf16, cl, comp, st in itertools.product(precisions, (False, True), (False, True) if args.compile else (False,),
-                                                streams):
-        mode = {"bf16": bf16, "channels_last": cl, "compile": comp, "streams": st}
+    tf32s = (False, True) if device.type == "cuda" else (False,)
+    for bf16, cl, comp, st, tf32 in itertools.product(precisions, (False, True),
+                                                      (False, True) if args.compile else (False,), streams, tf32s):
+        if bf16 and tf32:
+            continue  # TF32 only changes fp32 matmuls and convolutions
+        mode = {"bf16": bf16, "channels_last": cl, "compile": comp, "streams": st, "tf32": tf32}
+        set_tf32(device, tf32)
         fusion.set_branch_runner(BranchStreams() if st else None)
         x = x0.to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
@@ -153,17 +172,18 @@ def train_rates(args, device) -> dict:
         for _ in loader:  # decoding and augmentation alone, as fit's loader does them
             pass
         loader_s = time.perf_counter() - t0
-        cfg = TrainConfig(epochs=1, batch_size=args.train_batch, progress=False, num_workers=args.workers,
-                          device=str(device), warmup_epochs=0)
-        fit_model = FusionNet(backbones=backbones, num_classes=2)
-        fit(fit_model, splits.train, splits.val, cfg, log=None)  # warm-up epoch (allocator, loaders)
-        res = fit(fit_model, splits.train, splits.val, cfg, log=None)
-        fit_rate = len(splits.train) / res.history[-1]["seconds"]  # the epoch's time includes its validation
-        out[name] = {"step_img_s": step_rate, "fit_img_s": fit_rate,
-                     "fit_over_step": fit_rate / step_rate["median"],
-                     "loader_seconds": loader_s, "fit_epoch_seconds": res.history[-1]["seconds"],
-                     "loader_share_of_epoch": loader_s / res.history[-1]["seconds"]}
-        print(name, f"step {step_rate['median']:.1f} img/s, fit {fit_rate:.1f} img/s", flush=True)
+        out[name] = {"step_img_s": step_rate, "loader_seconds": loader_s}
+        for path, batched in (("loader", False), ("batched", True)):  # the input paths (device_input.py)
+            cfg = TrainConfig(epochs=1, batch_size=args.train_batch, progress=False, num_workers=args.workers,
+                              device=str(device), warmup_epochs=0, device_augment=batched)
+            fit_model = FusionNet(backbones=backbones, num_classes=2)
+            fit(fit_model, splits.train, splits.val, cfg, log=None)  # warm-up epoch (allocator, loaders)
+            res = fit(fit_model, splits.train, splits.val, cfg, log=None)
+            fit_rate = len(splits.train) / res.history[-1]["seconds"]  # the epoch's time includes its validation
+            out[name][path] = {"fit_img_s": fit_rate, "fit_over_step": fit_rate / step_rate["median"],
+                               "fit_epoch_seconds": res.history[-1]["seconds"],
+                               "loader_share_of_epoch": loader_s / res.history[-1]["seconds"]}
+            print(name, path, f"step {step_rate['median']:.1f} img/s, fit {fit_rate:.1f} img/s", flush=True)
     return out
 
 
@@ -222,7 +242,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--train-batch", type=int, default=16)
-    ap.add_argument("--train-images", type=int, default=128)
+    ap.add_argument("--train-images", type=int, default=128, help="images fit trains on (>= 2000 on a GPU, so "
+                    "that epoch start-up does not dominate)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", default="auto")
@@ -241,8 +262,7 @@ def main() -> None:
                           "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                           "python": platform.python_version(), "torch": torch.__version__},
               "settings": vars(args), "inference": inference(args, device)}
-    fastest = max((r for r in result["inference"] if r["correct"]), key=lambda r: r["fusion_img_s"]["median"])
-    result["fastest_correct_mode"] = fastest["mode"]
+    result["fastest_correct_mode"] = fastest_correct(result["inference"])
     if not args.no_train:
         result["training"] = train_rates(args, device)
         result["memory"] = memory(args, device)

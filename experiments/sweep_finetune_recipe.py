@@ -42,6 +42,11 @@ RECIPES = {  # name: (TrainConfig fields over its defaults and --base, augmentat
     "head first (1 epoch), then all": ({"strategy": "gradual", "unfreeze_after": 1, "stages_per_step": 1000},
                                        "default", None),
     "input upsampled x1.75": ({}, "default", "x1.75"),
+    "ema 0.998": ({"ema_decay": 0.998}, "default", None),
+    "mixup 0.2": ({"mixup": 0.2}, "default", None),
+    "cutmix 1.0": ({"cutmix": 1.0}, "default", None),
+    "layer decay 0.8": ({"layer_decay": 0.8}, "default", None),
+    "batched augmentation": ({"device_augment": True}, "default", None),  # the GPU input path, run on the CPU
 }
 
 
