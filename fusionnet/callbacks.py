@@ -1,7 +1,9 @@
 """Training tricks as callbacks: objects the training loop calls at named points, beside the model, not in it.
 
 ``fit`` calls, in order: :meth:`Callback.on_fit_start` (once, after the model is on its device),
-:meth:`Callback.extra_loss` (after the forward pass; returned terms are added to the task loss),
+:meth:`Callback.on_batch` (the batch the model is about to see, after mixup),
+:meth:`Callback.extra_loss` (after the forward pass; returned terms are added to the task loss, which is scaled by
+every callback's ``task_loss_weight``),
 :meth:`Callback.on_after_backward` (before gradient clipping and the optimiser step), :meth:`Callback.on_step_end`
 (after the optimiser step), :meth:`Callback.on_fit_end` (once, also when training stops with an error). A callback
 whose :meth:`Callback.eval_model` returns a model has that model validated and saved instead of the trained one
@@ -12,6 +14,7 @@ model asks for it through the model interface (:mod:`fusionnet.interface`).
   activations in backward instead of storing them (less memory, about one more forward pass of time).
 * :class:`BranchStreams` (``TrainConfig.branch_streams``): on CUDA, each branch on its own stream.
 * :class:`GradientModulation` (``TrainConfig.ogm_alpha``): OGM-GE (Peng et al., CVPR 2022) for M branches.
+* :class:`Distillation` (``fusionnet.distill``): KL to a teacher's predictions on the same view.
 * :class:`WeightAverage` (``TrainConfig.ema_decay``): an exponential moving average of the weights (timm's
   ``ModelEmaV3``), validated and saved in place of the trained weights.
 
@@ -31,7 +34,12 @@ from fusionnet.interface import Classifier, ModelOutput
 class Callback:
     """Base class: every hook does nothing."""
 
+    task_loss_weight: float = 1.0  # scales the loss on the labels (and aux heads); 0: only the callbacks' terms
+
     def on_fit_start(self, model: Classifier) -> None:
+        pass
+
+    def on_batch(self, model: Classifier, x: torch.Tensor, target: torch.Tensor) -> None:
         pass
 
     def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,6 +63,35 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class Distillation(Callback):
+    """Function matching (Beyer et al., CVPR 2022): the student learns the teacher's predictions on the very view
+    it sees (after augmentation and mixup), by ``T^2 * KL(teacher_T || student_T)`` at temperature T; the teacher
+    runs in eval mode without gradients. ``label_weight`` keeps that much of the loss on the labels (0: none)."""
+
+    def __init__(self, teacher: torch.nn.Module, temperature: float = 1.0, label_weight: float = 0.0) -> None:
+        self.teacher, self.temperature, self.task_loss_weight = teacher, temperature, label_weight
+        self.target: torch.Tensor | None = None
+
+    def on_fit_start(self, model: Classifier) -> None:
+        device = next(model.parameters()).device
+        self.teacher.to(device).eval().requires_grad_(False)
+
+    def on_batch(self, model: Classifier, x: torch.Tensor, target: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.target = self.teacher(x).float()
+
+    def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"distill": distillation_loss(output.logits.float(), self.target, self.temperature)}
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the batch mean; logits (B, K) each. The teacher
+    is detached: no gradient flows into it."""
+    t = temperature
+    return torch.nn.functional.kl_div((student / t).log_softmax(1), (teacher.detach() / t).log_softmax(1),
+                                      log_target=True, reduction="batchmean") * t * t
 
 
 class WeightAverage(Callback):

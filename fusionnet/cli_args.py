@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin
 
-from fusionnet.config import CompareConfig, FuseConfig, TrainConfig, TrainRun
+from fusionnet.config import CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun
 from fusionnet.errors import ConfigError
 
 
@@ -151,6 +151,13 @@ def _fuse(p) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
 
 
+def _distill(p) -> None:
+    p.add_argument("--config", help="a YAML or JSON file of settings, the flags' names with _ (flags given win)")
+    add_fields(p, DistillConfig, title="distillation")
+    add_fields(p, TrainConfig, skip=("cache_features", "cache_dir"), title="the student's training")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+
+
 def _predict(p) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
@@ -248,6 +255,11 @@ COMMANDS: dict[str, tuple[str, Callable, dict, str]] = {  # name: (help, argumen
     "fuse": ("fuse your member checkpoints into one FusionNet, fit its head on your data, and report it beside "
              "every member and their soft vote", _fuse, _examples(
                  "fusionnet fuse --members weights/*_best.pth --data data --out runs/fuse"), H + "handle_fuse"),
+    "distill": ("train one small network to match a fusion or an ensemble (same augmented views, KL), beside the "
+                "same network trained on labels; writes runs/<name>/distill.md", _distill, _examples(
+                    "fusionnet distill --teacher runs/demo --data runs/demo/digits --size 64 --out runs/distill",
+                    "fusionnet distill --teacher runs/lite0/best.pth runs/lite1/best.pth --data data --student "
+                    "mobilenet_v2"), H + "handle_distill"),
     "compare": ("train members and FusionNets on the same budget and compare them with every output-ensemble "
                 "method; writes runs/<name>/", _compare, {}, H + "handle_compare"),
     "gap": ("why test accuracy is below validation: compare two image folders", _gap, _examples(

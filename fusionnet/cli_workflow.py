@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 
 from fusionnet.cli_args import given, settings
-from fusionnet.config import CompareConfig, FuseConfig, TrainConfig, TrainRun, fuse_train_config, regime_train_config
+from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun, distill_train_config,
+                              fuse_train_config, regime_train_config)
 from fusionnet.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ def handle_train(args) -> None:
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
-                             fusion=run.fusion)
+                             fusion=run.fusion, input_size=run.input_size)
     result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(s.get("resume")))
     if rank_world()[0] == 0:  # under torchrun, one report
         print(f"best epoch {result.best_epoch} ({train_cfg.monitor} {result.best_score:.4f}); wrote "
@@ -78,6 +79,16 @@ def handle_compare(args) -> None:
     cfg = CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train})  # checked before the folder
     run_folder(cfg.out, bool(s.get("overwrite")))
     run_comparison(cfg)
+
+
+def handle_distill(args) -> None:
+    from fusionnet.distill import distill
+
+    s = settings(args, DistillConfig, TrainConfig)
+    cfg = DistillConfig(**given(s, DistillConfig), train=distill_train_config(**given(s, TrainConfig)))
+    out = run_folder(cfg.out, bool(s.get("overwrite")))
+    distill(cfg)
+    print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
 
 
 def handle_fuse(args) -> None:

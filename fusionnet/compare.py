@@ -50,7 +50,8 @@ def _joint(variant: str):
         def build():
             torch.manual_seed(cfg.seed)
             return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
-                                    fusion=variant, dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout), 0.0
+                                    fusion=variant, dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout,
+                                    input_size=cfg.input_size), 0.0
         return Trained(f"fusion_{variant}", build, cfg.train_config(f"fusion_{variant}"))
     return entry
 
@@ -78,7 +79,8 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]) -> ClosedFo
         if cfg.regime == "frozen":
             torch.manual_seed(cfg.seed)
             return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
-                                    fusion=STACKED_FUSION, freeze_trunks=True, taps=cfg.stacked_taps), 0.0
+                                    fusion=STACKED_FUSION, freeze_trunks=True, taps=cfg.stacked_taps,
+                                    input_size=cfg.input_size), 0.0
         models, prior_s = _members(cfg, members)
         return fuse_members(models, fusion=STACKED_FUSION, taps=cfg.stacked_taps), prior_s
     return ClosedForm("fusion_stacked", build, seed=cfg.seed)
@@ -168,7 +170,8 @@ def _context(cfg: CompareConfig, log) -> Context:
 def _member_builder(cfg: CompareConfig, ctx: Context, backbone: str):
     def build():
         torch.manual_seed(cfg.seed)
-        return create_fusionnet([backbone], class_names=ctx.splits.class_names, pretrained=cfg.pretrained), 0.0
+        return create_fusionnet([backbone], class_names=ctx.splits.class_names, pretrained=cfg.pretrained,
+                                input_size=cfg.input_size), 0.0
     return build
 
 

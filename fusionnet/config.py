@@ -8,10 +8,12 @@ key and a saved setting are one field. This module imports no torch: ``fusionnet
 * :class:`TrainRun`: what ``fusionnet train`` adds: data, backbones, fusion method, output folder.
 * :class:`CompareConfig`: the fusion-vs-voting experiment; it holds a TrainConfig that every model trains with.
 * :class:`FuseConfig`: ``fusionnet fuse``: the user's members, the fused heads, and a TrainConfig for them.
+* :class:`DistillConfig`: ``fusionnet distill``: a teacher, a student backbone, the data, and a TrainConfig.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -36,7 +38,12 @@ class TrainConfig:
     """How to train: optimisation, freezing, loss, schedule and run settings. Every field is plain data, written
     to ``train_config.json``, and a ``fusionnet train`` / ``compare`` flag (``--batch-size`` for ``batch_size``)."""
 
-    epochs: int = setting(10, "passes over the training split")
+    epochs: int = setting(10, "passes over the training split (budget 'epochs'; 10 is the quick preset)")
+    budget: Literal["epochs", "hyperrule"] = setting("epochs", "epochs: train for `epochs` | hyperrule: BiT's "
+                                                     "HyperRule in steps scaled to the data (under 20k images 500 "
+                                                     "steps of 512 images, under 500k 10k steps, else 20k), as "
+                                                     "epochs of this batch size, with 5 % warm-up: about 88 epochs "
+                                                     "on flowers5_128; for a GPU")
     batch_size: int = setting(32, "images per step (per process under torchrun)")
     optimizer: Literal["adamw", "sgd"] = setting("adamw", "the optimiser")
     lr: float = setting(1e-3, "the head's learning rate")
@@ -84,6 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_settings([
             (is_int(self.epochs) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}"),
+            (self.budget in ("epochs", "hyperrule"), f"unknown budget {self.budget!r}; choose 'epochs' or 'hyperrule'"),
             (is_int(self.batch_size) and self.batch_size >= 1,
              f"batch_size must be an int >= 1, got {self.batch_size!r}"),
             (is_int(self.num_workers) and self.num_workers >= 0,
@@ -135,6 +143,8 @@ class TrainRun:
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     policy: Literal["default", "strong", "none"] = setting("default", "augmentation policy")
     size: int = setting(128, "input size in pixels")
+    input_size: int | None = setting(None, "each branch resizes its input to this many pixels before its trunk, "
+                                           "e.g. 224 for 128 px data (BiT-style upsampling; none: as given)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_cache: str | None = setting(None, "a folder: decode every image once into it and train from there "
                                             "(fast on large photos; reused by later runs on the same files)")
@@ -146,6 +156,21 @@ class TrainRun:
                 raise ConfigError(f"train needs --{required} (or '{required}' in --config)")
         if self.out is None:
             self.out = "runs/" + "+".join(b.replace("/", "_") for b in self.backbones)
+
+
+def hyperrule_epochs(n_images: int) -> int:
+    """BiT's HyperRule budget (Kolesnikov et al. 2020) as epochs: 500 / 10k / 20k steps of 512 images for data
+    sets under 20k / under 500k / larger, over ``n_images``."""
+    steps = 500 if n_images < 20_000 else 10_000 if n_images < 500_000 else 20_000
+    return max(1, math.ceil(steps * 512 / max(n_images, 1)))
+
+
+def resolved(cfg: TrainConfig, n_images: int) -> TrainConfig:
+    """``cfg`` with its budget turned into epochs and warm-up for ``n_images`` training images."""
+    if cfg.budget == "epochs":
+        return cfg
+    epochs = hyperrule_epochs(n_images)
+    return replace(cfg, budget="epochs", epochs=epochs, warmup_epochs=0.05 * epochs)
 
 
 def regime_train_config(regime: str, **fields) -> TrainConfig:
@@ -178,6 +203,8 @@ class CompareConfig:
                                               "(regime_train_config), NLL picking best epochs (chosen on validation: "
                                               "it lets the from-members fusion keep its start)")
     size: int = setting(128, "input size in pixels")
+    input_size: int | None = setting(None, "each branch resizes its input to this many pixels before its trunk "
+                                           "(none: as given)")
     seeds: list[int] | None = setting(None, "run the whole comparison once per seed (train.seed) and report mean "
                                             "+- sd, e.g. --seeds 0 1 2")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
@@ -293,3 +320,44 @@ def fuse_train_config(**fields) -> TrainConfig:
     NLL with the members' logit average (epoch 0) as a candidate."""
     return TrainConfig(**{"epochs": 10, "lr": 1e-3, "strategy": "frozen", "cache_features": True,
                           "validate_start": True, "monitor": "nll", **fields})
+
+
+@dataclass
+class DistillConfig:
+    """``fusionnet distill``: one small network trained to match a teacher (a FusionNet, a vote of members, or a
+    comparison's val-selected fusion) on the same augmented views; see :mod:`fusionnet.distill`."""
+
+    teacher: list[str] = setting(None, "a model checkpoint (a FusionNet), several member checkpoints (their soft "
+                                       "vote), or a run folder of compare (its 'FusionNet (selected on val)') or fuse "
+                                       "(selected.pth)")
+    data: str = setting(None, "folder with train/ and test/ (val/ optional)")
+    student: str = setting("efficientnet_lite0", "the student's backbone (fusionnet backbones lists them)")
+    size: int = setting(128, "input size in pixels")
+    temperature: float = setting(1.0, "softmax temperature of the KL term (its gradient is scaled by T^2)")
+    label_weight: float = setting(0.0, "weight of the cross-entropy on the labels beside the KL term (0: the "
+                                       "teacher alone, as in function matching)")
+    baseline: bool = setting(True, "also train the same student on labels alone, same budget, for the table")
+    val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    pretrained: bool = setting(True, "an ImageNet-pretrained student trunk")
+    out: str = setting("runs/distill", "run folder")
+    train: TrainConfig = setting(None, "how the student trains", factory=lambda: distill_train_config())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        check_settings([
+            (bool(self.teacher), "distill needs --teacher: a checkpoint, member checkpoints, or a compare/fuse run "
+                                 "folder"),
+            (bool(self.data), "distill needs --data, a folder with train/ and test/"),
+            (is_finite(self.temperature) and self.temperature > 0,
+             f"temperature must be a number > 0, got {self.temperature!r}"),
+            (is_finite(self.label_weight) and self.label_weight >= 0,
+             f"label_weight must be >= 0, got {self.label_weight!r}"),
+            (is_int(self.size) and self.size >= 1, f"size must be a whole number of pixels >= 1, got {self.size!r}"),
+        ])
+
+
+def distill_train_config(**fields) -> TrainConfig:
+    """The student's training: every layer, best epoch by validation NLL (``mixup`` widens the inputs the teacher
+    is matched on, as in Beyer et al. 2022: an option, off until validation shows it helps)."""
+    return TrainConfig(**{"strategy": "full", "monitor": "nll", **fields})

@@ -145,16 +145,3 @@ def check_training_data(train_data, val_data, num_classes: int | None) -> None:
     if labels is not None and num_classes is not None and max(labels) >= num_classes:
         raise DataError(f"train labels go up to {max(labels)} but the model has {num_classes} classes; build the "
                         f"model with num_classes={max(labels) + 1} (or the dataset's class_names)")
-
-
-def seed_pipeline(dataset, seed: int) -> None:
-    """Reseed the dataset's pipeline (albumentations keeps its own RNG, untouched by torch/numpy seeds)."""
-    as_dataset(dataset).seed(seed)
-
-
-def seed_worker_pipeline(worker_id: int) -> None:
-    """In a DataLoader worker: give each worker its own augmentation stream, derived from the epoch's seed."""
-    dataset = as_dataset(torch.utils.data.get_worker_info().dataset)
-    seed = getattr(dataset.transform, "seed", None)  # albumentations' own: the epoch's seed, set in the parent
-    if seed is not None:
-        dataset.seed(seed * 64 + worker_id)

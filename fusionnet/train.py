@@ -32,23 +32,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from fusionnet import checkpoints as ckpt
 from fusionnet.callbacks import Callback
 from fusionnet.callbacks import from_config as callbacks_from_config
-from fusionnet.config import MONITORS, STRATEGIES, TrainConfig  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
+from fusionnet.config import MONITORS, STRATEGIES, TrainConfig, resolved  # noqa: F401  (STRATEGIES, TrainConfig: re-exported)
 from fusionnet.datasets import as_dataset, training_record
 from fusionnet.device_input import BatchAugment, DeviceImages, fits
-from fusionnet.data import (balanced_sampler, check_training_data, class_weights, eval_view, seed_pipeline,
-                            seed_worker_pipeline)
+from fusionnet.data import balanced_sampler, check_training_data, class_weights, eval_view
 from fusionnet.distributed import autocast, average_buffers, rank_world, setup_distributed, to_device
 from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError, TrainingError
 from fusionnet.feature_cache import FeatureDataset, cache_blocker, cached_features
 from fusionnet.files import atomic_write_json
 from fusionnet.run_writer import RunWriter
 from fusionnet.inference import evaluate
+from fusionnet.loader import training_loader
 from fusionnet.interface import Classifier, PlainClassifier, TrainStep, as_classifier
 from fusionnet.losses import make_loss
 from fusionnet.optim import lr_factor, make_optimizer  # noqa: F401  (re-exported)
@@ -126,6 +126,7 @@ class _Run:
     device_images: DeviceImages | None = None  # the GPU input path (device_input.py), when it is on
     augment: BatchAugment | None = None
     mix: Callable | None = None  # timm's Mixup (mixup / cutmix): (x, y) -> (mixed x, soft targets)
+    loader: tuple | None = None  # (DataLoader, EpochSampler) of the per-image path, built once per run (loader.py)
     history: list[dict] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int = -1
@@ -163,8 +164,8 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     resampling); it replaces ``balanced_sampling``. ``callbacks`` (:mod:`fusionnet.callbacks`) run beside those
     the config asks for (``checkpoint_activations``, ``branch_streams``, ``ogm_alpha``).
     """
-    run = _setup(model, train_data, val_data, config or TrainConfig(), out_dir, resume, log, sample_weights,
-                 callbacks)
+    cfg = resolved(config or TrainConfig(), len(train_data))  # budget 'hyperrule' -> epochs for this data
+    run = _setup(model, train_data, val_data, cfg, out_dir, resume, log, sample_weights, callbacks)
     for cb in run.callbacks:
         cb.on_fit_start(run.clf)
     if resume:
@@ -422,13 +423,14 @@ def _batches(run: _Run, epoch: int, epoch_seed: int):
         gen = torch.Generator(device=run.device).manual_seed(epoch_seed)
         return ((run.device_images.batch(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], run.augment, gen)
                  for i in range(count)), count)
-    seed_pipeline(dataset, epoch_seed * 1_000 + run.rank)
     if isinstance(dataset, FeatureDataset):  # cached features: whole batches by indexing, the same batches
         loader = dataset.batches(sampler, cfg.batch_size)
-    else:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            worker_init_fn=seed_worker_pipeline, pin_memory=run.device.type == "cuda",
-                            drop_last=drop_last)
+    else:  # one loader per run: its workers persist; each batch carries its augmentation seed (loader.py)
+        if run.loader is None:
+            run.loader = training_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
+                                         pin_memory=run.device.type == "cuda", drop_last=drop_last)
+        loader, epoch_sampler = run.loader
+        epoch_sampler.start(sampler, epoch_seed * 1_000 + run.rank)
     device = run.device
     return ((to_device(x, device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True))
             for x, y in loader), count
@@ -479,10 +481,13 @@ def _step(run: _Run, step: nn.Module, x, y: torch.Tensor) -> torch.Tensor:
     if run.mix is not None and len(y) % 2 == 0:
         x, target = run.mix(x, y)  # soft targets (B, K); callbacks still see the hard labels
     with autocast(run.device, cfg.amp):
+        for cb in run.callbacks:
+            cb.on_batch(run.clf, x, y)
         out = step(x)
         loss = run.criterion(out.logits.float(), target)
         for aux in out.aux.values() if cfg.aux_weight else ():  # aux heads only add training signal
             loss = loss + cfg.aux_weight * run.criterion(aux.float(), target)
+        loss = loss * math.prod(cb.task_loss_weight for cb in run.callbacks)
         for cb in run.callbacks:
             for term in cb.extra_loss(run.clf, out, y).values():
                 loss = loss + term

@@ -116,3 +116,16 @@ class NanAfter(nn.Module):
 def test_a_non_finite_loss_mid_epoch_names_its_first_step_though_the_host_reads_late(splits):
     with pytest.raises(TrainingError, match=r"non-finite at epoch 1, step 3;"):
         fit(NanAfter(3), splits.train, splits.val, _cfg(epochs=1, batch_size=2, sync_every=1000), log=None)
+
+
+def test_the_hyperrule_budget_becomes_epochs_for_the_data_size():
+    from fusionnet.config import hyperrule_epochs, resolved
+
+    assert hyperrule_epochs(2935) == 88  # flowers5_128: 500 steps of 512 images
+    assert hyperrule_epochs(100_000) == 52 and hyperrule_epochs(1_000_000) == 11
+    cfg = resolved(TrainConfig(budget="hyperrule", batch_size=32), 2935)
+    assert (cfg.budget, cfg.epochs, cfg.warmup_epochs) == ("epochs", 88, pytest.approx(4.4))
+    quick = TrainConfig()
+    assert resolved(quick, 2935) is quick and quick.epochs == 10
+    with pytest.raises(ConfigError, match="unknown budget 'long'"):
+        TrainConfig(budget="long")
