@@ -158,10 +158,33 @@ def _distill(p) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
 
 
+def _serve(p) -> None:
+    p.add_argument("models", nargs="+", help="a fusionnet checkpoint, several member checkpoints (their soft vote), an "
+                                             ".onnx export, or a run folder of compare / fuse / train")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (other than loopback: --token or "
+                                                       "--no-auth)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--token", default=None, help="clients must send 'Authorization: Bearer TOKEN'")
+    p.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a token")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="images per model call (1: no batching)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0,
+                   help="how long the first waiting image waits for others to join its batch")
+    p.add_argument("--queue-size", type=positive_int, default=256, help="waiting images before 503 + Retry-After")
+    p.add_argument("--top", type=positive_int, default=5, help="classes in an answer (?top=k per request)")
+    p.add_argument("--max-mb", type=float, default=20.0, help="the largest upload in MiB (413 above)")
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                   help="the most pixels an image may have, read from its header before decoding (413 above)")
+    p.add_argument("--device", default="auto")
+
+
 def _predict(p) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
     p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
+                   help="test-time augmentation: average each image's prediction over its views (a forward pass "
+                        "each; off by default, see the README for where it helped)")
+    p.add_argument("--tta-space", choices=["prob", "logit"], default="prob", help="average probabilities or logits")
     p.add_argument("--images", help="a folder of images (any layout): a class per image, as CSV")
     p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels (default: the size the model was trained at, else 128)")
@@ -260,6 +283,10 @@ COMMANDS: dict[str, tuple[str, Callable, dict, str]] = {  # name: (help, argumen
                     "fusionnet distill --teacher runs/demo --data runs/demo/digits --size 64 --out runs/distill",
                     "fusionnet distill --teacher runs/lite0/best.pth runs/lite1/best.pth --data data --student "
                     "mobilenet_v2"), H + "handle_distill"),
+    "serve": ("serve a model, a vote of members or an ONNX export over HTTP (FastAPI + uvicorn, dynamic batching; "
+              "pip install 'fusionnet[serve]')", _serve, _examples(
+                  "fusionnet serve runs/demo --port 8000",
+                  "curl -F file=@photo.jpg http://127.0.0.1:8000/v1/classify"), H + "handle_serve"),
     "compare": ("train members and FusionNets on the same budget and compare them with every output-ensemble "
                 "method; writes runs/<name>/", _compare, {}, H + "handle_compare"),
     "gap": ("why test accuracy is below validation: compare two image folders", _gap, _examples(

@@ -91,6 +91,24 @@ def handle_distill(args) -> None:
     print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
 
 
+def handle_serve(args) -> None:
+    from fusionnet.errors import install_hint
+
+    try:
+        from fusionnet.serve import Limits, ServeSettings, serve
+        import fastapi, uvicorn  # noqa: F401, E401
+    except ImportError as exc:
+        raise ConfigError(f"serve needs FastAPI and uvicorn: {install_hint('serve')} ({exc})") from None
+    from fusionnet.workflow import checkpoints_in
+
+    sources = [m for m in args.models if m.endswith(".onnx")] or [str(p) for p in checkpoints_in(args.models)]
+    settings = ServeSettings(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
+                             top=args.top)
+    print(f"serving {sources} on http://{args.host}:{args.port} (POST /v1/classify; Ctrl-C or SIGTERM stops)")
+    serve(sources, host=args.host, port=args.port, token=args.token, no_auth=args.no_auth, device=args.device,
+          settings=settings, limits=Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels))
+
+
 def handle_fuse(args) -> None:
     from fusionnet.workflow import fuse_checkpoints
 
@@ -176,12 +194,12 @@ def handle_predict(args) -> None:
             raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
         check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
         out = member_outputs(model, data, member=Path(args.checkpoint).parent.name, split=args.split,
-                             checkpoint=args.checkpoint, device=args.device)
+                             checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
         print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
               f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
         return
     images = _every_image(args.images, eval_transform(size))
-    probs, _ = predict(model, images, device=args.device)
+    probs, _ = predict(model, images, device=args.device, tta=args.tta, tta_space=args.tta_space)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:

@@ -15,7 +15,6 @@ pass); the models are chosen on validation (best epoch by the config's monitor),
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,10 +25,8 @@ from torch import nn
 
 from fusionnet.callbacks import Distillation
 from fusionnet.config import DistillConfig
-from fusionnet.errors import ConfigError, MissingFileError
-
-SELECTED = "FusionNet (selected on val)"
-
+from fusionnet.errors import ConfigError
+from fusionnet.workflow import checkpoints_in
 
 class Teacher(nn.Module):
     """Logits of one model, or the log of the members' mean probabilities (their soft vote), with the classes put
@@ -49,46 +46,11 @@ class Teacher(nn.Module):
         return logits[:, self.order]
 
 
-def teacher_checkpoints(sources: Sequence[str]) -> list[Path]:
-    """The checkpoint files a ``--teacher`` names: files as given; a ``compare`` run folder: its val-selected
-    fusion; a ``fuse`` run folder: ``selected.pth``; a ``train`` run folder: ``best.pth``."""
-    paths = []
-    for source in sources:
-        path = Path(source)
-        if path.is_file():
-            paths.append(path)
-        elif (path / "results.json").is_file():
-            paths.append(_selected_in_comparison(path))
-        elif (path / "selected.pth").is_file():
-            paths.append(path / "selected.pth")
-        elif (path / "best.pth").is_file():
-            paths.append(path / "best.pth")
-        else:
-            raise MissingFileError(f"teacher {source!r} is neither a checkpoint nor a run folder of compare "
-                                   f"(results.json), fuse (selected.pth) or train (best.pth)")
-    return paths
-
-
-def _selected_in_comparison(folder: Path) -> Path:
-    results = json.loads((folder / "results.json").read_text())
-    chosen = results.get("methods", {}).get(SELECTED, {}).get("chosen")
-    for variant, row in results.get("fusion", {}).items():
-        if chosen == f"FusionNet ({variant.replace('_', ' ')})":
-            checkpoint = row.get("checkpoint")
-            if checkpoint and Path(checkpoint).is_file():
-                return Path(checkpoint)
-            raise MissingFileError(f"{str(folder)!r}: validation chose {chosen!r}, but its model file "
-                                   f"{checkpoint!r} is not there (was the comparison run with --keep outputs?); "
-                                   f"rerun it with --keep best, or give the checkpoint itself")
-    raise ConfigError(f"{str(folder)!r}: its results.json names no {SELECTED!r} among its fusion models "
-                      f"(chosen: {chosen!r}); give a checkpoint instead")
-
-
 def load_teacher(sources: Sequence[str], class_names: Sequence[str]) -> tuple[Teacher, list[Path]]:
     """The teacher for data with ``class_names``, refused before any training when its classes differ."""
     from fusionnet.factory import load_fusionnet
 
-    paths = teacher_checkpoints(sources)
+    paths = checkpoints_in(sources)
     models = [load_fusionnet(p) for p in paths]
     for path, model in zip(paths, models):
         names = model.class_names

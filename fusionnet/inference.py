@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from fusionnet.distributed import autocast, place, rank_world, to_device
 from fusionnet.datasets import as_dataset
-from fusionnet.errors import DataError
+from fusionnet.errors import ConfigError, DataError
 from fusionnet.feature_cache import FeatureDataset
 from fusionnet.interface import as_classifier
 from fusionnet.metrics import classification_metrics
+from fusionnet.tta import check_tta, tta_probs
 
 
 class _Indexed(Dataset):
@@ -40,15 +41,21 @@ class _Indexed(Dataset):
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str | torch.device = "auto",
             amp: bool | str = "auto", channels_last: bool | str = "auto", num_workers: int = 0,
-            progress: bool = False, desc: str = "predict") -> tuple[torch.Tensor, torch.Tensor]:
+            progress: bool = False, desc: str = "predict", tta: str | None = None,
+            tta_space: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities (N, K) float32, labels (N,)) in dataset order; the model runs on ``device`` (moved there).
 
     The ``"auto"`` defaults are the fastest mode measured on each device that agrees with fp32 on that device
     (experiments/bench_throughput.py): on the CPU fp32 weights in channels-last memory format (the model is converted
     in place; outputs equal the contiguous ones to ~1e-6); on CUDA bf16 autocast in the contiguous format (H200,
     three Lite trunks at 128 px, batch 256: 13.5k img/s against 11.7k for fp32 channels-last and 6.9k for fp32
-    contiguous; bf16 with channels-last 7.4k). ``amp=False`` gives fp32 on CUDA too.
+    contiguous; bf16 with channels-last 7.4k). ``amp=False`` gives fp32 on CUDA too. ``tta`` ("flip",
+    "flip-zoom"; :mod:`fusionnet.tta`) averages each image's prediction over its views, in ``tta_space`` ("prob" or
+    "logit"); it costs a forward pass per view.
     """
+    check_tta(tta, tta_space)
+    if tta is not None and isinstance(data, FeatureDataset):
+        raise ConfigError("test-time augmentation needs images; cached features cannot be flipped or cropped")
     if len(data) == 0:
         raise DataError("predict got an empty dataset; check the split's folder has images")
     device = place(model, device)
@@ -57,7 +64,8 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     if channels_last:
         model.to(memory_format=torch.channels_last)
     clf = as_classifier(model)
-    forward = clf.forward_head if isinstance(data, FeatureDataset) else clf
+    base = clf.forward_head if isinstance(data, FeatureDataset) else clf
+    forward = lambda x: tta_probs(base, x, tta, tta_space)  # noqa: E731  (images or features -> probabilities)
     rank, world = rank_world()
     indexed = _Indexed(data)
     sampler = DistributedSampler(indexed, shuffle=False) if world > 1 else None
@@ -94,8 +102,8 @@ def _predict_batches(clf, loader, forward, probs: list, labels: list, index: lis
             if channels_last and isinstance(x, torch.Tensor):
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                out = forward(x)
-            probs.append(out.float().softmax(dim=1).cpu())
+                out = forward(x)  # probabilities (B, K)
+            probs.append(out.float().cpu())
             labels.append(torch.as_tensor(y))
             index.append(i)
     finally:

@@ -249,15 +249,15 @@ def _mixup(cfg: TrainConfig, num_classes: int | None):
 def _maybe_device_input(run: _Run, train_data) -> None:
     """Switch ``run`` to the GPU input path (:mod:`fusionnet.device_input`) when ``device_augment`` allows it."""
     cfg = run.cfg
+    if cfg.device_augment is False or (cfg.device_augment == "auto" and run.device.type != "cuda"):
+        return  # the CPU keeps the per-image loader unless asked
     spec = spec_of(train_data.transform)
-    if cfg.device_augment is False or run.world > 1 or run.sample_weights is not None:
-        return
     side = spec.size if spec is not None else 0
     reason = ("the training pipeline is not a fusionnet train_transform" if spec is None else
+              "distributed training shards the images per process" if run.world > 1 else
+              "sample_weights draw the samples" if run.sample_weights is not None else
               "the training images do not fit in a quarter of the free GPU memory"
               if run.device.type == "cuda" and not fits(len(train_data), side, run.device) else None)
-    if reason is None and cfg.device_augment == "auto" and run.device.type != "cuda":
-        return  # the CPU keeps the per-image loader unless asked
     if reason is not None:
         if cfg.device_augment is True:
             raise ConfigError(f"device_augment=True, but {reason}; use device_augment='auto' or False")

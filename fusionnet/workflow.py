@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from fusionnet.config import FuseConfig
 from fusionnet.data import load_splits
 from fusionnet.datasets import check_unseen
 from fusionnet.ensembles import METHODS, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError
+from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError, MissingFileError
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.metrics import classification_metrics
@@ -197,3 +198,40 @@ def vote_files(val_files: Sequence[str | os.PathLike], test_files: Sequence[str 
     return {"method": method, "members": [o.member for o in val], "weights": res.weights, **res.extra,
             **{m: metrics[m] for m in ("acc", "macro_f1", "nll", "ece")}, "probs": res.test}
 
+
+SELECTED = "FusionNet (selected on val)"
+
+
+def checkpoints_in(sources: Sequence[str]) -> list[Path]:
+    """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``) name: files as given; a ``compare`` run folder: its val-selected
+    fusion; a ``fuse`` run folder: ``selected.pth``; a ``train`` run folder: ``best.pth``."""
+    paths = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            paths.append(path)
+        elif (path / "results.json").is_file():
+            paths.append(_selected_in_comparison(path))
+        elif (path / "selected.pth").is_file():
+            paths.append(path / "selected.pth")
+        elif (path / "best.pth").is_file():
+            paths.append(path / "best.pth")
+        else:
+            raise MissingFileError(f"{source!r} is neither a checkpoint nor a run folder of compare "
+                                   f"(results.json), fuse (selected.pth) or train (best.pth)")
+    return paths
+
+
+def _selected_in_comparison(folder: Path) -> Path:
+    results = json.loads((folder / "results.json").read_text())
+    chosen = results.get("methods", {}).get(SELECTED, {}).get("chosen")
+    for variant, row in results.get("fusion", {}).items():
+        if chosen == f"FusionNet ({variant.replace('_', ' ')})":
+            checkpoint = row.get("checkpoint")
+            if checkpoint and Path(checkpoint).is_file():
+                return Path(checkpoint)
+            raise MissingFileError(f"{str(folder)!r}: validation chose {chosen!r}, but its model file "
+                                   f"{checkpoint!r} is not there (was the comparison run with --keep outputs?); "
+                                   f"rerun it with --keep best, or give the checkpoint itself")
+    raise ConfigError(f"{str(folder)!r}: its results.json names no {SELECTED!r} among its fusion models "
+                      f"(chosen: {chosen!r}); give a checkpoint instead")

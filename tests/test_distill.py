@@ -109,3 +109,36 @@ def test_distill_writes_a_student_and_a_label_baseline_with_their_costs(data, tm
     assert rows[f"student {TINY} (distilled)"]["params"] < rows["teacher"]["params"]
     assert json.loads((tmp_path / "run" / "distill.json").read_text())["budget"]["student"] == TINY
     assert "| teacher |" in (tmp_path / "run" / "distill.md").read_text()
+
+
+# ---- test-time augmentation -------------------------------------------------------------------------------------
+class MirrorInvariant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 32 * 32, 3)
+
+    def forward(self, x):
+        return self.fc((x + x.flip(-1)).flatten(1))
+
+
+@pytest.mark.parametrize("space", ["prob", "logit"])
+def test_flip_tta_of_a_flip_invariant_model_equals_the_model(data, space):
+    from fusionnet.inference import predict
+
+    splits = load_splits(data, size=32)
+    torch.manual_seed(0)
+    model = MirrorInvariant()
+    plain, _ = predict(model, splits.val, device="cpu")
+    flipped, _ = predict(model, splits.val, device="cpu", tta="flip", tta_space=space)
+    torch.testing.assert_close(flipped, plain, atol=1e-6, rtol=0)
+    zoomed, _ = predict(model, splits.val, device="cpu", tta="flip-zoom", tta_space=space)
+    assert not torch.allclose(zoomed, plain) and torch.allclose(zoomed.sum(1), torch.ones(len(zoomed)))
+
+
+def test_tta_settings_are_checked():
+    from fusionnet.tta import check_tta
+
+    with pytest.raises(ConfigError, match="unknown test-time augmentation 'rotate'; choose one of flip, flip-zoom"):
+        check_tta("rotate", "prob")
+    with pytest.raises(ConfigError, match="unknown TTA averaging space 'mean'"):
+        check_tta("flip", "mean")

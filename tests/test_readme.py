@@ -1,5 +1,6 @@
 """The README's commands are what CI runs."""
 
+import json
 import re
 from pathlib import Path
 
@@ -45,6 +46,7 @@ BUDGET = {
     "predict": ["--size", "32"],
     "fuse": ["--epochs", "1", "--size", "32", "--no-progress"],
     "export": ["--size", "32"],
+    "distill": ["--epochs", "1", "--size", "32", "--no-progress"],
     "gap": ["--size", "32"],
     "compare": ["--epochs", "1", "--size", "32", "--no-progress", "--backbones", "efficientnet_lite0",
                 "efficientnet_lite1", "--variants", "stacked", "--seeds", "0", "1"],  # every variant:
@@ -56,6 +58,38 @@ def _readme_commands(readme: str) -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line and not line.startswith("python3 -m venv")]
+
+
+def _fake_demo_run(work: Path) -> None:
+    """runs/demo as `fusionnet demo` leaves it, with a tiny model as the fusion validation chose."""
+    from fusionnet import FusionNet, save_model
+
+    model = FusionNet(backbones=["timm/test_efficientnet", "timm/test_resnet"], num_classes=3, fusion="late",
+                      class_names=["a", "b", "c"])
+    path = save_model(model, work / "runs/demo/models/fusion_stacked/best.pth")
+    results = {"methods": {"FusionNet (selected on val)": {"chosen": "FusionNet (stacked)"}},
+               "fusion": {"stacked": {"checkpoint": str(path)}}}
+    (work / "runs/demo/results.json").write_text(json.dumps(results))
+
+
+def _start_server(argv: list[str], work: Path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = argv[argv.index("--port") + 1]
+    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", *argv[1:]], cwd=work, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+        assert server.poll() is None, server.stderr.read()[-2000:]
+    raise AssertionError("the server did not become ready in 2 minutes")
 
 
 def test_readme_commands_run_as_written(tmp_path, monkeypatch):
@@ -73,11 +107,13 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     readme = (ROOT / "README.md").read_text()
     commands = _readme_commands(readme)
     assert {c.split()[1] for c in commands if c.startswith("fusionnet")} >= {
-        "backbones", "inspect", "classify", "train", "predict", "vote", "fuse", "gap", "export", "compare"}
+        "backbones", "inspect", "classify", "train", "predict", "vote", "fuse", "gap", "export", "compare", "distill",
+        "serve"}
     work = tmp_path / "work"
     for folder in ("data", "runs/demo/digits", "../shared/data/flowers5_128"):
         make_splits(work / folder, per_class=12)
     (work / "weights").mkdir()
+    _fake_demo_run(work)
     torch.save(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=3)
                .state_dict(), work / "weights" / "googlenet_best.pth")
     for name in ("photo1.jpg", "photo2.jpg"):
@@ -88,6 +124,16 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     for command in commands:
         argv = shlex.split(command)
         extra = BUDGET.get(argv[1], []) if argv[0] == "fusionnet" else []
+        if argv[:2] == ["fusionnet", "serve"]:  # runs until stopped: start it, wait until ready, the curl line next
+            server = _start_server(argv, work)
+            continue
+        if argv[0] == "curl":
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            server.terminate()  # SIGTERM: in-flight requests finish, then it exits
+            assert server.wait(timeout=60) == 0, server.stderr.read()[-2000:]
+            answer = json.loads(proc.stdout)
+            assert len(answer["top"]) == 3 and answer["members"], proc.stdout
+            continue
         if argv[0] == "torchrun":  # a subprocess per rank: run it as the README says, with the tiny budget
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:], *BUDGET["train"]]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
@@ -98,5 +144,6 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
         assert main(argv[1:] + extra) == 0, command
     for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0/val.pt", "runs/fuse/fuse.md",
                     "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
-                    "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md"):
+                    "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md", "runs/distill/distill.md",
+                    "student.csv"):
         assert (work / written).is_file(), written

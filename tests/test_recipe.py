@@ -11,7 +11,7 @@ from fusionnet.errors import ConfigError, TrainingError
 from fusionnet.inference import evaluate
 from fusionnet.optim import make_optimizer
 from fusionnet.train import TrainConfig, fit
-from toydata import make_splits
+from toydata import crash_at_epoch, make_splits
 
 TINY = ["timm/test_efficientnet"]
 
@@ -66,12 +66,8 @@ def test_a_run_with_ema_and_batched_augmentation_resumes_to_the_uninterrupted_re
     cfg = _cfg(epochs=3, ema_decay=0.9, device_augment=True)
     fit(_model(), splits.train, splits.val, cfg, out_dir=tmp_path / "a", log=None)
 
-    def crash_in_epoch_2(msg):
-        if msg.startswith("epoch 2/3"):
-            raise KeyboardInterrupt("simulated crash")
-
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(), splits.train, splits.val, cfg, out_dir=tmp_path / "b", log=crash_in_epoch_2)
+        fit(_model(), splits.train, splits.val, cfg, out_dir=tmp_path / "b", log=crash_at_epoch(2, 3))
     fit(_model(1), splits.train, splits.val, cfg, out_dir=tmp_path / "b", resume=True, log=None)
     a, b = read_checkpoint(tmp_path / "a" / "final.pth"), read_checkpoint(tmp_path / "b" / "final.pth")
     for k, v in a["state_dict"].items():  # the EMA weights

@@ -9,7 +9,7 @@ from fusionnet.data import eval_transform, load_splits
 from fusionnet.losses import FocalLoss
 from fusionnet.inference import evaluate
 from fusionnet.train import TrainConfig, fit
-from toydata import make_splits
+from toydata import crash_at_epoch, make_splits
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
 
@@ -90,12 +90,8 @@ def test_a_crashed_run_resumes_from_final_and_matches_an_uninterrupted_one(split
     cfg = _cfg(epochs=4, warmup_epochs=1)
     fit(model(), splits.train, splits.val, cfg, out_dir=tmp_path / "a", log=None)
 
-    def crash_in_epoch_2(msg):
-        if msg.startswith("epoch 2/4"):
-            raise KeyboardInterrupt("simulated crash")
-
     with pytest.raises(KeyboardInterrupt):
-        fit(model(), splits.train, splits.val, cfg, out_dir=tmp_path / "b", log=crash_in_epoch_2)
+        fit(model(), splits.train, splits.val, cfg, out_dir=tmp_path / "b", log=crash_at_epoch(2, 4))
     assert json.loads((tmp_path / "b" / "history.json").read_text())[-1]["epoch"] == 1
     resumed = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
     result = fit(resumed, splits.train, splits.val, cfg, out_dir=tmp_path / "b", resume=True, log=None)

@@ -31,3 +31,13 @@ def make_splits(root: Path, per_class: int = 12, classes=("a", "b", "c"), test: 
     if test:
         make_folder(root / "test", {c: max(2, per_class // 3) for c in classes}, seed=1)
     return root
+
+
+def crash_at_epoch(epoch: int, epochs: int):
+    """A ``fit`` log function that interrupts training when epoch ``epoch`` of ``epochs`` reports (a crash)."""
+
+    def log(msg: str) -> None:
+        if msg.startswith(f"epoch {epoch}/{epochs}"):
+            raise KeyboardInterrupt("simulated crash")
+
+    return log
