@@ -79,6 +79,11 @@ class Distillation(Callback):
         self.teacher.to(device).eval().requires_grad_(False)
 
     def on_batch(self, model: Classifier, x: torch.Tensor, target: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            from fusionnet.errors import ConfigError
+
+            raise ConfigError("distillation needs the images themselves for the teacher, not cached branch "
+                              "features: train the student with cache_features=False")
         with torch.no_grad():
             self.target = self.teacher(x).float()
 

@@ -16,6 +16,7 @@ pass); the models are chosen on validation (best epoch by the config's monitor),
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 import time
 from pathlib import Path
 from typing import Sequence
@@ -103,8 +104,8 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     rows["teacher"]["checkpoints"] = [str(p) for p in paths]
     for name, callbacks in runs.items():
         t0 = time.perf_counter()
-        result = fit(student(), splits.train, splits.val, cfg.train, out_dir=out / name, callbacks=callbacks,
-                     log=log)
+        train = replace(cfg.train, cache_features=False)  # the teacher needs the images, not cached features
+        result = fit(student(), splits.train, splits.val, train, out_dir=out / name, callbacks=callbacks, log=log)
         best = load_fusionnet(result.best_path)
         rows[f"student {cfg.student} ({name})"] = {
             **_scored(best, splits, cfg.size, evaluate, seconds=time.perf_counter() - t0, params=_params(best)),
