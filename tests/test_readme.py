@@ -129,8 +129,8 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
             continue
         if argv[0] == "curl":
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            server.terminate()  # SIGTERM: in-flight requests finish, then it exits
-            assert server.wait(timeout=60) == 0, server.stderr.read()[-2000:]
+            server.terminate()  # SIGTERM: in-flight requests finish, then uvicorn re-raises the signal and exits
+            assert server.wait(timeout=60) in (0, -15), server.stderr.read()[-2000:]
             answer = json.loads(proc.stdout)
             assert len(answer["top"]) == 3 and answer["members"], proc.stdout
             continue
