@@ -57,13 +57,13 @@ def handle_train(args) -> None:
     s = settings(args, TrainRun, TrainConfig)
     run, train_cfg = TrainRun(**given(s, TrainRun)), TrainConfig(**given(s, TrainConfig))  # checked first
     resolve_device(train_cfg.device)
-    if not s.get("resume"):
-        run_folder(run.out, bool(s.get("overwrite")))
+    if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
+        run_folder(run.out, bool(args.overwrite))
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
                              fusion=run.fusion, input_size=run.input_size)
-    result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(s.get("resume")))
+    result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(args.resume))
     if rank_world()[0] == 0:  # under torchrun, one report
         print(f"best epoch {result.best_epoch} ({train_cfg.monitor} {result.best_score:.4f}); wrote "
               f"{result.best_path}, {result.final_path}, {run.out}/history.json, history.png")
@@ -77,7 +77,7 @@ def handle_compare(args) -> None:
     regime = compare.get("regime", "frozen")
     train = regime_train_config(regime, **given(s, TrainConfig))
     cfg = CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train})  # checked before the folder
-    run_folder(cfg.out, bool(s.get("overwrite")))
+    run_folder(cfg.out, bool(args.overwrite))
     run_comparison(cfg)
 
 
@@ -86,7 +86,7 @@ def handle_distill(args) -> None:
 
     s = settings(args, DistillConfig, TrainConfig)
     cfg = DistillConfig(**given(s, DistillConfig), train=distill_train_config(**given(s, TrainConfig)))
-    out = run_folder(cfg.out, bool(s.get("overwrite")))
+    out = run_folder(cfg.out, bool(args.overwrite))
     distill(cfg)
     print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
 

@@ -47,6 +47,10 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     # never over an earlier run unless --overwrite
     assert main(["train", "--data", str(data), "--out", str(runs["a"]), *MEMBER]) == 2
     assert "exists already" in capsys.readouterr().err
+    # --resume continues the run in --out (nothing left to train: it ends at once), --overwrite replaces it
+    assert main(["train", "--data", str(data), "--out", str(runs["a"]), *MEMBER, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert main(["train", "--data", str(data), "--out", str(runs["a"]), *MEMBER, "--overwrite"]) == 0
     for name in runs:
         for split in ("val", "test"):
             assert main(["predict", str(runs[name] / "best.pth"), "--data", str(data), "--split", split, "--size",
