@@ -269,26 +269,70 @@ document.getElementById('go').onclick = async () => {
 </script></body></html>"""
 
 
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self, depth) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fusionnet_requests", "classify requests by HTTP status", ["status"],
+                                registry=self.registry)
+        self.latency = Histogram("fusionnet_request_seconds", "classify latency", registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.batch_sizes = Histogram("fusionnet_batch_size", "images per model call", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        Gauge("fusionnet_queue_depth", "images waiting for the model", registry=self.registry).set_function(depth)
+
+
+def _answer(class_names: list[str], probs: torch.Tensor, parts: dict, k: int, members: bool) -> dict:
+    """The JSON body of a classification: the top ``k`` classes, and each member's or branch's top class."""
+    values, index = probs.topk(k)
+    body = {"top": [{"class": class_names[i], "prob": float(p)} for p, i in zip(values, index.tolist())]}
+    if members:
+        body["members"] = {name: {"class": class_names[int(p.argmax())], "prob": float(p.max())}
+                           for name, p in parts.items()}
+    return body
+
+
+def _info_routes(app, handler: ModelHandler, state: dict, registry) -> None:
+    """``GET /v1/model``, ``/health``, ``/ready`` (503 until the batcher runs), ``/metrics`` and the page at ``/``."""
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    @app.get("/v1/model")
+    async def model_info():
+        return handler.info()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        return {"ready": True} if state["ready"] else JSONResponse({"ready": False}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return PAGE
+
+
 def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
     """The FastAPI app serving ``handler``; see the module docstring."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     s = settings or ServeSettings()
-    registry = CollectorRegistry()
-    requests = Counter("fusionnet_requests", "classify requests by HTTP status", ["status"], registry=registry)
-    latency = Histogram("fusionnet_request_seconds", "classify latency", registry=registry,
-                        buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-    batch_sizes = Histogram("fusionnet_batch_size", "images per model call", registry=registry,
-                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-    depth = Gauge("fusionnet_queue_depth", "images waiting for the model", registry=registry)
     batcher = Batcher(handler, max_batch=s.max_batch, max_delay_ms=s.max_delay_ms, queue_size=s.queue_size,
-                      on_batch=lambda n, _seconds: batch_sizes.observe(n))
-    depth.set_function(lambda: batcher.depth)
+                      on_batch=lambda n, _seconds: metrics.batch_sizes.observe(n))
+    metrics = _Metrics(lambda: batcher.depth)
     state = {"ready": False}
 
     @asynccontextmanager
@@ -303,7 +347,7 @@ def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
     app.state.batcher = batcher
 
     def error(status: int, message: str, headers: dict | None = None):
-        requests.labels(str(status)).inc()
+        metrics.requests.labels(str(status)).inc()
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.middleware("http")
@@ -327,35 +371,12 @@ def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
         k = min(top or s.top, len(handler.class_names))
         if k < 1:
             return error(422, f"top must be >= 1, got {top}")
-        values, index = probs.topk(k)
-        body = {"top": [{"class": handler.class_names[i], "prob": float(p)} for p, i in zip(values, index.tolist())]}
-        if members:
-            body["members"] = {name: {"class": handler.class_names[int(p.argmax())], "prob": float(p.max())}
-                               for name, p in parts.items()}
-        latency.observe(time.perf_counter() - t0)
-        requests.labels("200").inc()
+        body = _answer(handler.class_names, probs, parts, k, members)
+        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.requests.labels("200").inc()
         return body
 
-    @app.get("/v1/model")
-    async def model_info():
-        return handler.info()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready():
-        return {"ready": True} if state["ready"] else JSONResponse({"ready": False}, status_code=503)
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return PAGE
-
+    _info_routes(app, handler, state, metrics.registry)
     return app
 
 
