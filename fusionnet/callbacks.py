@@ -15,6 +15,8 @@ model asks for it through the model interface (:mod:`fusionnet.interface`).
 * :class:`BranchStreams` (``TrainConfig.branch_streams``): on CUDA, each branch on its own stream.
 * :class:`GradientModulation` (``TrainConfig.ogm_alpha``): OGM-GE (Peng et al., CVPR 2022) for M branches.
 * :class:`Distillation` (``fusionnet.distill``): KL to a teacher's predictions on the same view.
+* :class:`CoDistillation` (``TrainConfig.codistill``): the branch heads and the fused head teach each other through
+  their online ensemble (ONE / PCL style), for fusion that beats the vote after fine-tuning.
 * :class:`WeightAverage` (``TrainConfig.ema_decay``): an exponential moving average of the weights (timm's
   ``ModelEmaV3``), validated and saved in place of the trained weights.
 
@@ -38,6 +40,9 @@ class Callback:
 
     def on_fit_start(self, model: Classifier) -> None:
         pass
+
+    def on_schedule(self, steps_per_epoch: int, epochs: int) -> None:
+        """Told once, before the first step, how long training will be (for ramp-ups)."""
 
     def on_batch(self, model: Classifier, x: torch.Tensor, target: torch.Tensor) -> None:
         pass
@@ -97,6 +102,85 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     t = temperature
     return torch.nn.functional.kl_div((student / t).log_softmax(1), (teacher.detach() / t).log_softmax(1),
                                       log_target=True, reduction="batchmean") * t * t
+
+
+class CoDistillation(Callback):
+    """Online co-distillation of a FusionNet with branch heads (``branch_heads=True``): every branch head and the
+    fused head learn, beside their labels, the predictions of an online teacher on the same batch, by
+    ``weight * ramp * T^2 * KL(teacher_T || head_T)`` summed over the heads (Deep Mutual Learning, ONE, PCL).
+
+    The teacher is the soft vote of all the heads (``teacher="ensemble"``, detached: the heads learn from it, it
+    learns only through them), or that vote computed by a temporal mean of the model's weights (``"mean"``, PCL's
+    temporal-mean teacher: an EMA copy with decay ``mean_decay``, one more forward pass per step). ``ramp`` rises
+    as ``exp(-5 (1 - t)^2)`` over the first ``rampup`` share of the steps (0: none), so the heads first learn from
+    labels while the teacher is still poor."""
+
+    def __init__(self, weight: float = 1.0, temperature: float = 3.0, *, teacher: str = "ensemble",
+                 rampup: float = 0.3, mean_decay: float = 0.999) -> None:
+        if teacher not in ("ensemble", "mean"):
+            from fusionnet.errors import ConfigError
+
+            raise ConfigError(f"codistill_teacher must be 'ensemble' or 'mean', got {teacher!r}")
+        self.weight, self.temperature, self.teacher, self.rampup = weight, temperature, teacher, rampup
+        self.mean_decay = mean_decay
+        self.ramp_steps, self.step = 0, 0
+        self.mean = None  # teacher "mean": the EMA copy of the model
+        self.x = None
+
+    def on_schedule(self, steps_per_epoch: int, epochs: int) -> None:
+        self.ramp_steps = int(self.rampup * steps_per_epoch * epochs)
+
+    def on_fit_start(self, model: Classifier) -> None:
+        if self.teacher == "mean" and self.mean is None:
+            from timm.utils import ModelEmaV3
+
+            self.mean = ModelEmaV3(model, decay=self.mean_decay, use_warmup=True)
+            self.mean.module.requires_grad_(False)
+
+    def on_batch(self, model: Classifier, x, target: torch.Tensor) -> None:
+        self.x = x
+
+    def ramp(self) -> float:
+        if self.step >= self.ramp_steps:
+            return 1.0
+        t = self.step / self.ramp_steps
+        return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+
+    def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        heads = [output.logits, *model.branch_head_logits(output).values()]
+        if self.teacher == "ensemble":
+            teacher = ensemble_logits(heads)
+        else:
+            with torch.no_grad():
+                module = self.mean.module.eval()
+                mean_out = module.forward_head_output(self.x) if not isinstance(self.x, torch.Tensor) else \
+                    module.forward_output(self.x)
+                teacher = ensemble_logits([mean_out.logits, *module.branch_head_logits(mean_out).values()])
+        scale = self.weight * self.ramp()
+        return {"codistill": scale * sum(distillation_loss(h.float(), teacher, self.temperature) for h in heads)}
+
+    def on_step_end(self, model: Classifier) -> None:
+        if self.mean is not None:
+            self.mean.update(model, step=self.step)
+        self.step += 1
+        self.x = None
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step}
+        if self.mean is not None:
+            state["mean"] = self.mean.module.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        if self.mean is not None and "mean" in state:
+            self.mean.module.load_state_dict(state["mean"])
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean softmax of several heads' logits (B, K): their soft vote as logits."""
+    log_p = torch.stack([lg.float().log_softmax(1) for lg in logits])
+    return log_p.logsumexp(0) - torch.log(torch.tensor(float(len(logits)), device=log_p.device))
 
 
 class WeightAverage(Callback):
@@ -196,4 +280,7 @@ def from_config(cfg) -> list[Callback]:
         out.append(GradientModulation(cfg.ogm_alpha))
     if cfg.ema_decay:
         out.append(WeightAverage(cfg.ema_decay))
+    if cfg.codistill:
+        out.append(CoDistillation(cfg.codistill, cfg.codistill_temperature, teacher=cfg.codistill_teacher,
+                                  rampup=cfg.codistill_rampup))
     return out

@@ -276,6 +276,13 @@ def save_checkpoint(path: str | os.PathLike, *, config: dict | None, state_dict:
     return atomic_torch_save(payload, path)
 
 
+def set_config_fields(path: str | os.PathLike, **fields) -> None:
+    """Change fields of the model config saved in our own checkpoint at ``path`` (rewritten atomically)."""
+    payload = read_checkpoint(path)
+    payload["config"] = {**(payload.get("config") or {}), **fields}
+    atomic_torch_save(payload, path)
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Our own format's payload (config, class names, metrics, state dict); refuses other files clearly.
     Older format versions are upgraded in memory."""

@@ -38,7 +38,7 @@ from fusionnet.factory import create_fusionnet, fuse_members
 from fusionnet.feature_cache import cached_features
 from fusionnet.files import atomic_write_json, resolve_path
 from fusionnet.fusers import FUSERS
-from fusionnet.pipeline import ClosedForm, Context, Scored, Table, Trained, val_scores
+from fusionnet.pipeline import ClosedForm, Context, Scored, Table, Trained, choose_output, val_scores
 from fusionnet.report import write_report, write_seed_summary
 
 STACKED_FUSION = "late"  # the fusion method the stacked variant fits in closed form
@@ -72,9 +72,60 @@ def _from_members(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Tra
     return Trained("fusion_from_members", build, train)
 
 
-def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]) -> ClosedForm:
+def _distilled_from_members(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trained:
+    """The from-members fusion trained on the members' soft vote as its teacher (Born-Again style: the same
+    augmented view for both, KL at ``distill_temperature`` plus ``distill_label_weight`` of the label loss), its
+    trunks at a tenth of the rate, its start (their logit average) validated too: training on top learns the
+    ensemble's function on new views instead of refitting labels the members have already memorised."""
+    def build():
+        models, prior_s = _members(cfg, members)
+        torch.manual_seed(cfg.seed)
+        return fuse_members(models, freeze_trunks=False, dropout=cfg.fusion_dropout), prior_s
+
+    def teacher():
+        from fusionnet.callbacks import Distillation
+        from fusionnet.distill import Teacher
+
+        models, _ = _members(cfg, members)
+        return [Distillation(Teacher(models, range(len(splits.class_names))), cfg.distill_temperature,
+                             cfg.distill_label_weight)]
+    train = cfg.train_config("fusion_distilled_from_members", validate_start=True, cache_features=False,
+                             lr=cfg.train.lr * cfg.from_members_lr_mult, trunk_lr_mult=cfg.train.trunk_lr_mult * 0.1)
+    return Trained("fusion_distilled_from_members", build, train, callbacks=teacher)
+
+
+def _codistilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trained:
+    """Concat fusion trained jointly with a head per branch, every head co-distilled from the soft vote of all
+    of them (:class:`fusionnet.callbacks.CoDistillation`; the branch heads' label loss at full weight); what it
+    predicts (fused head, branch vote, both) is chosen on validation and saved with it."""
+    def build():
+        torch.manual_seed(cfg.seed)
+        return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
+                                fusion="concat", branch_heads=True, dropout=cfg.fusion_dropout,
+                                branch_dropout=cfg.branch_dropout, input_size=cfg.input_size), 0.0
+    train = cfg.train_config("fusion_codistilled", codistill=cfg.train.codistill or 1.0, aux_weight=1.0)
+    return Trained("fusion_codistilled", build, train, after=choose_output)
+
+
+STACKED_WARNING = ("the stacked fusion fits its branch classifiers and combiner on features of fine-tuned trunks "
+                   "that were trained on these very images: its out-of-fold scores are optimistic and its combiner "
+                   "trusts the branches too much. Cross-fit it with --stacked-folds 3 (each member trained 3 more "
+                   "times, on 2/3 of the training split each)")
+
+
+def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
     """Late fusion on frozen trunks (the pretrained ones or, fine-tuned, the members' with their time counted),
-    fitted in closed form on out-of-fold predictions of the training split."""
+    fitted in closed form on out-of-fold predictions of the training split; fine-tuned with ``stacked_folds``,
+    the members' heads combined by a combiner fitted on cross-fitted member predictions
+    (:mod:`fusionnet.crossfit`)."""
+    if cfg.regime == "finetune" and cfg.stacked_folds:
+        from fusionnet.crossfit import CrossFitted
+
+        models, prior_s = _members(cfg, members)
+        builders = {b: (lambda b=b: _member_builder(cfg, splits.class_names, b)()[0]) for b in cfg.backbones}
+        return CrossFitted("fusion_stacked", builders, models, prior_s, cfg.train_config("fusion_stacked"),
+                           cfg.stacked_folds, seed=cfg.seed)
+
     def build():
         if cfg.regime == "frozen":
             torch.manual_seed(cfg.seed)
@@ -83,10 +134,14 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]) -> ClosedFo
                                     input_size=cfg.input_size), 0.0
         models, prior_s = _members(cfg, members)
         return fuse_members(models, fusion=STACKED_FUSION, taps=cfg.stacked_taps), prior_s
-    return ClosedForm("fusion_stacked", build, seed=cfg.seed)
+    return ClosedForm("fusion_stacked", build, seed=cfg.seed,
+                      warning=STACKED_WARNING if cfg.regime == "finetune" else None)
 
 
-RECIPES = {"from_members": _from_members, "stacked": _stacked}  # variants beyond jointly trained methods
+RECIPES = {"from_members": _from_members, "distilled_from_members": _distilled_from_members,
+           "codistilled": _codistilled, "stacked": _stacked}  # variants beyond jointly trained methods
+FINETUNE_ONLY = {"distilled_from_members": "the teacher needs the members on images, so it runs in the finetune "
+                                           "regime only (frozen, the members share their trunks' features)"}
 VARIANTS = (*FUSERS, *RECIPES)
 
 
@@ -129,11 +184,15 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     members = {}
     for b in cfg.backbones:
         ctx.log(f"== member {b}")
-        members[b] = Trained(b, _member_builder(cfg, ctx, b), cfg.train_config(b), kind="member").run(ctx)
+        members[b] = Trained(b, _member_builder(cfg, ctx.splits.class_names, b), cfg.train_config(b),
+                             kind="member").run(ctx)
     table = Table([members[b] for b in cfg.backbones], ctx.splits.class_names)
     table.add_ensembles(seed=cfg.seed, log=ctx.log)
     fusion = {}
     for variant in cfg.variants:
+        if cfg.regime == "frozen" and variant in FINETUNE_ONLY:
+            table.skipped[_label(variant)] = FINETUNE_ONLY[variant]
+            continue
         scored = early.get(variant) or _run_variant(variant, cfg, ctx, members)
         label = _label(variant)
         fusion[variant] = scored.info
@@ -167,10 +226,10 @@ def _context(cfg: CompareConfig, log) -> Context:
                    keep=cfg.keep, log=log or (lambda _m: None))
 
 
-def _member_builder(cfg: CompareConfig, ctx: Context, backbone: str):
+def _member_builder(cfg: CompareConfig, class_names: list[str], backbone: str):
     def build():
         torch.manual_seed(cfg.seed)
-        return create_fusionnet([backbone], class_names=ctx.splits.class_names, pretrained=cfg.pretrained,
+        return create_fusionnet([backbone], class_names=class_names, pretrained=cfg.pretrained,
                                 input_size=cfg.input_size), 0.0
     return build
 

@@ -83,6 +83,15 @@ class TrainConfig:
     ema_decay: float = setting(0.0, "exponential moving average of the weights (timm ModelEmaV3, decay warmed up over the first steps): the average is what is validated and saved (0: off)")
     mixup: float = setting(0.0, "mixup's alpha (0: off; timm Mixup, with label_smoothing folded into its targets)")
     cutmix: float = setting(0.0, "cutmix's alpha (0: off); with mixup too, each batch uses one of the two")
+    codistill: float = setting(0.0, "co-distillation weight (0: off): with branch_heads, every branch head and the "
+                                    "fused head also learn the soft vote of all the heads at codistill_temperature "
+                                    "(fusionnet.callbacks.CoDistillation)")
+    codistill_temperature: float = setting(3.0, "co-distillation: the KL terms' temperature")
+    codistill_teacher: Literal["ensemble", "mean"] = setting("ensemble", "co-distillation's teacher: ensemble (the "
+                                                             "heads' soft vote, detached) | mean (that vote from an "
+                                                             "EMA of the weights, PCL's temporal mean; one more "
+                                                             "forward pass per step)")
+    codistill_rampup: float = setting(0.3, "co-distillation: share of the steps over which its weight ramps up")
     layer_decay: float = setting(1.0, "layer-wise learning-rate decay: a trunk stage k stages below the top learns at lr * trunk_lr_mult * layer_decay ** (k + 1) (1: off)")
     device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
     sync_every: int = setting(50, "steps between host reads of the running loss and the non-finite check (reading a CUDA value waits for the GPU); the epoch's end always checks")
@@ -123,6 +132,13 @@ class TrainConfig:
             (is_finite(self.cutmix) and self.cutmix >= 0, f"cutmix must be >= 0 (an alpha; 0: off), got {self.cutmix!r}"),
             (not ((self.mixup or self.cutmix) and self.loss == "focal"),
              "mixup/cutmix train on soft targets, which the focal loss does not take; use loss='ce' or turn them off"),
+            (is_finite(self.codistill) and self.codistill >= 0, f"codistill must be >= 0 (0: off), got {self.codistill!r}"),
+            (is_finite(self.codistill_temperature) and self.codistill_temperature > 0,
+             f"codistill_temperature must be > 0, got {self.codistill_temperature!r}"),
+            (self.codistill_teacher in ("ensemble", "mean"),
+             f"codistill_teacher must be 'ensemble' or 'mean', got {self.codistill_teacher!r}"),
+            (is_finite(self.codistill_rampup) and 0 <= self.codistill_rampup <= 1,
+             f"codistill_rampup must be in [0, 1], got {self.codistill_rampup!r}"),
             (is_finite(self.layer_decay) and 0 < self.layer_decay <= 1,
              f"layer_decay must be in (0, 1] (1: off), got {self.layer_decay!r}"),
             (self.device_augment in ("auto", True, False),
@@ -220,6 +236,13 @@ class CompareConfig:
     fusion_dropout: float = setting(0.2, "the fused head's dropout")
     branch_dropout: float = setting(0.0, "the fused head's branch dropout (jointly trained variants)")
     from_members_lr_mult: float = setting(1.0, "the from-members fusion trains its head at lr * this")
+    distill_temperature: float = setting(2.0, "distilled_from_members: the KL term's temperature")
+    distill_label_weight: float = setting(0.5, "distilled_from_members: weight of the label loss beside the KL "
+                                               "term to the members' soft vote")
+    stacked_folds: int = setting(0, "finetune regime: cross-fit the stacked fusion with this many folds (each "
+                                    "member trained that many more times; its combiner fits on predictions for "
+                                    "images the predicting member never saw); 0: fit on the members' own features, "
+                                    "with a warning that this is optimistic")
     select_by: Literal["nll", "acc"] = setting("nll", "the validation score that picks the selected rows")
     shared_cache: bool = setting(False, "frozen regime: compute each trunk's features once for all models (fast; "
                                         "wall times then leave out features an earlier model computed)")
@@ -258,6 +281,12 @@ class CompareConfig:
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         check_settings([
             (is_int(self.size) and self.size >= 1, f"size must be a whole number of pixels >= 1, got {self.size!r}"),
+            (is_int(self.stacked_folds) and (self.stacked_folds == 0 or self.stacked_folds >= 2),
+             f"stacked_folds must be 0 (off) or a whole number >= 2, got {self.stacked_folds!r}"),
+            (is_finite(self.distill_temperature) and self.distill_temperature > 0,
+             f"distill_temperature must be > 0, got {self.distill_temperature!r}"),
+            (is_finite(self.distill_label_weight) and self.distill_label_weight >= 0,
+             f"distill_label_weight must be >= 0, got {self.distill_label_weight!r}"),
             (is_int(self.stacked_taps) and self.stacked_taps >= 0,
              f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
             (is_finite(self.val_fraction) and 0 < self.val_fraction < 1,

@@ -47,6 +47,8 @@ class FusionConfig:
     fusion_width: int = 256  # attention: the width of the branch tokens
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
+    predict_with: str = "fused"  # what the model predicts in eval mode: fused (the head) | branches (the soft vote
+    # of the branch heads) | all (the soft vote of both); chosen on validation after co-distillation
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -63,6 +65,11 @@ class FusionConfig:
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ConfigError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}")
         fuser_class(self.fusion)  # a ConfigError listing the registered methods
+        if self.predict_with not in PREDICT_WITH:
+            raise ConfigError(f"predict_with must be one of {', '.join(PREDICT_WITH)}, got {self.predict_with!r}")
+        if self.predict_with != "fused" and not self.branch_heads:
+            raise ConfigError(f"predict_with={self.predict_with!r} needs the branch heads: build the model with "
+                              f"branch_heads=True, or predict with 'fused'")
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
         used: dict[str, int] = {}
@@ -100,6 +107,7 @@ class FusionConfig:
         return cls(**d)
 
 
+PREDICT_WITH = ("fused", "branches", "all")
 _TRAINING_FIELDS_OF_0_2 = ("ogm_alpha", "checkpoint_trunks", "branch_streams")  # training settings that 0.2
 # saved with the model; now TrainConfig's (fusionnet.callbacks), ignored when an old checkpoint loads
 
@@ -207,6 +215,13 @@ class FusionNet(Classifier):
         fused, m = output.extras["fused"], len(columns)
         return {name: fused[:, cols] @ fc.weight[:, cols].T + fc.bias / m for name, cols in zip(self.branches, columns)}
 
+    def branch_head_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        """{name: (B, K)}: each branch head's logits (``branch_heads=True``), from a training-mode output."""
+        if self.branch_heads is None or len(self.branches) < 2:
+            raise ConfigError(f"co-distillation needs a FusionNet with at least 2 branches and branch_heads=True; "
+                              f"this one has {len(self.branches)} branch(es), branch_heads={self.config.branch_heads}")
+        return {name: output.aux[f"branch:{name}"] for name in self.branches}
+
     def _per_branch(self, x: torch.Tensor, fn: Callable[[Branch], object]) -> dict[str, object]:
         """{name: fn(branch)}: the branches in turn, or through ``branch_runner`` (e.g. each on a CUDA stream)."""
         calls = {name: (lambda br=br: fn(br)) for name, br in self.branches.items()}
@@ -229,7 +244,10 @@ class FusionNet(Classifier):
         aux = {}
         if self.branch_heads is not None:  # on the undropped features: every branch learns to classify alone
             aux = {f"branch:{n}": self.branch_heads[n](features[n]) for n in names}
-        return ModelOutput(self.head(fused), aux, {**extras, "fused": fused})
+        logits = self.head(fused)
+        if not self.training and self.config.predict_with != "fused":  # training always fits the fused head
+            logits = predicted_logits(logits, list(aux.values()), self.config.predict_with)
+        return ModelOutput(logits, aux, {**extras, "fused": fused})
 
     def model_config(self) -> dict:
         return self.config.to_dict()
@@ -296,6 +314,17 @@ def make_config(backbones: Sequence[str | BranchConfig] | None, *, num_classes: 
 def _per_branch(value, backbone: str, default):
     """A setting given once for all branches, or as a dict by backbone name (names it lacks get ``default``)."""
     return value.get(backbone, default) if isinstance(value, Mapping) else value
+
+
+def predicted_logits(fused: torch.Tensor, branch_logits: Sequence[torch.Tensor], predict_with: str) -> torch.Tensor:
+    """The logits a model with branch heads predicts: the fused head's (``fused``), or the log of the mean
+    probabilities (a soft vote) of the branch heads (``branches``) or of the branch heads and the fused head
+    (``all``). (B, K) each."""
+    if predict_with == "fused":
+        return fused
+    voters = list(branch_logits) + ([fused] if predict_with == "all" else [])
+    log_p = torch.stack([v.float().log_softmax(1) for v in voters])  # (V, B, K)
+    return (log_p.logsumexp(0) - torch.log(torch.tensor(float(len(voters))))).to(fused.dtype)
 
 
 def _check_images(x: torch.Tensor) -> None:

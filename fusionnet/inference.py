@@ -115,3 +115,21 @@ def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None =
     probs, labels = predict(model, data, **kwargs)
     names = class_names or as_dataset(data).class_names
     return classification_metrics(probs, labels, names)
+
+
+def choose_prediction(model: nn.Module, val_data: Dataset, *, by: str = "nll", **kwargs) -> dict[str, dict]:
+    """For a FusionNet with branch heads: what it predicts in eval mode (``FusionConfig.predict_with``: the fused
+    head, the branch heads' soft vote, or both), chosen on ``val_data`` by ``by`` (nll: lowest; acc: highest; the
+    first of ties in the order fused, branches, all) and set on the model, so it is saved and loaded with it.
+    Returns each option's validation metrics and the choice under ``"chosen"``."""
+    from fusionnet.fusion import PREDICT_WITH
+
+    scores = {}
+    for option in PREDICT_WITH:
+        model.config.predict_with = option
+        m = evaluate(model, val_data, **kwargs)
+        scores[option] = {"acc": m["acc"], "nll": m["nll"]}
+    sign = 1.0 if by == "nll" else -1.0
+    chosen = min(PREDICT_WITH, key=lambda o: (sign * scores[o][by], PREDICT_WITH.index(o)))
+    model.config.predict_with = chosen
+    return {**scores, "chosen": chosen}

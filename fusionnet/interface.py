@@ -24,6 +24,7 @@ naming the model, so a trick switched on for a model that cannot take it says so
 ``set_branch_runner(runner)``         how the branches run, e.g. each on a CUDA stream (None: in turn)
 ``branch_parameters()``               ``{branch: [parameters]}``
 ``branch_logit_shares(out)``          ``{branch: (B, K)}``: each branch's share of the logits (OGM-GE)
+``branch_head_logits(out)``           ``{branch: (B, K)}``: each branch head's own logits (co-distillation)
 ====================================  =======================================================================
 
 ``ModelOutput.aux`` holds extra logits (GoogLeNet's auxiliary classifiers, per-branch heads) that the trainer
@@ -100,6 +101,10 @@ class Classifier(nn.Module):
     def branch_logit_shares(self, output: ModelOutput) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{type(self).__name__} has no per-branch logit shares; OGM-GE (ogm_alpha) needs a "
                           f"FusionNet with a Linear head over concat or gated fusion")
+
+    def branch_head_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        raise ConfigError(f"{type(self).__name__} has no branch heads; co-distillation (codistill) needs a FusionNet "
+                          f"with several branches built with branch_heads=True")
 
     @property
     def class_names(self) -> list[str] | None:

@@ -103,20 +103,45 @@ class Trained:
     build: Callable[[], tuple[nn.Module, float]]
     train: TrainConfig
     kind: str = "fusion"
+    callbacks: Callable[[], list] = list  # training callbacks made when the entry runs (e.g. a teacher)
+    after: Callable | None = None  # (best model, ctx, val source, best.pth) -> info: e.g. choose its output
 
     def run(self, ctx: Context) -> Scored:
         model, prior_s = self.build()
         t0 = time.perf_counter()
         result = fit(model, ctx.splits.train, ctx.splits.val, self.train, out_dir=ctx.out / "models" / self.name,
-                     log=ctx.log)
-        train_s = time.perf_counter() - t0
+                     log=ctx.log, callbacks=self.callbacks())
         best = _best_epoch(model, result.best_path)
-        scored = score(best, ctx, self.name, self.kind, checkpoint=result.best_path,
-                       cached=ctx.predict_from_cache and result.used_cache)
+        cached = ctx.predict_from_cache and result.used_cache
+        chosen = {} if self.after is None else self.after(best, ctx, self._val_source(best, ctx, cached),
+                                                          result.best_path)
+        train_s = time.perf_counter() - t0
+        scored = score(best, ctx, self.name, self.kind, checkpoint=result.best_path, cached=cached)
         scored.info.update(train_seconds=train_s, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                           seconds=prior_s + train_s + scored.info["predict_seconds"])
+                           seconds=prior_s + train_s + scored.info["predict_seconds"], **chosen)
         _tidy(ctx, ctx.out / "models" / self.name)
         return scored
+
+
+    def _val_source(self, model: nn.Module, ctx: Context, cached: bool):
+        if not cached:
+            return ctx.splits.val
+        feats, _ = cached_features(model, ctx.splits.val, cache_dir=ctx.cache_dir(self.name), device=ctx.device,
+                                   batch_size=64, num_workers=ctx.workers)
+        return feats
+
+
+def choose_output(model: nn.Module, ctx: Context, val_source, checkpoint: str) -> dict:
+    """After co-distillation: what the model predicts (fused head, branch vote, or both), chosen on validation
+    NLL and written into its best.pth, so that loading it predicts the same."""
+    from fusionnet.checkpoints import set_config_fields
+    from fusionnet.inference import choose_prediction
+
+    scores = choose_prediction(model, val_source, device=ctx.device, by="nll")
+    set_config_fields(checkpoint, predict_with=scores["chosen"])
+    ctx.log(f"predicts with {scores['chosen']!r} (val NLL " + ", ".join(
+        f"{k} {v['nll']:.4f}" for k, v in scores.items() if k != "chosen") + ")")
+    return {"predict_with": scores}
 
 
 def _best_epoch(model: nn.Module, path: str) -> nn.Module:
@@ -134,8 +159,11 @@ class ClosedForm:
     build: Callable[[], tuple[nn.Module, float]]
     seed: int = 0
     kind: str = "fusion"
+    warning: str | None = None  # logged and kept with the row (e.g. a fit on features of fine-tuned trunks)
 
     def run(self, ctx: Context) -> Scored:
+        if self.warning:
+            ctx.log(f"WARNING: {self.warning}")
         t0 = time.perf_counter()
         model, prior_s = self.build()
         fitted = fit_closed_form_on(model, ctx.splits, cache_dir=ctx.cache_dir(self.name), device=ctx.device,
@@ -148,6 +176,8 @@ class ClosedForm:
         scored = score(model, ctx, self.name, self.kind, checkpoint=path, cached=True)
         scored.info.update(train_seconds=train_s, best_epoch=None, epochs_run=0, closed_form_fit=facts,
                            seconds=prior_s + train_s + scored.info["predict_seconds"])
+        if self.warning:
+            scored.info["warning"] = self.warning
         _tidy(ctx, ctx.out / "models" / self.name)
         return scored
 

@@ -168,6 +168,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     run = _setup(model, train_data, val_data, cfg, out_dir, resume, log, sample_weights, callbacks)
     for cb in run.callbacks:
         cb.on_fit_start(run.clf)
+        cb.on_schedule(_steps_per_epoch(len(train_data), cfg, run.world, drop_last=run.mix is not None), cfg.epochs)
     if resume:
         _resume(run)
     try:
