@@ -94,13 +94,16 @@ def write_seed_summary(per_seed: dict[int, dict], out: Path, config: dict) -> di
             row[metric] = {"mean": statistics.fmean(values),
                            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
         summary[name] = row
-    test = None
+    def right(n: str) -> list[bool]:
+        return [p == y for s in seeds for p, y in zip(per_seed[s]["methods"][n]["pred"], per_seed[s]["test_labels"])]
+
+    test, against = None, {}
     if all(n in names for n in SELECTED):
-        right = {n: [p == y for s in seeds for p, y in zip(per_seed[s]["methods"][n]["pred"],
-                                                            per_seed[s]["test_labels"])] for n in SELECTED}
-        test = {**mcnemar(right[SELECTED[0]], right[SELECTED[1]]), "a": SELECTED[0], "b": SELECTED[1]}
+        test = {**mcnemar(right(SELECTED[0]), right(SELECTED[1])), "a": SELECTED[0], "b": SELECTED[1]}
+        ensembles = [n for n in names if per_seed[seeds[0]]["methods"][n].get("kind") == "ensemble"]
+        against = {n: mcnemar(right(SELECTED[0]), right(n)) for n in ensembles}
     result = {"seeds": seeds, "config": config, "budget": per_seed[seeds[0]]["budget"], "methods": summary,
-              "paired_test": test}
+              "paired_test": test, "fusion_vs_each_ensemble": against}
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", seed_table(result))
     return result
@@ -119,4 +122,9 @@ def seed_table(result: dict) -> str:
         lines += ["", f"Paired test (exact McNemar, test predictions of all seeds pooled): '{t['a']}' right where "
                       f"'{t['b']}' is wrong on {t['a_only']} images, the reverse on {t['b_only']}; p = "
                       f"{t['p_value']:.3g}, {verdict} at the 5 % level."]
+    if result.get("fusion_vs_each_ensemble"):
+        lines += ["", f"'{SELECTED[0]}' against each output ensemble (exact McNemar, all seeds pooled):", "",
+                  "| ensemble | fusion right, it wrong | it right, fusion wrong | p |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} |"
+                  for n, t in result["fusion_vs_each_ensemble"].items()]
     return "\n".join(lines) + "\n"

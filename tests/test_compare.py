@@ -25,7 +25,7 @@ METHODS = {"member: timm/test_efficientnet", "member: timm/test_resnet", "soft v
            "weighted voting (NLL-fitted)", "greedy selection (Caruana)", "best subset (exhaustive)",
            "soft voting, temperature-scaled", "stacking (logistic regression)", "stacking (gradient boosting)",
            "FusionNet (concat)", "FusionNet (gated)", "FusionNet (attention)", "FusionNet (late)",
-           "FusionNet (from members)", "FusionNet (stacked)", "FusionNet (stacked): its branch classifiers' soft vote",
+           "FusionNet (from members)", "FusionNet (codistilled)", "FusionNet (stacked)", "FusionNet (stacked): its branch classifiers' soft vote",
            "FusionNet (selected on val)", "FusionNet (selected on val), temperature-scaled",
            "ensemble (selected on val)"}
 
@@ -45,7 +45,7 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     # every image decoded once, into the run's image cache: one store for the eval pipeline, one for training
     assert len(list((run / "cache" / "images").glob("images-*.json"))) == 2
     expected = METHODS if regime == "frozen" else {m for m in METHODS if not any(
-        v in m for v in ("gated", "attention", "late"))}
+        v in m for v in ("gated", "attention", "late", "codistilled"))}
     assert set(results["methods"]) == expected
     # a row recomputed from the saved member outputs: soft voting is the mean of the members' test probabilities
     outs = [MemberOutputs.load(run / "outputs" / f"{b}_test.pt") for b in TINY]
@@ -113,7 +113,8 @@ def test_seed_summary_aggregates_and_pairs_the_selected_rows(tmp_path):
                            "val": 1, "test": 4},
                 "test_labels": [0, 1, 0, 1],
                 "methods": {"FusionNet (selected on val)": {**row, "acc": acc_f, "pred": pred_f},
-                            "ensemble (selected on val)": {**row, "acc": acc_e, "pred": pred_e}}}
+                            "ensemble (selected on val)": {**row, "acc": acc_e, "pred": pred_e},
+                            "soft voting": {**row, "acc": acc_e, "pred": pred_e, "kind": "ensemble"}}}
 
     per_seed = {0: run(1.0, 0.5, [0, 1, 0, 1], [0, 0, 0, 0]), 1: run(0.75, 0.5, [0, 1, 0, 0], [1, 1, 1, 1])}
     out = write_seed_summary(per_seed, tmp_path, {})
@@ -123,6 +124,12 @@ def test_seed_summary_aggregates_and_pairs_the_selected_rows(tmp_path):
     # fusion right / ensemble wrong on 2 (seed 0) + 2 (seed 1) images, the reverse on 1 (seed 1)
     assert (t["a_only"], t["b_only"]) == (4, 1)
     assert t["p_value"] == pytest.approx(2 * (1 + 5) / 32)
+    # and against each output ensemble (here soft voting, which predicts as the selected ensemble)
+    assert out["fusion_vs_each_ensemble"]["soft voting"] == mcnemar(
+        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["FusionNet (selected on val)"]["pred"],
+                                                 [0, 1, 0, 1])],
+        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["soft voting"]["pred"], [0, 1, 0, 1])])
+    assert "| soft voting | 4 | 1 |" in (tmp_path / "results.md").read_text()
     assert "+-" in (tmp_path / "results.md").read_text() and "McNemar" in (tmp_path / "results.md").read_text()
     assert mcnemar([True] * 3, [True] * 3)["p_value"] == 1.0
 
