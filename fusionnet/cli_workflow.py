@@ -62,9 +62,15 @@ def handle_train(args) -> None:
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
-                             fusion=run.fusion, input_size=run.input_size)
+                             fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
     result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(args.resume))
     if rank_world()[0] == 0:  # under torchrun, one report
+        if train_cfg.codistill:  # the fused head, the branch vote or both: chosen on validation, saved
+            from fusionnet.factory import load_fusionnet
+            from fusionnet.inference import choose_and_save_prediction
+
+            choose_and_save_prediction(load_fusionnet(result.best_path), splits.val, result.best_path,
+                                       device=train_cfg.device)
         print(f"best epoch {result.best_epoch} ({train_cfg.monitor} {result.best_score:.4f}); wrote "
               f"{result.best_path}, {result.final_path}, {run.out}/history.json, history.png")
 

@@ -133,3 +133,16 @@ def choose_prediction(model: nn.Module, val_data: Dataset, *, by: str = "nll", *
     chosen = min(PREDICT_WITH, key=lambda o: (sign * scores[o][by], PREDICT_WITH.index(o)))
     model.config.predict_with = chosen
     return {**scores, "chosen": chosen}
+
+
+def choose_and_save_prediction(model: nn.Module, val_data: Dataset, checkpoint: str, *, device="auto",
+                               log=print) -> dict[str, dict]:
+    """:func:`choose_prediction` by validation NLL, the choice also written into ``checkpoint`` (the model's
+    best.pth), so that loading it predicts the same."""
+    from fusionnet.checkpoints import set_config_fields
+
+    scores = choose_prediction(model, val_data, device=device, by="nll")
+    set_config_fields(checkpoint, predict_with=scores["chosen"])
+    log(f"predicts with {scores['chosen']!r}, chosen by validation NLL: " +
+        ", ".join(f"{k} {v['nll']:.4f}" for k, v in scores.items() if k != "chosen"))
+    return scores

@@ -133,15 +133,11 @@ class Trained:
 
 def choose_output(model: nn.Module, ctx: Context, val_source, checkpoint: str) -> dict:
     """After co-distillation: what the model predicts (fused head, branch vote, or both), chosen on validation
-    NLL and written into its best.pth, so that loading it predicts the same."""
-    from fusionnet.checkpoints import set_config_fields
-    from fusionnet.inference import choose_prediction
+    NLL and written into its best.pth."""
+    from fusionnet.inference import choose_and_save_prediction
 
-    scores = choose_prediction(model, val_source, device=ctx.device, by="nll")
-    set_config_fields(checkpoint, predict_with=scores["chosen"])
-    ctx.log(f"predicts with {scores['chosen']!r} (val NLL " + ", ".join(
-        f"{k} {v['nll']:.4f}" for k, v in scores.items() if k != "chosen") + ")")
-    return {"predict_with": scores}
+    return {"predict_with": choose_and_save_prediction(model, val_source, checkpoint, device=ctx.device,
+                                                       log=ctx.log)}
 
 
 def _best_epoch(model: nn.Module, path: str) -> nn.Module:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fusionnet import FusionNet, create_fusionnet, load_fusionnet
+from fusionnet import FusionNet
 from fusionnet.analysis import branch_ablation, embedding_2d, linear_probes
 
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fusionnet import ConfigError, FusionNet, create_fusionnet, load_fusionnet
+from fusionnet import ConfigError, FusionNet, load_fusionnet
 from fusionnet.cli import main
 from fusionnet.compare import CompareConfig, regime_train_config, run_comparison
 from fusionnet.report import mcnemar, write_seed_summary

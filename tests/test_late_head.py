@@ -1,6 +1,5 @@
 """Late fusion and its stacked head: the model computes exactly the fitted stack, from training data only."""
 
-import numpy as np
 import pytest
 import torch
 

