@@ -166,6 +166,10 @@ def _serve(p) -> None:
     p.add_argument("--port", type=positive_int, default=8000)
     p.add_argument("--token", default=None, help="clients must send 'Authorization: Bearer TOKEN'")
     p.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a token")
+    p.add_argument("--ray", action="store_true", help="deploy with Ray Serve (a local Ray instance, or the cluster "
+                                                      "RAY_ADDRESS names) behind Ray's HTTP proxy; pip install "
+                                                      "'fusionnet[ray]'")
+    p.add_argument("--replicas", type=positive_int, default=1, help="--ray: copies of the model, each batching")
     p.add_argument("--max-batch", type=positive_int, default=16, help="images per model call (1: no batching)")
     p.add_argument("--max-delay-ms", type=float, default=5.0,
                    help="how long the first waiting image waits for others to join its batch")

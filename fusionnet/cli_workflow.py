@@ -110,9 +110,29 @@ def handle_serve(args) -> None:
     sources = [m for m in args.models if m.endswith(".onnx")] or [str(p) for p in checkpoints_in(args.models)]
     settings = ServeSettings(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
                              top=args.top)
+    limits = Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels)
+    if args.ray:
+        _serve_with_ray(args, sources, settings, limits)
+        return
     print(f"serving {sources} on http://{args.host}:{args.port} (POST /v1/classify; Ctrl-C or SIGTERM stops)")
     serve(sources, host=args.host, port=args.port, token=args.token, no_auth=args.no_auth, device=args.device,
-          settings=settings, limits=Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels))
+          settings=settings, limits=limits)
+
+
+def _serve_with_ray(args, sources, settings, limits) -> None:
+    from fusionnet.errors import install_hint
+    from fusionnet.serve import check_bind
+
+    check_bind(args.host, args.token, args.no_auth)
+    try:
+        from fusionnet.serve_ray import deploy
+    except ImportError as exc:
+        raise ConfigError(f"serve --ray needs Ray Serve: {install_hint('ray')} ({exc})") from None
+    settings.token = args.token
+    print(f"serving {sources} with Ray Serve, {args.replicas} replica(s), on http://{args.host}:{args.port} "
+          f"(POST /v1/classify; Ctrl-C stops)")
+    deploy(sources, replicas=args.replicas, host=args.host, port=args.port, device=args.device, settings=settings,
+           limits=limits)
 
 
 def handle_fuse(args) -> None:

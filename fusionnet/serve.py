@@ -295,6 +295,17 @@ def _answer(class_names: list[str], probs: torch.Tensor, parts: dict, k: int, me
     return body
 
 
+def top_k(value, default: int, classes: int) -> int:
+    """``?top=`` as a number of classes (at most ``classes``; ``default`` when not given); :class:`BadInput` (422)
+    unless it is a whole number >= 1."""
+    if value is None:
+        return min(default, classes)
+    text = str(value)
+    if not text.lstrip("-").isdigit() or int(text) < 1:
+        raise BadInput(422, f"top must be a whole number >= 1, got {text!r}")
+    return min(int(text), classes)
+
+
 def _info_routes(app, handler: ModelHandler, state: dict, registry) -> None:
     """``GET /v1/model``, ``/health``, ``/ready`` (503 until the batcher runs), ``/metrics`` and the page at ``/``."""
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -361,6 +372,7 @@ def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
     async def classify(request: Request, top: int | None = None, members: bool = False):
         t0 = time.perf_counter()
         try:
+            k = top_k(top, s.top, len(handler.class_names))
             data = await _upload(request, handler.limits.max_bytes)
             image = await run_in_threadpool(handler.decode, data)
             probs, parts = await batcher.submit(image)
@@ -368,9 +380,6 @@ def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
             return error(exc.status, str(exc))
         except Overloaded as exc:
             return error(503, f"the server is at capacity ({exc}); retry shortly", {"Retry-After": "1"})
-        k = min(top or s.top, len(handler.class_names))
-        if k < 1:
-            return error(422, f"top must be >= 1, got {top}")
         body = _answer(handler.class_names, probs, parts, k, members)
         metrics.latency.observe(time.perf_counter() - t0)
         metrics.requests.labels("200").inc()

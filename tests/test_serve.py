@@ -81,6 +81,9 @@ def test_every_bad_input_is_a_4xx_with_a_json_error_and_the_server_keeps_serving
             assert client.post("/v1/classify", content=_png(), headers={"content-type": "image/png"}).status_code == 200
         r = client.post("/v1/classify", files={"other": (None, "text")})
         assert r.status_code == 422 and "file" in r.json()["error"]
+        for top in ("0", "-2"):  # not a silent fall-back to the default
+            r = client.post(f"/v1/classify?top={top}", content=_png(), headers={"content-type": "image/png"})
+            assert r.status_code == 422 and "top must be" in r.json()["error"]
         metrics = client.get("/metrics").text
         assert 'fusionnet_requests_total{status="413"} 2.0' in metrics and "fusionnet_batch_size_bucket" in metrics
 
