@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 
 from fusionnet.interface import Classifier, ModelOutput
+from fusionnet.losses import soft_vote_logits
 
 
 class Callback:
@@ -149,13 +150,13 @@ class CoDistillation(Callback):
     def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         heads = [output.logits, *model.branch_head_logits(output).values()]
         if self.teacher == "ensemble":
-            teacher = ensemble_logits(heads)
+            teacher = soft_vote_logits(heads)
         else:
             with torch.no_grad():
                 module = self.mean.module.eval()
                 mean_out = module.forward_head_output(self.x) if not isinstance(self.x, torch.Tensor) else \
                     module.forward_output(self.x)
-                teacher = ensemble_logits([mean_out.logits, *module.branch_head_logits(mean_out).values()])
+                teacher = soft_vote_logits([mean_out.logits, *module.branch_head_logits(mean_out).values()])
         scale = self.weight * self.ramp()
         return {"codistill": scale * sum(distillation_loss(h.float(), teacher, self.temperature) for h in heads)}
 
@@ -175,12 +176,6 @@ class CoDistillation(Callback):
         self.step = state["step"]
         if self.mean is not None and "mean" in state:
             self.mean.module.load_state_dict(state["mean"])
-
-
-def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The log of the mean softmax of several heads' logits (B, K): their soft vote as logits."""
-    log_p = torch.stack([lg.float().log_softmax(1) for lg in logits])
-    return log_p.logsumexp(0) - torch.log(torch.tensor(float(len(logits)), device=log_p.device))
 
 
 class WeightAverage(Callback):

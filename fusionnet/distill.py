@@ -27,6 +27,7 @@ from torch import nn
 from fusionnet.callbacks import Distillation
 from fusionnet.config import DistillConfig
 from fusionnet.errors import ConfigError
+from fusionnet.losses import soft_vote_logits
 from fusionnet.workflow import checkpoints_in
 
 class Teacher(nn.Module):
@@ -39,11 +40,7 @@ class Teacher(nn.Module):
         self.register_buffer("order", torch.as_tensor(list(order), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.models) == 1:
-            logits = self.models[0](x).float()
-        else:
-            logits = torch.stack([m(x).float().log_softmax(1) for m in self.models]).logsumexp(0) - \
-                torch.log(torch.tensor(float(len(self.models))))
+        logits = self.models[0](x).float() if len(self.models) == 1 else soft_vote_logits([m(x) for m in self.models])
         return logits[:, self.order]
 
 

@@ -30,6 +30,7 @@ from fusionnet.branch import Branch, BranchConfig
 from fusionnet.errors import ConfigError, is_int
 from fusionnet.fusers import branch_dropout, fuser_class, make_fuser, ordered
 from fusionnet.interface import Classifier, ModelOutput
+from fusionnet.losses import soft_vote_logits
 from fusionnet.pooling import POOLS
 
 
@@ -322,9 +323,7 @@ def predicted_logits(fused: torch.Tensor, branch_logits: Sequence[torch.Tensor],
     (``all``). (B, K) each."""
     if predict_with == "fused":
         return fused
-    voters = list(branch_logits) + ([fused] if predict_with == "all" else [])
-    log_p = torch.stack([v.float().log_softmax(1) for v in voters])  # (V, B, K)
-    return (log_p.logsumexp(0) - torch.log(torch.tensor(float(len(voters))))).to(fused.dtype)
+    return soft_vote_logits(list(branch_logits) + ([fused] if predict_with == "all" else [])).to(fused.dtype)
 
 
 def _check_images(x: torch.Tensor) -> None:

@@ -41,3 +41,10 @@ def make_loss(name: str = "ce", *, weight: torch.Tensor | None = None, label_smo
             raise ValueError("label_smoothing is not supported with the focal loss; set it to 0")
         return FocalLoss(gamma=gamma, alpha=weight)
     raise ValueError(f"unknown loss {name!r}; choose 'ce' or 'focal'")
+
+
+def soft_vote_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean softmax of several models' or heads' logits (each (B, K)): their soft vote, as logits
+    (float32)."""
+    log_p = torch.stack([lg.float().log_softmax(1) for lg in logits])
+    return log_p.logsumexp(0) - torch.log(torch.tensor(float(len(logits)), device=log_p.device))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, load_fusionnet, save_model
-from fusionnet.callbacks import CoDistillation, ensemble_logits
+from fusionnet.callbacks import CoDistillation
+from fusionnet.losses import soft_vote_logits
 from fusionnet.compare import STACKED_WARNING, CompareConfig, regime_train_config, run_comparison
 from fusionnet.crossfit import fit_combiner, fold_indices, out_of_fold_probs
 from fusionnet.data import load_splits
@@ -56,7 +57,7 @@ def test_the_online_teacher_is_detached():
 
     loss = cb.extra_loss(Heads(), ModelOutput(heads[0]), torch.zeros(5, dtype=torch.long))["codistill"]
     loss.backward()
-    teacher = ensemble_logits([h.detach() for h in heads])
+    teacher = soft_vote_logits([h.detach() for h in heads])
     for h in heads:
         expected = t * ((h.detach() / t).softmax(1) - (teacher / t).softmax(1)) / 5
         assert torch.allclose(h.grad, expected, atol=1e-6)
