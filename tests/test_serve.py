@@ -145,3 +145,45 @@ def test_binding_beyond_loopback_needs_a_token_and_the_token_is_checked(checkpoi
         ok = client.post("/v1/classify", content=_png(),
                          headers={"content-type": "image/png", "authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and client.get("/health").status_code == 200
+
+
+def test_sigterm_lets_a_request_in_flight_finish_then_exits(checkpoint, tmp_path):
+    """A request waiting in a long batch window when SIGTERM arrives still gets its 200; then the server exits."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "fusionnet", "serve", str(checkpoint), "--port", str(port),
+                               "--device", "cpu", "--max-batch", "64", "--max-delay-ms", "3000"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                pytest.fail(server.stderr.read()[-2000:])
+            threading.Event().wait(0.1)
+        answer = {}
+
+        def classify():
+            answer["r"] = httpx.post(url + "/v1/classify", content=_png(), headers={"content-type": "image/png"},
+                                     timeout=30)
+        client = threading.Thread(target=classify)
+        client.start()
+        threading.Event().wait(1.0)  # the request now waits in the 3-second batch window
+        server.terminate()
+        client.join(timeout=30)
+        assert answer["r"].status_code == 200 and answer["r"].json()["top"]
+        assert server.wait(timeout=30) in (0, -15)
+    finally:
+        if server.poll() is None:
+            server.kill()
