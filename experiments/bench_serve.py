@@ -8,6 +8,10 @@ ms) the script starts ``fusionnet serve`` on a free loopback port, lets ``--clie
 the same JPEG for ``--seconds`` (after a warm-up), and records throughput, p50/p95/p99 latency and the mean batch
 size (from the server's /metrics). The offline rate is ``predict`` over as many copies of the image, batch 16, on
 the same machine in the same run: the server's ceiling.
+
+``--flood N`` adds a flood row: N concurrent clients against a server with ``--queue-size 32``; it records how many
+requests were refused with 503 and the server's resident memory (VmRSS, sampled every 0.2 s) at rest and at its peak,
+to show that a full queue refuses instead of growing.
 """
 
 import argparse
@@ -38,10 +42,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, port: int, max_batch: int, delay_ms: float, threads: int) -> subprocess.Popen:
+def start(model: str, port: int, max_batch: int, delay_ms: float, threads: int, extra=()) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", "serve", model, "--port", str(port),
                                "--max-batch", str(max_batch), "--max-delay-ms", str(delay_ms),
-                               "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               "--device", "cpu", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
     for _ in range(240):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1):
@@ -75,6 +80,40 @@ async def drive(port: int, image: bytes, clients: int, seconds: float, warmup: f
             "p50_ms": q[49] * 1e3, "p95_ms": q[94] * 1e3, "p99_ms": q[98] * 1e3}
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def flood(model: str, image: bytes, clients: int, seconds: float) -> dict:
+    """N clients against a server whose queue holds 32 images: 503s instead of growing memory."""
+    port = free_port()
+    server = start(model, port, 16, 10.0, torch.get_num_threads(), ["--queue-size", "32"])
+    peak, stop = [], False
+
+    async def sample():
+        while not stop:
+            peak.append(rss_mb(server.pid))
+            await asyncio.sleep(0.2)
+
+    async def run():
+        nonlocal stop
+        sampler = asyncio.create_task(sample())
+        row = await drive(port, image, clients, seconds, 2.0)
+        stop = True
+        await sampler
+        return row
+    try:
+        rest = rss_mb(server.pid)
+        row = asyncio.run(run())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return {**row, "clients": clients, "queue_size": 32, "rss_rest_mb": rest, "rss_peak_mb": max(peak)}
+
+
 def mean_batch(port: int) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     total = float(re.search(r"^fusionnet_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))
@@ -102,6 +141,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--windows", type=float, nargs="+", default=[2, 10, 25])
+    ap.add_argument("--flood", type=int, default=0, help="also flood a queue of 32 with this many clients (0: no)")
     ap.add_argument("--out", default="runs/bench_serve.json")
     args = ap.parse_args()
     model = args.model
@@ -133,6 +173,9 @@ def main() -> None:
     off = result["settings"][0]["img_s"]
     for row in result["settings"]:
         row["vs_batching_off"] = row["img_s"] / off
+    if args.flood:
+        result["flood"] = flood(model, image, args.flood, args.seconds)
+        print(json.dumps(result["flood"]), flush=True)
     atomic_write_json(args.out, result)
 
 
