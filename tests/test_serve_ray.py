@@ -31,7 +31,12 @@ def members(tmp_path):
     return paths
 
 
-def test_ray_serve_answers_as_the_embedded_server(members):
+def test_ray_serve_answers_as_the_embedded_server(members, monkeypatch):
+    # Serve's proxy must answer its readiness check within 5 s by default; on a loaded 2-core machine it may not
+    # (seen once with five other jobs running), and the controller then kills it. Set before Ray starts, these reach
+    # the controller's process.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        monkeypatch.setenv(name, "120")
     import ray
     from ray import serve
 
