@@ -26,6 +26,7 @@ Adding a trick: a Callback subclass here, a TrainConfig field if it should be a 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -144,8 +145,7 @@ class CoDistillation(Callback):
     def ramp(self) -> float:
         if self.step >= self.ramp_steps:
             return 1.0
-        t = self.step / self.ramp_steps
-        return float(torch.exp(torch.tensor(-5.0 * (1.0 - t) ** 2)))
+        return math.exp(-5.0 * (1.0 - self.step / self.ramp_steps) ** 2)
 
     def extra_loss(self, model: Classifier, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         heads = [output.logits, *model.branch_head_logits(output).values()]
