@@ -84,7 +84,7 @@ def fit_combiner(model, member_probs: list[torch.Tensor], labels) -> dict:
     pulled-to-equal combiner as :mod:`fusionnet.late_head`, with its own out-of-fold score."""
     from sklearn.model_selection import StratifiedKFold
 
-    from fusionnet.late_head import _combiner_oof, _copy, _fit_combiner
+    from fusionnet.late_head import fit_combiner_into
 
     if len(member_probs) != len(model.branches):
         raise DataError(f"{len(member_probs)} members' predictions for a model of {len(model.branches)} branches")
@@ -92,10 +92,7 @@ def fit_combiner(model, member_probs: list[torch.Tensor], labels) -> dict:
     target = torch.as_tensor(list(labels)).long()
     folds = int(min(5, torch.bincount(target).min()))
     cv = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=0)
-    nll, acc = _combiner_oof(log_p, target, cv)
-    w, b = _fit_combiner(log_p, target)
-    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
-    _copy(model.head.fc, weight.numpy(), b.numpy())
+    w, nll, acc = fit_combiner_into(model, log_p, target, cv)
     return {"weights": {n: w[i].tolist() for i, n in enumerate(model.branches)}, "oof_nll": nll, "oof_acc": acc,
             "member_oof_acc": {n: float((p.argmax(1) == target).double().mean())
                                for n, p in zip(model.branches, member_probs)}}

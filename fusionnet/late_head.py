@@ -94,10 +94,7 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     bar.close()
     log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities
     target = torch.from_numpy(y)
-    oof_nll["combined"], oof_acc["combined"] = _combiner_oof(log_p, target, cv)
-    w, b = _fit_combiner(log_p, target)
-    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
-    _copy(model.head.fc, weight.numpy(), b.numpy())
+    w, oof_nll["combined"], oof_acc["combined"] = fit_combiner_into(model, log_p, target, cv)
     say(f"late head: combiner out-of-fold acc {oof_acc['combined']:.4f}, NLL {oof_nll['combined']:.4f}; "
         f"weights per branch (mean over classes) "
         + ", ".join(f"{n} {float(w[i].mean()):.2f}" for i, n in enumerate(names)))
@@ -155,6 +152,16 @@ def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: 
     weight = weight / std  # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     _copy(classifier, weight, bias - weight @ mean)
     return best, taps
+
+
+def fit_combiner_into(model, log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[torch.Tensor, float, float]:
+    """Fit the combiner on branch log-probabilities ``log_p`` (N, M, K) and write it into ``model.head.fc``;
+    returns (its weights (M, K), its own out-of-fold NLL and accuracy under ``cv``)."""
+    nll, acc = _combiner_oof(log_p, target, cv)
+    w, b = _fit_combiner(log_p, target)
+    weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
+    _copy(model.head.fc, weight.numpy(), b.numpy())
+    return w, nll, acc
 
 
 def _combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[float, float]:

@@ -295,6 +295,14 @@ def _answer(class_names: list[str], probs: torch.Tensor, parts: dict, k: int, me
     return body
 
 
+AUTH_ERROR = "missing or wrong bearer token (send 'Authorization: Bearer <token>')"
+
+
+def authorized(headers, token: str | None) -> bool:
+    """Whether a request's headers carry the bearer ``token`` (always, when the server has none)."""
+    return not token or headers.get("authorization") == f"Bearer {token}"
+
+
 def top_k(value, default: int, classes: int) -> int:
     """``?top=`` as a number of classes (at most ``classes``; ``default`` when not given); :class:`BadInput` (422)
     unless it is a whole number >= 1."""
@@ -363,9 +371,8 @@ def create_app(handler: ModelHandler, settings: ServeSettings | None = None):
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if s.token and request.url.path not in ("/health", "/ready") and \
-                request.headers.get("authorization") != f"Bearer {s.token}":
-            return error(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')")
+        if request.url.path not in ("/health", "/ready") and not authorized(request.headers, s.token):
+            return error(401, AUTH_ERROR)
         return await call_next(request)
 
     @app.post("/v1/classify")

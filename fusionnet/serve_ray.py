@@ -19,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from fusionnet.serve import BadInput, Limits, ModelHandler, ServeSettings, _answer, _upload, top_k
+from fusionnet.serve import (AUTH_ERROR, BadInput, Limits, ModelHandler, ServeSettings, _answer, _upload,
+                             authorized, top_k)
 
 
 @serve.deployment(name="fusionnet")
@@ -39,9 +40,8 @@ class Classifier:
 
     async def __call__(self, request: Request):
         s, path = self.settings, request.url.path.rstrip("/")
-        if s.token and request.headers.get("authorization") != f"Bearer {s.token}":
-            return JSONResponse({"error": "missing or wrong bearer token (send 'Authorization: Bearer <token>')"},
-                                status_code=401)
+        if not authorized(request.headers, s.token):
+            return JSONResponse({"error": AUTH_ERROR}, status_code=401)
         if path.endswith("/v1/model") and request.method == "GET":
             return self.handler.info()
         if not (path.endswith("/v1/classify") and request.method == "POST"):
