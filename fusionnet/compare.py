@@ -82,16 +82,37 @@ def _distilled_from_members(cfg: CompareConfig, splits, members: dict[str, Score
         torch.manual_seed(cfg.seed)
         return fuse_members(models, freeze_trunks=False, dropout=cfg.fusion_dropout), prior_s
 
-    def teacher():
+    train = cfg.train_config("fusion_distilled_from_members", validate_start=True, cache_features=False,
+                             lr=cfg.train.lr * cfg.from_members_lr_mult, trunk_lr_mult=cfg.train.trunk_lr_mult * 0.1)
+    return Trained("fusion_distilled_from_members", build, train, callbacks=_members_teacher(cfg, splits, members))
+
+
+def _distilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trained:
+    """Born-again fusion: a concat FusionNet from fresh (pretrained) trunks trained on the members' soft vote as
+    its teacher, by function matching (the same augmented view for both, KL at ``distill_temperature``, plus
+    ``distill_label_weight`` of the label loss). Unlike ``distilled_from_members`` it does not start where its
+    teacher is, so there is a function to learn: the ensemble's, on new views, with the members' dark knowledge
+    instead of labels they have already memorised. Its time counts the members' (the teacher)."""
+    def build():
+        _, prior_s = _members(cfg, members)
+        torch.manual_seed(cfg.seed)
+        return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
+                                fusion="concat", dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout,
+                                input_size=cfg.input_size), prior_s
+    train = cfg.train_config("fusion_distilled", cache_features=False)
+    return Trained("fusion_distilled", build, train, callbacks=_members_teacher(cfg, splits, members))
+
+
+def _members_teacher(cfg: CompareConfig, splits, members: dict[str, Scored]):
+    """The callbacks that make a model learn the members' soft vote (made when its entry runs)."""
+    def callbacks():
         from fusionnet.callbacks import Distillation
         from fusionnet.distill import Teacher
 
         models, _ = _members(cfg, members)
         return [Distillation(Teacher(models, range(len(splits.class_names))), cfg.distill_temperature,
                              cfg.distill_label_weight)]
-    train = cfg.train_config("fusion_distilled_from_members", validate_start=True, cache_features=False,
-                             lr=cfg.train.lr * cfg.from_members_lr_mult, trunk_lr_mult=cfg.train.trunk_lr_mult * 0.1)
-    return Trained("fusion_distilled_from_members", build, train, callbacks=teacher)
+    return callbacks
 
 
 def _codistilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trained:
@@ -138,10 +159,11 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
                       warning=STACKED_WARNING if cfg.regime == "finetune" else None)
 
 
-RECIPES = {"from_members": _from_members, "distilled_from_members": _distilled_from_members,
+RECIPES = {"from_members": _from_members, "distilled": _distilled, "distilled_from_members": _distilled_from_members,
            "codistilled": _codistilled, "stacked": _stacked}  # variants beyond jointly trained methods
-FINETUNE_ONLY = {"distilled_from_members": "the teacher needs the members on images, so it runs in the finetune "
-                                           "regime only (frozen, the members share their trunks' features)"}
+_NEEDS_IMAGES = ("the teacher needs the members on images, so it runs in the finetune regime only (frozen, the "
+                 "members share their trunks' features)")
+FINETUNE_ONLY = {"distilled": _NEEDS_IMAGES, "distilled_from_members": _NEEDS_IMAGES}
 VARIANTS = (*FUSERS, *RECIPES)
 
 

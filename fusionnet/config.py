@@ -20,6 +20,8 @@ from typing import Literal
 
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
+SELECT_BY = "nll_scaled"  # how the selected rows choose: validation NLL after a cross-fitted temperature
+
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
 REGIMES = ("frozen", "finetune")
@@ -236,14 +238,18 @@ class CompareConfig:
     fusion_dropout: float = setting(0.2, "the fused head's dropout")
     branch_dropout: float = setting(0.0, "the fused head's branch dropout (jointly trained variants)")
     from_members_lr_mult: float = setting(1.0, "the from-members fusion trains its head at lr * this")
-    distill_temperature: float = setting(2.0, "distilled_from_members: the KL term's temperature")
-    distill_label_weight: float = setting(0.5, "distilled_from_members: weight of the label loss beside the KL "
-                                               "term to the members' soft vote")
+    distill_temperature: float = setting(1.0, "distilled, distilled_from_members: the KL term's temperature "
+                                              "(1: the default of fusionnet distill, measured there)")
+    distill_label_weight: float = setting(0.0, "distilled, distilled_from_members: weight of the label loss beside "
+                                               "the KL term to the members' soft vote (0: the teacher alone)")
     stacked_folds: int = setting(0, "finetune regime: cross-fit the stacked fusion with this many folds (each "
                                     "member trained that many more times; its combiner fits on predictions for "
                                     "images the predicting member never saw); 0: fit on the members' own features, "
                                     "with a warning that this is optimistic")
-    select_by: Literal["nll", "acc"] = setting("nll", "the validation score that picks the selected rows")
+    select_by: Literal["nll_scaled", "nll", "acc"] = setting(
+        SELECT_BY, "the validation score that picks the selected rows: nll_scaled (NLL after a temperature "
+                      "fitted on the other half of validation: which model ranks the classes best, whatever its "
+                      "confidence; label smoothing leaves fine-tuned models under-confident on purpose) | nll | acc")
     shared_cache: bool = setting(False, "frozen regime: compute each trunk's features once for all models (fast; "
                                         "wall times then leave out features an earlier model computed)")
     cache_root: str | None = setting(None, "frozen regime: where feature caches live, e.g. shared between runs "
@@ -275,8 +281,8 @@ class CompareConfig:
         bad = [v for v in self.variants if v not in known]
         if bad or not self.variants:
             raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(known)}")
-        if self.select_by not in ("nll", "acc"):
-            raise ConfigError(f"select_by must be 'nll' or 'acc', got {self.select_by!r}")
+        if self.select_by not in ("nll_scaled", "nll", "acc"):
+            raise ConfigError(f"select_by must be 'nll_scaled', 'nll' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         check_settings([

@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fusionnet.calibration import fit_temperature
+from fusionnet.calibration import fit_temperature, scaled_nll
+from fusionnet.config import SELECT_BY
 from fusionnet.data import Splits
 from fusionnet.datasets import training_record
 from fusionnet.ensembles import METHODS, MemberProbs, MethodOutput
@@ -66,7 +67,8 @@ class Scored:
 
 
 def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels)}
+    """Accuracy, NLL and the NLL after a cross-fitted temperature (:func:`fusionnet.calibration.scaled_nll`)."""
+    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "nll_scaled": scaled_nll(probs, labels)}
 
 
 def params(model: nn.Module) -> int:
@@ -258,11 +260,15 @@ class Table:
         self.candidates["fusion"].append(label)
 
     def pick(self, names: list[str], by: str) -> str:
-        """The row with the best validation score (NLL: lowest; accuracy: highest); the first on ties."""
-        sign = 1.0 if by == "nll" else -1.0
-        return min(names, key=lambda n: (sign * self.rows[n]["val"][by], names.index(n)))
+        """The row with the best validation score (NLL, scaled or not: lowest; accuracy: highest); the first on
+        ties. A row whose validation scores are already out-of-fold fits (e.g. LR stacking's) has no separate
+        scaled NLL: its NLL stands for it."""
+        def key(n: str) -> tuple[float, int]:
+            val = self.rows[n]["val"]
+            return (-val["acc"] if by == "acc" else val.get(by, val["nll"]), names.index(n))
+        return min(names, key=key)
 
-    def add_selected(self, by: str = "nll") -> None:
+    def add_selected(self, by: str = SELECT_BY) -> None:
         """"FusionNet (selected on val)" (and its temperature-scaled copy) among the fusion entries, and
         "ensemble (selected on val)" among the output ensembles of the members."""
         best_fusion = self.pick(self.candidates["fusion"], by)

@@ -31,7 +31,7 @@ from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError, Mi
 from fusionnet.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.metrics import classification_metrics
-from fusionnet.pipeline import ClosedForm, Context, Loaded, Table, Trained
+from fusionnet.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.voting import MemberOutputs, check_aligned
 
 
@@ -144,7 +144,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     for head in cfg.heads:
         log(f"== {labels[head]}")
         table.add_fusion(entries[head].run(ctx), labels[head])
-    table.add_selected("nll")
+    table.add_selected()
     chosen = table.rows["FusionNet (selected on val)"]["chosen"]
     selected = out / "selected.pth"
     atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
@@ -152,13 +152,13 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
 
 
 def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path) -> dict:
-    best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], "nll")
+    best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
               "best_member_on_val": best_member,
               "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} | {"val": r["val"]}
                           for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
-    lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL: {chosen}, written to "
+    lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL (after a cross-fitted temperature): {chosen}, written to "
              f"{str(selected)!r} (use this file for predict and export). Best member on validation: "
              f"{best_member}.", "",
              "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL |",

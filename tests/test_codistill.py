@@ -216,14 +216,64 @@ def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(
     assert any(m.startswith("WARNING:") and "--stacked-folds" in m for m in logged)
     chosen = results["fusion"]["codistilled"]["predict_with"]["chosen"]
     assert load_fusionnet(tmp_path / "plain/models/fusion_codistilled/best.pth").config.predict_with == chosen
-    crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["stacked", "distilled_from_members"],
-                                   stacked_folds=2), log=None)
+    crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["stacked", "distilled_from_members",
+                                   "distilled"], stacked_folds=2), log=None)
     info = crossed["fusion"]["stacked"]
     assert "warning" not in info and info["cross_fit"]["folds"] == 2
     # the row's time counts the members and their extra trainings
     assert info["seconds"] > sum(info["cross_fit"]["fold_seconds"].values()) + sum(
         crossed["members"][b]["train_seconds"] for b in TINY)
     assert "FusionNet (distilled from members)" in crossed["methods"]
+    distilled = crossed["fusion"]["distilled"]  # its teacher is the members: their time is counted
+    assert distilled["seconds"] > sum(crossed["members"][b]["train_seconds"] for b in TINY) + \
+        distilled["train_seconds"] - 1e-6
+
+
+def test_the_distilled_fusion_learns_the_members_soft_vote_from_fresh_trunks(tmp_path):
+    from fusionnet.callbacks import Distillation
+    from fusionnet.compare import fusion_entry
+    from fusionnet.pipeline import Scored
+
+    data = make_splits(tmp_path / "data", per_class=4)
+    splits = load_splits(data, size=32, val_fraction=0.25, seed=0)
+    cfg = _tiny(data, tmp_path / "run", "finetune", distill_temperature=2.5, distill_label_weight=0.25)
+    members = {}
+    for i, b in enumerate(TINY):
+        torch.manual_seed(10 + i)
+        members[b] = Scored(b, "member", {}, {"seconds": 7.0 + i},
+                            FusionNet(backbones=[b], num_classes=3, class_names=splits.class_names).eval())
+    entry = fusion_entry("distilled", cfg, splits, members)
+    model, prior_s = entry.build()
+    assert prior_s == 15.0 and len(model.branches) == 2 and model.config.fusion == "concat"
+    assert not any(p is q for p in model.parameters() for m in members.values() for q in m.model.parameters())
+    [cb] = entry.callbacks()
+    assert isinstance(cb, Distillation) and cb.temperature == 2.5 and cb.task_loss_weight == 0.25
+    assert not entry.train.cache_features  # the teacher needs the images
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        vote = torch.stack([m.model(x).softmax(1) for m in members.values()]).mean(0)
+        assert torch.allclose(cb.teacher(x).softmax(1), vote, atol=1e-5)
+
+
+def test_selection_by_scaled_nll_prefers_the_better_ranker_over_the_better_calibrated():
+    from fusionnet.calibration import scaled_nll, scale_probs
+    from fusionnet.pipeline import Table, val_scores
+
+    torch.manual_seed(0)
+    y = torch.arange(200) % 4
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    shy = (1.0 * onehot).softmax(1)  # always right, under-confident (as label smoothing leaves a model)
+    wrong = torch.rand(200) < 0.1
+    sure = torch.where(wrong[:, None], onehot.roll(1, 1), onehot)
+    calibrated = (sure * 2.5).softmax(1)  # right 90 %, confident about it
+    # a temperature cannot change the ranking, so the scaled NLL hardly moves with it; the raw NLL does
+    assert abs(scaled_nll(scale_probs(shy, 3.0), y) - scaled_nll(shy, y)) < 1e-3
+    table = Table.__new__(Table)
+    table.rows = {"shy": {"val": val_scores(shy, y)}, "calibrated": {"val": val_scores(calibrated, y)}}
+    assert table.pick(["shy", "calibrated"], "nll") == "calibrated"
+    assert table.pick(["shy", "calibrated"], "nll_scaled") == "shy"
+    table.rows["cv"] = {"val": {"acc": 0.5, "nll": 0.01}}  # out-of-fold scores already: its NLL stands for it
+    assert table.pick(["calibrated", "cv"], "nll_scaled") == "cv"
 
 
 def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
