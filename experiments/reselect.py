@@ -1,0 +1,73 @@
+"""What each selection rule chooses in finished ``fusionnet compare`` runs, from their saved outputs (no training).
+
+    python experiments/reselect.py runs/cmp_s0 runs/cmp_s1 runs/cmp_s2 --out runs/reselect.json
+
+For every run and every rule (``nll_scaled``, ``nll``, ``acc``), the members' and fusion variants' saved validation
+and test outputs are put in a :class:`fusionnet.pipeline.Table` again, every output ensemble is re-run on the
+members' outputs (with the run's seed), and the two val-selected rows are chosen as ``compare`` chooses them. It
+prints which row each rule picks and its test accuracy, and the exact McNemar test between the two selected rows
+pooled over the runs. It shows what a change of the default rule does to runs already made; it never chooses
+anything on the test split.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from fusionnet.pipeline import Scored, Table
+from fusionnet.report import mcnemar
+from fusionnet.voting import MemberOutputs
+
+RULES = ("nll_scaled", "nll", "acc")
+
+
+def table_of(run: Path) -> Table:
+    """The run's members and fusion variants, from ``outputs/``, with every output ensemble re-run."""
+    results = json.loads((run / "results.json").read_text())
+
+    def scored(name: str, info: dict, kind: str) -> Scored:
+        outputs = {s: MemberOutputs.load(run / "outputs" / f"{name}_{s}.pt") for s in ("val", "test")}
+        return Scored(name, kind, outputs, info)
+
+    members = [scored(b, info, "member") for b, info in results["members"].items()]
+    table = Table(members, members[0].outputs["val"].class_names)
+    table.add_ensembles(seed=results["budget"]["seed"])
+    for variant, info in results["fusion"].items():
+        table.add_fusion(scored(f"fusion_{variant}", info, "fusion"), f"FusionNet ({variant.replace('_', ' ')})")
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    report: dict = {}
+    for rule in RULES:
+        per_run, fusion_right, ensemble_right = {}, [], []
+        for run in map(Path, args.runs):
+            table = table_of(run)
+            table.add_selected(rule)
+            f, e = table.rows["FusionNet (selected on val)"], table.rows["ensemble (selected on val)"]
+            per_run[str(run)] = {"fusion": f["chosen"], "fusion_acc": f["acc"], "ensemble": e["chosen"],
+                                 "ensemble_acc": e["acc"]}
+            y = table.y_test.tolist()
+            fusion_right += [p == t for p, t in zip(f["pred"], y)]
+            ensemble_right += [p == t for p, t in zip(e["pred"], y)]
+        test = mcnemar(fusion_right, ensemble_right)
+        only_f, only_e = test["a_only"], test["b_only"]
+        n = len(per_run)
+        report[rule] = {"runs": per_run,
+                        "fusion_acc_mean": sum(r["fusion_acc"] for r in per_run.values()) / n,
+                        "ensemble_acc_mean": sum(r["ensemble_acc"] for r in per_run.values()) / n,
+                        "only_fusion_right": only_f, "only_ensemble_right": only_e,
+                        "mcnemar_p": test["p_value"]}
+        print(f"{rule}: fusion {report[rule]['fusion_acc_mean']:.4f} vs ensemble "
+              f"{report[rule]['ensemble_acc_mean']:.4f} ({only_f} vs {only_e}, p = {report[rule]['mcnemar_p']:.3g})")
+        for run, r in per_run.items():
+            print(f"  {run}: {r['fusion']} {r['fusion_acc']:.4f} | {r['ensemble']} {r['ensemble_acc']:.4f}")
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
