@@ -260,8 +260,8 @@ def _write(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Sc
     splits, rows, y_test = ctx.splits, table.rows, table.y_test
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.train.epochs, "size": cfg.size, "seed": cfg.seed,
-                   "monitor": cfg.train.monitor, "batch_size": cfg.train.batch_size, "train": len(splits.train),
-                   "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones,
+                   "monitor": cfg.train.monitor, "select_by": cfg.select_by, "batch_size": cfg.train.batch_size,
+                   "train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones,
                    "shared_cache": cfg.shared_cache and cfg.regime == "frozen"},
         "methods": rows, "skipped": table.skipped, "members": {b: s.info for b, s in members.items()},
         "fusion": fusion, "test_labels": y_test.tolist(),

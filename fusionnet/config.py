@@ -234,7 +234,9 @@ class CompareConfig:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     variants: list[str] = setting(None, "fusion variants: every registered fusion method trained jointly, "
-                                        "from_members, stacked (default: all)", factory=_variants)
+                                        "from_members, distilled, distilled_from_members, codistilled, stacked "
+                                        "(default: all; the distilled ones run in the finetune regime only)",
+                                  factory=_variants)
     fusion_dropout: float = setting(0.2, "the fused head's dropout")
     branch_dropout: float = setting(0.0, "the fused head's branch dropout (jointly trained variants)")
     from_members_lr_mult: float = setting(1.0, "the from-members fusion trains its head at lr * this")
@@ -333,7 +335,8 @@ class FuseConfig:
     heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
                                      "features from their logit average, best epoch by validation NLL with epoch 0 "
                                      "included) and/or stacked (late fusion fitted out of fold on the training "
-                                     "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
+                                     "split); both: chosen by validation NLL after a cross-fitted temperature",
+                                     factory=lambda: list(HEADS))
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")
     classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "

@@ -41,11 +41,17 @@ def _budget_line(b: dict) -> str:
 NOTES = ["", "Wall time of an ensemble method counts training and predicting all of its members; selection and "
              "stacking add their own (small) time. The fusion built from members counts its members' training time "
              "too.",
-         "The selected rows choose by `val NLL` (lowest). For methods fitted on validation (weights, selection, "
-         "temperatures) the val scores are in-sample and so optimistic; stacking shows its out-of-fold scores.",
+         "For methods fitted on validation (weights, selection, temperatures) the val scores are in-sample and so "
+         "optimistic; stacking shows its out-of-fold scores (and its NLL stands for its scaled NLL).",
          "Hard voting's 'probabilities' are vote fractions, so its NLL and ECE are not comparable with the other "
          "rows."]
 
+
+SELECT_NOTES = {"nll_scaled": "The selected rows choose by `val NLL scaled` (lowest): the validation NLL after a "
+                              "temperature fitted on the other half of validation, so a row's confidence does not "
+                              "decide, only how well it ranks the classes.",
+                "nll": "The selected rows choose by `val NLL` (lowest).",
+                "acc": "The selected rows choose by `val acc` (highest; the first on ties)."}
 
 SHARED_NOTE = ("Features were computed once per trunk and shared by every model (--shared-cache): a row's wall time "
                "leaves out trunk features that an earlier model computed, so wall times are not comparable here.")
@@ -53,16 +59,19 @@ SHARED_NOTE = ("Features were computed once per trunk and shared by every model 
 
 def markdown_table(results: dict) -> str:
     lines = [_budget_line(results["budget"]), "",
-             "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL | wall s | params |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL | val NLL scaled | wall s | params |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["methods"].items():
-        val = f"{r['val']['acc']:.4f} | {r['val']['nll']:.4f}" if r.get("val") else "- | -"
+        v = r.get("val")
+        val = f"{v['acc']:.4f} | {v['nll']:.4f} | {v.get('nll_scaled', v['nll']):.4f}" if v else "- | - | -"
         label = f"{name} -> {r['chosen']}" if r.get("chosen") else name
         lines.append(f"| {label} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} | "
                      f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
     for name, why in results.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | | |")
-    notes = NOTES + [SHARED_NOTE if results["budget"].get("shared_cache") else
+        lines.append(f"| {name} | skipped: {why} | | | | | | | | |")
+    budget = results["budget"]
+    notes = NOTES + [SELECT_NOTES[budget.get("select_by", "nll")],
+                     SHARED_NOTE if budget.get("shared_cache") else
                      "Every model computes its own trunk features, so wall times compare."]
     return "\n".join(lines + notes) + "\n"
 
