@@ -208,10 +208,11 @@ def regime_train_config(regime: str, **fields) -> TrainConfig:
     return TrainConfig(**{**base, **fields})
 
 
-def _variants() -> list[str]:
-    from fusionnet.compare import VARIANTS  # the registered fusion methods and compare's recipes (imports torch)
+def _variants(regime: str | None = None) -> list[str]:
+    """Every fusion variant; for a ``regime``, those that run in it (the default of ``CompareConfig.variants``)."""
+    from fusionnet.compare import FINETUNE_ONLY, VARIANTS  # the fusion methods and compare's recipes (imports torch)
 
-    return list(VARIANTS)
+    return [v for v in VARIANTS if regime in (None, "finetune") or v not in FINETUNE_ONLY]
 
 
 @dataclass
@@ -233,10 +234,10 @@ class CompareConfig:
                                             "+- sd, e.g. --seeds 0 1 2")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
-    variants: list[str] = setting(None, "fusion variants: every registered fusion method trained jointly, "
+    variants: list[str] | None = setting(None, "fusion variants: every registered fusion method trained jointly, "
                                         "from_members, distilled, distilled_from_members, codistilled, stacked "
-                                        "(default: all; the distilled ones run in the finetune regime only)",
-                                  factory=_variants)
+                                        "(default: all that run in the regime; the distilled ones need the "
+                                        "finetune regime)")
     fusion_dropout: float = setting(0.2, "the fused head's dropout")
     branch_dropout: float = setting(0.0, "the fused head's branch dropout (jointly trained variants)")
     from_members_lr_mult: float = setting(1.0, "the from-members fusion trains its head at lr * this")
@@ -280,6 +281,8 @@ class CompareConfig:
         if len(self.backbones) < 2:
             raise ConfigError(f"the comparison needs at least 2 backbones, got {self.backbones}")
         known = _variants()
+        if self.variants is None:
+            self.variants = _variants(self.regime)
         bad = [v for v in self.variants if v not in known]
         if bad or not self.variants:
             raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(known)}")
