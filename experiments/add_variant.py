@@ -11,6 +11,7 @@ predictions. Only variants that need no members (the registered fusion methods) 
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,12 +29,16 @@ def main() -> None:
     ap.add_argument("--variant", default="concat", choices=sorted(FUSERS))
     ap.add_argument("--against", default="distilled", help="the run's fusion variant to pair it with")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--wait", action="store_true", help="wait for the run to write that row's test outputs (when "
+                                                        "both run side by side)")
     args = ap.parse_args()
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())["compare"]
     cfg = replace(CompareConfig(**saved), variants=[args.variant], out=args.out, cache_root=None)
     ctx = _context(cfg, print)
     new = _run_variant(args.variant, cfg, ctx, {})
+    while args.wait and not (run / "outputs" / f"fusion_{args.against}_test.pt").is_file():
+        time.sleep(30)
     other = {s: MemberOutputs.load(run / "outputs" / f"fusion_{args.against}_{s}.pt") for s in ("val", "test")}
     y = other["test"].labels
     if new.outputs["test"].sample_ids != other["test"].sample_ids:
