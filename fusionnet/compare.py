@@ -129,9 +129,10 @@ def _codistilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trai
 
 
 STACKED_WARNING = ("the stacked fusion fits its branch classifiers and combiner on features of fine-tuned trunks "
-                   "that were trained on these very images: its out-of-fold scores are optimistic and its combiner "
-                   "trusts the branches too much. Cross-fit it with --stacked-folds 3 (each member trained 3 more "
-                   "times, on 2/3 of the training split each)")
+                   "that were trained on these very images: its out-of-fold scores on the training split are "
+                   "optimistic and its combiner may trust the branches too much (its validation scores are honest). "
+                   "--stacked-folds 3 cross-fits the combiner instead (each member trained 3 more times, on 2/3 of "
+                   "the training split each), over the members' own heads, without the earlier feature levels")
 
 
 def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):

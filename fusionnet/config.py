@@ -20,7 +20,7 @@ from typing import Literal
 
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
-SELECT_BY = "nll_scaled"  # how the selected rows choose: validation NLL after a cross-fitted temperature
+SELECT_BY = "nll"  # how the selected rows choose: validation NLL
 
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
@@ -249,10 +249,10 @@ class CompareConfig:
                                     "member trained that many more times; its combiner fits on predictions for "
                                     "images the predicting member never saw); 0: fit on the members' own features, "
                                     "with a warning that this is optimistic")
-    select_by: Literal["nll_scaled", "nll", "acc"] = setting(
-        SELECT_BY, "the validation score that picks the selected rows: nll_scaled (NLL after a temperature "
-                      "fitted on the other half of validation: which model ranks the classes best, whatever its "
-                      "confidence; label smoothing leaves fine-tuned models under-confident on purpose) | nll | acc")
+    select_by: Literal["nll", "nll_scaled", "acc"] = setting(
+        SELECT_BY, "the validation score that picks the selected rows: nll | nll_scaled (NLL after each row's own "
+                   "temperature, fitted on validation: which row ranks the classes best, whatever its confidence; "
+                   "noisier where validation has only a few errors) | acc")
     shared_cache: bool = setting(False, "frozen regime: compute each trunk's features once for all models (fast; "
                                         "wall times then leave out features an earlier model computed)")
     cache_root: str | None = setting(None, "frozen regime: where feature caches live, e.g. shared between runs "
@@ -286,8 +286,8 @@ class CompareConfig:
         bad = [v for v in self.variants if v not in known]
         if bad or not self.variants:
             raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(known)}")
-        if self.select_by not in ("nll_scaled", "nll", "acc"):
-            raise ConfigError(f"select_by must be 'nll_scaled', 'nll' or 'acc', got {self.select_by!r}")
+        if self.select_by not in ("nll", "nll_scaled", "acc"):
+            raise ConfigError(f"select_by must be 'nll', 'nll_scaled' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         check_settings([
@@ -338,7 +338,7 @@ class FuseConfig:
     heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
                                      "features from their logit average, best epoch by validation NLL with epoch 0 "
                                      "included) and/or stacked (late fusion fitted out of fold on the training "
-                                     "split); both: chosen by validation NLL after a cross-fitted temperature",
+                                     "split); both: chosen by validation NLL",
                                      factory=lambda: list(HEADS))
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")

@@ -67,7 +67,7 @@ class Scored:
 
 
 def val_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy, NLL and the NLL after a cross-fitted temperature (:func:`fusionnet.calibration.scaled_nll`)."""
+    """Accuracy, NLL and the NLL after the split's own temperature (:func:`fusionnet.calibration.scaled_nll`)."""
     return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "nll_scaled": scaled_nll(probs, labels)}
 
 

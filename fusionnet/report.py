@@ -47,9 +47,9 @@ NOTES = ["", "Wall time of an ensemble method counts training and predicting all
          "rows."]
 
 
-SELECT_NOTES = {"nll_scaled": "The selected rows choose by `val NLL scaled` (lowest): the validation NLL after a "
-                              "temperature fitted on the other half of validation, so a row's confidence does not "
-                              "decide, only how well it ranks the classes.",
+SELECT_NOTES = {"nll_scaled": "The selected rows choose by `val NLL scaled` (lowest): the validation NLL after each "
+                              "row's own temperature fitted on validation, so a row's confidence does not decide, "
+                              "only how well it ranks the classes.",
                 "nll": "The selected rows choose by `val NLL` (lowest).",
                 "acc": "The selected rows choose by `val acc` (highest; the first on ties)."}
 

@@ -115,8 +115,7 @@ def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> None:
 
 def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> dict:
     """Fuse the members, fit the fused head(s) (:class:`FuseConfig`), and report them beside every member and the
-    members' soft vote; the one of lower validation NLL (after a cross-fitted temperature) is "FusionNet (selected
-    on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and ``fuse.md``."""
+    members' soft vote; the one of lower validation NLL is "FusionNet (selected on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and ``fuse.md``."""
     out = Path(out)
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
     if splits.test is None:
@@ -158,7 +157,7 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
               "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} | {"val": r["val"]}
                           for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
-    lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL after a cross-fitted temperature: "
+    lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL: "
              f"{chosen}, written to {str(selected)!r} (use this file for predict and export). Best member on "
              f"validation: {best_member}.", "",
              "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL |",

@@ -257,6 +257,7 @@ def test_the_distilled_fusion_learns_the_members_soft_vote_from_fresh_trunks(tmp
 
 def test_selection_by_scaled_nll_prefers_the_better_ranker_over_the_better_calibrated():
     from fusionnet.calibration import scaled_nll, scale_probs
+    from fusionnet.metrics import nll
     from fusionnet.pipeline import Table, val_scores
 
     torch.manual_seed(0)
@@ -268,6 +269,12 @@ def test_selection_by_scaled_nll_prefers_the_better_ranker_over_the_better_calib
     calibrated = (sure * 2.5).softmax(1)  # right 90 %, confident about it
     # a temperature cannot change the ranking, so the scaled NLL hardly moves with it; the raw NLL does
     assert abs(scaled_nll(scale_probs(shy, 3.0), y) - scaled_nll(shy, y)) < 1e-3
+    # never worse than no temperature (T = 1 is a candidate), even near 100 % accuracy with an error or two, where a
+    # temperature fitted on half of the split and scored on the other half blew up
+    nearly = (4.0 * onehot).softmax(1)
+    nearly[:2] = nearly[:2].roll(1, 1)
+    for probs in (calibrated, nearly, shy):
+        assert scaled_nll(probs, y) <= nll(probs, y) + 1e-6
     table = Table.__new__(Table)
     table.rows = {"shy": {"val": val_scores(shy, y)}, "calibrated": {"val": val_scores(calibrated, y)}}
     assert table.pick(["shy", "calibrated"], "nll") == "calibrated"

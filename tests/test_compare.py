@@ -55,8 +55,7 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     fusion_rows = {n: r for n, r in results["methods"].items() if r["kind"] == "fusion"}
     selected = results["methods"]["FusionNet (selected on val)"]
     assert selected["chosen"] in fusion_rows
-    # chosen by the default rule: validation NLL after a cross-fitted temperature
-    assert selected["val"]["nll_scaled"] == min(r["val"]["nll_scaled"] for r in fusion_rows.values())
+    assert selected["val"]["nll"] == min(r["val"]["nll"] for r in fusion_rows.values())
     assert selected["acc"] == fusion_rows[selected["chosen"]]["acc"]
     saved = json.loads((run / "results.json").read_text())
     assert saved["budget"]["regime"] == regime and "probs" not in saved["methods"]["soft voting"]
