@@ -7,15 +7,17 @@ and test outputs are put in a :class:`fusionnet.pipeline.Table` again, every out
 members' outputs (with the run's seed), and the two val-selected rows are chosen as ``compare`` chooses them. It
 prints which row each rule picks and its test accuracy, and the exact McNemar test between the two selected rows
 pooled over the runs. It shows what a change of the default rule does to runs already made; it never chooses
-anything on the test split.
+anything on the test split. ``--write-report RULE`` also rewrites each run's results.json / results.md with the
+selected rows of that rule (rows the saved outputs cannot rebuild, such as the stacked model's branch vote, are kept
+as they were), e.g. before ``experiments/seed_summary.py``.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from fusionnet.pipeline import Scored, Table
-from fusionnet.report import mcnemar
+from fusionnet.pipeline import Scored, Table, val_scores
+from fusionnet.report import mcnemar, write_report
 from fusionnet.voting import MemberOutputs
 
 RULES = ("nll_scaled", "nll", "acc")
@@ -27,7 +29,7 @@ def table_of(run: Path) -> Table:
 
     def scored(name: str, info: dict, kind: str) -> Scored:
         outputs = {s: MemberOutputs.load(run / "outputs" / f"{name}_{s}.pt") for s in ("val", "test")}
-        return Scored(name, kind, outputs, info)
+        return Scored(name, kind, outputs, {**info, "val": val_scores(outputs["val"].probs, outputs["val"].labels)})
 
     members = [scored(b, info, "member") for b, info in results["members"].items()]
     table = Table(members, members[0].outputs["val"].class_names)
@@ -37,11 +39,30 @@ def table_of(run: Path) -> Table:
     return table
 
 
+def rewrite(run: Path, rule: str) -> None:
+    """The run's results.json / results.md with the selected rows of ``rule``."""
+    results = json.loads((run / "results.json").read_text())
+    table = table_of(run)
+    table.add_selected(rule)
+    kept = {n: r for n, r in results["methods"].items() if n not in table.rows and "selected on val" not in n}
+    for r in kept.values():  # scored by an older rule than the saved outputs can recompute
+        r["val"] = r["val"] and {k: v for k, v in r["val"].items() if k != "nll_scaled"}
+    results["methods"] = {**table.rows, **kept}
+    results["budget"]["select_by"] = rule
+    y = table.y_test
+    write_report(results, run, table.class_names, reliability={
+        "FusionNet (selected on val)": (table.rows["FusionNet (selected on val)"]["probs"], y),
+        "soft voting": (table.rows["soft voting"]["probs"], y)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--write-report", choices=RULES, help="rewrite each run's report with this rule's selected rows")
     args = ap.parse_args()
+    for run in map(Path, args.runs) if args.write_report else ():
+        rewrite(run, args.write_report)
     report: dict = {}
     for rule in RULES:
         per_run, fusion_right, ensemble_right = {}, [], []
