@@ -49,8 +49,6 @@ def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> Temperature:
                        expected_calibration_error(after, labels))
 
 
-
-
 def scaled_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """NLL after temperature scaling fitted on the same split: a score of how well the probabilities rank the
     classes, whatever their confidence (label smoothing, for one, leaves a model under-confident on purpose).

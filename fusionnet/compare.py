@@ -160,8 +160,9 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
                       warning=STACKED_WARNING if cfg.regime == "finetune" else None)
 
 
-RECIPES = {"from_members": _from_members, "distilled": _distilled, "distilled_from_members": _distilled_from_members,
-           "codistilled": _codistilled, "stacked": _stacked}  # variants beyond jointly trained methods
+RECIPES = {"from_members": _from_members, "distilled": _distilled,
+           "distilled_from_members": _distilled_from_members, "codistilled": _codistilled,
+           "stacked": _stacked}  # variants beyond jointly trained methods
 _NEEDS_IMAGES = ("the teacher needs the members on images, so it runs in the finetune regime only (frozen, the "
                  "members share their trunks' features)")
 FINETUNE_ONLY = {"distilled": _NEEDS_IMAGES, "distilled_from_members": _NEEDS_IMAGES}
@@ -262,8 +263,8 @@ def _write(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Sc
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.train.epochs, "size": cfg.size, "seed": cfg.seed,
                    "monitor": cfg.train.monitor, "select_by": cfg.select_by, "batch_size": cfg.train.batch_size,
-                   "train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "backbones": cfg.backbones,
-                   "shared_cache": cfg.shared_cache and cfg.regime == "frozen"},
+                   "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
+                   "backbones": cfg.backbones, "shared_cache": cfg.shared_cache and cfg.regime == "frozen"},
         "methods": rows, "skipped": table.skipped, "members": {b: s.info for b, s in members.items()},
         "fusion": fusion, "test_labels": y_test.tolist(),
     }

@@ -338,8 +338,7 @@ class FuseConfig:
     heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
                                      "features from their logit average, best epoch by validation NLL with epoch 0 "
                                      "included) and/or stacked (late fusion fitted out of fold on the training "
-                                     "split); both: chosen by validation NLL",
-                                     factory=lambda: list(HEADS))
+                                     "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")
     classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "

@@ -289,7 +289,8 @@ def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
                              log=None)
     assert "finetune regime only" in results["skipped"]["FusionNet (distilled from members)"]
     # by default each regime runs the variants that can run in it, so a frozen report lists no skipped rows
-    frozen, finetune = (CompareConfig(data=str(data), backbones=TINY, regime=r).variants for r in ("frozen", "finetune"))
+    frozen, finetune = (CompareConfig(data=str(data), backbones=TINY, regime=r).variants
+                        for r in ("frozen", "finetune"))
     assert {"distilled", "distilled_from_members"} <= set(finetune) - set(frozen) and "stacked" in frozen
 
 
