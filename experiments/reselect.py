@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from fusionnet.compare import _label
 from fusionnet.pipeline import Scored, Table, val_scores
 from fusionnet.report import mcnemar, write_report
 from fusionnet.voting import MemberOutputs
@@ -35,7 +36,7 @@ def table_of(run: Path) -> Table:
     table = Table(members, members[0].outputs["val"].class_names)
     table.add_ensembles(seed=results["budget"]["seed"])
     for variant, info in results["fusion"].items():
-        table.add_fusion(scored(f"fusion_{variant}", info, "fusion"), f"FusionNet ({variant.replace('_', ' ')})")
+        table.add_fusion(scored(f"fusion_{variant}", info, "fusion"), _label(variant))
     return table
 
 
