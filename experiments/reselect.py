@@ -40,10 +40,9 @@ def table_of(run: Path) -> Table:
     return table
 
 
-def rewrite(run: Path, rule: str) -> None:
-    """The run's results.json / results.md with the selected rows of ``rule``."""
+def rewrite(run: Path, table: Table, rule: str) -> None:
+    """The run's results.json / results.md with the selected rows of ``rule`` (``table``: :func:`table_of` it)."""
     results = json.loads((run / "results.json").read_text())
-    table = table_of(run)
     table.add_selected(rule)
     kept = {n: r for n, r in results["methods"].items() if n not in table.rows and "selected on val" not in n}
     for r in kept.values():  # scored by an older rule than the saved outputs can recompute
@@ -62,13 +61,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--write-report", choices=RULES, help="rewrite each run's report with this rule's selected rows")
     args = ap.parse_args()
-    for run in map(Path, args.runs) if args.write_report else ():
-        rewrite(run, args.write_report)
+    tables = {run: table_of(run) for run in map(Path, args.runs)}  # each rule's selection replaces the last's rows
+    for run, table in tables.items() if args.write_report else ():
+        rewrite(run, table, args.write_report)
     report: dict = {}
     for rule in RULES:
         per_run, fusion_right, ensemble_right = {}, [], []
-        for run in map(Path, args.runs):
-            table = table_of(run)
+        for run, table in tables.items():
             table.add_selected(rule)
             f, e = table.rows["FusionNet (selected on val)"], table.rows["ensemble (selected on val)"]
             per_run[str(run)] = {"fusion": f["chosen"], "fusion_acc": f["acc"], "ensemble": e["chosen"],
