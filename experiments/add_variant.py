@@ -15,12 +15,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from fusionnet.compare import CompareConfig, _context, _run_variant
-from fusionnet.files import atomic_write_json
-from fusionnet.fusers import FUSERS
-from fusionnet.metrics import accuracy, nll
-from fusionnet.report import mcnemar
-from fusionnet.voting import MemberOutputs
+from fusionnet.workflows.compare import CompareConfig, _context, _run_variant
+from fusionnet.utils.files import atomic_write_json
+from fusionnet.models.fusion import FUSERS
+from fusionnet.utils.metrics import accuracy, nll
+from fusionnet.workflows.report import mcnemar
+from fusionnet.ensembles.voting import MemberOutputs
 
 
 def main() -> None:

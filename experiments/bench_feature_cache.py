@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from fusionnet import FusionNet, create_fusionnet
-from fusionnet.data import eval_transform, load_splits
-from fusionnet.train import TrainConfig, fit
+from fusionnet.data.splits import eval_transform, load_splits
+from fusionnet.engine.train import TrainConfig, fit
 
 
 def main() -> None:

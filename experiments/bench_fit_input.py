@@ -26,9 +26,9 @@ import time
 import torch
 
 from fusionnet import FusionNet, TrainConfig, fit
-from fusionnet.data import load_splits
-from fusionnet.distributed import resolve_device
-from fusionnet.files import atomic_write_json
+from fusionnet.data.splits import load_splits
+from fusionnet.utils.distributed import resolve_device
+from fusionnet.utils.files import atomic_write_json
 
 
 def sync(device) -> None:

@@ -1,4 +1,4 @@
-"""Benchmark: reading training images from the files vs from the decoded-image cache (fusionnet.image_cache).
+"""Benchmark: reading training images from the files vs from the decoded-image cache (fusionnet.data.image_cache).
 
     python experiments/bench_image_cache.py --data ../shared/data/flowers5_128 --out runs/bench_image_cache.json
 
@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fusionnet import create_fusionnet
-from fusionnet.data import load_splits
-from fusionnet.train import TrainConfig, fit
+from fusionnet.data.splits import load_splits
+from fusionnet.engine.train import TrainConfig, fit
 
 
 def timed(fn, repeats: int) -> dict:

@@ -1,4 +1,4 @@
-"""Time the stacked late head's closed-form fit (fusionnet.late_head.fit_late_head) on one data set's frozen
+"""Time the stacked late head's closed-form fit (fusionnet.models.late_head.fit_late_head) on one data set's frozen
 features, and optionally another implementation of it side by side (e.g. a checkout of an earlier version), with
 the chosen C per branch and the out-of-fold NLL of each: writes JSON.
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from fusionnet import create_fusionnet
-from fusionnet.data import eval_view, load_splits
-from fusionnet.feature_cache import cached_features
-from fusionnet.late_head import fit_late_head
+from fusionnet.data.splits import eval_view, load_splits
+from fusionnet.engine.feature_cache import cached_features
+from fusionnet.models.late_head import fit_late_head
 
 
 def _load_other(root: str):
-    spec = importlib.util.spec_from_file_location("other_late_head", Path(root) / "fusionnet" / "late_head.py")
+    spec = importlib.util.spec_from_file_location("other_late_head", Path(root) / "fusionnet" / "models" / "late_head.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     ap.add_argument("--taps", type=int, default=4)
     ap.add_argument("--cache", default="runs/bench_late_head_cache")
-    ap.add_argument("--other", help="a folder with another fusionnet/late_head.py to time beside this one")
+    ap.add_argument("--other", help="a folder with another fusionnet/models/late_head.py to time beside this one")
     ap.add_argument("--out", default="runs/bench_late_head.json")
     args = ap.parse_args()
     splits = load_splits(args.data, size=args.size, seed=0)

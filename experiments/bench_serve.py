@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from fusionnet import FusionNet, save_model
-from fusionnet.files import atomic_write_json
+from fusionnet.utils.files import atomic_write_json
 
 
 def free_port() -> int:
@@ -43,7 +43,7 @@ def free_port() -> int:
 
 
 def start(model: str, port: int, max_batch: int, delay_ms: float, threads: int, extra=()) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", "serve", model, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli.main", "serve", model, "--port", str(port),
                                "--max-batch", str(max_batch), "--max-delay-ms", str(delay_ms),
                                "--device", "cpu", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
@@ -122,7 +122,7 @@ def mean_batch(port: int) -> float:
 
 
 def offline_rate(model_path: str, image: bytes, n: int) -> float:
-    from fusionnet.serve import ModelHandler
+    from fusionnet.serving.serve import ModelHandler
 
     handler = ModelHandler([model_path], device="cpu")
     x = handler.decode(image)

@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 
 from fusionnet import FusionNet, TrainConfig, fit
-from fusionnet.streams import BranchStreams
-from fusionnet.data import load_splits
-from fusionnet.distributed import resolve_device
-from fusionnet.files import atomic_write_json
-from fusionnet.voting import soft_vote
+from fusionnet.models.streams import BranchStreams
+from fusionnet.data.splits import load_splits
+from fusionnet.utils.distributed import resolve_device
+from fusionnet.utils.files import atomic_write_json
+from fusionnet.ensembles.voting import soft_vote
 
 
 def sync(device: torch.device) -> None:
@@ -190,7 +190,7 @@ def train_rates(args, device) -> dict:
 MEMORY_STEP = """
 import resource, sys, time, torch
 from fusionnet import FusionNet
-from fusionnet.streams import BranchStreams
+from fusionnet.models.streams import BranchStreams
 backbones, batch, size, ckpt = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.manual_seed(0)
 model = FusionNet(backbones=backbones, num_classes=5).train()

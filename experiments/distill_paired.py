@@ -10,11 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.data import load_splits
-from fusionnet.factory import load_fusionnet
-from fusionnet.files import atomic_write_json
-from fusionnet.inference import predict
-from fusionnet.report import mcnemar
+from fusionnet.data.splits import load_splits
+from fusionnet.models.factory import load_fusionnet
+from fusionnet.utils.files import atomic_write_json
+from fusionnet.engine.inference import predict
+from fusionnet.workflows.report import mcnemar
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ holds where absolute times drift); writes JSON.
 
 Each argument is a ``fusionnet distill`` run folder; its ``distill.json`` names the teacher's checkpoints and the
 students' best checkpoints. For every pair, ``--rounds`` rounds time the teacher and each student on the same random
-batch (``fusionnet.distill.inference_rate``, batch 32, CPU) in turn; the ratio is the median over rounds.
+batch (``fusionnet.workflows.distill.inference_rate``, batch 32, CPU) in turn; the ratio is the median over rounds.
 """
 
 import argparse
@@ -13,9 +13,9 @@ import json
 import statistics
 from pathlib import Path
 
-from fusionnet.distill import Teacher, inference_rate
-from fusionnet.factory import load_fusionnet
-from fusionnet.files import atomic_write_json
+from fusionnet.workflows.distill import Teacher, inference_rate
+from fusionnet.models.factory import load_fusionnet
+from fusionnet.utils.files import atomic_write_json
 
 
 def main() -> None:

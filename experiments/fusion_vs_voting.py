@@ -10,7 +10,7 @@ Writes runs/<name>/{config.json, results.json, results.md, confusion.png, reliab
 
 import sys
 
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

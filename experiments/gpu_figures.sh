@@ -14,8 +14,8 @@ for b in "efficientnet_lite0" "efficientnet_lite0 efficientnet_lite1 efficientne
   python experiments/bench_fit_input.py --data "$DATA" --device cuda --size 128 --images 2935 --batch 64 \
     --workers 12 --backbones $b --out "$OUT/bench_fit_input_${b// /+}.json" >> "$OUT/bench_fit_input.log" 2>&1
 done
-python -m fusionnet.cli train --data "$DATA" --backbones efficientnet_lite0 --size 128 --budget hyperrule \
+python -m fusionnet.cli.main train --data "$DATA" --backbones efficientnet_lite0 --size 128 --budget hyperrule \
   --ema-decay 0.998 --monitor nll --device cuda --workers 12 --no-progress --out "$OUT/lite0_hyperrule" \
   > "$OUT/lite0_hyperrule.log" 2>&1
-python -m fusionnet.cli predict "$OUT/lite0_hyperrule/best.pth" --data "$DATA" --split test \
+python -m fusionnet.cli.main predict "$OUT/lite0_hyperrule/best.pth" --data "$DATA" --split test \
   --out "$OUT/lite0_hyperrule/test.pt" >> "$OUT/lite0_hyperrule.log" 2>&1

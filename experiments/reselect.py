@@ -3,7 +3,7 @@
     python experiments/reselect.py runs/cmp_s0 runs/cmp_s1 runs/cmp_s2 --out runs/reselect.json
 
 For every run and every rule (``nll_scaled``, ``nll``, ``acc``), the members' and fusion variants' saved validation
-and test outputs are put in a :class:`fusionnet.pipeline.Table` again, every output ensemble is re-run on the
+and test outputs are put in a :class:`fusionnet.workflows.pipeline.Table` again, every output ensemble is re-run on the
 members' outputs (with the run's seed), and the two val-selected rows are chosen as ``compare`` chooses them. It
 prints which row each rule picks and its test accuracy, and the exact McNemar test between the two selected rows
 pooled over the runs. It shows what a change of the default rule does to runs already made; it never chooses
@@ -16,10 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.compare import _label
-from fusionnet.pipeline import Scored, Table, val_scores
-from fusionnet.report import mcnemar, write_report
-from fusionnet.voting import MemberOutputs
+from fusionnet.workflows.compare import _label
+from fusionnet.workflows.pipeline import Scored, Table, val_scores
+from fusionnet.workflows.report import mcnemar, write_report
+from fusionnet.ensembles.voting import MemberOutputs
 
 RULES = ("nll_scaled", "nll", "acc")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from fusionnet import create_fusionnet
-from fusionnet.data import load_splits
-from fusionnet.files import atomic_write_json
-from fusionnet.train import TrainConfig, fit
+from fusionnet.data.splits import load_splits
+from fusionnet.utils.files import atomic_write_json
+from fusionnet.engine.train import TrainConfig, fit
 
 RECIPES = {  # name: (TrainConfig fields over its defaults and --base, augmentation policy, branch input size)
     "defaults": ({}, "default", None),
@@ -67,8 +67,8 @@ def _run_dir(out: Path, recipe: str) -> Path:
 def paired(args, folders: list[Path]) -> None:
     """Exact McNemar on validation between each recipe's best model and the reference recipe's."""
     from fusionnet import load_fusionnet
-    from fusionnet.inference import predict
-    from fusionnet.report import mcnemar
+    from fusionnet.engine.inference import predict
+    from fusionnet.workflows.report import mcnemar
 
     runs = {}
     for folder in folders:

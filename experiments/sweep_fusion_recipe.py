@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.compare import CompareConfig, regime_train_config, run_comparison
+from fusionnet.workflows.compare import CompareConfig, regime_train_config, run_comparison
 
 RECIPES = [  # (fused-head dropout, branch dropout, label smoothing, monitor)
     dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.0, monitor="macro_f1"),  # round 1's

@@ -5,7 +5,7 @@
 
 Reads a ``compare`` run folder (its config.json and the kept best.pth files): every member, their soft vote, and
 the fusion that validation selected, each predicted on the validation and test splits with no TTA, ``flip`` and
-``flip-zoom`` (fusionnet.tta), averaged in probability and in logit space. The setting to recommend is chosen on
+``flip-zoom`` (fusionnet.data.tta), averaged in probability and in logit space. The setting to recommend is chosen on
 validation alone: the lowest mean validation NLL over the models; its test figures are reported beside it, with
 the time of each setting relative to no TTA (measured in the same run).
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from fusionnet import load_fusionnet
-from fusionnet.data import load_splits
-from fusionnet.workflow import _selected_in_comparison
-from fusionnet.files import atomic_write_json
-from fusionnet.inference import predict
-from fusionnet.metrics import classification_metrics
+from fusionnet.data.splits import load_splits
+from fusionnet.workflows.runs import selected_in_comparison
+from fusionnet.utils.files import atomic_write_json
+from fusionnet.engine.inference import predict
+from fusionnet.utils.metrics import classification_metrics
 
 SETTINGS = [(None, "prob"), ("flip", "prob"), ("flip", "logit"), ("flip-zoom", "prob"), ("flip-zoom", "logit")]
 
@@ -40,7 +40,7 @@ def main() -> None:
     splits = load_splits(config["data"], size=config["size"], val_fraction=config["val_fraction"], seed=seed,
                          progress=False)
     models = {b: run / "models" / b / "best.pth" for b in config["backbones"]}
-    models["FusionNet (selected on val)"] = _selected_in_comparison(run)
+    models["FusionNet (selected on val)"] = selected_in_comparison(run)
     rows: dict = {}
     for tta, space in SETTINGS:
         key = "none" if tta is None else f"{tta} ({space})"

@@ -15,18 +15,18 @@ from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, F
 __version__ = "0.3.0"
 
 _WHERE = {  # name -> the module that defines it
-    "fusionnet.backbones": ("BackboneSpec", "get_spec", "list_backbones", "register_backbone"),
-    "fusionnet.checkpoints": ("inspect_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"),
+    "fusionnet.models.backbones": ("BackboneSpec", "get_spec", "list_backbones", "register_backbone"),
+    "fusionnet.models.checkpoints": ("inspect_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"),
     "fusionnet.config": ("CompareConfig", "FuseConfig", "TrainConfig"),
-    "fusionnet.data": ("CsvImages", "FolderImages", "load_splits"),
-    "fusionnet.factory": ("create_fusionnet", "fuse_members", "load_fusionnet", "save_model"),
-    "fusionnet.fusion": ("BranchConfig", "FusionConfig", "FusionNet"),
-    "fusionnet.fusers": ("Fuser", "register_fusion"),
-    "fusionnet.callbacks": ("Callback",),
-    "fusionnet.inference": ("evaluate", "predict"),
-    "fusionnet.interface": ("Classifier", "ModelOutput"),
-    "fusionnet.train": ("FitResult", "fit"),
-    "fusionnet.voting": ("MemberOutputs", "VotingEnsemble", "VotingModule", "member_outputs"),
+    "fusionnet.data.splits": ("CsvImages", "FolderImages", "load_splits"),
+    "fusionnet.models.factory": ("create_fusionnet", "fuse_members", "load_fusionnet", "save_model"),
+    "fusionnet.models.fusion": ("BranchConfig", "FusionConfig", "FusionNet"),
+    "fusionnet.models.fusers": ("Fuser", "register_fusion"),
+    "fusionnet.engine.callbacks": ("Callback",),
+    "fusionnet.engine.inference": ("evaluate", "predict"),
+    "fusionnet.models.interface": ("Classifier", "ModelOutput"),
+    "fusionnet.engine.train": ("FitResult", "fit"),
+    "fusionnet.ensembles.voting": ("MemberOutputs", "VotingEnsemble", "VotingModule", "member_outputs"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 

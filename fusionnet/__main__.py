@@ -2,6 +2,6 @@
 
 import sys
 
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 
 sys.exit(main())

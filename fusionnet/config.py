@@ -1,6 +1,6 @@
 """Every setting of the library as small typed dataclasses: the one place their defaults, checks and help live.
 
-The ``fusionnet`` command derives its flags from these fields (:func:`fusionnet.cli_args.add_fields`), a
+The ``fusionnet`` command derives its flags from these fields (:func:`fusionnet.cli.args.add_fields`), a
 ``--config FILE`` holds the same keys, and every run folder saves the config it ran with, so a flag, a config-file
 key and a saved setting are one field. This module imports no torch: ``fusionnet X --help`` stays fast.
 
@@ -87,7 +87,7 @@ class TrainConfig:
     cutmix: float = setting(0.0, "cutmix's alpha (0: off); with mixup too, each batch uses one of the two")
     codistill: float = setting(0.0, "co-distillation weight (0: off): with branch_heads, every branch head and the "
                                     "fused head also learn the soft vote of all the heads at codistill_temperature "
-                                    "(fusionnet.callbacks.CoDistillation)")
+                                    "(fusionnet.engine.callbacks.CoDistillation)")
     codistill_temperature: float = setting(3.0, "co-distillation: the KL terms' temperature")
     codistill_teacher: Literal["ensemble", "mean"] = setting("ensemble", "co-distillation's teacher: ensemble (the "
                                                              "heads' soft vote, detached) | mean (that vote from an "
@@ -95,7 +95,7 @@ class TrainConfig:
                                                              "forward pass per step)")
     codistill_rampup: float = setting(0.3, "co-distillation: share of the steps over which its weight ramps up")
     layer_decay: float = setting(1.0, "layer-wise learning-rate decay: a trunk stage k stages below the top learns at lr * trunk_lr_mult * layer_decay ** (k + 1) (1: off)")
-    device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
+    device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.data.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
     sync_every: int = setting(50, "steps between host reads of the running loss and the non-finite check (reading a CUDA value waits for the GPU); the epoch's end always checks")
     compile: bool = setting(False, "torch.compile the training step (the first steps compile; see experiments/bench_throughput.py)")
 
@@ -157,7 +157,7 @@ class TrainRun:
     data: str = setting(None, "folder with train/ (val/, test/ optional)")
     backbones: list[str] = setting(None, "one backbone (a member) or several (a FusionNet); fusionnet backbones "
                                          "lists them")
-    fusion: str = setting("concat", "fusion method (fusionnet.fusers: concat, gated, attention, late)")
+    fusion: str = setting("concat", "fusion method (fusionnet.models.fusers: concat, gated, attention, late)")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     policy: Literal["default", "strong", "none"] = setting("default", "augmentation policy")
     size: int = setting(128, "input size in pixels")
@@ -206,13 +206,6 @@ def regime_train_config(regime: str, **fields) -> TrainConfig:
     base = {"strategy": "frozen" if frozen else "full", "cache_features": frozen, "lr": 3e-3 if frozen else 1e-3,
             "monitor": "nll", "label_smoothing": 0.0 if frozen or fields.get("loss") == "focal" else 0.1}
     return TrainConfig(**{**base, **fields})
-
-
-def _variants(regime: str | None = None) -> list[str]:
-    """Every fusion variant; for a ``regime``, those that run in it (the default of ``CompareConfig.variants``)."""
-    from fusionnet.compare import FINETUNE_ONLY, VARIANTS  # the fusion methods and compare's recipes (imports torch)
-
-    return [v for v in VARIANTS if regime in (None, "finetune") or v not in FINETUNE_ONLY]
 
 
 @dataclass
@@ -280,12 +273,9 @@ class CompareConfig:
             raise ConfigError("compare needs --data, a folder with train/ and test/")
         if len(self.backbones) < 2:
             raise ConfigError(f"the comparison needs at least 2 backbones, got {self.backbones}")
-        known = _variants()
-        if self.variants is None:
-            self.variants = _variants(self.regime)
-        bad = [v for v in self.variants if v not in known]
-        if bad or not self.variants:
-            raise ConfigError(f"unknown fusion variant(s) {bad or '(none given)'}; choose from {', '.join(known)}")
+        if self.variants is not None and not self.variants:
+            raise ConfigError("variants is empty; name at least one fusion variant, or leave it out for the "
+                              "regime's defaults")
         if self.select_by not in ("nll", "nll_scaled", "acc"):
             raise ConfigError(f"select_by must be 'nll', 'nll_scaled' or 'acc', got {self.select_by!r}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
@@ -306,9 +296,6 @@ class CompareConfig:
              f"from_members_lr_mult must be > 0, got {self.from_members_lr_mult!r}"),
         ] + [(is_finite(getattr(self, f)) and 0 <= getattr(self, f) < 1,
               f"{f} must be in [0, 1), got {getattr(self, f)!r}") for f in ("fusion_dropout", "branch_dropout")])
-        from fusionnet.distributed import resolve_device
-
-        resolve_device(self.train.device)
 
     @property
     def seed(self) -> int:
@@ -371,7 +358,7 @@ def fuse_train_config(**fields) -> TrainConfig:
 @dataclass
 class DistillConfig:
     """``fusionnet distill``: one small network trained to match a teacher (a FusionNet, a vote of members, or a
-    comparison's val-selected fusion) on the same augmented views; see :mod:`fusionnet.distill`."""
+    comparison's val-selected fusion) on the same augmented views; see :mod:`fusionnet.workflows.distill`."""
 
     teacher: list[str] = setting(None, "a model checkpoint (a FusionNet), several member checkpoints (their soft "
                                        "vote), or a run folder of compare (its 'FusionNet (selected on val)') or fuse "

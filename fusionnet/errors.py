@@ -39,6 +39,10 @@ class WriteError(FusionNetError, OSError):
     """A result could not be written (full disk, permissions, a file where a folder should be)."""
 
 
+class MissingDependencyError(FusionNetError, ImportError):
+    """An optional package (an extra such as ``fusionnet[lite]``) that this use needs is not installed."""
+
+
 class TrainingError(FusionNetError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoints are kept."""
 

@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fusionnet import FusionNet  # noqa: E402
-from fusionnet.data import load_splits  # noqa: E402
-from fusionnet.train import TrainConfig, fit  # noqa: E402
+from fusionnet.data.splits import load_splits  # noqa: E402
+from fusionnet.engine.train import TrainConfig, fit  # noqa: E402
 
 data, out = Path(sys.argv[1]), Path(sys.argv[2])
 torch.manual_seed(0)

@@ -6,7 +6,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from fusionnet import CheckpointMismatchError, FusionNet, create_fusionnet, load_fusionnet, inspect_checkpoint, read_state_dict, save_model
-from fusionnet import checkpoints as ckpt
+from fusionnet.models import checkpoints as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 
 
 def test_inspect_prints_the_summary(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, 
     import torch
 
     from fusionnet import FusionNet, save_model
-    from fusionnet.export import check_onnx
+    from fusionnet.models.export import check_onnx
 
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3,
                       taps={"timm/test_resnet": 2}).eval()  # taps: pooled earlier levels, collected by hooks
@@ -50,9 +50,27 @@ def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, 
 def test_the_demo_builds_its_comparison_as_the_readme_runs_it(tmp_path):
     """`fusionnet demo` is CI's set-up command, not run by the suite: its settings must still build (and be the
     documented budget: frozen Lite0/1/2 at 64 px, 8 epochs, one shared cache)."""
-    from fusionnet.demo import demo_config
+    from fusionnet.workflows.demo import demo_config
 
     cfg = demo_config(str(tmp_path / "demo"))
     assert cfg.regime == "frozen" and cfg.size == 64 and cfg.train.epochs == 8 and cfg.shared_cache
     assert cfg.backbones == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert (tmp_path / "demo" / "digits" / "train").is_dir()
+
+
+def test_every_command_resolves_to_a_handler_and_has_help():
+    from fusionnet.cli.args import COMMANDS
+    from fusionnet.cli.main import build_parser, handler
+
+    assert len(COMMANDS) >= 13
+    for name, command in COMMANDS.items():
+        assert callable(handler(name)), name
+        assert command.help.strip(), name
+    help_text = build_parser().format_help()
+    assert all(name in help_text for name in COMMANDS)
+
+
+def test_an_unknown_vote_method_is_bad_input_with_a_suggestion(tmp_path, capsys):
+    assert main(["vote", "--method", "gredy", "--val", "a.pt", "b.pt", "--test", "c.pt", "d.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ensemble method 'gredy'; did you mean 'greedy'?" in err and "stacking-hgb" in err

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, load_fusionnet, save_model
-from fusionnet.callbacks import CoDistillation
-from fusionnet.losses import soft_vote_logits
-from fusionnet.compare import STACKED_WARNING, CompareConfig, regime_train_config, run_comparison
-from fusionnet.crossfit import fit_combiner, fold_indices, out_of_fold_probs
-from fusionnet.data import load_splits
+from fusionnet.engine.callbacks import CoDistillation
+from fusionnet.models.losses import soft_vote_logits
+from fusionnet.workflows.compare import STACKED_WARNING, CompareConfig, regime_train_config, run_comparison
+from fusionnet.workflows.crossfit import fit_combiner, fold_indices, out_of_fold_probs
+from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, DataError
-from fusionnet.fusion import predicted_logits
-from fusionnet.inference import choose_prediction
-from fusionnet.train import TrainConfig, fit
+from fusionnet.models.fusion import predicted_logits
+from fusionnet.engine.inference import choose_prediction
+from fusionnet.engine.train import TrainConfig, fit
 from toydata import make_splits
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
@@ -53,7 +53,7 @@ def test_the_online_teacher_is_detached():
         def branch_head_logits(self, output):
             return {"a": heads[1], "b": heads[2]}
 
-    from fusionnet.interface import ModelOutput
+    from fusionnet.models.interface import ModelOutput
 
     loss = cb.extra_loss(Heads(), ModelOutput(heads[0]), torch.zeros(5, dtype=torch.long))["codistill"]
     loss.backward()
@@ -146,11 +146,11 @@ def test_choose_prediction_picks_the_lowest_validation_nll(tmp_path):
 def test_cross_fitting_never_scores_a_fold_with_a_model_that_saw_it(tmp_path, monkeypatch):
     data = make_splits(tmp_path / "data", per_class=9, test=False)
     splits = load_splits(data, size=32)
-    import fusionnet.inference
-    import fusionnet.train
+    import fusionnet.engine.inference
+    import fusionnet.engine.train
 
     trained, scored = [], []
-    real_fit, real_predict = fusionnet.train.fit, fusionnet.inference.predict
+    real_fit, real_predict = fusionnet.engine.train.fit, fusionnet.engine.inference.predict
 
     def spy_fit(model, train_data, *a, **kw):
         trained.append(set(train_data.paths))
@@ -161,8 +161,8 @@ def test_cross_fitting_never_scores_a_fold_with_a_model_that_saw_it(tmp_path, mo
             scored.append(list(data.paths))
         return real_predict(model, data, **kw)
 
-    monkeypatch.setattr(fusionnet.train, "fit", spy_fit)
-    monkeypatch.setattr(fusionnet.inference, "predict", spy_predict)
+    monkeypatch.setattr(fusionnet.engine.train, "fit", spy_fit)
+    monkeypatch.setattr(fusionnet.engine.inference, "predict", spy_predict)
 
     def build():
         torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_cross_fitting_refuses_classes_smaller_than_the_folds():
 
 
 def test_the_cross_fitted_combiner_trusts_the_member_that_was_right_out_of_fold():
-    from fusionnet.factory import fuse_members
+    from fusionnet.models.factory import fuse_members
 
     torch.manual_seed(0)
     members = [FusionNet(backbones=[b], num_classes=3, class_names=["a", "b", "c"]) for b in TINY]
@@ -230,9 +230,9 @@ def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(
 
 
 def test_the_distilled_fusion_learns_the_members_soft_vote_from_fresh_trunks(tmp_path):
-    from fusionnet.callbacks import Distillation
-    from fusionnet.compare import fusion_entry
-    from fusionnet.pipeline import Scored
+    from fusionnet.engine.callbacks import Distillation
+    from fusionnet.workflows.compare import fusion_entry
+    from fusionnet.workflows.pipeline import Scored
 
     data = make_splits(tmp_path / "data", per_class=4)
     splits = load_splits(data, size=32, val_fraction=0.25, seed=0)
@@ -256,9 +256,9 @@ def test_the_distilled_fusion_learns_the_members_soft_vote_from_fresh_trunks(tmp
 
 
 def test_selection_by_scaled_nll_prefers_the_better_ranker_over_the_better_calibrated():
-    from fusionnet.calibration import scaled_nll, scale_probs
-    from fusionnet.metrics import nll
-    from fusionnet.pipeline import Table, val_scores
+    from fusionnet.ensembles.calibration import scaled_nll, scale_probs
+    from fusionnet.utils.metrics import nll
+    from fusionnet.workflows.pipeline import Table, val_scores
 
     torch.manual_seed(0)
     y = torch.arange(200) % 4
@@ -289,8 +289,9 @@ def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
                              log=None)
     assert "finetune regime only" in results["skipped"]["FusionNet (distilled from members)"]
     # by default each regime runs the variants that can run in it, so a frozen report lists no skipped rows
-    frozen, finetune = (CompareConfig(data=str(data), backbones=TINY, regime=r).variants
-                        for r in ("frozen", "finetune"))
+    from fusionnet.workflows.compare import resolve_variants
+
+    frozen, finetune = (resolve_variants(r, None) for r in ("frozen", "finetune"))
     assert {"distilled", "distilled_from_members"} <= set(finetune) - set(frozen) and "stacked" in frozen
 
 

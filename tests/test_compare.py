@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from fusionnet import ConfigError, FusionNet, load_fusionnet
-from fusionnet.cli import main
-from fusionnet.compare import CompareConfig, regime_train_config, run_comparison
-from fusionnet.report import mcnemar, write_seed_summary
-from fusionnet.voting import MemberOutputs
-from fusionnet.data import load_splits
-from fusionnet.members import train_bagged, train_boosted
-from fusionnet.train import TrainConfig
+from fusionnet.cli.main import main
+from fusionnet.workflows.compare import CompareConfig, regime_train_config, run_comparison
+from fusionnet.workflows.report import mcnemar, write_seed_summary
+from fusionnet.ensembles.voting import MemberOutputs
+from fusionnet.data.splits import load_splits
+from fusionnet.ensembles.members import train_bagged, train_boosted
+from fusionnet.engine.train import TrainConfig
 from toydata import make_splits
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
@@ -161,12 +161,18 @@ def test_compare_cli_refuses_a_single_backbone(tmp_path, capsys, monkeypatch):
     ({"size": 0}, "size must be a whole number of pixels >= 1"),
     ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\), got 1.5"),
     ({"fusion_dropout": 1.0}, r"fusion_dropout must be in \[0, 1\), got 1.0"),
-    ({"variants": ["concat", "stacked_twice"]}, r"unknown fusion variant\(s\) \['stacked_twice'\]"),
+    ({"variants": ["concat", "stacked_twice"]}, r"unknown comparison variant 'stacked_twice'; did you mean "
+                                                r"'stacked'\? available: concat, gated"),
+    ({"variants": ["concat", "nope"]}, r"unknown comparison variant 'nope'; available: concat, gated"),
     ({"regime": "frozen", "train": TrainConfig(strategy="full")}, "the frozen regime trains with strategy 'frozen'"),
 ])
 def test_every_compare_setting_is_checked_before_any_work(tmp_path, setting, message):
+    """The dataclass checks its own fields; the names that need the registries are checked by validate, the first
+    thing run_comparison does."""
+    from fusionnet.workflows.compare import validate
+
     with pytest.raises(ConfigError, match=message):
-        CompareConfig(data=str(tmp_path / "no such folder"), backbones=TINY, **setting)
+        validate(CompareConfig(data=str(tmp_path / "no such folder"), backbones=TINY, **setting))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -174,7 +180,7 @@ def test_every_compare_setting_is_checked_before_any_work(tmp_path, setting, mes
     (["--epochs", "0"], "epochs must be an int >= 1"),
     (["--workers", "-1"], "num_workers must be an int >= 0, got -1"),
     (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--variants", "concat", "nope"], r"unknown fusion variant\(s\) \['nope'\]"),
+    (["--variants", "concat", "nope"], r"unknown comparison variant 'nope'; available: concat, gated"),
 ])
 def test_every_compare_flag_is_checked_before_any_work(tmp_path, capsys, monkeypatch, flags, message):
     """The training flags of compare are TrainConfig's fields: checked by TrainConfig, before a folder is touched."""
@@ -196,7 +202,7 @@ def test_a_bad_compare_flag_leaves_the_earlier_run_in_place(tmp_path, capsys, mo
 
 
 def test_a_cuda_index_beyond_the_machine_names_the_ones_there(monkeypatch):
-    from fusionnet.distributed import resolve_device
+    from fusionnet.utils.distributed import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, TrainConfig, fit, read_state_dict
-from fusionnet.backbones import BackboneSpec, get_spec, register_backbone
-from fusionnet.boosting import bootstrap_indices
-from fusionnet.data import load_splits
-from fusionnet.feature_cache import cached_features
-from fusionnet.losses import make_loss
-from fusionnet.train import lr_factor, make_optimizer
-from fusionnet.voting import hard_vote
+from fusionnet.models.backbones import BackboneSpec, get_spec, register_backbone
+from fusionnet.ensembles.boosting import bootstrap_indices
+from fusionnet.data.splits import load_splits
+from fusionnet.engine.feature_cache import cached_features
+from fusionnet.models.losses import make_loss
+from fusionnet.engine.train import lr_factor, make_optimizer
+from fusionnet.ensembles.voting import hard_vote
 from toydata import make_splits
 
 TINY = ["timm/test_resnet"]
@@ -72,7 +72,7 @@ def test_prefixes_are_stripped_in_any_order_and_only_when_every_key_has_them(tmp
 
 
 def test_bagged_members_train_on_bootstrap_samples(splits, monkeypatch):
-    import fusionnet.members as members
+    import fusionnet.ensembles.members as members
 
     seen = []
     monkeypatch.setattr(members, "fit", lambda model, train, *a, **k: seen.append(train.paths))
@@ -134,8 +134,8 @@ def test_label_smoothing_and_grad_clipping_do_what_they_say(splits):
 def test_the_lite_key_map_reproduces_the_reference_on_real_photos():
     from efficientnet_lite_pytorch import EfficientNet
 
-    from fusionnet.demo import imagenet_model, load_image, sample_photo_paths
-    from fusionnet.efficientnet_lite import lite_package_path
+    from fusionnet.workflows.demo import imagenet_model, load_image, sample_photo_paths
+    from fusionnet.models.efficientnet_lite import lite_package_path
 
     x = torch.stack([load_image(p, 224) for p in sample_photo_paths()])  # scikit-learn's two photos
     ref = EfficientNet.from_name("efficientnet-lite0", image_size=224)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, TrainConfig, fit, load_fusionnet, save_model
-from fusionnet.compare import CompareConfig, run_comparison
-from fusionnet.data import load_splits
-from fusionnet.feature_cache import cached_features
-from fusionnet.inference import predict
-from fusionnet.voting import VotingModule, member_outputs
+from fusionnet.workflows.compare import CompareConfig, run_comparison
+from fusionnet.data.splits import load_splits
+from fusionnet.engine.feature_cache import cached_features
+from fusionnet.engine.inference import predict
+from fusionnet.ensembles.voting import VotingModule, member_outputs
 from toydata import make_splits
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fusionnet.data import (CsvImages, DataError, FolderImages, balanced_sampler, class_weights, eval_transform,
+from fusionnet.data.splits import (CsvImages, DataError, FolderImages, balanced_sampler, class_weights, eval_transform,
                             load_splits, read_rgb, train_transform)
 from toydata import make_folder, make_splits
 
@@ -142,8 +142,8 @@ def test_any_torch_dataset_is_seen_through_the_dataset_protocol():
     import pytest
     from torch.utils.data import TensorDataset
 
-    from fusionnet.datasets import LabelledData, as_dataset
-    from fusionnet.data import eval_view
+    from fusionnet.data.datasets import LabelledData, as_dataset
+    from fusionnet.data.splits import eval_view
     from fusionnet.errors import ConfigError
 
     bare = as_dataset(TensorDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])))

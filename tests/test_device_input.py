@@ -1,12 +1,12 @@
-"""The GPU input path (fusionnet.device_input), run on CPU tensors: the same code as on a GPU."""
+"""The GPU input path (fusionnet.data.device_input), run on CPU tensors: the same code as on a GPU."""
 
 import numpy as np
 import pytest
 import torch
 
-from fusionnet.device_input import BatchAugment, DeviceImages
+from fusionnet.data.device_input import BatchAugment, DeviceImages
 from fusionnet.errors import ConfigError
-from fusionnet.transforms import AugmentSpec
+from fusionnet.data.transforms import AugmentSpec
 
 
 def _images(n=8, side=40, seed=0):
@@ -78,8 +78,8 @@ def test_bad_input_is_a_clear_error():
 def test_device_images_decode_once_and_index_batches(tmp_path):
     from PIL import Image
 
-    from fusionnet.datasets import FolderImages
-    from fusionnet.transforms import train_transform
+    from fusionnet.data.datasets import FolderImages
+    from fusionnet.data.transforms import train_transform
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()

@@ -1,4 +1,4 @@
-"""Distillation (fusionnet.distill, callbacks.Distillation): same views, a detached teacher, clear refusals."""
+"""Distillation (fusionnet.workflows.distill, callbacks.Distillation): same views, a detached teacher, clear refusals."""
 
 import json
 
@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from fusionnet import FusionNet, save_model
-from fusionnet.callbacks import Distillation, distillation_loss
+from fusionnet.engine.callbacks import Distillation, distillation_loss
 from fusionnet.config import DistillConfig, distill_train_config
-from fusionnet.data import load_splits
-from fusionnet.distill import Teacher, distill, load_teacher
+from fusionnet.data.splits import load_splits
+from fusionnet.workflows.distill import Teacher, distill, load_teacher
 from fusionnet.errors import ConfigError
-from fusionnet.train import TrainConfig, fit
+from fusionnet.engine.train import TrainConfig, fit
 from toydata import make_splits
 
 TINY = "timm/test_efficientnet"
@@ -123,7 +123,7 @@ class MirrorInvariant(nn.Module):
 
 @pytest.mark.parametrize("space", ["prob", "logit"])
 def test_flip_tta_of_a_flip_invariant_model_equals_the_model(data, space):
-    from fusionnet.inference import predict
+    from fusionnet.engine.inference import predict
 
     splits = load_splits(data, size=32)
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def test_flip_tta_of_a_flip_invariant_model_equals_the_model(data, space):
 
 
 def test_tta_settings_are_checked():
-    from fusionnet.tta import check_tta
+    from fusionnet.data.tta import check_tta
 
     with pytest.raises(ConfigError, match="unknown test-time augmentation 'rotate'; choose one of flip, flip-zoom"):
         check_tta("rotate", "prob")

@@ -14,12 +14,12 @@ from torch import nn
 
 from fusionnet import (CheckpointMismatchError, DataError, FusionNet, FusionNetError, TrainConfig, TrainingError,
                        fit, load_fusionnet, read_state_dict, save_model)
-from fusionnet.checkpoints import read_checkpoint
-from fusionnet.data import FolderImages, load_splits, read_rgb
+from fusionnet.models.checkpoints import read_checkpoint
+from fusionnet.data.splits import FolderImages, load_splits, read_rgb
 from fusionnet.errors import WriteError
-from fusionnet.files import atomic_write, atomic_write_json, remove_orphaned_temp_files
-from fusionnet.inference import predict
-from fusionnet.voting import member_outputs
+from fusionnet.utils.files import atomic_write, atomic_write_json, remove_orphaned_temp_files
+from fusionnet.engine.inference import predict
+from fusionnet.ensembles.voting import member_outputs
 from toydata import make_folder, make_splits
 
 TINY = ["timm/test_resnet"]
@@ -134,7 +134,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 
 def test_temporary_files_of_killed_saves_are_removed_by_the_next_save(tmp_path):
-    script = ("import os, sys, torch\nfrom fusionnet.files import atomic_write\n"
+    script = ("import os, sys, torch\nfrom fusionnet.utils.files import atomic_write\n"
               "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 1000), f.flush(), os._exit(9)))\n")
     for _ in range(3):  # each writer dies mid-write, as under kill -9; each new write removes earlier orphans
         subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pth")], check=False)
@@ -179,7 +179,7 @@ def test_one_class_or_empty_train_splits_are_refused(tmp_path):
 
 # ---- the command line -------------------------------------------------------------------------------------------
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys):
-    from fusionnet.cli import main
+    from fusionnet.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.jpg").write_text("not a photo")

@@ -172,7 +172,7 @@ def test_timm_hub_offline_fails_within_seconds(monkeypatch):
     import timm
 
     monkeypatch.setattr(socket, "create_connection", no_dns)
-    monkeypatch.setattr("fusionnet.backbones._timm_cached_file", lambda arch: None)
+    monkeypatch.setattr("fusionnet.models.backbones._timm_cached_file", lambda arch: None)
     real = timm.create_model
 
     def no_hub(name, pretrained=False, **kw):  # the hub client (and its minute of retries) is never reached
@@ -188,7 +188,7 @@ def test_timm_hub_offline_fails_within_seconds(monkeypatch):
 def test_pretrained_can_name_branches():
     model = create_fusionnet(backbones=["efficientnet_lite0", "timm/test_resnet"], num_classes=2,
                       pretrained=["efficientnet_lite0"])
-    from fusionnet.efficientnet_lite import load_lite_package_state_dict
+    from fusionnet.models.efficientnet_lite import load_lite_package_state_dict
 
     expected = load_lite_package_state_dict("tf_efficientnet_lite0")["conv_stem.weight"]
     assert torch.equal(model.branches["efficientnet_lite0"].trunk.conv_stem.weight, expected)
@@ -196,9 +196,9 @@ def test_pretrained_can_name_branches():
 
 def test_create_fusionnet_builds_each_trunk_once(monkeypatch):
     """A pretrained trunk is built with its weights and used as it is, not built twice and copied."""
-    import fusionnet.factory as factory
-    import fusionnet.fusion as fusion
-    from fusionnet.backbones import build_trunk
+    import fusionnet.models.factory as factory
+    import fusionnet.models.fusion as fusion
+    from fusionnet.models.backbones import build_trunk
 
     calls = []
 
@@ -211,7 +211,7 @@ def test_create_fusionnet_builds_each_trunk_once(monkeypatch):
     model = factory.create_fusionnet(["efficientnet_lite0", "timm/test_resnet"], num_classes=3,
                                      pretrained=["efficientnet_lite0"])
     assert sorted(calls) == [False, True]  # one random trunk, one pretrained: two builds for two branches
-    from fusionnet.backbones import get_spec
+    from fusionnet.models.backbones import get_spec
 
     reference = build_trunk(get_spec("efficientnet_lite0"), pretrained=True).state_dict()
     got = model.branches["efficientnet_lite0"].trunk.state_dict()
@@ -262,8 +262,8 @@ def test_taps_refuse_bad_values_and_token_trunks():
 
 
 def test_branch_streams_change_nothing_on_the_cpu_and_training_switches_are_not_saved(tmp_path):
-    from fusionnet.checkpoints import read_checkpoint, save_checkpoint
-    from fusionnet.streams import BranchStreams
+    from fusionnet.models.checkpoints import read_checkpoint, save_checkpoint
+    from fusionnet.models.streams import BranchStreams
 
     torch.manual_seed(0)
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()

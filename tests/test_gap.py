@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from fusionnet.cli import main
-from fusionnet.gap import gap_check
+from fusionnet.cli.main import main
+from fusionnet.workflows.gap import gap_check
 
 
 def _photos(root, n, seed, invert=False):
@@ -40,7 +40,7 @@ def test_a_colour_inverted_copy_is_told_apart_and_colour_is_named(tmp_path, caps
 
 def test_a_few_odd_files_are_not_a_cause_and_the_sample_is_stated(tmp_path):
     """Two GIFs among many PNGs do not make 'file format' a likely cause; the report says what it sampled."""
-    from fusionnet.gap import gap_markdown
+    from fusionnet.workflows.gap import gap_markdown
 
     a = _photos(tmp_path / "a", 30, seed=0)
     b = _photos(tmp_path / "b", 30, seed=1)

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import fusionnet.data as data_module
-from fusionnet.data import eval_view, load_splits, read_rgb
+import fusionnet.data.splits as data_module
+from fusionnet.data.splits import eval_view, load_splits, read_rgb
 from fusionnet.errors import DataError
-from fusionnet.feature_cache import cache_key
-from fusionnet.image_cache import ImageStore, shrink, train_side
+from fusionnet.engine.feature_cache import cache_key
+from fusionnet.data.image_cache import ImageStore, shrink, train_side
 from toydata import make_splits
 
 

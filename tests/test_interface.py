@@ -6,10 +6,10 @@ from torch import nn
 
 from fusionnet import (BranchConfig, ConfigError, FusionNet, TrainConfig, create_fusionnet, fit, fuse_members,
                        load_fusionnet, save_model)
-from fusionnet.callbacks import Callback, GradientModulation, ogm_coefficients
-from fusionnet.fusers import branch_dropout
-from fusionnet.interface import ModelOutput, PlainClassifier, as_classifier
-from fusionnet.pooling import Pool
+from fusionnet.engine.callbacks import Callback, GradientModulation, ogm_coefficients
+from fusionnet.models.fusers import branch_dropout
+from fusionnet.models.interface import ModelOutput, PlainClassifier, as_classifier
+from fusionnet.models.pooling import Pool
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
 
@@ -93,6 +93,15 @@ def test_fusing_members_starts_at_the_mean_of_their_logits(tmp_path, fusion):
         fuse_members([tapped_member(members[0]), members[1]], fusion=fusion, taps=1)
     with pytest.raises(ConfigError, match="members must be trained on the same classes"):
         fuse_members([members[0], FusionNet(backbones=["timm/test_resnet"], num_classes=4)])
+
+
+def test_fusing_members_refuses_a_method_that_cannot_start_from_their_heads():
+    members = [FusionNet(backbones=[b], num_classes=3, class_names=["a", "b", "c"]) for b in TINY]
+    with pytest.raises(ConfigError, match=r"fusion 'attention' cannot start from the members' heads.*"
+                                          r"\(concat, gated, late\)"):
+        fuse_members(members, fusion="attention")
+    with pytest.raises(ConfigError, match="head_hidden=64: a hidden head layer cannot start"):
+        fuse_members(members, head_hidden=64)
 
 
 def test_gate_and_attention_weights_sum_to_one_over_branches():

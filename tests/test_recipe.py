@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from fusionnet import FusionNet, load_fusionnet, read_checkpoint
-from fusionnet.data import load_splits
+from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, TrainingError
-from fusionnet.inference import evaluate
-from fusionnet.optim import make_optimizer
-from fusionnet.train import TrainConfig, fit
+from fusionnet.engine.inference import evaluate
+from fusionnet.engine.optim import make_optimizer
+from fusionnet.engine.train import TrainConfig, fit
 from toydata import crash_at_epoch, make_splits
 
 TINY = ["timm/test_efficientnet"]

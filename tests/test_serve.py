@@ -1,4 +1,4 @@
-"""The HTTP server (fusionnet.serve): answers, every bad input as a 4xx that leaves it serving, batching, limits."""
+"""The HTTP server (fusionnet.serving.serve): answers, every bad input as a 4xx that leaves it serving, batching, limits."""
 
 import asyncio
 import io
@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from fusionnet import FusionNet, save_model  # noqa: E402
 from fusionnet.errors import ConfigError  # noqa: E402
-from fusionnet.serve import Batcher, Limits, ModelHandler, Overloaded, ServeSettings, check_bind, create_app  # noqa: E402
+from fusionnet.serving.serve import Batcher, Limits, ModelHandler, Overloaded, ServeSettings, check_bind, create_app  # noqa: E402
 
 CLASSES = ["blue", "green", "red"]
 

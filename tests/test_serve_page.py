@@ -1,4 +1,4 @@
-"""The upload page at / (fusionnet.serve.PAGE) in headless Chromium: it names the model, uploads a photo and shows
+"""The upload page at / (fusionnet.serving.serve.PAGE) in headless Chromium: it names the model, uploads a photo and shows
 the answer. Runs where Debian's Chromium (or $CHROMIUM) and playwright are installed; skipped elsewhere, saying why."""
 
 import json
@@ -20,7 +20,7 @@ if not CHROMIUM:
 import uvicorn  # noqa: E402
 
 from fusionnet import FusionNet, save_model  # noqa: E402
-from fusionnet.serve import Limits, ModelHandler, ServeSettings, create_app  # noqa: E402
+from fusionnet.serving.serve import Limits, ModelHandler, ServeSettings, create_app  # noqa: E402
 from test_serve import CLASSES, _png  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The Ray Serve path (fusionnet.serve_ray) against a local Ray instance on the loopback address: the same
+"""The Ray Serve path (fusionnet.serving.serve_ray) against a local Ray instance on the loopback address: the same
 answers, to 1e-5, as the embedded server, and the same 4xx errors."""
 
 import socket
@@ -11,7 +11,7 @@ pytest.importorskip("ray.serve")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from fusionnet import FusionNet, save_model  # noqa: E402
-from fusionnet.serve import Limits, ModelHandler, ServeSettings, create_app  # noqa: E402
+from fusionnet.serving.serve import Limits, ModelHandler, ServeSettings, create_app  # noqa: E402
 from test_serve import CLASSES, _png  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def test_ray_serve_answers_as_the_embedded_server(members, monkeypatch):
     import ray
     from ray import serve
 
-    from fusionnet.serve_ray import deploy
+    from fusionnet.serving.serve_ray import deploy
 
     images = [_png(colour=c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120))]
     settings = ServeSettings(max_batch=4, max_delay_ms=20)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from fusionnet import FusionNet, create_fusionnet, load_fusionnet, read_checkpoint
-from fusionnet.data import eval_transform, load_splits
-from fusionnet.losses import FocalLoss
-from fusionnet.inference import evaluate
-from fusionnet.train import TrainConfig, fit
+from fusionnet.data.splits import eval_transform, load_splits
+from fusionnet.models.losses import FocalLoss
+from fusionnet.engine.inference import evaluate
+from fusionnet.engine.train import TrainConfig, fit
 from toydata import crash_at_epoch, make_splits
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
@@ -129,7 +129,7 @@ def test_feature_cache_matches_the_uncached_path_and_persists(splits, tmp_path, 
     torch.testing.assert_close(cached.head.fc.weight, plain.head.fc.weight, rtol=1e-4, atol=1e-5)
     assert len(os.listdir(tmp_path / "cache")) == 4  # one file per branch (2) and split (train, val)
     # a second run must not touch the trunks at all
-    monkeypatch.setattr("fusionnet.fusion.Branch.forward", lambda *a: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr("fusionnet.models.fusion.Branch.forward", lambda *a: (_ for _ in ()).throw(AssertionError))
     again, res_again = run("auto")
     torch.testing.assert_close(again.head.fc.weight, cached.head.fc.weight)
 
@@ -184,10 +184,11 @@ def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
 
     make_folder(tmp_path / "d" / "train", {"a": 30, "b": 6, "c": 6})
     splits = load_splits(tmp_path / "d", size=32, val_fraction=0.3)
-    import fusionnet.train as train_module
+    import fusionnet.engine.inputs as inputs_module
+    import fusionnet.engine.train as train_module
 
     seen = {}
-    real_loss, real_sampler, real_opt = train_module.make_loss, train_module.balanced_sampler, \
+    real_loss, real_sampler, real_opt = train_module.make_loss, inputs_module.balanced_sampler, \
         train_module.make_optimizer
 
     def loss_spy(name, **kw):
@@ -205,7 +206,7 @@ def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
 
     monkey = pytest.MonkeyPatch()
     monkey.setattr(train_module, "make_loss", loss_spy)
-    monkey.setattr(train_module, "balanced_sampler", sampler_spy)
+    monkey.setattr(inputs_module, "balanced_sampler", sampler_spy)
     monkey.setattr(train_module, "make_optimizer", opt_spy)
     try:
         model = FusionNet(backbones=["timm/test_efficientnet"], num_classes=3)
@@ -223,7 +224,7 @@ def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
 
 def test_one_short_epoch_on_real_flowers(flowers_root, tmp_path):
     """Integration: a FusionNet of two pretrained trunks on the real photos (a stratified slice, one epoch)."""
-    from fusionnet.data import stratified_split
+    from fusionnet.data.splits import stratified_split
 
     splits = load_splits(flowers_root, size=64, val_fraction=0.15, seed=0)
     _, keep = stratified_split(splits.train.labels, 0.06, seed=0)  # ~200 training photos
@@ -284,7 +285,7 @@ def test_short_epochs_write_checkpoints_every_few_epochs_yet_keep_the_best_and_t
                                                                                         monkeypatch):
     import time
 
-    import fusionnet.train as train_module
+    import fusionnet.engine.train as train_module
 
     def run(folder):
         torch.manual_seed(0)
@@ -318,7 +319,7 @@ def test_cached_feature_batches_are_the_dataloaders_batches():
     DataLoader over the same sampler (so a run's numbers do not depend on the path)."""
     from torch.utils.data import DataLoader, RandomSampler
 
-    from fusionnet.feature_cache import FeatureDataset
+    from fusionnet.engine.feature_cache import FeatureDataset
 
     data = FeatureDataset({"a": torch.randn(23, 4), "b": torch.randn(23, 2)}, torch.arange(23) % 3)
     fast = list(data.batches(RandomSampler(data, generator=torch.Generator().manual_seed(5)), 8))

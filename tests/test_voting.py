@@ -3,12 +3,12 @@ import torch
 
 from fusionnet.errors import ConfigError, DataError
 
-from fusionnet.boosting import boosted_vote, samme_alpha, samme_update
-from fusionnet.calibration import fit_temperature
-from fusionnet.metrics import diversity
-from fusionnet.stacking import stacking
-from fusionnet.selection import exhaustive_selection, fit_weights, greedy_selection
-from fusionnet.voting import MemberOutputs, VotingEnsemble, VotingModule, check_aligned, hard_vote, soft_vote
+from fusionnet.ensembles.boosting import boosted_vote, samme_alpha, samme_update
+from fusionnet.ensembles.calibration import fit_temperature
+from fusionnet.utils.metrics import diversity
+from fusionnet.ensembles.stacking import stacking
+from fusionnet.ensembles.selection import exhaustive_selection, fit_weights, greedy_selection
+from fusionnet.ensembles.voting import MemberOutputs, VotingEnsemble, VotingModule, check_aligned, hard_vote, soft_vote
 
 # three members, two samples, three classes
 P = torch.tensor([
@@ -161,7 +161,7 @@ def test_voting_module_over_live_members_and_members_that_return_tuples_are_refu
 
 
 def test_exact_ties_follow_the_documented_rule_in_any_precision():
-    from fusionnet.voting import hard_vote
+    from fusionnet.ensembles.voting import hard_vote
 
     # one vote each; the mean probabilities tie exactly between classes 0 and 2 -> the lowest index, 0
     p = torch.tensor([[[0, .125, .875]], [[.125, .75, .125]], [[.875, .125, 0]]], dtype=torch.float64)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fusionnet.cli import main
+from fusionnet.cli.main import main
 from toydata import make_splits
 
 MEMBER = ["--backbones", "timm/test_resnet", "--no-pretrained", "--epochs", "1", "--size", "32", "--batch-size", "8",
@@ -88,7 +88,7 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
 
 def test_a_validation_split_holding_training_images_is_refused(data, tmp_path, capsys):
     """Wrong answer 1: predict --split val with another seed than training scored training images as validation."""
-    from fusionnet.checkpoints import read_checkpoint
+    from fusionnet.models.checkpoints import read_checkpoint
 
     run = tmp_path / "runs" / "a"
     assert main(["train", "--data", str(data), "--out", str(run), "--seed", "0", *MEMBER]) == 0
@@ -126,8 +126,8 @@ def test_foreign_members_must_state_their_class_order(data, tmp_path, capsys):
     import torch
     import torchvision
 
-    from fusionnet.voting import MemberOutputs
-    from fusionnet.workflow import check_class_order, load_member
+    from fusionnet.ensembles.voting import MemberOutputs
+    from fusionnet.workflows.fuse import check_class_order, load_member
 
     plain = tmp_path / "weights" / "resnet18.pth"
     plain.parent.mkdir()

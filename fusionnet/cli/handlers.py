@@ -1,0 +1,262 @@
+"""The handlers of the ``fusionnet`` subcommands (their arguments: :mod:`fusionnet.cli.args`). Each is thin: it
+builds the command's config from the flags and calls the library; heavy modules are imported inside, so a command
+loads only what it uses."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+from fusionnet.cli.args import given, settings
+from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun, distill_train_config,
+                              fuse_train_config, regime_train_config)
+from fusionnet.errors import ConfigError
+
+
+def run_folder(out: str, overwrite: bool) -> Path:
+    """``out`` as a fresh run folder: an existing non-empty one is refused unless ``overwrite`` (then emptied)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a file; give a folder for the run")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--out {str(p)!r}: a part of its folder path is a file ({str(blocked)!r}); choose "
+                          f"another folder")
+    if p.is_dir() and any(p.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"run folder {str(p)!r} exists already; choose another --out, or pass --overwrite "
+                              f"to replace it")
+        shutil.rmtree(p)
+    return p
+
+
+def fresh_file(out: str, overwrite: bool | None) -> Path:
+    """``out`` as a file to write: an existing one is refused unless ``overwrite``."""
+    p = Path(out)
+    if p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a folder; give a file name")
+    if p.exists() and not overwrite:
+        raise ConfigError(f"{str(p)!r} exists already; choose another --out, or pass --overwrite to replace it")
+    return p
+
+
+def trained_on(checkpoint: str) -> dict:
+    """What a fusionnet checkpoint records of its training data (files, seed, input size); {} for older files."""
+    from fusionnet.models.checkpoints import read_checkpoint
+
+    return read_checkpoint(checkpoint).get("data") or {}
+
+
+def handle_train(args) -> None:
+    from fusionnet.data.splits import load_splits
+    from fusionnet.utils.distributed import rank_world, resolve_device
+    from fusionnet.models.factory import create_fusionnet
+    from fusionnet.engine.train import fit
+
+    s = settings(args, TrainRun, TrainConfig)
+    run, train_cfg = TrainRun(**given(s, TrainRun)), TrainConfig(**given(s, TrainConfig))  # checked first
+    resolve_device(train_cfg.device)
+    if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
+        run_folder(run.out, bool(args.overwrite))
+    splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
+                         policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
+    model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
+                             fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
+    result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(args.resume))
+    if rank_world()[0] == 0:  # under torchrun, one report
+        if train_cfg.codistill:  # the fused head, the branch vote or both: chosen on validation, saved
+            from fusionnet.models.factory import load_fusionnet
+            from fusionnet.engine.inference import choose_and_save_prediction
+
+            choose_and_save_prediction(load_fusionnet(result.best_path), splits.val, result.best_path,
+                                       device=train_cfg.device)
+        print(f"best epoch {result.best_epoch} ({train_cfg.monitor} {result.best_score:.4f}); wrote "
+              f"{result.best_path}, {result.final_path}, {run.out}/history.json, history.png")
+
+
+def handle_compare(args) -> None:
+    from fusionnet.workflows.compare import run_comparison
+
+    s = settings(args, CompareConfig, TrainConfig)
+    compare = given(s, CompareConfig)
+    regime = compare.get("regime", "frozen")
+    train = regime_train_config(regime, **given(s, TrainConfig))
+    cfg = CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train})  # checked before the folder
+    run_folder(cfg.out, bool(args.overwrite))
+    run_comparison(cfg)
+
+
+def handle_distill(args) -> None:
+    from fusionnet.workflows.distill import distill
+
+    s = settings(args, DistillConfig, TrainConfig)
+    cfg = DistillConfig(**given(s, DistillConfig), train=distill_train_config(**given(s, TrainConfig)))
+    out = run_folder(cfg.out, bool(args.overwrite))
+    distill(cfg)
+    print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
+
+
+def handle_serve(args) -> None:
+    from fusionnet.errors import install_hint
+
+    try:
+        from fusionnet.serving.serve import Limits, ServeSettings, serve
+        import fastapi, uvicorn  # noqa: F401, E401
+    except ImportError as exc:
+        raise ConfigError(f"serve needs FastAPI and uvicorn: {install_hint('serve')} ({exc})") from None
+    from fusionnet.workflows.runs import checkpoints_in
+
+    sources = [m for m in args.models if m.endswith(".onnx")] or [str(p) for p in checkpoints_in(args.models)]
+    settings = ServeSettings(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
+                             top=args.top)
+    limits = Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels)
+    if args.ray:
+        _serve_with_ray(args, sources, settings, limits)
+        return
+    print(f"serving {sources} on http://{args.host}:{args.port} (POST /v1/classify; Ctrl-C or SIGTERM stops)")
+    serve(sources, host=args.host, port=args.port, token=args.token, no_auth=args.no_auth, device=args.device,
+          settings=settings, limits=limits)
+
+
+def _serve_with_ray(args, sources, settings, limits) -> None:
+    from fusionnet.errors import install_hint
+    from fusionnet.serving.serve import check_bind
+
+    check_bind(args.host, args.token, args.no_auth)
+    try:
+        from fusionnet.serving.serve_ray import deploy
+    except ImportError as exc:
+        raise ConfigError(f"serve --ray needs Ray Serve: {install_hint('ray')} ({exc})") from None
+    settings.token = args.token
+    print(f"serving {sources} with Ray Serve, {args.replicas} replica(s), on http://{args.host}:{args.port} "
+          f"(POST /v1/classify; Ctrl-C stops)")
+    deploy(sources, replicas=args.replicas, host=args.host, port=args.port, device=args.device, settings=settings,
+           limits=limits)
+
+
+def handle_fuse(args) -> None:
+    from fusionnet.workflows.fuse import fuse_checkpoints
+
+    s = settings(args, FuseConfig, TrainConfig, extra=("out",))
+    cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)))
+    out = run_folder(args.out, bool(args.overwrite))
+    report = fuse_checkpoints(cfg, out=out)
+    print((out / "fuse.md").read_text() + f"wrote {out}/fuse.md, fuse.json; the model validation chose: "
+          f"{report['selected_model']}")
+
+
+def handle_demo(args) -> None:
+    from fusionnet.workflows.demo import run_demo
+
+    run_demo(str(run_folder(args.out, args.overwrite)), epochs=args.epochs, progress=args.progress, keep=args.keep)
+    print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
+
+
+def handle_inspect(args) -> None:
+    from fusionnet.workflows.describe import describe
+
+    print(describe(args.path))
+
+
+def handle_backbones(args) -> None:
+    from fusionnet.models.backbones import get_spec, list_backbones
+
+    for name in list_backbones():
+        s = get_spec(name)
+        print(f"{name:20s} {s.family:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
+    print("...and any timm model as 'timm/<name>'")
+
+
+def handle_classify(args) -> None:
+    from fusionnet.workflows.demo import classify_imagenet
+
+    for path, top in classify_imagenet(args.images or None, backbone=args.backbone, top=args.top):
+        print(f"{path}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
+
+
+def handle_export(args) -> None:
+    import torch
+
+    from fusionnet.models.export import check_onnx, export_onnx
+    from fusionnet.models.factory import load_fusionnet
+
+    fresh_file(args.out, args.overwrite)
+    model = load_fusionnet(args.checkpoint)
+    size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
+    path = export_onnx(model, args.out, size=size, exporter=args.exporter)
+    diff = check_onnx(model, path, torch.rand(3, 3, size, size))
+    print(f"wrote {str(path)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
+
+
+def handle_gap(args) -> None:
+    from fusionnet.workflows.gap import gap_check, gap_markdown
+
+    report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size, max_images=args.max_images,
+                       out=run_folder(args.out, args.overwrite))
+    print(gap_markdown(report))
+    print(f"wrote {args.out}/gap.json, gap.md, gap.png")
+
+
+def handle_predict(args) -> None:
+    from fusionnet.data.splits import load_splits
+    from fusionnet.data.datasets import check_unseen
+    from fusionnet.models.factory import load_fusionnet
+    from fusionnet.data.transforms import eval_transform
+    from fusionnet.engine.inference import predict
+    from fusionnet.ensembles.voting import member_outputs
+
+    if (args.data is None) == (args.images is None):
+        raise ConfigError("predict needs exactly one of --data (a split, saved as .pt) or --images (CSV)")
+    fresh_file(args.out, args.overwrite)
+    model = load_fusionnet(args.checkpoint)
+    trained = trained_on(args.checkpoint)
+    size = args.size or trained.get("input_size") or 128  # the size the model was trained at
+    if args.data:
+        seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
+        splits = load_splits(args.data, size=size, seed=seed)
+        data = getattr(splits, args.split)
+        if data is None:
+            raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
+        check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
+        out = member_outputs(model, data, member=Path(args.checkpoint).parent.name, split=args.split,
+                             checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
+        print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
+              f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
+        return
+    images = _every_image(args.images, eval_transform(size))
+    probs, _ = predict(model, images, device=args.device, tta=args.tta, tta_space=args.tta_space)
+    names = model.class_names or [str(i) for i in range(probs.shape[1])]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "class", "probability"])
+        for path, p in zip(images.paths, probs):
+            writer.writerow([path, names[int(p.argmax())], f"{float(p.max()):.4f}"])
+    print(f"wrote {args.out!r} ({len(images)} images)")
+
+
+def _every_image(root: str, transform):
+    """Every image under a folder, any layout, label 0: for predicting the classes of new images."""
+    from fusionnet.data.datasets import ImageDataset
+    from fusionnet.utils.files import resolve_path
+    from fusionnet.utils.images import images_in
+
+    files = images_in(resolve_path(root, what="image folder"))
+    if not files:
+        raise ConfigError(f"no images under {root!r}")
+    return ImageDataset([(f, 0) for f in files], ["?"], transform)
+
+
+def handle_vote(args) -> None:
+    from fusionnet.utils.files import atomic_write_json
+    from fusionnet.workflows.fuse import vote_files
+
+    res = vote_files(args.val, args.test, args.method)
+    probs = res.pop("probs")
+    print(f"{res['method']} over {', '.join(res['members'])}: test acc {res['acc']:.4f}, macro-F1 "
+          f"{res['macro_f1']:.4f}, NLL {res['nll']:.4f}, ECE {res['ece']:.4f}"
+          + (f"; weights {[round(w, 3) for w in res['weights']]}" if res.get("weights") else ""))
+    if args.out:
+        atomic_write_json(args.out, {**res, "test_probs": probs.tolist()})
+        print(f"wrote {args.out!r}")

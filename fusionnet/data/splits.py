@@ -1,0 +1,147 @@
+"""Splits of a data folder, the view of the training images through the validation pipeline, and what training
+needs from the data beyond the samples (class weights, the balanced sampler, the checks, seeding the pipelines).
+
+Images leave the library's datasets as float tensors (3, H, W) in [0, 1]; see :mod:`fusionnet.utils.images` (decoding),
+:mod:`fusionnet.data.transforms` (pipelines) and :mod:`fusionnet.data.datasets` (the datasets and their protocol). Their names
+are re-exported here, where earlier versions defined them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import WeightedRandomSampler
+
+from fusionnet.data.datasets import (CsvImages, FolderImages, ImageDataset, LabelledData, PlainDataset,  # noqa: F401
+                                SkippedFile, _class_folders, _class_mismatch, _data_root, as_dataset)
+from fusionnet.errors import ConfigError, DataError, is_int
+from fusionnet.data.image_cache import ImageStore, train_side
+from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb  # noqa: F401
+from fusionnet.data.transforms import Transform, eval_transform, seed_transform, train_transform  # noqa: F401
+
+
+@dataclass
+class Splits:
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train.class_names
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, val indices), each class split in proportion; reproducible for a seed."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    k, n_val = len(set(labels)), math.ceil(val_fraction * len(labels))
+    if n_val < k or len(labels) - n_val < k:
+        raise DataError(f"val_fraction={val_fraction} of {len(labels)} images leaves {n_val} for validation and "
+                        f"{len(labels) - n_val} for training, fewer than the {k} classes; add images, give a "
+                        f"val/ folder, or change val_fraction")
+    idx = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=list(labels))
+    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
+                policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
+                image_cache: str | os.PathLike | None = None, progress: bool = True) -> Splits:
+    """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``.
+
+    Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
+    never used for any choice. With ``image_cache`` (a folder), every image is decoded once into
+    :class:`~fusionnet.data.image_cache.ImageStore` files there (built on first use, then reused by every run on the same
+    files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
+    and one at twice ``size`` for the training pipeline.
+    """
+    if not (is_int(size) and size >= 1):
+        raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
+    base = _data_root(root)
+    if not (base / "train").is_dir():
+        raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
+                        f"optionally with val/ and test/ beside it")
+    train_tf, eval_tf = train_transform(size, policy=policy), eval_transform(size, crop_pct=crop_pct)
+    full = FolderImages(base / "train", strict=strict)
+    names = full.class_names
+    if len(names) < 2:
+        raise DataError(f"{str(base / 'train')!r} has one class folder ({names[0]!r}); a classifier needs at least "
+                        f"two, each a sub-folder of train/ with its images")
+    for other in ("val", "test"):  # every split's classes are checked before any work is done on them
+        if (base / other).is_dir():
+            _checked(names, base / other)
+    if (base / "val").is_dir():
+        train = full.with_transform(train_tf)
+        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
+    else:
+        tr, va = stratified_split(full.labels, val_fraction, seed)
+        train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
+    test = None
+    if (base / "test").is_dir():
+        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
+    if image_cache is None:
+        return Splits(train, val, test)
+    every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
+    eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)
+    train_store = eval_store if policy == "none" else ImageStore(image_cache, full.paths, train_side(size),
+                                                                 interpolation="area", progress=progress)
+    return Splits(train.with_transform(train.transform, store=train_store),
+                  val.with_transform(val.transform, store=eval_store),
+                  test.with_transform(test.transform, store=eval_store) if test is not None else None)
+
+
+def eval_view(train_data, val_data) -> LabelledData:
+    """The training images through the validation pipeline and its image store: a deterministic view of the
+    training split (e.g. to cache its features). A ConfigError where the dataset cannot be given another pipeline."""
+    val = as_dataset(val_data)
+    return as_dataset(train_data).with_transform(val.transform, store=val.store)
+
+
+def _checked(names: list[str], folder: Path) -> list[str]:
+    found = _class_folders(folder)
+    if set(found) != set(names):
+        raise DataError(_class_mismatch(names, found, "train", str(folder)))
+    return names
+
+
+# ---- imbalance -------------------------------------------------------------------------------------------------
+def class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, scaled so the average sample weight is 1 (n / (K * count_k))."""
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).float()
+    if (counts == 0).any():
+        empty = (counts == 0).nonzero().flatten().tolist()
+        raise DataError(f"class index(es) {empty} have no samples; class weights need every class present")
+    return counts.sum() / (num_classes * counts)
+
+
+def balanced_sampler(labels: Sequence[int], *, num_samples: int | None = None,
+                     generator: torch.Generator | None = None) -> WeightedRandomSampler:
+    """Oversample rare classes so each class is drawn equally often in expectation (with replacement)."""
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    per_class = 1.0 / torch.bincount(labels_t).float()
+    return WeightedRandomSampler(per_class[labels_t].double(), num_samples=num_samples or len(labels_t),
+                                 replacement=True, generator=generator)
+
+
+# ---- training-time helpers -----------------------------------------------------------------------------------
+def check_training_data(train_data, val_data, num_classes: int | None) -> None:
+    """Refuse what cannot be trained: an empty split, a single class, labels beyond the model's classes."""
+    for name, data in (("train", train_data), ("val", val_data)):
+        if len(data) == 0:
+            raise DataError(f"the {name} split is empty; check its folder has images (or val_fraction)")
+    labels = as_dataset(train_data).labels
+    if labels is not None and len(set(labels)) < 2:
+        raise DataError(f"the train split holds a single class ({sorted(set(labels))}); a classifier needs at "
+                        f"least two classes with images")
+    if labels is not None and num_classes is not None and max(labels) >= num_classes:
+        raise DataError(f"train labels go up to {max(labels)} but the model has {num_classes} classes; build the "
+                        f"model with num_classes={max(labels) + 1} (or the dataset's class_names)")

@@ -1,0 +1,1 @@
+"""Output ensembles of independently trained members: the methods table, voting, selection, stacking, calibration, boosting."""

@@ -1,0 +1,118 @@
+"""The output-ensemble methods of the comparison, as a table: name -> function of cached member outputs.
+
+Each method sees the members' validation probabilities ``val`` (M, N_val, K) with labels, and their test
+probabilities ``test`` (M, N_test, K) without labels; it returns its test probabilities, its validation
+probabilities (for choosing among methods on validation), the member weights it used and any extra facts.
+Adding a method is one function with ``@register_ensemble("id", label="...")``: the id is its key in code and its
+``fusionnet vote --method`` name, the label what reports print.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fusionnet.registry import Registry
+from fusionnet.ensembles.calibration import fit_temperature
+from fusionnet.ensembles.selection import exhaustive_selection, fit_weights, greedy_selection
+from fusionnet.ensembles.stacking import stacking
+from fusionnet.ensembles.voting import hard_vote, soft_vote
+
+
+@dataclass
+class MemberProbs:
+    val: torch.Tensor  # (M, N_val, K)
+    val_labels: torch.Tensor  # (N_val,)
+    test: torch.Tensor  # (M, N_test, K); its labels are not here: no method can see them
+    seed: int = 0
+
+
+@dataclass
+class MethodOutput:
+    test: torch.Tensor  # (N_test, K)
+    val: torch.Tensor | None  # (N_val, K), fitted methods: in-sample on val (optimistic); None: use val_scores
+    weights: list[float] | None = None  # per member; None: all members, equally
+    val_scores: dict | None = None  # honest {"acc", "nll"} on val where val probabilities would be in-sample
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnsembleMethod:
+    """A registered output-ensemble method: its stable id (the CLI name), its report label, its function."""
+
+    id: str
+    label: str
+    run: Callable[[MemberProbs], MethodOutput]
+
+    def __call__(self, probs: MemberProbs) -> MethodOutput:
+        return self.run(probs)
+
+
+ENSEMBLES: Registry[EnsembleMethod] = Registry("ensemble method")
+
+
+def register_ensemble(id: str, *, label: str) -> Callable:
+    """Function decorator: an ensemble method under ``id`` (``vote --method id``), shown as ``label``."""
+    def add(run: Callable[[MemberProbs], MethodOutput]) -> Callable[[MemberProbs], MethodOutput]:
+        ENSEMBLES.register(id, EnsembleMethod(id, label, run))
+        return run
+    return add
+
+
+def by_label(label: str) -> EnsembleMethod:
+    """The method a report row's label names (rows of results.json are keyed by label)."""
+    return next(m for m in ENSEMBLES.values() if m.label == label)
+
+
+@register_ensemble("soft", label="soft voting")
+def _soft(p: MemberProbs) -> MethodOutput:
+    return MethodOutput(soft_vote(p.test), soft_vote(p.val))
+
+
+@register_ensemble("hard", label="hard voting")
+def _hard(p: MemberProbs) -> MethodOutput:
+    return MethodOutput(hard_vote(p.test), hard_vote(p.val))
+
+
+@register_ensemble("weighted", label="weighted voting (NLL-fitted)")
+def _weighted(p: MemberProbs) -> MethodOutput:
+    w = fit_weights(p.val, p.val_labels)
+    return MethodOutput(soft_vote(p.test, w), soft_vote(p.val, w), w)
+
+
+@register_ensemble("greedy", label="greedy selection (Caruana)")
+def _greedy(p: MemberProbs) -> MethodOutput:
+    g = greedy_selection(p.val, p.val_labels, metric="nll", n_init=1, rounds=25)
+    return MethodOutput(soft_vote(p.test, g.weights), soft_vote(p.val, g.weights), g.weights,
+                        extra={"trajectory": g.trajectory})
+
+
+@register_ensemble("exhaustive", label="best subset (exhaustive)")
+def _exhaustive(p: MemberProbs) -> MethodOutput:
+    e = exhaustive_selection(p.val, p.val_labels, metric="nll")
+    return MethodOutput(soft_vote(p.test, e.weights), soft_vote(p.val, e.weights), e.weights)
+
+
+@register_ensemble("temperature", label="soft voting, temperature-scaled")
+def _temperature(p: MemberProbs) -> MethodOutput:
+    temps = [fit_temperature(p.val[i], p.val_labels) for i in range(len(p.val))]
+    scaled_v = torch.stack([t.apply(p.val[i]) for i, t in enumerate(temps)])
+    scaled_t = torch.stack([t.apply(p.test[i]) for i, t in enumerate(temps)])
+    ens = fit_temperature(soft_vote(scaled_v), p.val_labels)
+    return MethodOutput(ens.apply(soft_vote(scaled_t)), ens.apply(soft_vote(scaled_v)),
+                        extra={"temperatures": [t.temperature for t in temps],
+                               "ensemble_temperature": ens.temperature})
+
+
+def _stacking(method: str) -> Callable[[MemberProbs], MethodOutput]:
+    def run(p: MemberProbs) -> MethodOutput:
+        st = stacking(p.val, p.val_labels, p.test, method=method, cv=5, seed=p.seed)
+        return MethodOutput(st.test_probs, None, val_scores={"acc": st.cv_acc, "nll": st.cv_nll},
+                            extra={"cv_acc_on_val": st.cv_acc})
+    return run
+
+
+register_ensemble("stacking", label="stacking (logistic regression)")(_stacking("logreg"))
+register_ensemble("stacking-hgb", label="stacking (gradient boosting)")(_stacking("hgb"))

@@ -1,0 +1,1 @@
+"""Serving: the HTTP server (FastAPI) and Ray Serve replicas."""

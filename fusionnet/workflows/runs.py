@@ -1,0 +1,62 @@
+"""Finding the model a finished run chose: a ``compare`` run's val-selected fusion (by the id and checkpoint path
+its ``results.json`` records), a ``fuse`` run's ``selected.pth``, a ``train`` run's ``best.pth``. Used by
+``distill --teacher``, ``serve`` and the experiments that take a run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from fusionnet.errors import ConfigError, MissingFileError
+
+SELECTED = "FusionNet (selected on val)"  # the row label of results.json written before the ids (fusionnet 0.3)
+
+
+def checkpoints_in(sources: Sequence[str]) -> list[Path]:
+    """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``) name: files as given; a ``compare``
+    run folder: its val-selected fusion; a ``fuse`` run folder: ``selected.pth``; a ``train`` run folder:
+    ``best.pth``."""
+    paths = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            paths.append(path)
+        elif (path / "results.json").is_file():
+            paths.append(selected_in_comparison(path))
+        elif (path / "selected.pth").is_file():
+            paths.append(path / "selected.pth")
+        elif (path / "best.pth").is_file():
+            paths.append(path / "best.pth")
+        else:
+            raise MissingFileError(f"{source!r} is neither a checkpoint nor a run folder of compare "
+                                   f"(results.json), fuse (selected.pth) or train (best.pth)")
+    return paths
+
+
+def selected_in_comparison(folder: Path) -> Path:
+    """The checkpoint of the fusion variant validation chose in a compare run (``results.json``'s ``selected``)."""
+    try:
+        results = json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{str(folder)!r}: its results.json cannot be read ({exc}); give a checkpoint instead") \
+            from exc
+    chosen = results.get("selected", {}).get("fusion") or _chosen_by_label(results)
+    if chosen is None:
+        raise ConfigError(f"{str(folder)!r}: its results.json names no selected fusion model; give a checkpoint "
+                          f"instead")
+    checkpoint = chosen.get("checkpoint")
+    if checkpoint and Path(checkpoint).is_file():
+        return Path(checkpoint)
+    raise MissingFileError(f"{str(folder)!r}: validation chose {chosen['id']!r}, but its model file {checkpoint!r} "
+                           f"is not there (was the comparison run with --keep outputs?); rerun it with --keep best, "
+                           f"or give the checkpoint itself")
+
+
+def _chosen_by_label(results: dict) -> dict | None:
+    """A results.json of fusionnet 0.3 (no ``selected`` block): the chosen row's label matched to a variant."""
+    label = results.get("methods", {}).get(SELECTED, {}).get("chosen")
+    for variant, row in results.get("fusion", {}).items():
+        if label == f"FusionNet ({variant.replace('_', ' ')})":
+            return {"id": variant, "checkpoint": row.get("checkpoint")}
+    return None

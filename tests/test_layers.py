@@ -1,0 +1,93 @@
+"""The house: packages by layer, each importing only from the layers below (function-level imports included)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fusionnet"
+TOP = {"errors", "registry", "config"}  # torch-free modules every layer may use
+ALLOWED = {  # layer -> the layers (and top-level modules) its modules may import
+    "errors": set(),
+    "registry": {"errors"},
+    "config": {"errors", "registry"},
+    "utils": {"errors", "registry"},
+    "data": {"utils"} | TOP - {"config"},
+    "models": {"utils"} | TOP - {"config"},
+    "engine": {"models", "data", "utils"} | TOP,
+    "ensembles": {"engine", "models", "data", "utils"} | TOP,
+    "workflows": {"ensembles", "engine", "models", "data", "utils"} | TOP,
+    "serving": {"models", "data", "utils"} | TOP,
+    "cli": {"workflows", "serving", "ensembles", "engine", "models", "data", "utils"} | TOP,
+}
+
+
+def _layer(module: str) -> str:
+    """'fusionnet.models.fusion' -> 'models'; 'fusionnet.errors' -> 'errors'; 'fusionnet' -> ''."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fusionnet")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("fusionnet"):
+            if node.module == "fusionnet":
+                found |= {f"fusionnet.{a.name}" for a in node.names}
+            else:
+                found.add(node.module)
+    return found
+
+
+def test_every_import_points_down_the_layers():
+    upward = []
+    for path in sorted(PKG.rglob("*.py")):
+        mod = ".".join(path.relative_to(PKG.parent).with_suffix("").parts)
+        layer = _layer(mod)
+        if layer in ("", "__init__", "__main__"):
+            continue
+        for target in _imports(path):
+            to = _layer(target)
+            if to and to != layer and to not in ALLOWED[layer]:
+                upward.append(f"{mod} imports {target}")
+    assert upward == []
+
+
+def test_the_top_level_is_small_and_the_layers_are_packages():
+    top_modules = sorted(p.name for p in PKG.glob("*.py"))
+    packages = sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").is_file())
+    assert len(top_modules) <= 8, top_modules
+    assert set(packages) == set(ALLOWED) - TOP - {"errors"}, packages
+    assert all(_layer(f"fusionnet.{p}") in ALLOWED for p in packages)
+
+
+def test_no_module_over_450_lines():
+    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert long == {}
+
+
+def test_no_function_over_60_lines():
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
+
+
+@pytest.mark.parametrize("config", ["TrainConfig", "TrainRun", "CompareConfig", "FuseConfig", "DistillConfig"])
+def test_building_a_config_imports_no_torch(config):
+    args = {"TrainRun": "data='d', backbones=['resnet18']", "CompareConfig": "data='d'",
+            "FuseConfig": "members=['a', 'b'], data='d'", "DistillConfig": "teacher=['t'], data='d'"}.get(config, "")
+    code = (f"import sys; from fusionnet.config import {config}; {config}({args}); "
+            f"from fusionnet.cli.args import COMMANDS; "
+            f"bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'timm')); "
+            f"print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
