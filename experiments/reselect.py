@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.workflows.compare import _label
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id
 from fusionnet.workflows.pipeline import Scored, Table, val_scores
 from fusionnet.workflows.report import mcnemar, write_report
 from fusionnet.ensembles.voting import MemberOutputs
@@ -36,7 +36,7 @@ def table_of(run: Path) -> Table:
     table = Table(members, members[0].outputs["val"].class_names)
     table.add_ensembles(seed=results["budget"]["seed"])
     for variant, info in results["fusion"].items():
-        table.add_fusion(scored(f"fusion_{variant}", info, "fusion"), _label(variant))
+        table.add_fusion(scored(f"fusion_{variant}", info, "fusion"), fusion_id(variant))
     return table
 
 
@@ -44,15 +44,14 @@ def rewrite(run: Path, table: Table, rule: str) -> None:
     """The run's results.json / results.md with the selected rows of ``rule`` (``table``: :func:`table_of` it)."""
     results = json.loads((run / "results.json").read_text())
     table.add_selected(rule)
-    kept = {n: r for n, r in results["methods"].items() if n not in table.rows and "selected on val" not in n}
+    kept = {n: r for n, r in results["methods"].items() if n not in table.rows and not n.startswith("selected:")}
     for r in kept.values():  # scored by an older rule than the saved outputs can recompute
         r["val"] = r["val"] and {k: v for k, v in r["val"].items() if k != "nll_scaled"}
     results["methods"] = {**table.rows, **kept}
     results["budget"]["select_by"] = rule
     y = table.y_test
     write_report(results, run, table.class_names, reliability={
-        "FusionNet (selected on val)": (table.rows["FusionNet (selected on val)"]["probs"], y),
-        "soft voting": (table.rows["soft voting"]["probs"], y)})
+        SELECTED_FUSION: (table.rows[SELECTED_FUSION]["probs"], y), "soft": (table.rows["soft"]["probs"], y)})
 
 
 def main() -> None:
@@ -69,7 +68,7 @@ def main() -> None:
         per_run, fusion_right, ensemble_right = {}, [], []
         for run, table in tables.items():
             table.add_selected(rule)
-            f, e = table.rows["FusionNet (selected on val)"], table.rows["ensemble (selected on val)"]
+            f, e = table.rows[SELECTED_FUSION], table.rows[SELECTED_ENSEMBLE]
             per_run[str(run)] = {"fusion": f["chosen"], "fusion_acc": f["acc"], "ensemble": e["chosen"],
                                  "ensemble_acc": e["acc"]}
             y = table.y_test.tolist()

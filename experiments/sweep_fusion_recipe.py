@@ -47,8 +47,8 @@ def main() -> None:
                                            train=train, out=str(Path(args.out) / name), **compare_fields), log=None)
         val = {m: r["val"] for m, r in res["methods"].items() if r.get("val")}
         rows.append({"recipe": recipe, "val": val})
-        print(name, {m: round(v["nll"], 4) for m, v in val.items() if "FusionNet" in m or m in (
-            "soft voting", "ensemble (selected on val)")}, flush=True)
+        print(name, {m: round(v["nll"], 4) for m, v in val.items() if m.startswith(("fusion:", "selected:")) or
+                     m == "soft"}, flush=True)
     (Path(args.out) / "sweep.json").write_text(json.dumps(rows, indent=2))
 
 

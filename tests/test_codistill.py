@@ -223,7 +223,7 @@ def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(
     # the row's time counts the members and their extra trainings
     assert info["seconds"] > sum(info["cross_fit"]["fold_seconds"].values()) + sum(
         crossed["members"][b]["train_seconds"] for b in TINY)
-    assert "FusionNet (distilled from members)" in crossed["methods"]
+    assert "fusion:distilled_from_members" in crossed["methods"]
     distilled = crossed["fusion"]["distilled"]  # its teacher is the members: their time is counted
     assert distilled["seconds"] > sum(crossed["members"][b]["train_seconds"] for b in TINY) + \
         distilled["train_seconds"] - 1e-6
@@ -287,7 +287,7 @@ def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
     data = make_splits(tmp_path / "data", per_class=6)
     results = run_comparison(_tiny(data, tmp_path / "run", "frozen", variants=["concat", "distilled_from_members"]),
                              log=None)
-    assert "finetune regime only" in results["skipped"]["FusionNet (distilled from members)"]
+    assert "finetune regime only" in results["skipped"]["fusion:distilled_from_members"]
     # by default each regime runs the variants that can run in it, so a frozen report lists no skipped rows
     from fusionnet.workflows.compare import resolve_variants
 

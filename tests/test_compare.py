@@ -21,13 +21,11 @@ def tiny_compare(data, out, regime="frozen", **settings) -> CompareConfig:
     train = regime_train_config(regime, epochs=2, batch_size=8, progress=False)
     return CompareConfig(data=str(data), backbones=TINY, regime=regime, size=32, pretrained=False, out=str(out),
                          train=train, **settings)
-METHODS = {"member: timm/test_efficientnet", "member: timm/test_resnet", "soft voting", "hard voting",
-           "weighted voting (NLL-fitted)", "greedy selection (Caruana)", "best subset (exhaustive)",
-           "soft voting, temperature-scaled", "stacking (logistic regression)", "stacking (gradient boosting)",
-           "FusionNet (concat)", "FusionNet (gated)", "FusionNet (attention)", "FusionNet (late)",
-           "FusionNet (from members)", "FusionNet (codistilled)", "FusionNet (stacked)", "FusionNet (stacked): its branch classifiers' soft vote",
-           "FusionNet (selected on val)", "FusionNet (selected on val), temperature-scaled",
-           "ensemble (selected on val)"}
+METHODS = {"member:timm/test_efficientnet", "member:timm/test_resnet", "soft", "hard", "weighted", "greedy",
+           "exhaustive", "temperature", "stacking", "stacking-hgb",
+           "fusion:concat", "fusion:gated", "fusion:attention", "fusion:late", "fusion:from_members",
+           "fusion:codistilled", "fusion:stacked", "fusion:stacked:branch_vote",
+           "selected:fusion", "selected:fusion:scaled", "selected:ensemble"}  # row ids (labels: the report's)
 
 
 @pytest.mark.parametrize("regime", ["frozen", "finetune"])
@@ -51,14 +49,18 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     outs = [MemberOutputs.load(run / "outputs" / f"{b}_test.pt") for b in TINY]
     mean = torch.stack([o.probs for o in outs]).mean(0)
     acc = float((mean.argmax(1) == outs[0].labels).double().mean())
-    assert results["methods"]["soft voting"]["acc"] == pytest.approx(acc)
+    assert results["methods"]["soft"]["acc"] == pytest.approx(acc)
     fusion_rows = {n: r for n, r in results["methods"].items() if r["kind"] == "fusion"}
-    selected = results["methods"]["FusionNet (selected on val)"]
+    selected = results["methods"]["selected:fusion"]
     assert selected["chosen"] in fusion_rows
     assert selected["val"]["nll"] == min(r["val"]["nll"] for r in fusion_rows.values())
     assert selected["acc"] == fusion_rows[selected["chosen"]]["acc"]
     saved = json.loads((run / "results.json").read_text())
-    assert saved["budget"]["regime"] == regime and "probs" not in saved["methods"]["soft voting"]
+    assert saved["budget"]["regime"] == regime and "probs" not in saved["methods"]["soft"]
+    assert saved["methods"]["soft"]["label"] == "soft voting"
+    assert saved["selected"]["fusion"]["id"] == selected["chosen"].partition(":")[2]
+    chosen_variant = saved["selected"]["fusion"]["id"]
+    assert saved["selected"]["fusion"]["checkpoint"] == results["fusion"][chosen_variant]["checkpoint"]
     assert "| FusionNet (selected on val) -> FusionNet" in (run / "results.md").read_text()
     # the jointly trained fusion has both trunks: as large as the two members together, plus a wider head
     members = sum(results["members"][b]["params"] for b in TINY)
@@ -70,19 +72,19 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     stacked = load_fusionnet(run / "models" / "fusion_stacked" / "best.pth")
     assert stacked.config.fusion == "late"
     saved_test = MemberOutputs.load(run / "outputs" / "fusion_stacked_test.pt")
-    assert results["methods"]["FusionNet (stacked)"]["acc"] == pytest.approx(
+    assert results["methods"]["fusion:stacked"]["acc"] == pytest.approx(
         float((saved_test.probs.argmax(1) == saved_test.labels).double().mean()))
     # the soft vote of the stacked model's own branch classifiers: recomputed from the saved model
     splits = load_splits(data, size=32)
     x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
     with torch.no_grad():
         vote = stacked.eval().forward_output(x).extras["branch_logits"].softmax(-1).mean(1)
-    assert torch.allclose(results["methods"]["FusionNet (stacked): its branch classifiers' soft vote"]["probs"], vote,
+    assert torch.allclose(results["methods"]["fusion:stacked:branch_vote"]["probs"], vote,
                           atol=1e-5)
     # the branch vote is a variant of the fusion: the ensemble side chooses among the members' ensembles only
-    branch_vote = results["methods"]["FusionNet (stacked): its branch classifiers' soft vote"]
+    branch_vote = results["methods"]["fusion:stacked:branch_vote"]
     assert branch_vote["kind"] == "fusion variant"
-    assert results["methods"]["ensemble (selected on val)"]["chosen"] in {
+    assert results["methods"]["selected:ensemble"]["chosen"] in {
         n for n, r in results["methods"].items() if r["kind"] == "ensemble"}
     if regime == "finetune":
         assert results["fusion"]["stacked"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
@@ -112,23 +114,23 @@ def test_seed_summary_aggregates_and_pairs_the_selected_rows(tmp_path):
         return {"budget": {"regime": "frozen", "epochs": 1, "size": 32, "seed": 0, "batch_size": 8, "train": 1,
                            "val": 1, "test": 4},
                 "test_labels": [0, 1, 0, 1],
-                "methods": {"FusionNet (selected on val)": {**row, "acc": acc_f, "pred": pred_f},
-                            "ensemble (selected on val)": {**row, "acc": acc_e, "pred": pred_e},
-                            "soft voting": {**row, "acc": acc_e, "pred": pred_e, "kind": "ensemble"}}}
+                "methods": {"selected:fusion": {**row, "acc": acc_f, "pred": pred_f},
+                            "selected:ensemble": {**row, "acc": acc_e, "pred": pred_e},
+                            "soft": {**row, "acc": acc_e, "pred": pred_e, "kind": "ensemble"}}}
 
     per_seed = {0: run(1.0, 0.5, [0, 1, 0, 1], [0, 0, 0, 0]), 1: run(0.75, 0.5, [0, 1, 0, 0], [1, 1, 1, 1])}
     out = write_seed_summary(per_seed, tmp_path, {})
-    f = out["methods"]["FusionNet (selected on val)"]["acc"]
+    f = out["methods"]["selected:fusion"]["acc"]
     assert f["mean"] == pytest.approx(0.875) and f["sd"] == pytest.approx(0.1767767, rel=1e-5)
     t = out["paired_test"]
     # fusion right / ensemble wrong on 2 (seed 0) + 2 (seed 1) images, the reverse on 1 (seed 1)
     assert (t["a_only"], t["b_only"]) == (4, 1)
     assert t["p_value"] == pytest.approx(2 * (1 + 5) / 32)
     # and against each output ensemble (here soft voting, which predicts as the selected ensemble)
-    assert out["fusion_vs_each_ensemble"]["soft voting"] == mcnemar(
-        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["FusionNet (selected on val)"]["pred"],
+    assert out["fusion_vs_each_ensemble"]["soft"] == mcnemar(
+        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["selected:fusion"]["pred"],
                                                  [0, 1, 0, 1])],
-        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["soft voting"]["pred"], [0, 1, 0, 1])])
+        [p == y for s in (0, 1) for p, y in zip(per_seed[s]["methods"]["soft"]["pred"], [0, 1, 0, 1])])
     assert "| soft voting | 4 | 1 |" in (tmp_path / "results.md").read_text()
     assert "+-" in (tmp_path / "results.md").read_text() and "McNemar" in (tmp_path / "results.md").read_text()
     assert mcnemar([True] * 3, [True] * 3)["p_value"] == 1.0

@@ -51,7 +51,7 @@ def test_a_one_epoch_comparison_on_the_gpu(tmp_path):
     results = run_comparison(CompareConfig(data=str(data), backbones=TINY, size=32, epochs=1, batch_size=8,
                                            pretrained=False, device="cuda", out=str(tmp_path / "run"),
                                            progress=False), log=None)
-    assert "FusionNet (selected on val)" in results["methods"]
+    assert "selected:fusion" in results["methods"]
 
 
 def test_branches_on_cuda_streams_match_running_them_in_turn():

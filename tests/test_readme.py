@@ -67,7 +67,7 @@ def _fake_demo_run(work: Path) -> None:
     model = FusionNet(backbones=["timm/test_efficientnet", "timm/test_resnet"], num_classes=3, fusion="late",
                       class_names=["a", "b", "c"])
     path = save_model(model, work / "runs/demo/models/fusion_stacked/best.pth")
-    results = {"methods": {"FusionNet (selected on val)": {"chosen": "FusionNet (stacked)"}},
+    results = {"selected": {"fusion": {"id": "stacked", "checkpoint": str(path)}},
                "fusion": {"stacked": {"checkpoint": str(path)}}}
     (work / "runs/demo/results.json").write_text(json.dumps(results))
 

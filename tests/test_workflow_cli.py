@@ -71,14 +71,15 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     assert main(["fuse", "--members", str(runs["a"] / "best.pth"), str(runs["b"] / "best.pth"), "--data", str(data),
                  "--size", "32", "--epochs", "2", "--out", str(tmp_path / "fuse"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "fuse" / "fuse.json").read_text())
-    assert {"soft voting", "FusionNet (fused members)", "FusionNet (stacked)",
-            "FusionNet (selected on val)"} <= set(report["methods"])
-    fused = {n: r for n, r in report["methods"].items() if n in ("FusionNet (fused members)", "FusionNet (stacked)")}
+    assert {"soft", "fusion:fused_members", "fusion:stacked", "selected:fusion"} <= set(report["methods"])
+    fused = {n: r for n, r in report["methods"].items() if n in ("fusion:fused_members", "fusion:stacked")}
     assert report["selected"] == min(fused, key=lambda n: fused[n]["val"]["nll"])  # chosen on validation
-    assert report["methods"]["FusionNet (selected on val)"] == report["methods"][report["selected"]]
+    same = {k: v for k, v in report["methods"]["selected:fusion"].items() if k != "label"}
+    assert same == {k: v for k, v in report["methods"][report["selected"]].items() if k != "label"}
+    assert report["methods"]["selected:fusion"]["label"] == "FusionNet (selected on val)"
     assert (tmp_path / "fuse" / "models" / "stacked" / "best.pth").is_file()
     # the model validation chose is where the next step looks: selected.pth, the chosen head's own file
-    chosen_file = {"FusionNet (fused members)": "models/fused/best.pth", "FusionNet (stacked)": "models/stacked/best.pth"}
+    chosen_file = {"fusion:fused_members": "models/fused/best.pth", "fusion:stacked": "models/stacked/best.pth"}
     assert report["selected_model"] == str(tmp_path / "fuse" / "selected.pth")
     assert (tmp_path / "fuse" / "selected.pth").read_bytes() == \
         (tmp_path / "fuse" / chosen_file[report["selected"]]).read_bytes()
@@ -169,3 +170,29 @@ def test_inspect_says_what_each_of_the_librarys_files_is(data, tmp_path, capsys)
     assert main(["inspect", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
     assert "ONNX model" in out and "images (batch, 3, 32, 32)" in out and "class_names:" in out
+
+
+def test_a_run_folder_names_its_selected_model_by_id_also_in_the_older_format(tmp_path):
+    import pytest
+
+    from fusionnet.errors import ConfigError, MissingFileError
+    from fusionnet.workflows.runs import checkpoints_in
+
+    model = tmp_path / "m.pth"
+    model.write_bytes(b"x")
+    new, old, gone = tmp_path / "new", tmp_path / "old", tmp_path / "gone"
+    for folder in (new, old, gone):
+        folder.mkdir()
+    (new / "results.json").write_text(json.dumps({"selected": {"fusion": {"id": "stacked",
+                                                                          "checkpoint": str(model)}}}))
+    (old / "results.json").write_text(json.dumps({  # fusionnet 0.3: rows keyed by label
+        "methods": {"FusionNet (selected on val)": {"chosen": "FusionNet (from members)"}},
+        "fusion": {"from_members": {"checkpoint": str(model)}}}))
+    (gone / "results.json").write_text(json.dumps({"selected": {"fusion": {"id": "concat",
+                                                                           "checkpoint": str(tmp_path / "no.pth")}}}))
+    assert checkpoints_in([str(new), str(old)]) == [model, model]
+    with pytest.raises(MissingFileError, match="validation chose 'concat', but its model file"):
+        checkpoints_in([str(gone)])
+    (gone / "results.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="results.json cannot be read"):
+        checkpoints_in([str(gone)])

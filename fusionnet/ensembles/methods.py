@@ -61,11 +61,6 @@ def register_ensemble(id: str, *, label: str) -> Callable:
     return add
 
 
-def by_label(label: str) -> EnsembleMethod:
-    """The method a report row's label names (rows of results.json are keyed by label)."""
-    return next(m for m in ENSEMBLES.values() if m.label == label)
-
-
 @register_ensemble("soft", label="soft voting")
 def _soft(p: MemberProbs) -> MethodOutput:
     return MethodOutput(soft_vote(p.test), soft_vote(p.val))

@@ -37,13 +37,14 @@ from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.losses import soft_vote
 from fusionnet.registry import Registry
 from fusionnet.utils.distributed import resolve_device
-from fusionnet.ensembles.methods import by_label as ensemble_by_label
 from fusionnet.models.factory import create_fusionnet, fuse_members
 from fusionnet.engine.feature_cache import cached_features
 from fusionnet.utils.files import atomic_write_json, resolve_path
 from fusionnet.models.fusion import FUSERS
 from fusionnet.workflows.pipeline import ClosedForm, Context, Scored, Table, Trained, choose_output, val_scores
 from fusionnet.workflows.report import write_report, write_seed_summary
+from fusionnet.workflows.rows import (SELECTED_ENSEMBLE, SELECTED_FUSION, branch_vote_id, fusion_id, fusion_label,
+                                      member_id)
 
 STACKED_FUSION = "late"  # the fusion method the stacked variant fits in closed form
 
@@ -177,10 +178,15 @@ class Variant:
 
     @property
     def label(self) -> str:  # the report's name for it
-        return f"FusionNet ({self.name.replace('_', ' ')})"
+        return fusion_label(self.name)
 
 
 RECIPES: Registry[Variant] = Registry("comparison variant")  # the variants beyond a fusion method trained jointly
+
+
+def register_variant(variant: Variant) -> Variant:
+    """Add a comparison variant (``compare --variants name``; with ``default``, in the default set too)."""
+    return RECIPES.register(variant.name, variant)
 _NEEDS_IMAGES = ("the teacher needs the members on images, so it runs in the finetune regime only (frozen, the "
                  "members share their trunks' features)")
 for _variant in (Variant("from_members", _from_members),
@@ -188,7 +194,7 @@ for _variant in (Variant("from_members", _from_members),
                  Variant("distilled_from_members", _distilled_from_members, ("finetune",), _NEEDS_IMAGES),
                  Variant("codistilled", _codistilled),
                  Variant("stacked", _stacked, first_when_frozen=True)):
-    RECIPES.register(_variant.name, _variant)
+    register_variant(_variant)
 
 
 def variants() -> Registry[Variant]:
@@ -269,16 +275,15 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     for variant in cfg.variants:
         spec = table_of.get(variant)
         if cfg.regime not in spec.regimes:
-            table.skipped[spec.label] = spec.why_not
+            table.skipped[fusion_id(variant)] = spec.why_not
             continue
         scored = early.get(variant) or _run_variant(variant, cfg, ctx, members)
-        label = spec.label
         fusion[variant] = scored.info
-        table.add_fusion(scored, label)
+        table.add_fusion(scored, fusion_id(variant))
         if variant == "stacked":  # its branch classifiers alone, soft-voted: how much of its edge is the combiner's
             vote = branch_vote(scored, ctx)
-            table.add(f"{label}: its branch classifiers' soft vote", vote["test"], scored.info["seconds"],
-                      scored.info["params"], val_scores(vote["val"], table.y_val), "fusion variant")
+            table.add(branch_vote_id(variant), vote["test"], scored.info["seconds"], scored.info["params"],
+                      val_scores(vote["val"], table.y_val), "fusion variant")
     table.add_selected(cfg.select_by)
     return _write(cfg, ctx, table, members, fusion)
 
@@ -313,12 +318,11 @@ def _member_builder(cfg: CompareConfig, class_names: list[str], backbone: str):
 
 def _selected_ids(rows: dict, fusion: dict) -> dict:
     """The selected rows by stable id (a variant's name, an ensemble method's id) and the fusion's checkpoint: what
-    distill, serve and the experiments read instead of matching labels."""
-    by_label = {variants().get(v).label: v for v in fusion}
-    chosen = by_label[rows["FusionNet (selected on val)"]["chosen"]]
+    distill, serve and the experiments read."""
+    chosen = rows[SELECTED_FUSION]["chosen"].partition(":")[2]  # "fusion:stacked" -> "stacked"
     selected = {"fusion": {"id": chosen, "checkpoint": fusion[chosen].get("checkpoint")}}
-    if "ensemble (selected on val)" in rows:
-        selected["ensemble"] = {"id": ensemble_by_label(rows["ensemble (selected on val)"]["chosen"]).id}
+    if SELECTED_ENSEMBLE in rows:
+        selected["ensemble"] = {"id": rows[SELECTED_ENSEMBLE]["chosen"]}
     return selected
 
 
@@ -333,8 +337,8 @@ def _write(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Sc
         "fusion": fusion, "selected": _selected_ids(rows, fusion), "test_labels": y_test.tolist(),
     }
     write_report(results, ctx.out, splits.class_names, reliability={
-        "FusionNet (selected on val)": (rows["FusionNet (selected on val)"]["probs"], y_test),
-        "soft voting": (rows["soft voting"]["probs"], y_test) if "soft voting" in rows else None,
-        **{b: (s.outputs["test"].probs, y_test) for b, s in members.items()}})
+        SELECTED_FUSION: (rows[SELECTED_FUSION]["probs"], y_test),
+        "soft": (rows["soft"]["probs"], y_test) if "soft" in rows else None,
+        **{member_id(b): (s.outputs["test"].probs, y_test) for b, s in members.items()}})
     ctx.log((ctx.out / "results.md").read_text())
     return results

@@ -32,6 +32,7 @@ from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_t
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned
+from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
 
 
 def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None,
@@ -137,35 +138,34 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
                "stacked": ClosedForm("stacked", lambda: (fuse_members(loaded, fusion="late",
                                                                       taps=cfg.stacked_taps), 0.0),
                                      seed=cfg.train.seed)}
-    labels = {"trained": "FusionNet (fused members)", "stacked": "FusionNet (stacked)"}
+    ids = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacked")}
     for head in cfg.heads:
-        log(f"== {labels[head]}")
-        table.add_fusion(entries[head].run(ctx), labels[head])
+        log(f"== {label(ids[head])}")
+        table.add_fusion(entries[head].run(ctx), ids[head])
     table.add_selected()
-    chosen = table.rows["FusionNet (selected on val)"]["chosen"]
+    chosen = table.rows[SELECTED_FUSION]["chosen"]
     selected = out / "selected.pth"
     atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
-    return _write_fuse_report(cfg, out, table, (chosen, {v: k for k, v in labels.items()}[chosen]), selected)
+    return _write_fuse_report(cfg, out, table, chosen, selected)
 
 
-def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: tuple[str, str], selected: Path) -> dict:
-    """fuse.json and fuse.md; ``chosen``: the selected head's (label, id)."""
+def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path) -> dict:
+    """fuse.json (rows by id, each with its label) and fuse.md; ``chosen``: the selected fusion's row id."""
     best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
-    chosen, chosen_id = chosen
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
-              "selected_id": {"fusion": {"id": chosen_id, "checkpoint": str(selected)}},
               "best_member_on_val": best_member,
-              "methods": {n: {m: r[m] for m in ("acc", "macro_f1", "nll", "ece")} | {"val": r["val"]}
-                          for n, r in table.rows.items()}}
+              "methods": {n: {"label": label(n), **{m: r[m] for m in ("acc", "macro_f1", "nll", "ece")},
+                              "val": r["val"]} for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
     lines = [f"Fused {len(cfg.members)} members. Selected on validation NLL: "
-             f"{chosen}, written to {str(selected)!r} (use this file for predict and export). Best member on "
-             f"validation: {best_member}.", "",
+             f"{label(chosen)}, written to {str(selected)!r} (use this file for predict and export). Best member "
+             f"on validation: {label(best_member)}.", "",
              "| method | test acc | macro-F1 | NLL | ECE | val acc | val NLL |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for n, r in report["methods"].items():
+    for r in report["methods"].values():
         val = f"{r['val']['acc']:.4f} | {r['val']['nll']:.4f}" if r["val"] else "- | -"
-        lines.append(f"| {n} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} |")
+        lines.append(f"| {r['label']} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
+                     f"{val} |")
     lines += ["", "Fused members: the members' heads as one, trained on cached features, the best epoch by "
                   "validation NLL (epoch 0 = the members' logit average). Stacked: a classifier per member trunk and "
                   "per-class branch weights fitted on out-of-fold predictions of the training split (members "

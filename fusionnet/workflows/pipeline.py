@@ -34,6 +34,7 @@ from fusionnet.engine.feature_cache import cached_features, fit_closed_form_on
 from fusionnet.utils.metrics import accuracy, classification_metrics, nll
 from fusionnet.engine.train import TrainConfig, fit
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned, member_outputs
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, SELECTED_FUSION_SCALED, member_id
 
 SPLITS = ("val", "test")
 
@@ -223,13 +224,13 @@ class Table:
         self.candidates: dict[str, list[str]] = {"fusion": [], "ensemble": []}  # what the selected rows choose from
         self.fusion_outputs: dict[str, dict[str, MemberOutputs]] = {}
         for m in members:
-            self.add(f"member: {m.name}", m.outputs["test"].probs, m.info["seconds"], m.info["params"],
+            self.add(member_id(m.name), m.outputs["test"].probs, m.info["seconds"], m.info["params"],
                      m.info["val"], "member")
 
-    def add(self, label: str, test_probs: torch.Tensor, seconds: float, params: int, val: dict | None, kind: str,
+    def add(self, row_id: str, test_probs: torch.Tensor, seconds: float, params: int, val: dict | None, kind: str,
             **extra) -> None:
         m = classification_metrics(test_probs, self.y_test, self.class_names)
-        self.rows[label] = {"acc": m["acc"], "macro_f1": m["macro_f1"], "nll": m["nll"], "ece": m["ece"],
+        self.rows[row_id] = {"acc": m["acc"], "macro_f1": m["macro_f1"], "nll": m["nll"], "ece": m["ece"],
                             "seconds": seconds, "params": params, "val": val, "kind": kind,
                             "confusion": m["confusion"], "pred": test_probs.argmax(1).tolist(), "probs": test_probs,
                             **extra}
@@ -241,12 +242,12 @@ class Table:
     def add_ensembles(self, methods: list[EnsembleMethod] | None = None, seed: int = 0,
                       log: Callable[[str], None] = lambda _m: None) -> None:
         """Every registered output-ensemble method (or ``methods``) over the members' saved outputs (chosen among
-        on validation); a row each, under the method's label."""
+        on validation); a row each, under the method's id."""
         probs = self.member_probs(seed)
         member_s = sum(m.info["seconds"] for m in self.members)
         member_params = [m.info["params"] for m in self.members]
         for spec in ENSEMBLES.values() if methods is None else methods:
-            method = spec.label
+            method = spec.id
             t0 = time.perf_counter()
             try:
                 res: MethodOutput = spec.run(probs)
@@ -259,13 +260,13 @@ class Table:
             self.add(method, res.test, member_s + time.perf_counter() - t0, used, scores, "ensemble", **res.extra)
             self.candidates["ensemble"].append(method)
 
-    def add_fusion(self, scored: Scored, label: str) -> None:
+    def add_fusion(self, scored: Scored, row_id: str) -> None:
         check_aligned([self.members[0].outputs["val"], scored.outputs["val"]])
         check_aligned([self.members[0].outputs["test"], scored.outputs["test"]])
-        self.fusion_outputs[label] = scored.outputs
-        self.add(label, scored.outputs["test"].probs, scored.info["seconds"], scored.info["params"],
+        self.fusion_outputs[row_id] = scored.outputs
+        self.add(row_id, scored.outputs["test"].probs, scored.info["seconds"], scored.info["params"],
                  scored.info["val"], "fusion")
-        self.candidates["fusion"].append(label)
+        self.candidates["fusion"].append(row_id)
 
     def pick(self, names: list[str], by: str) -> str:
         """The row with the best validation score (NLL, scaled or not: lowest; accuracy: highest); the first on
@@ -277,19 +278,19 @@ class Table:
         return min(names, key=key)
 
     def add_selected(self, by: str = SELECT_BY) -> None:
-        """"FusionNet (selected on val)" (and its temperature-scaled copy) among the fusion entries, and
-        "ensemble (selected on val)" among the output ensembles of the members."""
+        """The selected fusion (``selected:fusion``, and its temperature-scaled copy) among the fusion entries, and
+        the selected ensemble (``selected:ensemble``) among the output ensembles of the members."""
         best_fusion = self.pick(self.candidates["fusion"], by)
         chosen, r = self.fusion_outputs[best_fusion], self.rows[best_fusion]
-        self.add("FusionNet (selected on val)", chosen["test"].probs, r["seconds"], r["params"], r["val"],
+        self.add(SELECTED_FUSION, chosen["test"].probs, r["seconds"], r["params"], r["val"],
                  "selected", chosen=best_fusion)
         temp = fit_temperature(chosen["val"].probs, self.y_val)
-        self.add("FusionNet (selected on val), temperature-scaled", temp.apply(chosen["test"].probs), r["seconds"],
+        self.add(SELECTED_FUSION_SCALED, temp.apply(chosen["test"].probs), r["seconds"],
                  r["params"], val_scores(temp.apply(chosen["val"].probs), self.y_val), "calibrated",
                  temperature=temp.temperature)
         ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None]
         if ensembles:
             best_ensemble = self.pick(ensembles, by)
             e = self.rows[best_ensemble]
-            self.add("ensemble (selected on val)", e["probs"], e["seconds"], e["params"], e["val"], "selected",
+            self.add(SELECTED_ENSEMBLE, e["probs"], e["seconds"], e["params"], e["val"], "selected",
                      chosen=best_ensemble)

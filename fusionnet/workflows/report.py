@@ -15,19 +15,22 @@ import torch
 from fusionnet.errors import DataError
 from fusionnet.utils.files import atomic_write_json, atomic_write_text
 from fusionnet.utils.plots import confusion_grid, reliability_diagram
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, label
 
-SELECTED = ("FusionNet (selected on val)", "ensemble (selected on val)")
+SELECTED = (SELECTED_FUSION, SELECTED_ENSEMBLE)
 
 
 def write_report(results: dict, out: Path, class_names: list[str], reliability: dict) -> None:
-    """``results.json`` (probabilities left out), ``results.md``, ``confusion.png`` and ``reliability.png``."""
+    """``results.json`` (rows by id, each with its label; probabilities left out), ``results.md``,
+    ``confusion.png`` and ``reliability.png`` (``reliability``: {row id: (test probs, labels) or None})."""
     rows = results["methods"]
     atomic_write_json(out / "results.json", {**results, "methods": {
-        name: {k: v for k, v in row.items() if k != "probs"} for name, row in rows.items()}})
+        name: {"label": label(name), **{k: v for k, v in row.items() if k != "probs"}}
+        for name, row in rows.items()}})
     atomic_write_text(out / "results.md", markdown_table(results))
-    shown = [m for m in (*SELECTED, "soft voting") if m in rows]
-    confusion_grid({m: rows[m]["confusion"] for m in shown}, class_names, out / "confusion.png")
-    reliability_diagram({m: (torch.as_tensor(p).numpy(), torch.as_tensor(y).numpy())
+    shown = [m for m in (*SELECTED, "soft") if m in rows]
+    confusion_grid({label(m): rows[m]["confusion"] for m in shown}, class_names, out / "confusion.png")
+    reliability_diagram({label(m): (torch.as_tensor(p).numpy(), torch.as_tensor(y).numpy())
                          for m, pair in reliability.items() if pair is not None for p, y in [pair]},
                         out / "reliability.png")
 
@@ -64,11 +67,11 @@ def markdown_table(results: dict) -> str:
     for name, r in results["methods"].items():
         v = r.get("val")
         val = f"{v['acc']:.4f} | {v['nll']:.4f} | {v.get('nll_scaled', v['nll']):.4f}" if v else "- | - | -"
-        label = f"{name} -> {r['chosen']}" if r.get("chosen") else name
-        lines.append(f"| {label} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} | "
+        shown = f"{label(name)} -> {label(r['chosen'])}" if r.get("chosen") else label(name)
+        lines.append(f"| {shown} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | {val} | "
                      f"{r['seconds']:.1f} | {r['params'] / 1e6:.2f}M |")
     for name, why in results.get("skipped", {}).items():
-        lines.append(f"| {name} | skipped: {why} | | | | | | | | |")
+        lines.append(f"| {label(name)} | skipped: {why} | | | | | | | | |")
     budget = results["budget"]
     notes = NOTES + [SELECT_NOTES[budget.get("select_by", "nll")],
                      SHARED_NOTE if budget.get("shared_cache") else
@@ -108,7 +111,7 @@ def write_seed_summary(per_seed: dict[int, dict], out: Path, config: dict) -> di
 
     test, against = None, {}
     if all(n in names for n in SELECTED):
-        test = {**mcnemar(right(SELECTED[0]), right(SELECTED[1])), "a": SELECTED[0], "b": SELECTED[1]}
+        test = {**mcnemar(right(SELECTED[0]), right(SELECTED[1])), "a": SELECTED[0], "b": SELECTED[1]}  # row ids
         ensembles = [n for n in names if per_seed[seeds[0]]["methods"][n].get("kind") == "ensemble"]
         against = {n: mcnemar(right(SELECTED[0]), right(n)) for n in ensembles}
     result = {"seeds": seeds, "config": config, "budget": per_seed[seeds[0]]["budget"], "methods": summary,
@@ -124,16 +127,16 @@ def seed_table(result: dict) -> str:
              "| method | test acc | macro-F1 | NLL | ECE | wall s |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in result["methods"].items():
         cells = [f"{r[m]['mean']:.4f} +- {r[m]['sd']:.4f}" for m in ("acc", "macro_f1", "nll", "ece")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['seconds']['mean']:.1f} |")
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + f" | {r['seconds']['mean']:.1f} |")
     t = result.get("paired_test")
     if t:
         verdict = "significant" if t["p_value"] < 0.05 else "not significant"
-        lines += ["", f"Paired test (exact McNemar, test predictions of all seeds pooled): '{t['a']}' right where "
-                      f"'{t['b']}' is wrong on {t['a_only']} images, the reverse on {t['b_only']}; p = "
+        lines += ["", f"Paired test (exact McNemar, test predictions of all seeds pooled): '{label(t['a'])}' right "
+                      f"where '{label(t['b'])}' is wrong on {t['a_only']} images, the reverse on {t['b_only']}; p = "
                       f"{t['p_value']:.3g}, {verdict} at the 5 % level."]
     if result.get("fusion_vs_each_ensemble"):
-        lines += ["", f"'{SELECTED[0]}' against each output ensemble (exact McNemar, all seeds pooled):", "",
+        lines += ["", f"'{label(SELECTED[0])}' against each output ensemble (exact McNemar, all seeds pooled):", "",
                   "| ensemble | fusion right, it wrong | it right, fusion wrong | p |", "| --- | --- | --- | --- |"]
-        lines += [f"| {n} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} |"
+        lines += [f"| {label(n)} | {t['a_only']} | {t['b_only']} | {t['p_value']:.3g} |"
                   for n, t in result["fusion_vs_each_ensemble"].items()]
     return "\n".join(lines) + "\n"
