@@ -167,8 +167,11 @@ def test_cross_fitting_never_scores_a_fold_with_a_model_that_saw_it(tmp_path, mo
     def build():
         torch.manual_seed(0)
         return FusionNet(backbones=TINY[:1], num_classes=3, class_names=splits.class_names)
-    oof = out_of_fold_probs(build, splits.train, splits.val, TrainConfig(epochs=1, batch_size=8, progress=False),
-                            folds=3, seed=0, out_dir=tmp_path / "cf", device="cpu", log=lambda _m: None)
+    from fusionnet.workflows.pipeline import Context
+
+    ctx = Context(splits, tmp_path, device="cpu")
+    oof = out_of_fold_probs(build, ctx, TrainConfig(epochs=1, batch_size=8, progress=False), folds=3, seed=0,
+                            out_dir=tmp_path / "cf")
     assert len(trained) == len(scored) == 3
     for seen, predicted in zip(trained, scored):
         assert not seen & set(predicted)  # no model predicts an image it trained on

@@ -81,6 +81,31 @@ def test_no_function_over_60_lines():
     assert long == []
 
 
+def test_no_public_function_takes_more_than_8_parameters():
+    """A longer list is a settings object waiting to be named (Inference for predict, SplitSettings for
+    load_splits, a Context for the workflows)."""
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                if len(names) > 8:
+                    long.append(f"{path.relative_to(PKG)}:{node.lineno} {node.name} ({len(names)})")
+    assert long == []
+
+
+def test_every_training_flag_reaches_every_command_that_trains():
+    """A new TrainConfig field (a callback's setting) becomes a flag of train, compare, fuse and distill."""
+    from fusionnet.cli.main import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name in ("train", "compare", "fuse", "distill"):
+        flags = {o for a in commands[name]._actions for o in a.option_strings}
+        assert {"--ema-decay", "--ogm-alpha", "--codistill", "--checkpoint-activations"} <= flags, name
+
+
 @pytest.mark.parametrize("config", ["TrainConfig", "TrainRun", "CompareConfig", "FuseConfig", "DistillConfig"])
 def test_building_a_config_imports_no_torch(config):
     args = {"TrainRun": "data='d', backbones=['resnet18']", "CompareConfig": "data='d'",

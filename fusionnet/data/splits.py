@@ -8,6 +8,7 @@ are re-exported here, where earlier versions defined them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -53,10 +54,34 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 
-def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
-                policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
-                image_cache: str | os.PathLike | None = None, progress: bool = True) -> Splits:
-    """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``.
+@dataclass
+class SplitSettings:
+    """How :func:`load_splits` reads a data folder (every field a keyword of ``load_splits`` too)."""
+
+    size: int  # input size in pixels
+    val_fraction: float = 0.15  # without val/: this stratified, seeded share of train/ becomes validation
+    seed: int = 0
+    policy: str = "default"  # the training augmentation policy: default | strong | none
+    strict: bool = False  # refuse unreadable images up front instead of skipping them
+    crop_pct: float = 1.0  # the eval pipeline's centre crop
+    image_cache: str | os.PathLike | None = None  # a folder: decode every image once into it
+    progress: bool = True
+
+
+def _split_settings(how: SplitSettings | None, fields: dict) -> SplitSettings:
+    """``how`` with ``fields`` over it; unknown keywords or a missing size are a ConfigError."""
+    known = {f.name for f in dataclasses.fields(SplitSettings)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"load_splits got unknown setting(s) {unknown}; it takes {', '.join(sorted(known))}")
+    if how is None and "size" not in fields:
+        raise ConfigError("load_splits needs size=, the input size in pixels (e.g. size=128)")
+    return dataclasses.replace(how, **fields) if how is not None else SplitSettings(**fields)
+
+
+def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fields) -> Splits:
+    """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``;
+    ``how`` (or its fields as keywords: ``size``, ``val_fraction``, ``seed``, ...) says how (:class:`SplitSettings`).
 
     Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
     never used for any choice. With ``image_cache`` (a folder), every image is decoded once into
@@ -64,6 +89,9 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
     and one at twice ``size`` for the training pipeline.
     """
+    how = _split_settings(how, fields)
+    size, val_fraction, seed, policy, strict = how.size, how.val_fraction, how.seed, how.policy, how.strict
+    crop_pct, image_cache, progress = how.crop_pct, how.image_cache, how.progress
     if not (is_int(size) and size >= 1):
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     base = _data_root(root)

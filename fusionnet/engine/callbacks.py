@@ -77,6 +77,10 @@ class Callback:
         """The model to validate and save instead of the trained one (None: the trained one)."""
         return None
 
+    def sampler(self, n: int, generator: torch.Generator) -> torch.utils.data.Sampler | None:
+        """The order in which an epoch draws the ``n`` training samples (None: the usual shuffle)."""
+        return None
+
     def state_dict(self) -> dict:
         return {}
 
@@ -228,6 +232,19 @@ class WeightAverage(Callback):
         self.ema.module.load_state_dict(state["weights"])
 
 
+class Resample(Callback):
+    """Boosting by resampling: each epoch draws the training samples in proportion to ``weights`` (N,), with
+    replacement (:mod:`fusionnet.ensembles.members`)."""
+
+    def __init__(self, weights) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+
+    def sampler(self, n: int, generator: torch.Generator) -> torch.utils.data.Sampler:
+        if len(self.weights) != n:
+            raise ConfigError(f"sample weights have {len(self.weights)} entries for {n} training samples")
+        return torch.utils.data.WeightedRandomSampler(self.weights, n, replacement=True, generator=generator)
+
+
 class ActivationCheckpointing(Callback):
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> "ActivationCheckpointing | None":
@@ -298,7 +315,7 @@ def ogm_coefficients(branch_logits: Sequence[torch.Tensor], target: torch.Tensor
 CALLBACKS: Registry[type[Callback]] = Registry("callback")  # in the order fit runs them
 for _key, _cls in (("checkpoint_activations", ActivationCheckpointing), ("branch_streams", BranchStreams),
                    ("ogm", GradientModulation), ("ema", WeightAverage), ("codistill", CoDistillation),
-                   ("distillation", Distillation)):
+                   ("distillation", Distillation), ("resample", Resample)):
     _cls.key = _key
     CALLBACKS.register(_key, _cls)
 

@@ -7,7 +7,9 @@ Under ``torchrun`` every rank computes a shard and all ranks get all N rows, in 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -38,12 +40,25 @@ class _Indexed(Dataset):
         return x, y, i
 
 
+@dataclass
+class Inference:
+    """How :func:`predict` runs a model (every field a keyword of ``predict`` too)."""
+
+    batch_size: int = 64
+    amp: bool | str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on the CPU
+    channels_last: bool | str = "auto"  # "auto": on the CPU (faster there), not on CUDA
+    num_workers: int = 0
+    progress: bool = False
+    desc: str = "predict"  # the progress bar's label
+    tta: str | None = None  # "flip" | "flip-zoom" (fusionnet.data.tta)
+    tta_space: str = "prob"  # average the views' "prob"abilities or "logit"s
+
+
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: str | torch.device = "auto",
-            amp: bool | str = "auto", channels_last: bool | str = "auto", num_workers: int = 0,
-            progress: bool = False, desc: str = "predict", tta: str | None = None,
-            tta_space: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, data: Dataset, how: Inference | None = None, *, device: str | torch.device = "auto",
+            **fields) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities (N, K) float32, labels (N,)) in dataset order; the model runs on ``device`` (moved there).
+    ``how`` (or its fields as keywords: ``batch_size``, ``amp``, ``tta``, ...) says how (:class:`Inference`).
 
     The ``"auto"`` defaults are the fastest mode measured on each device that agrees with fp32 on that device
     (experiments/bench_throughput.py): on the CPU fp32 weights in channels-last memory format (the model is converted
@@ -53,6 +68,9 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     "flip-zoom"; :mod:`fusionnet.data.tta`) averages each image's prediction over its views, in ``tta_space`` ("prob" or
     "logit"); it costs a forward pass per view.
     """
+    how = _inference(how, fields)
+    batch_size, amp, channels_last = how.batch_size, how.amp, how.channels_last
+    tta, tta_space = how.tta, how.tta_space
     check_tta(tta, tta_space)
     if tta is not None and isinstance(data, FeatureDataset):
         raise ConfigError("test-time augmentation needs images; cached features cannot be flipped or cropped")
@@ -72,14 +90,14 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     if isinstance(data, FeatureDataset):  # cached features: whole batches by indexing
         loader = data.batches(sampler or SequentialSampler(data), batch_size, with_index=True)
     else:
-        loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        loader = DataLoader(indexed, batch_size=batch_size, sampler=sampler, num_workers=how.num_workers,
                             pin_memory=device.type == "cuda")
     probs, labels, index = [], [], []
     # predicting leaves the global random stream as it was (a DataLoader draws seeds from it): validating during
     # training then never shifts the training's own random numbers (dropout masks, augmentation order)
     with torch.random.fork_rng(devices=[]):
         _predict_batches(clf, loader, forward, probs, labels, index, device=device, amp=amp,
-                         channels_last=channels_last, bar=dict(desc=desc, disable=not progress or rank != 0,
+                         channels_last=channels_last, bar=dict(desc=how.desc, disable=not how.progress or rank != 0,
                                                                total=math.ceil(len(sampler or indexed) / batch_size)))
     p, y, i = torch.cat(probs), torch.cat(labels), torch.cat(index)
     if world > 1:
@@ -89,6 +107,15 @@ def predict(model: nn.Module, data: Dataset, *, batch_size: int = 64, device: st
     order = torch.zeros(len(data), dtype=torch.long)
     order[i] = torch.arange(len(i))  # DistributedSampler pads with repeats: the last write per index wins
     return p[order], y[order]
+
+
+def _inference(how: Inference | None, fields: dict) -> Inference:
+    """``how`` with ``fields`` over it; an unknown keyword is a ConfigError naming the known ones."""
+    known = {f.name for f in dataclasses.fields(Inference)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"predict got unknown setting(s) {unknown}; it takes {', '.join(sorted(known))}")
+    return dataclasses.replace(how or Inference(), **fields)
 
 
 def _predict_batches(clf, loader, forward, probs: list, labels: list, index: list, *, device, amp, channels_last,

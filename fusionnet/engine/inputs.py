@@ -54,7 +54,7 @@ def maybe_device_input(run: Run, train_data) -> None:
     side = spec.size if spec is not None else 0
     reason = ("the training pipeline is not a fusionnet train_transform" if spec is None else
               "distributed training shards the images per process" if run.world > 1 else
-              "sample_weights draw the samples" if run.inputs.sample_weights is not None else
+              "a callback draws the samples" if _drawn(run, len(train_data)) else
               "the training images do not fit in a quarter of the free GPU memory"
               if run.device.type == "cuda" and not fits(len(train_data), side, run.device) else None)
     if reason is not None:
@@ -104,18 +104,22 @@ def maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device,
     return train_f, val_f, True
 
 
-def _sampler(dataset, cfg: TrainConfig, epoch: int, generator, labels, world: int, sample_weights):
-    if world > 1:
+def _drawn(run: Run, n: int) -> bool:
+    """Whether a callback draws the training samples (e.g. :class:`fusionnet.engine.callbacks.Resample`)."""
+    return any(cb.sampler(n, torch.Generator()) is not None for cb in run.callbacks)
+
+
+def _sampler(dataset, run: Run, epoch: int, generator):
+    cfg = run.cfg
+    if run.world > 1:
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
         return sampler
-    if sample_weights is not None:
-        if len(sample_weights) != len(dataset):
-            raise ConfigError(f"sample_weights has {len(sample_weights)} entries for {len(dataset)} training samples")
-        return torch.utils.data.WeightedRandomSampler(torch.as_tensor(sample_weights, dtype=torch.double),
-                                                      len(dataset), replacement=True, generator=generator)
+    drawn = next((s for cb in run.callbacks if (s := cb.sampler(len(dataset), generator)) is not None), None)
+    if drawn is not None:
+        return drawn
     if cfg.balanced_sampling:
-        return balanced_sampler(labels, generator=generator)
+        return balanced_sampler(run.inputs.labels, generator=generator)
     return torch.utils.data.RandomSampler(dataset, generator=generator)
 
 
@@ -123,7 +127,7 @@ def batches(run: Run, epoch: int, epoch_seed: int):
     """(batches of (x, y) on the device, their number) for one epoch, from the run's input source."""
     cfg, dataset = run.cfg, run.inputs.train
     generator = torch.Generator().manual_seed(epoch_seed)
-    sampler = _sampler(dataset, cfg, epoch, generator, run.inputs.labels, run.world, run.inputs.sample_weights)
+    sampler = _sampler(dataset, run, epoch, generator)
     drop_last = run.inputs.mix is not None and len(sampler) >= cfg.batch_size  # mixup pairs need even, full batches
     count = steps_per_epoch(len(sampler), cfg, 1, drop_last)
     if run.inputs.device_images is not None:  # the GPU input path: indices in the sampler's order, augmented on the device

@@ -48,7 +48,6 @@ class Inputs:
     val: Dataset
     cached: bool
     labels: list[int] | None
-    sample_weights: torch.Tensor | None = None
     mix: Callable | None = None  # timm's Mixup (mixup / cutmix): (x, y) -> (mixed x, soft targets)
     device_images: DeviceImages | None = None  # the GPU input path (device_input.py), when it is on
     augment: BatchAugment | None = None

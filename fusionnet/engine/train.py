@@ -73,15 +73,16 @@ def stages_for_epoch(epoch: int, cfg: TrainConfig) -> int | None:
 
 def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig | None = None, *,
         out_dir: str | Path | None = None, resume: bool = False, log: Callable[[str], None] | None = print,
-        sample_weights: torch.Tensor | None = None, callbacks: Sequence[Callback] = ()) -> FitResult:
+        callbacks: Sequence[Callback] = ()) -> FitResult:
     """Train ``model`` on ``train_data``, choosing the best epoch on ``val_data``; see the module docstring.
 
-    ``sample_weights`` (N,) draws training samples in proportion to them, with replacement (boosting by
-    resampling); it replaces ``balanced_sampling``. ``callbacks`` (:mod:`fusionnet.engine.callbacks`) run beside those
-    the config asks for (``checkpoint_activations``, ``branch_streams``, ``ogm_alpha``).
+    ``callbacks`` (:mod:`fusionnet.engine.callbacks`) run beside those the config asks for
+    (``checkpoint_activations``, ``branch_streams``, ``ogm_alpha``, ...); ``Resample(weights)`` among them draws the
+    training samples in proportion to ``weights`` (N,), with replacement (boosting by resampling), in place of the
+    shuffle and of ``balanced_sampling``.
     """
     cfg = resolved(config or TrainConfig(), len(train_data))  # budget 'hyperrule' -> epochs for this data
-    run = _setup(model, train_data, val_data, cfg, out_dir, resume, log, sample_weights, callbacks)
+    run = _setup(model, train_data, val_data, cfg, out_dir, resume, log, callbacks)
     for cb in run.callbacks:
         cb.on_fit_start(run.clf)
         cb.on_schedule(steps_per_epoch(len(train_data), cfg, run.world, drop_last=run.inputs.mix is not None), cfg.epochs)
@@ -101,8 +102,7 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
                      used_cache=run.inputs.cached)
 
 
-def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool, log, sample_weights,
-           callbacks: Sequence[Callback]) -> Run:
+def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool, log, callbacks: Sequence[Callback]) -> Run:
     """Everything before the first epoch: device, checks, loss, feature cache, optimiser, resume state."""
     clf = as_classifier(model)
     train_data, val_data = as_dataset(train_data), as_dataset(val_data)  # the dataset protocol (datasets.py)
@@ -128,7 +128,7 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
                           gamma=cfg.focal_gamma)  # with mixup, its soft targets carry the smoothing
     clf.set_trainable_stages(stages_for_epoch(0, cfg))
     train_src, val_src, used_cache = maybe_cache(clf, train_data, val_data, cfg, device, world, say)
-    inputs = Inputs(train_src, val_src, used_cache, labels, sample_weights, mix)
+    inputs = Inputs(train_src, val_src, used_cache, labels, mix)
     data = training_record(train_data, cfg.seed)
     run = Run(cfg, model, clf, device, rank, world, say, class_names, inputs,
               _optimisation(clf, cfg, criterion, len(train_data), world, used_cache, mix),

@@ -17,6 +17,7 @@ from torch import nn
 from fusionnet.ensembles.boosting import bootstrap_indices, samme_update
 from fusionnet.data.splits import eval_view
 from fusionnet.engine.inference import predict
+from fusionnet.engine.callbacks import Resample
 from fusionnet.engine.train import FitResult, TrainConfig, fit
 
 
@@ -46,7 +47,7 @@ def train_boosted(make_model: Callable[[int], nn.Module], train_data, val_data, 
     models, alphas = [], []
     for r in range(rounds):
         model = make_model(r)
-        fit(model, train_data, val_data, replace(config, seed=config.seed + r), sample_weights=weights,
+        fit(model, train_data, val_data, replace(config, seed=config.seed + r), callbacks=[Resample(weights)],
             out_dir=str(Path(out_dir) / f"boost{r}") if out_dir else None, log=log)
         probs, labels = predict(model, plain, batch_size=config.batch_size, device=config.device)
         new_weights, alpha = samme_update(weights, probs.argmax(1) == labels, num_classes)

@@ -48,16 +48,17 @@ def fold_indices(labels, folds: int, seed: int) -> list[np.ndarray]:
     return [held for _, held in cv.split(np.zeros(len(y)), y)]
 
 
-def out_of_fold_probs(build: Callable[[], nn.Module], train_data, val_data, train_cfg, *, folds: int, seed: int,
-                      out_dir: Path | None = None, device: str = "auto", log: Callable[[str], None] = print
-                      ) -> OutOfFold:
-    """Train ``build()`` once per fold on the other folds of ``train_data`` (best epoch on ``val_data``, like the
-    full member) and predict the held-out fold through the validation pipeline."""
+def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: int, seed: int,
+                      out_dir: Path | None = None) -> OutOfFold:
+    """Train ``build()`` once per fold on the other folds of the training split of ``ctx`` (a
+    :class:`fusionnet.workflows.pipeline.Context`; best epoch on its validation split, like the full member) and
+    predict the held-out fold through the validation pipeline, on ``ctx.device``."""
     from fusionnet.data.splits import eval_view
     from fusionnet.engine.inference import predict
     from fusionnet.workflows.pipeline import _best_epoch
     from fusionnet.engine.train import fit
 
+    train_data, val_data, device, log = ctx.splits.train, ctx.splits.val, ctx.device, ctx.log
     t0 = time.perf_counter()
     labels = list(train_data.labels)
     held_out = fold_indices(labels, folds, seed)
@@ -122,8 +123,7 @@ class CrossFitted:
 
         t0 = time.perf_counter()
         folder = ctx.out / "models" / self.name
-        oof = {b: out_of_fold_probs(build, ctx.splits.train, ctx.splits.val, self.train, folds=self.folds,
-                                    seed=self.seed, out_dir=folder / b, device=ctx.device, log=ctx.log)
+        oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b)
                for b, build in self.builders.items()}
         model = fuse_members(self.members, fusion="late", taps=0)
         facts = {**fit_combiner(model, [o.probs for o in oof.values()], ctx.splits.train.labels),
