@@ -74,3 +74,17 @@ def test_an_unknown_vote_method_is_bad_input_with_a_suggestion(tmp_path, capsys)
     assert main(["vote", "--method", "gredy", "--val", "a.pt", "b.pt", "--test", "c.pt", "d.pt"]) == 2
     err = capsys.readouterr().err
     assert "unknown ensemble method 'gredy'; did you mean 'greedy'?" in err and "stacking-hgb" in err
+
+
+def test_an_export_beyond_its_tolerance_fails_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from fusionnet import FusionNet, save_model
+    from fusionnet.models import export
+
+    save_model(FusionNet(backbones=["timm/test_resnet"], num_classes=3), tmp_path / "m.pth")
+    (tmp_path / "old.onnx").write_bytes(b"the user's earlier export")
+    monkeypatch.setattr(export, "check_onnx", lambda *a: 0.401)  # as if the graph computed something else
+    assert main(["export", str(tmp_path / "m.pth"), "--out", str(tmp_path / "old.onnx"), "--size", "32",
+                 "--overwrite"]) == 1
+    assert "differ from PyTorch's by 4.01e-01" in capsys.readouterr().err
+    assert (tmp_path / "old.onnx").read_bytes() == b"the user's earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "old.onnx"]

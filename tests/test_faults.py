@@ -188,7 +188,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypa
     for args, expected in ((["classify", "x.jpg"], "cannot read"),
                            (["classify", "dir.jpg"], "is a folder, not an image"),
                            (["classify", "--top", "-1"], "expected a whole number >= 1"),
-                           (["inspect", "x.jpg"], "could not read"),
+                           (["inspect", "x.jpg"], "is a text file, not a checkpoint"),
                            (["compare", "--data", "missing"], "data folder not found"),
                            (["compare", "--data", "missing", "--out", "afile"], "is a file; give a folder"),
                            (["demo", "--out", "afile/demo"], "a part of its folder path is a file")):

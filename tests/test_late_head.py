@@ -111,3 +111,34 @@ def test_fit_late_head_uses_tapped_levels_only_where_they_lower_the_out_of_fold_
     weight = model.fuser.classifiers[1].weight
     assert torch.count_nonzero(weight[:, model.branches[second].levels()[1]]) == 0  # the unused level weighs 0
     assert torch.count_nonzero(weight[:, model.branches[second].levels()[0]]) > 0
+
+
+def test_near_constant_features_get_no_weight_and_the_answer_does_not_depend_on_the_batch():
+    """A weak member's features that barely move (their spread float32 rounding) must not be amplified by the
+    standardisation: the fitted head stays small and answers the same at batch 1 and batch 256."""
+    torch.manual_seed(0)
+    model = FusionNet(backbones=TINY, num_classes=3, fusion="late").eval()
+    feats, y = _features(model, 30, 3)
+    weak = list(model.branches)[1]
+    signal = torch.nn.functional.one_hot(y, 3).float()  # perfectly informative, but 1e-7 of the magnitude
+    feats[weak] = 50.0 + 5e-6 * torch.cat([signal, torch.randn(len(y), feats[weak].shape[1] - 3)], 1)
+    fit_late_head(model, feats, y, folds=3)
+    w = model.fuser.classifiers[1].weight
+    assert float(w.abs().max()) < 1e-6 and float(model.fuser.classifiers[0].weight.abs().max()) > 0
+    x = {n: f.float() for n, f in feats.items()}
+    with torch.no_grad():
+        whole = model.forward_head(x).softmax(1)
+        one = torch.cat([model.forward_head({n: f[i:i + 1] for n, f in x.items()}).softmax(1) for i in range(len(y))])
+    assert torch.equal(whole.argmax(1), one.argmax(1)) and float((whole - one).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "attention", "late"])
+def test_every_fusion_method_answers_the_same_at_batch_1_and_batch_256(fusion):
+    torch.manual_seed(0)
+    model = FusionNet(backbones=TINY, num_classes=5, fusion=fusion).eval()
+    x = torch.rand(256, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(x).softmax(1)
+        one = torch.cat([model(x[i:i + 1]).softmax(1) for i in range(len(x))])
+    assert float((whole - one).abs().max()) < 1e-5
+    assert torch.equal(whole.argmax(1), one.argmax(1))

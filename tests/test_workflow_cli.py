@@ -196,3 +196,18 @@ def test_a_run_folder_names_its_selected_model_by_id_also_in_the_older_format(tm
     (gone / "results.json").write_text("{not json")
     with pytest.raises(ConfigError, match="results.json cannot be read"):
         checkpoints_in([str(gone)])
+
+
+def test_members_are_named_by_file_stem_or_by_folder_and_inspect_says_what_a_json_file_is(tmp_path, capsys):
+    from fusionnet.workflows.runs import member_names
+
+    assert member_names(["w/resnet18_best.pth", "runs/lite0/best.pth", "runs/lite1/best.pth", "x/lite0.pth"]) == [
+        "resnet18_best", "lite0", "lite1", "lite0_2"]
+    report = tmp_path / "results.json"
+    report.write_text(json.dumps({"budget": {}, "methods": {}, "selected": {"fusion": {"id": "stacked"}}}))
+    assert main(["inspect", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "a comparison's or fuse's results" in out and '"id": "stacked"' in out
+    assert main(["predict", str(report), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "is a JSON file, not a checkpoint" in err and len(err.strip().splitlines()) == 1

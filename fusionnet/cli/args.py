@@ -207,6 +207,7 @@ def _vote(p) -> None:
     p.add_argument("--val", nargs="+", required=True, help="each member's validation probabilities (.pt)")
     p.add_argument("--test", nargs="+", required=True, help="each member's test probabilities, same member order")
     p.add_argument("--out", help="write the ensemble's test probabilities and metrics as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _inspect(p) -> None:

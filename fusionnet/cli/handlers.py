@@ -5,30 +5,16 @@ loads only what it uses."""
 from __future__ import annotations
 
 import csv
-import shutil
+import io
+from dataclasses import replace
 from pathlib import Path
 
 from fusionnet.cli.args import given, settings
 from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun, distill_train_config,
                               fuse_train_config, regime_train_config)
 from fusionnet.errors import ConfigError
-
-
-def run_folder(out: str, overwrite: bool) -> Path:
-    """``out`` as a fresh run folder: an existing non-empty one is refused unless ``overwrite`` (then emptied)."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--out {str(p)!r} is a file; give a folder for the run")
-    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-    if blocked is not None:
-        raise ConfigError(f"--out {str(p)!r}: a part of its folder path is a file ({str(blocked)!r}); choose "
-                          f"another folder")
-    if p.is_dir() and any(p.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"run folder {str(p)!r} exists already; choose another --out, or pass --overwrite "
-                              f"to replace it")
-        shutil.rmtree(p)
-    return p
+from fusionnet.utils.files import atomic_write_text
+from fusionnet.utils.staging import check_output_folder, output_folder
 
 
 def fresh_file(out: str, overwrite: bool | None) -> Path:
@@ -58,33 +44,41 @@ def handle_train(args) -> None:
     run, train_cfg = TrainRun(**given(s, TrainRun)), TrainConfig(**given(s, TrainConfig))  # checked first
     resolve_device(train_cfg.device)
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
-        run_folder(run.out, bool(args.overwrite))
+        check_output_folder(run.out, bool(args.overwrite))
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
                              fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
-    result = fit(model, splits.train, splits.val, train_cfg, out_dir=run.out, resume=bool(args.resume))
-    if rank_world()[0] == 0:  # under torchrun, one report
-        if train_cfg.codistill:  # the fused head, the branch vote or both: chosen on validation, saved
+    with _train_folder(run.out, args) as out:  # the data and the model are checked: only now is --out touched
+        result = fit(model, splits.train, splits.val, train_cfg, out_dir=out, resume=bool(args.resume))
+        if rank_world()[0] == 0 and train_cfg.codistill:  # fused head, branch vote or both: chosen on validation
             from fusionnet.models.factory import load_fusionnet
             from fusionnet.engine.inference import choose_and_save_prediction
 
             choose_and_save_prediction(load_fusionnet(result.best_path), splits.val, result.best_path,
                                        device=train_cfg.device)
+    if rank_world()[0] == 0:  # under torchrun, one report
         print(f"best epoch {result.best_epoch} ({train_cfg.monitor} {result.best_score:.4f}); wrote "
-              f"{result.best_path}, {result.final_path}, {run.out}/history.json, history.png")
+              f"{run.out}/best.pth, {run.out}/final.pth, {run.out}/history.json, history.png")
+
+
+def _train_folder(out: str, args):
+    """``--resume`` continues the run in place; otherwise a fresh folder, or a replacement swapped in when done."""
+    from contextlib import nullcontext
+
+    return nullcontext(Path(out)) if args.resume else output_folder(out, bool(args.overwrite))
 
 
 def handle_compare(args) -> None:
-    from fusionnet.workflows.compare import run_comparison
+    from fusionnet.workflows.compare import run_comparison, validate
 
     s = settings(args, CompareConfig, TrainConfig)
     compare = given(s, CompareConfig)
     regime = compare.get("regime", "frozen")
     train = regime_train_config(regime, **given(s, TrainConfig))
-    cfg = CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train})  # checked before the folder
-    run_folder(cfg.out, bool(args.overwrite))
-    run_comparison(cfg)
+    cfg = validate(CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train}))  # before the folder
+    with output_folder(cfg.out, bool(args.overwrite)) as work:
+        run_comparison(replace(cfg, out=str(work)))
 
 
 def handle_distill(args) -> None:
@@ -92,8 +86,9 @@ def handle_distill(args) -> None:
 
     s = settings(args, DistillConfig, TrainConfig)
     cfg = DistillConfig(**given(s, DistillConfig), train=distill_train_config(**given(s, TrainConfig)))
-    out = run_folder(cfg.out, bool(args.overwrite))
-    distill(cfg)
+    with output_folder(cfg.out, bool(args.overwrite)) as work:
+        distill(replace(cfg, out=str(work)))
+    out = Path(cfg.out)
     print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
 
 
@@ -140,16 +135,18 @@ def handle_fuse(args) -> None:
 
     s = settings(args, FuseConfig, TrainConfig, extra=("out",))
     cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)))
-    out = run_folder(args.out, bool(args.overwrite))
-    report = fuse_checkpoints(cfg, out=out)
+    with output_folder(args.out, bool(args.overwrite)) as work:
+        fuse_checkpoints(cfg, out=work)
+    out = Path(args.out)
     print((out / "fuse.md").read_text() + f"wrote {out}/fuse.md, fuse.json; the model validation chose: "
-          f"{report['selected_model']}")
+          f"{out / 'selected.pth'}")
 
 
 def handle_demo(args) -> None:
     from fusionnet.workflows.demo import run_demo
 
-    run_demo(str(run_folder(args.out, args.overwrite)), epochs=args.epochs, progress=args.progress, keep=args.keep)
+    with output_folder(args.out, args.overwrite) as work:
+        run_demo(str(work), epochs=args.epochs, progress=args.progress, keep=args.keep)
     print(f"wrote {args.out}/results.md, results.json, confusion.png, reliability.png")
 
 
@@ -176,24 +173,37 @@ def handle_classify(args) -> None:
 
 
 def handle_export(args) -> None:
+    import os
+
     import torch
 
-    from fusionnet.models.export import check_onnx, export_onnx
+    from fusionnet.models.export import EXPORT_TOLERANCE, ExportMismatchError, check_onnx, export_onnx
     from fusionnet.models.factory import load_fusionnet
 
-    fresh_file(args.out, args.overwrite)
+    out = fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
     size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
-    path = export_onnx(model, args.out, size=size, exporter=args.exporter)
-    diff = check_onnx(model, path, torch.rand(3, 3, size, size))
-    print(f"wrote {str(path)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e}")
+    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")  # checked before it replaces anything
+    try:
+        export_onnx(model, staged, size=size, exporter=args.exporter)
+        diff = check_onnx(model, staged, torch.rand(3, 3, size, size))
+        if not diff <= EXPORT_TOLERANCE:
+            raise ExportMismatchError(f"the ONNX graph's logits differ from PyTorch's by {diff:.2e} (more than "
+                                      f"{EXPORT_TOLERANCE:g}); {str(out)!r} was not written. Try --exporter "
+                                      f"torchscript or dynamo (the other one)")
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
+          f"(tolerance {EXPORT_TOLERANCE:g})")
 
 
 def handle_gap(args) -> None:
     from fusionnet.workflows.gap import gap_check, gap_markdown
 
-    report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size, max_images=args.max_images,
-                       out=run_folder(args.out, args.overwrite))
+    with output_folder(args.out, args.overwrite) as work:
+        report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
+                           max_images=args.max_images, out=work)
     print(gap_markdown(report))
     print(f"wrote {args.out}/gap.json, gap.md, gap.png")
 
@@ -219,7 +229,9 @@ def handle_predict(args) -> None:
         if data is None:
             raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
         check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
-        out = member_outputs(model, data, member=Path(args.checkpoint).parent.name, split=args.split,
+        from fusionnet.workflows.runs import member_name
+
+        out = member_outputs(model, data, member=member_name(args.checkpoint), split=args.split,
                              checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
         print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
               f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
@@ -227,12 +239,12 @@ def handle_predict(args) -> None:
     images = _every_image(args.images, eval_transform(size))
     probs, _ = predict(model, images, device=args.device, tta=args.tta, tta_space=args.tta_space)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "class", "probability"])
-        for path, p in zip(images.paths, probs):
-            writer.writerow([path, names[int(p.argmax())], f"{float(p.max()):.4f}"])
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["path", "class", "probability"])
+    for path, p in zip(images.paths, probs):
+        writer.writerow([path, names[int(p.argmax())], f"{float(p.max()):.4f}"])
+    atomic_write_text(args.out, rows.getvalue())  # a file already there is replaced only by the finished one
     print(f"wrote {args.out!r} ({len(images)} images)")
 
 
@@ -252,6 +264,8 @@ def handle_vote(args) -> None:
     from fusionnet.utils.files import atomic_write_json
     from fusionnet.workflows.fuse import vote_files
 
+    if args.out:
+        fresh_file(args.out, args.overwrite)
     res = vote_files(args.val, args.test, args.method)
     probs = res.pop("probs")
     print(f"{res['method']} over {', '.join(res['members'])}: test acc {res['acc']:.4f}, macro-F1 "

@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fusionnet.errors import FusionNetError
+    from fusionnet.utils.staging import Terminated
 
     try:
         _dispatch(args)
@@ -52,6 +53,10 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"fusionnet {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"fusionnet {args.command}: terminated (SIGTERM); what --out held before is as it was",
+              file=sys.stderr)
+        return 143
     except (FusionNetError, FileNotFoundError) as exc:
         print(f"fusionnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -123,6 +123,9 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
         raise ConfigError("class_weighting / balanced_sampling need a dataset that knows its labels and class names "
                           "(a fusionnet.data.datasets.LabelledData such as FolderImages)")
     weight = class_weights(labels, num_classes).to(device) if cfg.class_weighting else None
+    if weight is not None:
+        say("class weights (inverse frequency): " + ", ".join(
+            f"{n} {w:.3f}" for n, w in zip(class_names or range(num_classes), weight.tolist())))
     mix = mixup(cfg, num_classes)
     criterion = make_loss(cfg.loss, weight=weight, label_smoothing=0.0 if mix else cfg.label_smoothing,
                           gamma=cfg.focal_gamma)  # with mixup, its soft targets carry the smoothing

@@ -238,6 +238,10 @@ def load_weights_file(path: str | os.PathLike) -> Any:
     if p.stat().st_size == 0:
         raise CheckpointMismatchError(f"{str(p)!r} is empty (0 bytes); it was never written completely. Use "
                                       f"another checkpoint (a run folder keeps best.pth and final.pth)")
+    text = text_kind(p)
+    if text is not None:
+        raise CheckpointMismatchError(f"{str(p)!r} is a {text} file, not a checkpoint; pass the .pth/.pt/"
+                                      f".safetensors file of the model (a run folder keeps best.pth)")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -257,6 +261,19 @@ def load_weights_file(path: str | os.PathLike) -> Any:
         raise CheckpointMismatchError(
             f"could not read {str(p)!r} as a checkpoint ({_first_line(exc)}); the file is truncated, corrupt or "
             f"not a PyTorch/safetensors file. Re-save or re-download it") from exc
+
+
+def text_kind(path: Path) -> str | None:
+    """"JSON" or "text" when the file starts as UTF-8 text without NUL bytes (checkpoints are binary), else None."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "JSON" if text.lstrip()[:1] in ("{", "[") else "text"
 
 
 def _first_line(exc: BaseException) -> str:

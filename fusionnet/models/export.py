@@ -106,6 +106,13 @@ def _dynamo(model: nn.Module, example: torch.Tensor, buffer: io.BytesIO, opset: 
     program.save(buffer)
 
 
+EXPORT_TOLERANCE = 1e-3  # the largest |onnxruntime - PyTorch| logit difference an export may have
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported graph does not compute what the model computes (beyond :data:`EXPORT_TOLERANCE`)."""
+
+
 def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
     """The largest absolute difference between PyTorch's and onnxruntime's logits on ``images``."""
     import onnxruntime as ort

@@ -46,6 +46,7 @@ MAX_ITER = 300  # L-BFGS iterations per C at most; warm-started along the grid, 
 GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # branch classifiers: inverse L2 strength
 # on standardised features, walked upwards until the out-of-fold NLL has risen twice
 PULL = 1e-2  # the combiner's L2 pull towards equal weights 1/M
+MIN_SPREAD = 1e-5  # std below this share of a feature's magnitude or of its branch's RMS: dead (float32 noise)
 
 
 @dataclass
@@ -157,9 +158,9 @@ def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: 
     if not np.isfinite(x).all():
         raise DataError(f"branch {name!r} has NaN or infinite features in {int((~np.isfinite(x)).any(1).sum())} "
                         f"row(s); check the images and the trunk's weights (a NaN in a checkpoint spreads)")
-    mean, std = x.mean(0), x.std(0)
-    std[std < 1e-12] = 1.0
+    mean, std, dead = _standardisation(x)
     z = ((x - mean) / std).astype(np.float32)  # solved in float32
+    z[:, dead] = 0.0  # no signal float32 inference can resolve: these features get weight 0
     levels = branch.levels()
     main = np.arange(z.shape[1])[levels[0]]
     best, cols, taps = _choose(z[:, main], y, k, grid, cv, tick), main, 0
@@ -172,6 +173,19 @@ def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: 
     weight = weight / std  # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     _copy(classifier, weight, bias - weight @ mean)
     return best, taps
+
+
+def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, dead) per feature column of ``x`` (N, D). A feature is dead when its spread is below
+    ``MIN_SPREAD`` (1e-5) of its own magnitude or of the branch's typical feature (the RMS of all of them): then its
+    variation is float32 rounding, of the input or of the trunk's own arithmetic, which changes with the batch
+    size. Standardising it would multiply that noise by up to 1/std (weights of 5e6 on the features of weak plain
+    torchvision members, whose answers then changed with the batch); it gets weight 0 instead."""
+    mean, std = x.mean(0), x.std(0)
+    scale = float(np.sqrt((x ** 2).mean())) if x.size else 0.0
+    dead = std <= MIN_SPREAD * np.maximum(np.abs(mean), scale)
+    std = np.where(dead, 1.0, std)
+    return mean, std, dead
 
 
 def fit_combiner_into(model, log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[torch.Tensor, float, float]:

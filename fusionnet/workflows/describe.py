@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fusionnet.models.checkpoints import inspect_checkpoint, load_weights_file
+from fusionnet.models.checkpoints import inspect_checkpoint, load_weights_file, text_kind
 from fusionnet.errors import CheckpointMismatchError
 from fusionnet.utils.files import resolve_path
 
@@ -15,6 +15,8 @@ def describe(path: str | os.PathLike) -> str:
     p = resolve_path(path, what="file")
     if p.suffix.lower() == ".onnx":
         return describe_onnx(p)
+    if p.is_file() and text_kind(p) is not None:
+        return describe_text(p)
     try:  # a checkpoint is read once; only a file that is not one is read again, as saved outputs
         info = inspect_checkpoint(p)
     except CheckpointMismatchError:
@@ -36,6 +38,29 @@ def describe_outputs(outputs, path: Path) -> str:
                       f"classes:      {', '.join(outputs.class_names)}",
                       f"accuracy:     {acc:.4f}",
                       f"checkpoint:   {outputs.checkpoint or 'not recorded'}"])
+
+
+def describe_text(path: Path) -> str:
+    """A JSON file: what it is (a run's report, settings) and its top-level keys; other text is refused."""
+    import json
+
+    lines = [f"file:         {str(path)!r}"]
+    try:
+        obj = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointMismatchError(f"{str(path)!r} is a text file, not a checkpoint, saved outputs or an ONNX "
+                                      f"export (what fusionnet inspect reads)") from None
+    kinds = {"methods": "a comparison's or fuse's results (results.json / fuse.json)", "compare": "a compare "
+             "run's settings (config.json)", "rows": "a distillation report (distill.json)"}
+    kind = next((v for k, v in kinds.items() if isinstance(obj, dict) and k in obj), "a JSON file")
+    lines.append(f"kind:         {kind}; not a checkpoint (fusionnet inspect reads .pth/.pt/.safetensors/.onnx)")
+    if isinstance(obj, dict):
+        lines.append(f"keys:         {', '.join(list(obj)[:12])}{' ...' if len(obj) > 12 else ''}")
+        if isinstance(obj.get("selected"), dict):
+            lines.append(f"selected:     {json.dumps(obj['selected'])}")
+    elif isinstance(obj, list):
+        lines.append(f"entries:      {len(obj)}")
+    return "\n".join(lines)
 
 
 def describe_onnx(path: Path) -> str:

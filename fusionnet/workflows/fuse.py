@@ -33,6 +33,7 @@ from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned
 from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
+from fusionnet.workflows.runs import member_names
 
 
 def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None,
@@ -128,7 +129,8 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
         record = (inspect_checkpoint(p).fusionnet or {}).get("data")
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
-    members = [Loaded(Path(p).stem, m, str(p)).run(ctx) for m, p in zip(loaded, cfg.members)]
+    names = member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
+    members = [Loaded(name, m, str(p)).run(ctx) for m, p, name in zip(loaded, cfg.members, names)]
     for m in members:
         check_class_order(m.outputs["val"])
     table = Table(members, names)

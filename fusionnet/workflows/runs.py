@@ -13,6 +13,27 @@ from fusionnet.errors import ConfigError, MissingFileError
 SELECTED = "FusionNet (selected on val)"  # the row label of results.json written before the ids (fusionnet 0.3)
 
 
+GENERIC_STEMS = ("best", "final", "selected", "model", "checkpoint", "weights")
+
+
+def member_name(path: str | Path) -> str:
+    """What a member checkpoint is called in outputs and reports: its file stem (``resnet18_best.pth`` ->
+    ``resnet18_best``), or its folder's name where the stem says nothing (``runs/lite0/best.pth`` -> ``lite0``)."""
+    p = Path(path)
+    return p.parent.name if p.stem in GENERIC_STEMS and p.parent.name else p.stem
+
+
+def member_names(paths: Sequence[str | Path]) -> list[str]:
+    """:func:`member_name` of each path, made unique with ``_2``, ``_3`` ... where two would be called alike."""
+    names: list[str] = []
+    for p in paths:
+        name, n = member_name(p), 2
+        while name in names:
+            name, n = f"{member_name(p)}_{n}", n + 1
+        names.append(name)
+    return names
+
+
 def checkpoints_in(sources: Sequence[str]) -> list[Path]:
     """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``) name: files as given; a ``compare``
     run folder: its val-selected fusion; a ``fuse`` run folder: ``selected.pth``; a ``train`` run folder:

@@ -1,0 +1,149 @@
+"""Nothing the user already has is lost to a failed command: output folders are replaced only once complete.
+
+:func:`output_folder` is how every command that writes a run folder gets it:
+
+* ``out`` is checked first (a file where the folder should be, a file in its path, a run there without
+  ``overwrite``): refused with a :class:`~fusionnet.errors.ConfigError` before anything is written;
+* a fresh ``out`` (absent or empty) is written in place, so an interrupted ``train`` can continue with ``--resume``;
+* with ``overwrite`` over an existing run, the new run is written beside it, in ``.<name>.partial-<pid>``, and
+  swapped in by two renames only when the command has finished. On any failure (bad input found late, an
+  exception mid-training, a NaN stop, Ctrl-C, SIGTERM) the partial folder is removed and the old run is left
+  byte-identical. After a ``kill -9`` the partial folder stays under its ``.partial-<pid>`` name; the next command
+  writing beside it removes it (its process is gone), and restores a run caught between the two renames
+  (``.<name>.replaced-<pid>``).
+
+Paths the new run recorded in its JSON and Markdown files point into the partial folder while it is written; the
+swap rewrites them to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from fusionnet.errors import ConfigError
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-(?P<pid>\d+)$")
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command was writing (raised like KeyboardInterrupt, so every cleanup runs)."""
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGTERM raises :class:`Terminated` instead of killing the
+    process on the spot, so the partial output is removed and the old one kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` as a run folder this command may write: refused (ConfigError) if it is a file, lies under a file,
+    or holds a run and ``overwrite`` is off."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out {str(p)!r} is a file; give a folder for the run")
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"--out {str(p)!r}: a part of its folder path is a file ({str(blocked)!r}); choose "
+                          f"another folder")
+    if _has_run(p) and not overwrite:
+        raise ConfigError(f"run folder {str(p)!r} exists already; choose another --out, or pass --overwrite "
+                          f"to replace it (the old run stays until the new one is complete)")
+    return p
+
+
+def _has_run(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+@contextmanager
+def output_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """The folder to write the run into (see the module docstring); swapped into ``out`` when the block ends
+    without an exception."""
+    final = check_output_folder(out, overwrite)
+    clean_leftovers(final)
+    if not _has_run(final):
+        with _sigterm_raises():
+            yield final
+        return
+    work = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        with _sigterm_raises():
+            yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _swap_in(work, final)
+
+
+def _swap_in(work: Path, final: Path) -> None:
+    """``work`` becomes ``final``: recorded paths rewritten, the old run renamed aside, the new one renamed in,
+    the old one removed."""
+    _rewrite_paths(work, final)
+    aside = final.parent / f".{final.name}.replaced-{os.getpid()}"
+    os.rename(final, aside)
+    os.rename(work, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _rewrite_paths(work: Path, final: Path) -> None:
+    """Point the paths the run wrote into its text files (results.json's checkpoints, ...) at ``final``."""
+    pairs = [(str(work.resolve()), str(final.resolve())), (str(work), str(final))]
+    pairs += [(json.dumps(a)[1:-1], json.dumps(b)[1:-1]) for a, b in pairs]  # as JSON escapes them
+    for path in work.rglob("*"):
+        if path.suffix not in _TEXT_SUFFIXES or not path.is_file() or "cache" in path.relative_to(work).parts:
+            continue
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        new = text
+        for a, b in pairs:
+            new = new.replace(a, b)
+        if new != text:
+            tmp = path.with_name(path.name + ".rewrite")
+            tmp.write_text(new)
+            os.replace(tmp, path)
+
+
+def clean_leftovers(final: Path) -> list[Path]:
+    """Folders beside ``final`` that a killed command left: ``.<name>.partial-<pid>`` of a dead process (removed)
+    and ``.<name>.replaced-<pid>`` (removed if ``final`` is there, else renamed back to it). Returns them."""
+    from fusionnet.utils.files import _pid_alive
+
+    found = []
+    parent = final.parent if str(final.parent) else Path(".")
+    if not parent.is_dir():
+        return found
+    for entry in parent.iterdir():
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m["name"] != final.name or _pid_alive(int(m["pid"])) and int(m["pid"]) != os.getpid():
+            continue
+        found.append(entry)
+        if m["kind"] == "replaced" and not final.exists():
+            os.rename(entry, final)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+    return found
