@@ -330,7 +330,8 @@ class FuseConfig:
                                    "(0: none)")
     classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "
                                               "classes.txt beside each); fusionnet members know theirs")
-    size: int = setting(128, "input size in pixels")
+    size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
+                                     "their checkpoints record it; else 128)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     train: TrainConfig = setting(None, "how the trained head trains", factory=lambda: fuse_train_config())
 

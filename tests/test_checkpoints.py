@@ -158,3 +158,27 @@ def test_pickled_whole_model_gets_a_resave_hint(tmp_path):
     path = _save(tmp_path, "whole.pth", torchvision.models.resnet18(weights=None))
     with pytest.raises(CheckpointMismatchError, match=r"torch.save\(model.state_dict\(\), path\)"):
         read_state_dict(path)
+
+
+def test_a_trained_classifier_that_cannot_be_kept_is_never_dropped_silently(tmp_path):
+    """VGG's three-layer classifier (here: an MLP head on a plain torchvision resnet18) cannot become FusionNet's
+    one Linear head: loading it says so, instead of attaching a random head without a word."""
+    import warnings
+
+    import torchvision
+
+    from fusionnet import create_fusionnet
+
+    net = torchvision.models.resnet18(num_classes=3)
+    net.fc = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    torch.save(net.state_dict(), tmp_path / "mlp_head.pth")
+    with pytest.warns(UserWarning, match=r"trained classifier for 3 classes \(fc.0.weight \(64, 512\), fc.2.weight "
+                                         r"\(3, 64\)\) is not one Linear layer"):
+        model = create_fusionnet(["resnet18"], num_classes=3, checkpoints={"resnet18": tmp_path / "mlp_head.pth"})
+    assert not model.load_reports["resnet18"].head_kept
+    plain = torchvision.models.resnet18(num_classes=3)
+    torch.save(plain.state_dict(), tmp_path / "linear_head.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Linear head is kept: nothing to say
+        kept = create_fusionnet(["resnet18"], num_classes=3, checkpoints={"resnet18": tmp_path / "linear_head.pth"})
+    assert kept.load_reports["resnet18"].head_kept

@@ -223,3 +223,33 @@ def test_keep_outputs_leaves_no_model_file_and_the_same_rows(tmp_path):
     full = run_comparison(tiny_compare(data, tmp_path / "full", variants=["concat", "stacked"], keep="all"), log=None)
     assert list((tmp_path / "full" / "models").rglob("final.pth"))
     assert {n: r["acc"] for n, r in lean["methods"].items()} == {n: r["acc"] for n, r in full["methods"].items()}
+
+
+def test_the_selected_ensemble_chooses_by_scores_cross_validated_on_validation():
+    """A method fitted on validation (here: weights on members that are noise, but one of them lucky on these
+    very images) looks better there than it is; the selected ensemble must not pick it for that."""
+    from fusionnet.ensembles.methods import ENSEMBLES
+    from fusionnet.workflows.pipeline import Scored, Table
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 60, 3
+    labels = torch.arange(n) % k
+
+    def member(name: str, split: str, probs: torch.Tensor) -> MemberOutputs:
+        return MemberOutputs(name, split, probs, labels, ["a", "b", "c"], [f"{split}{i}" for i in range(n)])
+
+    good = torch.nn.functional.one_hot(labels, k).float() * 0.6 + 0.4 / k  # right, modestly confident
+    scored = []
+    for i in range(3):
+        noise = {s: torch.rand(n, k, generator=g).softmax(1) for s in ("val", "test")}
+        probs = {s: good if i == 0 else noise[s] for s in noise}
+        scored.append(Scored(f"m{i}", "member", {s: member(f"m{i}", s, probs[s]) for s in probs},
+                             {"seconds": 1.0, "params": 1, "val": {"acc": 0.0, "nll": 1.0}}))
+    table = Table(scored, ["a", "b", "c"])
+    table.add_ensembles([ENSEMBLES.get(m) for m in ("soft", "weighted")])
+    soft, weighted = table.rows["soft"], table.rows["weighted"]
+    assert soft["val_cv"]["nll"] == pytest.approx(soft["val"]["nll"])  # nothing fitted: the same scores
+    assert weighted["val"]["nll"] <= weighted["val_cv"]["nll"]  # in-sample is optimistic
+    chosen = table.pick(["soft", "weighted"], "nll")
+    by_cv = min(("soft", "weighted"), key=lambda m: table.rows[m]["val_cv"]["nll"])
+    assert chosen == by_cv

@@ -1,3 +1,4 @@
+import os
 import pytest
 import torch
 
@@ -215,3 +216,15 @@ def test_samme_stops_when_a_member_is_no_better_than_chance():
     assert alpha < 0  # 25 % right on two classes: worse than chance, train_boosted stops there
     _, alpha = samme_update(w, torch.tensor([True, True, True, False]), num_classes=2)
     assert alpha == pytest.approx(samme_alpha(0.25, 2)) and alpha > 0
+
+
+def test_a_sample_reached_through_a_symlinked_folder_has_the_same_id(tmp_path):
+    """compare stored resolved paths and predict the paths as given: vote over a mix said 'different samples'."""
+    from fusionnet.ensembles.voting import sample_id
+
+    (tmp_path / "real" / "a").mkdir(parents=True)
+    (tmp_path / "real" / "a" / "x.png").write_bytes(b"png")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert sample_id(tmp_path / "link" / "a" / "x.png") == sample_id(tmp_path / "real" / "a" / "x.png") == \
+        os.path.realpath(tmp_path / "real" / "a" / "x.png")
+    assert sample_id("row 3") == "row 3"  # not a file: kept as given

@@ -53,6 +53,27 @@ class EnsembleMethod:
 ENSEMBLES: Registry[EnsembleMethod] = Registry("ensemble method")
 
 
+def cross_validated(method: EnsembleMethod, p: MemberProbs, folds: int = 5) -> torch.Tensor | None:
+    """The method's out-of-fold predictions on validation (N_val, K): fitted on the other folds of validation
+    (stratified, seeded), predicting each held-out fold as its test split. A method fitted on validation
+    (weights, selection, temperatures) is then scored on images it did not fit on, as fairly as a fusion model.
+    None where a class has fewer than 2 validation images."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    y = p.val_labels
+    counts = torch.bincount(y)
+    k = int(min(folds, int(counts[counts > 0].min())))
+    if k < 2:
+        return None
+    out = torch.zeros(p.val.shape[1:], dtype=p.val.dtype)
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=p.seed)
+    for fit_idx, held in cv.split(np.zeros(len(y)), y.numpy()):
+        res = method.run(MemberProbs(p.val[:, fit_idx], y[fit_idx], p.val[:, held], p.seed))
+        out[torch.from_numpy(held)] = res.test.to(out.dtype)
+    return out
+
+
 def register_ensemble(id: str, *, label: str) -> Callable:
     """Function decorator: an ensemble method under ``id`` (``vote --method id``), shown as ``label``."""
     def add(run: Callable[[MemberProbs], MethodOutput]) -> Callable[[MemberProbs], MethodOutput]:

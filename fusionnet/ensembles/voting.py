@@ -75,11 +75,19 @@ def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoin
     probabilities; ``forward`` gives the main logits only."""
     probs, labels = predict(model, data, **predict_kwargs)
     view = as_dataset(data)
-    ids = list(sample_ids if sample_ids is not None else view.paths or map(str, range(len(data))))
+    ids = [sample_id(i) for i in (sample_ids if sample_ids is not None else
+                                  view.paths or map(str, range(len(data))))]
     return MemberOutputs(member=member, split=split, probs=probs, labels=labels,
                          class_names=list(view.class_names or [str(i) for i in range(probs.shape[1])]),
                          sample_ids=ids, checkpoint=str(checkpoint) if checkpoint else None,
                          checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None)
+
+
+def sample_id(path) -> str:
+    """The one canonical id of a sample: its file's resolved absolute path (symlinks followed, so a data folder
+    reached through a link and directly give the same ids); anything that is not a file stays as it is."""
+    text = str(path)
+    return os.path.realpath(text) if os.path.isfile(text) else text
 
 
 def check_aligned(outputs: Sequence[MemberOutputs]) -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -99,7 +100,23 @@ def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport
     kept = _maybe_keep_head(model, head_state, linear_head)
     if kept:  # the head went into FusionNet's own head: not dropped
         dropped = [k for k in dropped if not k.startswith(f"{linear_head}.")]
+    elif len(model.branches) == 1:
+        _warn_if_trained_head_dropped(model, state, dropped, source.path)
     return ckpt.LoadReport(source=source.path, dropped=dropped, head_kept=kept)
+
+
+def _warn_if_trained_head_dropped(model: FusionNet, state: Mapping[str, torch.Tensor], dropped: list[str],
+                                  source: str) -> None:
+    """A single-backbone model whose checkpoint has a classifier for exactly its classes that it could not keep
+    (VGG's three-layer classifier, a hidden head): say so, never a silent untrained head."""
+    k = model.config.num_classes
+    weights = [key for key in dropped if key.endswith(".weight") and state[key].ndim == 2]
+    if any(state[key].shape[0] == k for key in weights):
+        layers = ", ".join(f"{key} {tuple(state[key].shape)}" for key in weights)
+        warnings.warn(f"{source!r}: its trained classifier for {k} classes ({layers}) is not one Linear layer over "
+                      f"the pooled features, so FusionNet cannot keep it: the trunk is loaded and the head is new "
+                      f"and untrained; train it (strategy 'frozen' trains the head alone) before using the model",
+                      UserWarning, stacklevel=3)
 
 
 def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix: str | None) -> bool:

@@ -93,37 +93,49 @@ def _in_order(model, own: list[str] | None, data: list[str] | None, path):
     return model
 
 
-def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> None:
-    """Refuse a member whose validation predictions fit another class order far better than the one assumed
-    (its classes mapped wrongly): the best one-to-one relabelling of its predictions (Hungarian, on the confusion
-    matrix) gains at least ``min_gain`` accuracy and doubles it, on at least 4 validation images per class."""
+def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> str | None:
+    """A member whose validation predictions fit another class order better than the one assumed (its classes
+    mapped wrongly?): refused where it is decisive (the best one-to-one relabelling of its predictions, Hungarian
+    on the confusion matrix, gains at least ``min_gain`` accuracy and doubles it, on at least 4 validation images
+    per class); else, whenever any relabelling fits better, the warning to show (returned). None: the order fits."""
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
     labels = outputs.labels
     if len(labels) < 4 * outputs.probs.shape[1]:
-        return
+        return None
     confusion = np.array(classification_metrics(outputs.probs, labels)["confusion"])  # rows true, columns predicted
     rows, cols = linear_sum_assignment(-confusion)
     plain, best = float(np.trace(confusion)) / len(labels), float(confusion[rows, cols].sum()) / len(labels)
+    if best <= plain:
+        return None
+    names = outputs.class_names
+    swaps = ", ".join(f"its {names[c]!r} is the data's {names[r]!r}" for r, c in zip(rows, cols) if r != c)
+    what = (f"member {outputs.member!r} scores {plain:.2f} on validation in the data's class order but {best:.2f} "
+            f"if {swaps}")
     if best - plain >= min_gain and best >= 2 * plain:
-        names = outputs.class_names
-        swaps = ", ".join(f"its {names[c]!r} is the data's {names[r]!r}" for r, c in zip(rows, cols) if r != c)
-        raise DataError(f"member {outputs.member!r} scores {plain:.2f} on validation in the data's class order but "
-                        f"{best:.2f} if {swaps}: it was trained with another class order. Give that order "
-                        f"(--classes, or classes.txt beside the checkpoint)")
+        raise DataError(f"{what}: it was trained with another class order. Give that order (--classes, or "
+                        f"classes.txt beside the checkpoint)")
+    return (f"{what}; if it was trained with that class order, give it (--classes or classes.txt), else ignore "
+            f"this (a weak member confuses classes)")
+
+
+FUSE_ENSEMBLES = ("soft", "greedy", "stacking")  # the output ensembles fuse reports beside its fused heads
 
 
 def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> dict:
     """Fuse the members, fit the fused head(s) (:class:`FuseConfig`), and report them beside every member and the
-    members' soft vote; the one of lower validation NLL is "FusionNet (selected on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and ``fuse.md``."""
+    members' soft vote, greedy selection and stacking; the fused head of lower validation NLL is "FusionNet
+    (selected on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and
+    ``fuse.md``."""
     out = Path(out)
-    splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
+    size = cfg.size or _members_size(cfg.members)
+    splits = load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
     if splits.test is None:
         raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
-    names = splits.class_names
+    classes = splits.class_names
     ctx = Context.of(splits, out, cfg.train, log=log, cache_dir=lambda _name: str(out / "cache"))
-    loaded = [load_member(p, num_classes=len(names), class_names=names, member_classes=cfg.classes)
+    loaded = [load_member(p, num_classes=len(classes), class_names=classes, member_classes=cfg.classes)
               for p in cfg.members]
     for p in cfg.members:  # a member that saw this split's images would make its validation scores meaningless
         record = (inspect_checkpoint(p).fusionnet or {}).get("data")
@@ -131,31 +143,48 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
     names = member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
     members = [Loaded(name, m, str(p)).run(ctx) for m, p, name in zip(loaded, cfg.members, names)]
-    for m in members:
-        check_class_order(m.outputs["val"])
-    table = Table(members, names)
-    table.add_ensembles([ENSEMBLES.get("soft")])
-    entries = {"trained": Trained("fused", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
-                                  replace(cfg.train, cache_dir=str(out / "cache"))),
-               "stacked": ClosedForm("stacked", lambda: (fuse_members(loaded, fusion="late",
-                                                                      taps=cfg.stacked_taps), 0.0),
-                                     seed=cfg.train.seed)}
-    ids = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacked")}
+    warnings = [w for m in members if (w := check_class_order(m.outputs["val"])) is not None]
+    for w in warnings:
+        ctx.log(f"WARNING: {w}")
+    table = Table(members, classes)
+    table.add_ensembles([ENSEMBLES.get(i) for i in FUSE_ENSEMBLES], seed=cfg.train.seed, log=ctx.log)
     for head in cfg.heads:
-        log(f"== {label(ids[head])}")
-        table.add_fusion(entries[head].run(ctx), ids[head])
+        log(f"== {label(_HEAD_IDS[head])}")
+        table.add_fusion(_head_entry(head, cfg, loaded, out).run(ctx), _HEAD_IDS[head])
     table.add_selected()
     chosen = table.rows[SELECTED_FUSION]["chosen"]
     selected = out / "selected.pth"
     atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
-    return _write_fuse_report(cfg, out, table, chosen, selected)
+    return _write_fuse_report(cfg, out, table, chosen, selected, warnings)
 
 
-def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path) -> dict:
+_HEAD_IDS = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacked")}
+
+
+def _head_entry(head: str, cfg: FuseConfig, loaded: list, out: Path):
+    """The pipeline entry of a fused head: the members' heads trained as one, or the stacked late fusion."""
+    if head == "trained":
+        return Trained("fused", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
+                       replace(cfg.train, cache_dir=str(out / "cache")))
+    return ClosedForm("stacked", lambda: (fuse_members(loaded, fusion="late", taps=cfg.stacked_taps), 0.0),
+                      seed=cfg.train.seed)
+
+
+def _members_size(paths) -> int:
+    """The input size the members were trained at (recorded in fusionnet checkpoints), else 128; members trained
+    at different sizes need ``--size``."""
+    sizes = {((inspect_checkpoint(p).fusionnet or {}).get("data") or {}).get("input_size") for p in paths} - {None}
+    if len(sizes) > 1:
+        raise ConfigError(f"the members were trained at different input sizes {sorted(sizes)}; give --size")
+    return sizes.pop() if sizes else 128
+
+
+def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path,
+                       warnings: list[str]) -> dict:
     """fuse.json (rows by id, each with its label) and fuse.md; ``chosen``: the selected fusion's row id."""
     best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
-              "best_member_on_val": best_member,
+              "best_member_on_val": best_member, "warnings": warnings,
               "methods": {n: {"label": label(n), **{m: r[m] for m in ("acc", "macro_f1", "nll", "ece")},
                               "val": r["val"]} for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
@@ -168,6 +197,7 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
         val = f"{r['val']['acc']:.4f} | {r['val']['nll']:.4f}" if r["val"] else "- | -"
         lines.append(f"| {r['label']} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
                      f"{val} |")
+    lines += ["", *(f"WARNING: {w}" for w in warnings)] if warnings else []
     lines += ["", "Fused members: the members' heads as one, trained on cached features, the best epoch by "
                   "validation NLL (epoch 0 = the members' logit average). Stacked: a classifier per member trunk and "
                   "per-class branch weights fitted on out-of-fold predictions of the training split (members "

@@ -26,7 +26,7 @@ from fusionnet.ensembles.calibration import fit_temperature, scaled_nll
 from fusionnet.config import SELECT_BY
 from fusionnet.data.splits import Splits
 from fusionnet.data.datasets import training_record
-from fusionnet.ensembles.methods import ENSEMBLES, EnsembleMethod, MemberProbs, MethodOutput
+from fusionnet.ensembles.methods import ENSEMBLES, EnsembleMethod, MemberProbs, MethodOutput, cross_validated
 from fusionnet.errors import DataError
 from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.models.factory import save_model
@@ -257,8 +257,18 @@ class Table:
                 continue
             used = sum(p for p, w in zip(member_params, res.weights or [1] * len(member_params)) if w > 0)
             scores = res.val_scores if res.val is None else val_scores(res.val, self.y_val)
-            self.add(method, res.test, member_s + time.perf_counter() - t0, used, scores, "ensemble", **res.extra)
+            honest = scores if res.val is None else self._cross_validated(spec, probs)
+            self.add(method, res.test, member_s + time.perf_counter() - t0, used, scores, "ensemble",
+                     val_cv=honest, **res.extra)
             self.candidates["ensemble"].append(method)
+
+    def _cross_validated(self, spec: EnsembleMethod, probs: MemberProbs) -> dict | None:
+        """A method's validation scores cross-validated on validation (what the selected ensemble chooses by)."""
+        try:
+            oof = cross_validated(spec, probs)
+        except DataError:  # e.g. a fold too small for the method's own fit
+            return None
+        return None if oof is None else val_scores(oof, self.y_val)
 
     def add_fusion(self, scored: Scored, row_id: str) -> None:
         check_aligned([self.members[0].outputs["val"], scored.outputs["val"]])
@@ -270,10 +280,11 @@ class Table:
 
     def pick(self, names: list[str], by: str) -> str:
         """The row with the best validation score (NLL, scaled or not: lowest; accuracy: highest); the first on
-        ties. A row whose validation scores are already out-of-fold fits (e.g. LR stacking's) has no separate
-        scaled NLL: its NLL stands for it."""
+        ties. An output ensemble is scored by its ``val_cv`` (fitted on the other folds of validation), so methods
+        fitted on validation do not win by their in-sample fit. A row whose validation scores are already
+        out-of-fold fits (e.g. LR stacking's) has no separate scaled NLL: its NLL stands for it."""
         def key(n: str) -> tuple[float, int]:
-            val = self.rows[n]["val"]
+            val = self.rows[n].get("val_cv") or self.rows[n]["val"]  # ensembles: cross-validated on validation
             return (-val["acc"] if by == "acc" else val.get(by, val["nll"]), names.index(n))
         return min(names, key=key)
 

@@ -45,7 +45,10 @@ NOTES = ["", "Wall time of an ensemble method counts training and predicting all
              "stacking add their own (small) time. The fusion built from members counts its members' training time "
              "too.",
          "For methods fitted on validation (weights, selection, temperatures) the val scores are in-sample and so "
-         "optimistic; stacking shows its out-of-fold scores (and its NLL stands for its scaled NLL).",
+         "optimistic; stacking shows its out-of-fold scores (and its NLL stands for its scaled NLL). The selected "
+         "ensemble chooses by each method's scores cross-validated on validation (fitted on 4/5 of it, scored on "
+         "the rest; `val_cv` in results.json), the selected fusion by its own validation scores (no fusion model "
+         "is fitted on validation).",
          "Hard voting's 'probabilities' are vote fractions, so its NLL and ECE are not comparable with the other "
          "rows."]
 
