@@ -167,3 +167,14 @@ def test_a_run_killed_during_overwrite_training_leaves_the_old_run_loadable_and_
         assert main(["train", "--data", str(world / "data"), "--out", str(old), "--epochs", "1", *TINY,
                      "--overwrite"]) == 0
         assert not partial.exists() and snapshot(old) != before
+
+
+def test_an_output_folder_that_holds_an_input_is_refused_before_anything_is_written(world, tmp_path, capsys):
+    """--overwrite onto the data folder (or a folder holding a member) would replace it by the new run."""
+    data = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(world / "data"), str(data)], check=True)
+    before = snapshot(data)
+    for out in (data, tmp_path):
+        assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY, "--overwrite"]) == 2
+        assert "holds an input of this command" in capsys.readouterr().err
+    assert snapshot(data) == before

@@ -44,12 +44,12 @@ def handle_train(args) -> None:
     run, train_cfg = TrainRun(**given(s, TrainRun)), TrainConfig(**given(s, TrainConfig))  # checked first
     resolve_device(train_cfg.device)
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
-        check_output_folder(run.out, bool(args.overwrite))
+        check_output_folder(run.out, bool(args.overwrite), inputs=[run.data])
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
                              fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
-    with _train_folder(run.out, args) as out:  # the data and the model are checked: only now is --out touched
+    with _train_folder(run.out, args, [run.data]) as out:  # the data and the model are checked: only now is --out touched
         result = fit(model, splits.train, splits.val, train_cfg, out_dir=out, resume=bool(args.resume))
         if rank_world()[0] == 0 and train_cfg.codistill:  # fused head, branch vote or both: chosen on validation
             from fusionnet.models.factory import load_fusionnet
@@ -62,11 +62,11 @@ def handle_train(args) -> None:
               f"{run.out}/best.pth, {run.out}/final.pth, {run.out}/history.json, history.png")
 
 
-def _train_folder(out: str, args):
+def _train_folder(out: str, args, inputs: list):
     """``--resume`` continues the run in place; otherwise a fresh folder, or a replacement swapped in when done."""
     from contextlib import nullcontext
 
-    return nullcontext(Path(out)) if args.resume else output_folder(out, bool(args.overwrite))
+    return nullcontext(Path(out)) if args.resume else output_folder(out, bool(args.overwrite), inputs)
 
 
 def handle_compare(args) -> None:
@@ -77,7 +77,7 @@ def handle_compare(args) -> None:
     regime = compare.get("regime", "frozen")
     train = regime_train_config(regime, **given(s, TrainConfig))
     cfg = validate(CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train}))  # before the folder
-    with output_folder(cfg.out, bool(args.overwrite)) as work:
+    with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data]) as work:
         run_comparison(replace(cfg, out=str(work)))
 
 
@@ -86,7 +86,7 @@ def handle_distill(args) -> None:
 
     s = settings(args, DistillConfig, TrainConfig)
     cfg = DistillConfig(**given(s, DistillConfig), train=distill_train_config(**given(s, TrainConfig)))
-    with output_folder(cfg.out, bool(args.overwrite)) as work:
+    with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data, *cfg.teacher]) as work:
         distill(replace(cfg, out=str(work)))
     out = Path(cfg.out)
     print((out / "distill.md").read_text() + f"wrote {out}/distill.md, distill.json and the students' run folders")
@@ -135,7 +135,7 @@ def handle_fuse(args) -> None:
 
     s = settings(args, FuseConfig, TrainConfig, extra=("out",))
     cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)))
-    with output_folder(args.out, bool(args.overwrite)) as work:
+    with output_folder(args.out, bool(args.overwrite), inputs=[cfg.data, *cfg.members]) as work:
         fuse_checkpoints(cfg, out=work)
     out = Path(args.out)
     print((out / "fuse.md").read_text() + f"wrote {out}/fuse.md, fuse.json; the model validation chose: "
@@ -201,7 +201,7 @@ def handle_export(args) -> None:
 def handle_gap(args) -> None:
     from fusionnet.workflows.gap import gap_check, gap_markdown
 
-    with output_folder(args.out, args.overwrite) as work:
+    with output_folder(args.out, args.overwrite, inputs=[args.train, args.test]) as work:
         report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
                            max_images=args.max_images, out=work)
     print(gap_markdown(report))

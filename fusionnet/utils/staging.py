@@ -3,7 +3,8 @@
 :func:`output_folder` is how every command that writes a run folder gets it:
 
 * ``out`` is checked first (a file where the folder should be, a file in its path, a run there without
-  ``overwrite``): refused with a :class:`~fusionnet.errors.ConfigError` before anything is written;
+  ``overwrite``, a folder that is or holds one of the command's inputs): refused with a
+  :class:`~fusionnet.errors.ConfigError` before anything is written;
 * a fresh ``out`` (absent or empty) is written in place, so an interrupted ``train`` can continue with ``--resume``;
 * with ``overwrite`` over an existing run, the new run is written beside it, in ``.<name>.partial-<pid>``, and
   swapped in by two renames only when the command has finished. On any failure (bad input found late, an
@@ -26,7 +27,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from fusionnet.errors import ConfigError
 
@@ -56,10 +57,17 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_output_folder(out: str | os.PathLike, overwrite: bool) -> Path:
+def check_output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()
+                        ) -> Path:
     """``out`` as a run folder this command may write: refused (ConfigError) if it is a file, lies under a file,
-    or holds a run and ``overwrite`` is off."""
+    holds a run and ``overwrite`` is off, or is (or holds) one of the command's ``inputs`` (its data, members,
+    teacher), which replacing it would delete."""
     p = Path(out)
+    for given in inputs:
+        source = Path(given).resolve()
+        if source == p.resolve() or p.resolve() in source.parents:
+            raise ConfigError(f"--out {str(p)!r} holds an input of this command ({str(given)!r}); replacing it "
+                              f"would delete that input: choose another --out")
     if p.exists() and not p.is_dir():
         raise ConfigError(f"--out {str(p)!r} is a file; give a folder for the run")
     blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
@@ -77,10 +85,11 @@ def _has_run(p: Path) -> bool:
 
 
 @contextmanager
-def output_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()
+                  ) -> Iterator[Path]:
     """The folder to write the run into (see the module docstring); swapped into ``out`` when the block ends
-    without an exception."""
-    final = check_output_folder(out, overwrite)
+    without an exception. ``inputs``: the command's input paths, which ``out`` must not hold."""
+    final = check_output_folder(out, overwrite, inputs)
     clean_leftovers(final)
     if not _has_run(final):
         with _sigterm_raises():
