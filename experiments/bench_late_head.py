@@ -25,7 +25,10 @@ from fusionnet.models.late_head import fit_late_head
 
 
 def _load_other(root: str):
-    spec = importlib.util.spec_from_file_location("other_late_head", Path(root) / "fusionnet" / "models" / "late_head.py")
+    path = Path(root) / "fusionnet" / "models" / "late_head.py"
+    if not path.is_file():  # a checkout from before the packages
+        path = Path(root) / "fusionnet" / "late_head.py"
+    spec = importlib.util.spec_from_file_location("other_late_head", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id, label
 from fusionnet.workflows.pipeline import Scored, Table, val_scores
 from fusionnet.workflows.report import mcnemar, write_report
 from fusionnet.ensembles.voting import MemberOutputs
@@ -44,7 +44,9 @@ def rewrite(run: Path, table: Table, rule: str) -> None:
     """The run's results.json / results.md with the selected rows of ``rule`` (``table``: :func:`table_of` it)."""
     results = json.loads((run / "results.json").read_text())
     table.add_selected(rule)
-    kept = {n: r for n, r in results["methods"].items() if n not in table.rows and not n.startswith("selected:")}
+    labels = {label(i) for i in table.rows}  # a run written before the ids keys its rows by these labels
+    kept = {n: r for n, r in results["methods"].items() if n not in table.rows and n not in labels
+            and not n.startswith("selected:") and "selected on val" not in n}
     for r in kept.values():  # scored by an older rule than the saved outputs can recompute
         r["val"] = r["val"] and {k: v for k, v in r["val"].items() if k != "nll_scaled"}
     results["methods"] = {**table.rows, **kept}

@@ -47,6 +47,11 @@ class TrainingError(FusionNetError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoints are kept."""
 
 
+class CheckFailedError(Exception):
+    """A result failed the library's own check (e.g. an ONNX export that does not compute what the model does):
+    not the user's input, so exit code 1 on the CLI, with one line and nothing written."""
+
+
 def install_hint(extra: str) -> str:
     """The command that installs an optional extra, for how fusionnet was installed: from a source checkout
     (``pip install -e .``) the checkout's own, else the package index's."""

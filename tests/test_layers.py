@@ -103,7 +103,7 @@ def test_every_training_flag_reaches_every_command_that_trains():
     commands = parser._subparsers._group_actions[0].choices
     for name in ("train", "compare", "fuse", "distill"):
         flags = {o for a in commands[name]._actions for o in a.option_strings}
-        assert {"--ema-decay", "--ogm-alpha", "--codistill", "--checkpoint-activations"} <= flags, name
+        assert {"--ema-decay", "--ogm-alpha", "--branch-streams", "--checkpoint-activations"} <= flags, name
 
 
 @pytest.mark.parametrize("config", ["TrainConfig", "TrainRun", "CompareConfig", "FuseConfig", "DistillConfig"])

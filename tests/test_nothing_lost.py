@@ -178,3 +178,26 @@ def test_an_output_folder_that_holds_an_input_is_refused_before_anything_is_writ
         assert main(["train", "--data", str(data), "--out", str(out), "--epochs", "1", *TINY, "--overwrite"]) == 2
         assert "holds an input of this command" in capsys.readouterr().err
     assert snapshot(data) == before
+
+
+def test_a_restored_run_is_checked_like_any_other_and_a_failed_swap_keeps_the_old_run(tmp_path, monkeypatch):
+    from fusionnet.errors import ConfigError
+    from fusionnet.utils import staging
+
+    dead = 2 ** 22 + 12345
+    (tmp_path / f".run.replaced-{dead}").mkdir()
+    (tmp_path / f".run.replaced-{dead}" / "best.pth").write_bytes(b"old")
+    with pytest.raises(ConfigError, match="exists already"):  # restored first, so not replaced without --overwrite
+        with output_folder(tmp_path / "run", overwrite=False):
+            pass
+    assert (tmp_path / "run" / "best.pth").read_bytes() == b"old"
+
+    def full_disk(work, final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(staging, "_rewrite_paths", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with output_folder(tmp_path / "run", overwrite=True) as work:
+            (work / "best.pth").write_bytes(b"new")
+    assert (tmp_path / "run" / "best.pth").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -77,9 +77,10 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     same = {k: v for k, v in report["methods"]["selected:fusion"].items() if k != "label"}
     assert same == {k: v for k, v in report["methods"][report["selected"]].items() if k != "label"}
     assert report["methods"]["selected:fusion"]["label"] == "FusionNet (selected on val)"
-    assert (tmp_path / "fuse" / "models" / "stacked" / "best.pth").is_file()
+    assert (tmp_path / "fuse" / "models" / "fusion_stacked" / "best.pth").is_file()
     # the model validation chose is where the next step looks: selected.pth, the chosen head's own file
-    chosen_file = {"fusion:fused_members": "models/fused/best.pth", "fusion:stacked": "models/stacked/best.pth"}
+    chosen_file = {"fusion:fused_members": "models/fusion_fused_members/best.pth",
+                   "fusion:stacked": "models/fusion_stacked/best.pth"}
     assert report["selected_model"] == str(tmp_path / "fuse" / "selected.pth")
     assert (tmp_path / "fuse" / "selected.pth").read_bytes() == \
         (tmp_path / "fuse" / chosen_file[report["selected"]]).read_bytes()

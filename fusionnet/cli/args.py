@@ -147,8 +147,10 @@ def _compare(p) -> None:
 
 def _fuse(p) -> None:
     add_fields(p, FuseConfig, title="fusing")
-    add_fields(p, TrainConfig, skip=("strategy", "cache_features", "cache_dir", "validate_start"),
-               title="the trained head (frozen trunks on cached features; every other training setting applies)")
+    add_fields(p, TrainConfig, skip=("strategy", "cache_features", "cache_dir", "validate_start", "mixup", "cutmix",
+                                      "codistill", "codistill_temperature", "codistill_teacher", "codistill_rampup"),
+               title="the trained head (frozen trunks on cached features, so no mixup and no branch heads; every "
+                     "other training setting applies)")
     p.add_argument("--out", default="runs/fuse", help="run folder (default runs/fuse)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
 

@@ -63,10 +63,14 @@ def handle_train(args) -> None:
 
 
 def _train_folder(out: str, args, inputs: list):
-    """``--resume`` continues the run in place; otherwise a fresh folder, or a replacement swapped in when done."""
+    """``--resume`` continues the run in place; otherwise a fresh folder, or a replacement swapped in when done.
+    Under torchrun only rank 0 writes (and stages and swaps); the other ranks train with ``out`` as given."""
+    import os
     from contextlib import nullcontext
 
-    return nullcontext(Path(out)) if args.resume else output_folder(out, bool(args.overwrite), inputs)
+    if args.resume or int(os.environ.get("RANK", "0")) != 0:
+        return nullcontext(Path(out))
+    return output_folder(out, bool(args.overwrite), inputs)
 
 
 def handle_compare(args) -> None:

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fusionnet.errors import FusionNetError
+    from fusionnet.errors import CheckFailedError, FusionNetError
     from fusionnet.utils.staging import Terminated
 
     try:
@@ -57,6 +57,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fusionnet {args.command}: terminated (SIGTERM); what --out held before is as it was",
               file=sys.stderr)
         return 143
+    except CheckFailedError as exc:
+        print(f"fusionnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except (FusionNetError, FileNotFoundError) as exc:
         print(f"fusionnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

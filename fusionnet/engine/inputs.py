@@ -80,7 +80,8 @@ def maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device,
     """(train source, val source, cached?): FeatureDatasets when the settings allow, else the datasets."""
     if cfg.strategy != "frozen" or cfg.cache_features is False:
         return train_data, val_data, False
-    reason = cache_blocker(clf) or ("distributed training" if world > 1 else None)
+    reason = cache_blocker(clf) or ("distributed training" if world > 1 else None) or (
+        "mixup/cutmix mix images, not cached features" if cfg.mixup or cfg.cutmix else None)
     train_for_cache = train_data
     if reason is None and not _is_deterministic(train_data):
         try:  # frozen trunks: un-augmented cached features, as good on validation and many times faster (config.py)

@@ -101,7 +101,8 @@ def check_aligned(outputs: Sequence[MemberOutputs]) -> None:
             what = "class order" if sorted(o.class_names) == sorted(ref.class_names) else "classes"
             raise DataError(f"{where}: different {what}: {o.class_names} vs {ref.class_names}; predict every "
                              f"member with the same class_names")
-        if o.sample_ids != ref.sample_ids:
+        if o.sample_ids != ref.sample_ids and [sample_id(i) for i in o.sample_ids] != \
+                [sample_id(i) for i in ref.sample_ids]:  # files saved before ids were canonical
             same_set = sorted(o.sample_ids) == sorted(ref.sample_ids)
             first = next(i for i, (a, b) in enumerate(zip(o.sample_ids, ref.sample_ids)) if a != b) \
                 if len(o.sample_ids) == len(ref.sample_ids) else None

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusionnet.errors import ConfigError, install_hint
+from fusionnet.errors import CheckFailedError, ConfigError, install_hint
 from fusionnet.utils.files import atomic_write
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.interface import as_classifier
@@ -109,7 +109,7 @@ def _dynamo(model: nn.Module, example: torch.Tensor, buffer: io.BytesIO, opset: 
 EXPORT_TOLERANCE = 1e-3  # the largest |onnxruntime - PyTorch| logit difference an export may have
 
 
-class ExportMismatchError(RuntimeError):
+class ExportMismatchError(CheckFailedError, RuntimeError):
     """The exported graph does not compute what the model computes (beyond :data:`EXPORT_TOLERANCE`)."""
 
 

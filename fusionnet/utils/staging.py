@@ -89,8 +89,10 @@ def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str 
                   ) -> Iterator[Path]:
     """The folder to write the run into (see the module docstring); swapped into ``out`` when the block ends
     without an exception. ``inputs``: the command's input paths, which ``out`` must not hold."""
+    clean_leftovers(Path(out))  # first: a run it restores is then checked like any other
     final = check_output_folder(out, overwrite, inputs)
-    clean_leftovers(final)
+    if final.is_symlink():  # replace the folder the link points to, and keep the link
+        final = final.resolve()
     if not _has_run(final):
         with _sigterm_raises():
             yield final
@@ -109,11 +111,21 @@ def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str 
 
 def _swap_in(work: Path, final: Path) -> None:
     """``work`` becomes ``final``: recorded paths rewritten, the old run renamed aside, the new one renamed in,
-    the old one removed."""
-    _rewrite_paths(work, final)
+    the old one removed. A failure before the new run is in place removes it and leaves the old one where it
+    was (a full disk while rewriting, a rename the file system refuses)."""
     aside = final.parent / f".{final.name}.replaced-{os.getpid()}"
-    os.rename(final, aside)
-    os.rename(work, final)
+    try:
+        _rewrite_paths(work, final)
+        os.rename(final, aside)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        os.rename(work, final)
+    except BaseException:
+        os.rename(aside, final)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 

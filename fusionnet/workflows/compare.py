@@ -8,7 +8,7 @@
    time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
    training split: :mod:`fusionnet.models.late_head`; each branch also offers its classifier up to ``stacked_taps``
    earlier feature levels, used where they lower the out-of-fold NLL);
-3. every output-ensemble method of :data:`fusionnet.ensembles.methods.METHODS` runs on the members' saved outputs;
+3. every registered output-ensemble method (:data:`fusionnet.ensembles.methods.ENSEMBLES`) runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
    NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
    on val)" (likewise among the output ensembles of the separately trained members); a temperature-scaled copy of

@@ -164,9 +164,9 @@ _HEAD_IDS = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacke
 def _head_entry(head: str, cfg: FuseConfig, loaded: list, out: Path):
     """The pipeline entry of a fused head: the members' heads trained as one, or the stacked late fusion."""
     if head == "trained":
-        return Trained("fused", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
+        return Trained("fusion_fused_members", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
                        replace(cfg.train, cache_dir=str(out / "cache")))
-    return ClosedForm("stacked", lambda: (fuse_members(loaded, fusion="late", taps=cfg.stacked_taps), 0.0),
+    return ClosedForm("fusion_stacked", lambda: (fuse_members(loaded, fusion="late", taps=cfg.stacked_taps), 0.0),
                       seed=cfg.train.seed)
 
 

@@ -304,4 +304,4 @@ class Table:
             best_ensemble = self.pick(ensembles, by)
             e = self.rows[best_ensemble]
             self.add(SELECTED_ENSEMBLE, e["probs"], e["seconds"], e["params"], e["val"], "selected",
-                     chosen=best_ensemble)
+                     chosen=best_ensemble, chosen_by="val_cv" if e.get("val_cv") else "val")
