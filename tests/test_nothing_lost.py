@@ -59,7 +59,6 @@ def _existing(kind: str, root: Path) -> Path:
 def _cases(w: Path):
     """(command argv with OUT for the output, output kind) per writing command and per kind of bad input."""
     data, ckpt = str(w / "data"), str(w / "a" / "best.pth")
-    members = [ckpt, str(w / "b" / "best.pth")]
     return {
         "train: missing data folder": (["train", "--data", "/typo", "--epochs", "1", *TINY, "--out", "OUT"], "folder"),
         "train: unknown backbone": (["train", "--data", data, "--backbones", "resnet81", "--out", "OUT"], "folder"),

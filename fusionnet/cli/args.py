@@ -269,7 +269,8 @@ class Command(NamedTuple):
 
 
 H = "fusionnet.cli.handlers:"
-_COMMANDS: dict[str, tuple[str, Callable, dict, str]] = {  # name: (help, arguments, parser options, handler)
+COMMANDS: Registry[Command] = Registry("command")
+for _name, _command in {  # name: (help, arguments, parser options, handler)
     "demo": ("the comparison on scikit-learn's digits with offline EfficientNet-Lite weights", _demo, {},
              H + "handle_demo"),
     "backbones": ("list the registered backbones", _nothing, {}, H + "handle_backbones"),
@@ -307,7 +308,5 @@ _COMMANDS: dict[str, tuple[str, Callable, dict, str]] = {  # name: (help, argume
         "fusionnet gap --train data/train --test data/test --out runs/gap"), H + "handle_gap"),
     "export": ("write a saved model as ONNX (dynamic batch) and check it with onnxruntime", _export, _examples(
         "fusionnet export runs/fuse/selected.pth --out fused.onnx --size 128"), H + "handle_export"),
-}
-COMMANDS: Registry[Command] = Registry("command")
-for _name, _command in _COMMANDS.items():
+}.items():
     COMMANDS.register(_name, Command(*_command))

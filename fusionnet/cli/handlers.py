@@ -49,7 +49,7 @@ def handle_train(args) -> None:
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
                              fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
-    with _train_folder(run.out, args, [run.data]) as out:  # the data and the model are checked: only now is --out touched
+    with _train_folder(run.out, args, [run.data]) as out:  # data and model checked: only now is --out touched
         result = fit(model, splits.train, splits.val, train_cfg, out_dir=out, resume=bool(args.resume))
         if rank_world()[0] == 0 and train_cfg.codistill:  # fused head, branch vote or both: chosen on validation
             from fusionnet.models.factory import load_fusionnet
@@ -177,27 +177,15 @@ def handle_classify(args) -> None:
 
 
 def handle_export(args) -> None:
-    import os
-
     import torch
 
-    from fusionnet.models.export import EXPORT_TOLERANCE, ExportMismatchError, check_onnx, export_onnx
+    from fusionnet.models.export import EXPORT_TOLERANCE, export_checked
     from fusionnet.models.factory import load_fusionnet
 
     out = fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
     size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
-    staged = out.with_name(f".{out.name}.partial-{os.getpid()}")  # checked before it replaces anything
-    try:
-        export_onnx(model, staged, size=size, exporter=args.exporter)
-        diff = check_onnx(model, staged, torch.rand(3, 3, size, size))
-        if not diff <= EXPORT_TOLERANCE:
-            raise ExportMismatchError(f"the ONNX graph's logits differ from PyTorch's by {diff:.2e} (more than "
-                                      f"{EXPORT_TOLERANCE:g}); {str(out)!r} was not written. Try --exporter "
-                                      f"torchscript or dynamo (the other one)")
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+    diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
     print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")
 

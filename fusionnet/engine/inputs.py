@@ -65,7 +65,7 @@ def maybe_device_input(run: Run, train_data) -> None:
     bar = (lambda it: tqdm(it, desc="images to device", leave=False)) if cfg.progress else None
     try:
         run.inputs.device_images = DeviceImages.load(train_data, side, run.device, num_workers=cfg.num_workers,
-                                              progress=bar)
+                                                     progress=bar)
     except ConfigError as exc:
         if cfg.device_augment is True:
             raise
@@ -107,7 +107,12 @@ def maybe_cache(clf: Classifier, train_data, val_data, cfg: TrainConfig, device,
 
 def _drawn(run: Run, n: int) -> bool:
     """Whether a callback draws the training samples (e.g. :class:`fusionnet.engine.callbacks.Resample`)."""
-    return any(cb.sampler(n, torch.Generator()) is not None for cb in run.callbacks)
+    return _callback_sampler(run, n, torch.Generator()) is not None
+
+
+def _callback_sampler(run: Run, n: int, generator: torch.Generator):
+    """The first callback's own sampler of the ``n`` training samples, or None."""
+    return next((s for cb in run.callbacks if (s := cb.sampler(n, generator)) is not None), None)
 
 
 def _sampler(dataset, run: Run, epoch: int, generator):
@@ -116,7 +121,7 @@ def _sampler(dataset, run: Run, epoch: int, generator):
         sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed)
         sampler.set_epoch(epoch)
         return sampler
-    drawn = next((s for cb in run.callbacks if (s := cb.sampler(len(dataset), generator)) is not None), None)
+    drawn = _callback_sampler(run, len(dataset), generator)
     if drawn is not None:
         return drawn
     if cfg.balanced_sampling:
@@ -141,7 +146,7 @@ def batches(run: Run, epoch: int, epoch_seed: int):
     else:  # one loader per run: its workers persist; each batch carries its augmentation seed (loader.py)
         if run.inputs.loader is None:
             run.inputs.loader = training_loader(dataset, cfg.batch_size, num_workers=cfg.num_workers,
-                                         pin_memory=run.device.type == "cuda", drop_last=drop_last)
+                                                pin_memory=run.device.type == "cuda", drop_last=drop_last)
         loader, epoch_sampler = run.inputs.loader
         epoch_sampler.start(sampler, epoch_seed * 1_000 + run.rank)
     device = run.device

@@ -32,6 +32,27 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int = 224, o
                 exporter: str = "auto") -> Path:
     """Write ``model`` (in eval mode, on the CPU) as ONNX with input ``images`` and output ``logits``; the batch
     axis is dynamic. Needs ``pip install 'fusionnet[export]'`` (onnx, onnxscript, onnxruntime)."""
+    data = onnx_bytes(model, size=size, opset=opset, exporter=exporter)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def export_checked(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, *, size: int = 224,
+                   exporter: str = "auto") -> float:
+    """:func:`export_onnx`, written only if onnxruntime's logits on ``images`` are within
+    :data:`EXPORT_TOLERANCE` of PyTorch's (else :class:`ExportMismatchError`, nothing written); returns the
+    difference."""
+    data = onnx_bytes(model, size=size, exporter=exporter)
+    diff = check_onnx(model, data, images)
+    if not diff <= EXPORT_TOLERANCE:
+        raise ExportMismatchError(f"the ONNX graph's logits differ from PyTorch's by {diff:.2e} (more than "
+                                  f"{EXPORT_TOLERANCE:g}); {str(path)!r} was not written. Try --exporter "
+                                  f"torchscript or dynamo (the other one)")
+    atomic_write(path, lambda f: f.write(data))
+    return diff
+
+
+def onnx_bytes(model: nn.Module, *, size: int = 224, opset: int = 18, exporter: str = "auto") -> bytes:
+    """The ONNX graph of ``model`` (with its metadata) as bytes; see :func:`export_onnx`."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     try:
@@ -58,8 +79,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int = 224, o
             _dynamo(model, example, buffer, opset)
     finally:
         model.train(was_training)
-    data = _with_metadata(buffer.getvalue(), onnx_metadata(model, size))
-    return atomic_write(path, lambda f: f.write(data))
+    return _with_metadata(buffer.getvalue(), onnx_metadata(model, size))
 
 
 def onnx_metadata(model: nn.Module, size: int) -> dict[str, str]:
@@ -113,11 +133,13 @@ class ExportMismatchError(CheckFailedError, RuntimeError):
     """The exported graph does not compute what the model computes (beyond :data:`EXPORT_TOLERANCE`)."""
 
 
-def check_onnx(model: nn.Module, path: str | os.PathLike, images: torch.Tensor) -> float:
-    """The largest absolute difference between PyTorch's and onnxruntime's logits on ``images``."""
+def check_onnx(model: nn.Module, graph: str | os.PathLike | bytes, images: torch.Tensor) -> float:
+    """The largest absolute difference between PyTorch's and onnxruntime's logits on ``images``; ``graph``: an
+    ONNX file or its bytes."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    source = graph if isinstance(graph, bytes) else str(graph)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     (ours,) = session.run(["logits"], {"images": images.numpy()})
     with torch.no_grad():
         reference = model.cpu().eval()(images)

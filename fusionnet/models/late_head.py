@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from fusionnet.errors import ConfigError, DataError
-from fusionnet.models.fusers import Fuser, register_fusion
+from fusionnet.models.fusers import Fuser, Heads, register_fusion
 
 WALK_TOL = 1e-5  # gradient tolerance while choosing C (the kept weights: 1e-6, float64): digits Lite0 main features
 # 1.4 s vs 2.2 s for the walk, the same C, out-of-fold NLL 0.17775 vs 0.17734

@@ -68,7 +68,8 @@ def _near_miss(p: Path) -> Path | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -90,7 +91,7 @@ def remove_orphaned_temp_files(folder: str | os.PathLike) -> list[Path]:
         if m is None:
             continue
         try:
-            if int(m.group(1)) != os.getpid() and (not _pid_alive(int(m.group(1)))
+            if int(m.group(1)) != os.getpid() and (not pid_alive(int(m.group(1)))
                                                    or now - tmp.stat().st_mtime > ORPHAN_AGE_S):
                 tmp.unlink()
                 removed.append(tmp)

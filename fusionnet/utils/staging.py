@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from fusionnet.errors import ConfigError
+from fusionnet.utils.files import atomic_write_text, pid_alive
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|replaced)-(?P<pid>\d+)$")
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv")
@@ -144,23 +145,19 @@ def _rewrite_paths(work: Path, final: Path) -> None:
         for a, b in pairs:
             new = new.replace(a, b)
         if new != text:
-            tmp = path.with_name(path.name + ".rewrite")
-            tmp.write_text(new)
-            os.replace(tmp, path)
+            atomic_write_text(path, new)
 
 
 def clean_leftovers(final: Path) -> list[Path]:
     """Folders beside ``final`` that a killed command left: ``.<name>.partial-<pid>`` of a dead process (removed)
     and ``.<name>.replaced-<pid>`` (removed if ``final`` is there, else renamed back to it). Returns them."""
-    from fusionnet.utils.files import _pid_alive
-
     found = []
     parent = final.parent if str(final.parent) else Path(".")
     if not parent.is_dir():
         return found
     for entry in parent.iterdir():
         m = _LEFTOVER.match(entry.name)
-        if m is None or m["name"] != final.name or _pid_alive(int(m["pid"])) and int(m["pid"]) != os.getpid():
+        if m is None or m["name"] != final.name or pid_alive(int(m["pid"])) and int(m["pid"]) != os.getpid():
             continue
         found.append(entry)
         if m["kind"] == "replaced" and not final.exists():

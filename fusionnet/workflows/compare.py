@@ -176,10 +176,6 @@ class Variant:
     first_when_frozen: bool = False  # frozen: runs before the members (its trunk pass caches their features)
     default: bool = True  # runs when no --variants are given
 
-    @property
-    def label(self) -> str:  # the report's name for it
-        return fusion_label(self.name)
-
 
 RECIPES: Registry[Variant] = Registry("comparison variant")  # the variants beyond a fusion method trained jointly
 
@@ -187,6 +183,8 @@ RECIPES: Registry[Variant] = Registry("comparison variant")  # the variants beyo
 def register_variant(variant: Variant) -> Variant:
     """Add a comparison variant (``compare --variants name``; with ``default``, in the default set too)."""
     return RECIPES.register(variant.name, variant)
+
+
 _NEEDS_IMAGES = ("the teacher needs the members on images, so it runs in the finetune regime only (frozen, the "
                  "members share their trunks' features)")
 for _variant in (Variant("from_members", _from_members),
@@ -288,12 +286,8 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     return _write(cfg, ctx, table, members, fusion)
 
 
-def _label(variant: str) -> str:
-    return variants().get(variant).label
-
-
 def _run_variant(variant: str, cfg: CompareConfig, ctx: Context, members: dict[str, Scored]) -> Scored:
-    ctx.log(f"== {_label(variant)}")
+    ctx.log(f"== {fusion_label(variant)}")
     return fusion_entry(variant, cfg, ctx.splits, members).run(ctx)
 
 

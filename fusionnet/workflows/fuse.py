@@ -26,7 +26,7 @@ from fusionnet.config import FuseConfig
 from fusionnet.data.splits import load_splits
 from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError, MissingFileError
+from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError
 from fusionnet.models.factory import create_fusionnet, fuse_members, load_fusionnet
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.utils.metrics import classification_metrics
@@ -129,7 +129,8 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     (selected on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and
     ``fuse.md``."""
     out = Path(out)
-    size = cfg.size or _members_size(cfg.members)
+    records = {p: (inspect_checkpoint(p).fusionnet or {}).get("data") for p in cfg.members}  # read once each
+    size = cfg.size or _members_size(records)
     splits = load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
     if splits.test is None:
         raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
@@ -137,8 +138,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     ctx = Context.of(splits, out, cfg.train, log=log, cache_dir=lambda _name: str(out / "cache"))
     loaded = [load_member(p, num_classes=len(classes), class_names=classes, member_classes=cfg.classes)
               for p in cfg.members]
-    for p in cfg.members:  # a member that saw this split's images would make its validation scores meaningless
-        record = (inspect_checkpoint(p).fusionnet or {}).get("data")
+    for p, record in records.items():  # a member that saw this split's images would make its val scores meaningless
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
     names = member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
@@ -170,10 +170,10 @@ def _head_entry(head: str, cfg: FuseConfig, loaded: list, out: Path):
                       seed=cfg.train.seed)
 
 
-def _members_size(paths) -> int:
-    """The input size the members were trained at (recorded in fusionnet checkpoints), else 128; members trained
-    at different sizes need ``--size``."""
-    sizes = {((inspect_checkpoint(p).fusionnet or {}).get("data") or {}).get("input_size") for p in paths} - {None}
+def _members_size(records: dict) -> int:
+    """The input size the members were trained at (their checkpoints' training records), else 128; members
+    trained at different sizes need ``--size``."""
+    sizes = {(record or {}).get("input_size") for record in records.values()} - {None}
     if len(sizes) > 1:
         raise ConfigError(f"the members were trained at different input sizes {sorted(sizes)}; give --size")
     return sizes.pop() if sizes else 128

@@ -45,6 +45,6 @@ def label(row_id: str) -> str:
     if kind == "fusion":
         variant, _, part = rest.partition(":")
         return fusion_label(variant) + (": its branch classifiers' soft vote" if part == "branch_vote" else "")
-    from fusionnet.ensembles.methods import ENSEMBLES
+    from fusionnet.ensembles.methods import ENSEMBLES  # here, not above: runs.py needs this module without torch
 
     return ENSEMBLES.get(row_id).label if row_id in ENSEMBLES else row_id

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fusionnet.errors import ConfigError, MissingFileError
+from fusionnet.workflows.rows import fusion_label
 
 SELECTED = "FusionNet (selected on val)"  # the row label of results.json written before the ids (fusionnet 0.3)
 
@@ -78,6 +79,6 @@ def _chosen_by_label(results: dict) -> dict | None:
     """A results.json of fusionnet 0.3 (no ``selected`` block): the chosen row's label matched to a variant."""
     label = results.get("methods", {}).get(SELECTED, {}).get("chosen")
     for variant, row in results.get("fusion", {}).items():
-        if label == f"FusionNet ({variant.replace('_', ' ')})":
+        if label == fusion_label(variant):
             return {"id": variant, "checkpoint": row.get("checkpoint")}
     return None
