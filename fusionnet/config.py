@@ -25,6 +25,9 @@ SELECT_BY = "nll"  # how the selected rows choose: validation NLL
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
 REGIMES = ("frozen", "finetune")
+# How an image is brought to the input size for evaluation: its short side resized and the centre cropped (the
+# library's own pipeline), or the whole image stretched to a square (torchvision's Resize((s, s)) in training)
+RESIZES = ("shorter", "stretch")
 
 
 def setting(default, help: str, *, flag: str | None = None, factory=None):
@@ -313,6 +316,41 @@ class CompareConfig:
         return replace(self.train, cache_dir=self.cache_dir(model_name), **changes)
 
 
+@dataclass
+class PlainConfig:
+    """How plain state-dict members were trained, where their files cannot say (None: not given; then a manifest
+    ``<checkpoint stem>.json`` or ``classes.txt`` beside the checkpoint, then the stated assumptions; see
+    :mod:`fusionnet.models.plain`)."""
+
+    classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "
+                                              "manifest or classes.txt beside each); fusionnet members know theirs")
+    resize: str | None = setting(None, "how plain members' images reached the input size in training: shorter (short "
+                                       "side resized, centre crop; the default) or stretch (Resize((s, s)))")
+    mean: list[float] | None = setting(None, "plain members' normalisation mean, R G B on [0, 1] images (default: "
+                                             "the backbone's pretrained one)")
+    std: list[float] | None = setting(None, "plain members' normalisation std, R G B (default: the backbone's)")
+
+    def __post_init__(self) -> None:
+        if self.resize is not None and self.resize not in RESIZES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if len(value) != 3 or not all(is_finite(v) for v in value):
+                raise ConfigError(f"{name} takes three numbers (R G B, on [0, 1] images), got {value!r}")
+            if name == "std" and min(value) <= 0:
+                raise ConfigError(f"std must be > 0 for every channel, got {value!r}")
+            setattr(self, name, tuple(float(v) for v in value))
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"classes names a class twice: {list(self.classes)}")
+
+    def over(self, other: "PlainConfig") -> "PlainConfig":
+        """These settings where given, ``other``'s elsewhere."""
+        return replace(other, **{name: getattr(self, name) for name in self.__dataclass_fields__
+                                 if getattr(self, name) is not None})
+
+
 HEADS = ("trained", "stacked")
 
 
@@ -328,16 +366,20 @@ class FuseConfig:
                                      "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")
-    classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "
-                                              "classes.txt beside each); fusionnet members know theirs")
     size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
                                      "their checkpoints record it; else 128)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    val_list: str | None = setting(None, "a file naming the images of train/ the members were validated on (a path "
+                                         "per line, relative to --data or its train/): the validation split, so no "
+                                         "choice is made on images a member trained on")
     train: TrainConfig = setting(None, "how the trained head trains", factory=lambda: fuse_train_config())
+    plain: PlainConfig = field(default_factory=PlainConfig)  # flags of their own (PlainConfig's fields)
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        if isinstance(self.plain, dict):
+            self.plain = PlainConfig(**self.plain)
         if not self.members or len(self.members) < 2:
             raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(self.members or [])}")
         if not self.data:

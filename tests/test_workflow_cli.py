@@ -129,14 +129,17 @@ def test_foreign_members_must_state_their_class_order(data, tmp_path, capsys):
     import torchvision
 
     from fusionnet.ensembles.voting import MemberOutputs
-    from fusionnet.workflows.fuse import check_class_order, load_member
+    from fusionnet.config import PlainConfig
+    from fusionnet.models.plain import load_member
+    from fusionnet.workflows.fuse import check_class_order
 
     plain = tmp_path / "weights" / "resnet18.pth"
     plain.parent.mkdir()
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), plain)
-    with pytest.raises(Exception, match="does not say its class order.*--classes a b c"):
+    with pytest.raises(Exception, match=r"does not say its class order.*sorted order: --classes a b c"):
         load_member(plain, num_classes=3, class_names=["a", "b", "c"])
-    reference = load_member(plain, num_classes=3, class_names=["a", "b", "c"], member_classes=["a", "b", "c"])
+    reference = load_member(plain, num_classes=3, class_names=["a", "b", "c"],
+                            plain=PlainConfig(classes=["a", "b", "c"]))
     (plain.parent / "classes.txt").write_text("c\na\nb\n")  # trained with another order: rows put in the data's
     reordered = load_member(plain, num_classes=3, class_names=["a", "b", "c"])
     x = torch.rand(2, 3, 32, 32)

@@ -20,7 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from fusionnet.config import CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun
+from fusionnet.config import CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun
 from fusionnet.errors import ConfigError
 from fusionnet.registry import Registry
 
@@ -145,8 +145,15 @@ def _compare(p) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
 
 
+def _plain(p) -> None:
+    add_fields(p, PlainConfig, title="plain state-dict members (what their files cannot say; else a manifest "
+                                     "<checkpoint stem>.json or classes.txt beside each; fusionnet inspect shows the "
+                                     "assumptions)")
+
+
 def _fuse(p) -> None:
     add_fields(p, FuseConfig, title="fusing")
+    _plain(p)
     add_fields(p, TrainConfig, skip=("strategy", "cache_features", "cache_dir", "validate_start", "mixup", "cutmix",
                                       "codistill", "codistill_temperature", "codistill_teacher", "codistill_rampup"),
                title="the trained head (frozen trunks on cached features, so no mixup and no branch heads; every "
@@ -182,11 +189,14 @@ def _serve(p) -> None:
     p.add_argument("--max-mb", type=float, default=20.0, help="the largest upload in MiB (413 above)")
     p.add_argument("--max-pixels", type=positive_int, default=40_000_000,
                    help="the most pixels an image may have, read from its header before decoding (413 above)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="input size in pixels (default: the size the model records, else 128)")
     p.add_argument("--device", default="auto")
+    _plain(p)
 
 
 def _predict(p) -> None:
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a fusionnet checkpoint or a plain torchvision/timm state dict")
     p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
@@ -198,9 +208,14 @@ def _predict(p) -> None:
                    help="input size in pixels (default: the size the model was trained at, else 128)")
     p.add_argument("--seed", type=int, default=None, help="the seed of the validation split made from train/ "
                                                           "(default: the one the model was trained with, else 0)")
+    p.add_argument("--val-list", default=None, help="a file naming the images of train/ that are the validation "
+                                                    "split (a path per line, relative to --data or its train/)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help=".pt for --data, .csv for --images")
+    p.add_argument("--out", required=True, help=".pt for --data, .csv for --images (with the top --top classes)")
+    p.add_argument("--top", type=positive_int, default=1, help="--images: classes per image in the CSV, most "
+                                                              "probable first (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _plain(p)
 
 
 def _vote(p) -> None:

@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fusionnet.cli.args import given, settings
-from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, TrainConfig, TrainRun, distill_train_config,
-                              fuse_train_config, regime_train_config)
+from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun,
+                              distill_train_config, fuse_train_config, regime_train_config)
 from fusionnet.errors import ConfigError
 from fusionnet.utils.files import atomic_write_text
 from fusionnet.utils.staging import check_output_folder, output_folder
@@ -108,7 +108,7 @@ def handle_serve(args) -> None:
 
     sources = [m for m in args.models if m.endswith(".onnx")] or [str(p) for p in checkpoints_in(args.models)]
     settings = ServeSettings(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
-                             top=args.top)
+                             top=args.top, plain=plain_config(args), size=args.size)
     limits = Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels)
     if args.ray:
         _serve_with_ray(args, sources, settings, limits)
@@ -137,8 +137,9 @@ def _serve_with_ray(args, sources, settings, limits) -> None:
 def handle_fuse(args) -> None:
     from fusionnet.workflows.fuse import fuse_checkpoints
 
-    s = settings(args, FuseConfig, TrainConfig, extra=("out",))
-    cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)))
+    s = settings(args, FuseConfig, TrainConfig, PlainConfig, extra=("out",))
+    cfg = FuseConfig(**given(s, FuseConfig), train=fuse_train_config(**given(s, TrainConfig)),
+                     plain=PlainConfig(**given(s, PlainConfig)))
     with output_folder(args.out, bool(args.overwrite), inputs=[cfg.data, *cfg.members]) as work:
         fuse_checkpoints(cfg, out=work)
     out = Path(args.out)
@@ -200,42 +201,63 @@ def handle_gap(args) -> None:
     print(f"wrote {args.out}/gap.json, gap.md, gap.png")
 
 
+def plain_config(args) -> PlainConfig:
+    """The plain-member flags of a command without a --config file (predict, serve)."""
+    return PlainConfig(**{name: getattr(args, name) for name in PlainConfig.__dataclass_fields__})
+
+
 def handle_predict(args) -> None:
     from fusionnet.data.splits import load_splits
     from fusionnet.data.datasets import check_unseen
-    from fusionnet.models.factory import load_fusionnet
+    from fusionnet.models.plain import is_plain, load_member
     from fusionnet.data.transforms import eval_transform
-    from fusionnet.engine.inference import predict
-    from fusionnet.ensembles.voting import member_outputs
 
     if (args.data is None) == (args.images is None):
         raise ConfigError("predict needs exactly one of --data (a split, saved as .pt) or --images (CSV)")
+    if args.val_list is not None and args.data is None:
+        raise ConfigError("--val-list names the validation split of --data; give --data too")
     fresh_file(args.out, args.overwrite)
-    model = load_fusionnet(args.checkpoint)
-    trained = trained_on(args.checkpoint)
+    model = load_member(args.checkpoint, plain=plain_config(args))  # its own class order, until the data's is read
+    trained = trained_on(args.checkpoint) if not is_plain(args.checkpoint) else {}
     size = args.size or trained.get("input_size") or 128  # the size the model was trained at
-    if args.data:
-        seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
-        splits = load_splits(args.data, size=size, seed=seed)
-        data = getattr(splits, args.split)
-        if data is None:
-            raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
-        check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
-        from fusionnet.workflows.runs import member_name
-
-        out = member_outputs(model, data, member=member_name(args.checkpoint), split=args.split,
-                             checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
-        print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
-              f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
+    if args.images:
+        _predict_images(args, model, _every_image(args.images, eval_transform(size, resize=model.config.resize)))
         return
-    images = _every_image(args.images, eval_transform(size))
+    seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
+    splits = load_splits(args.data, size=size, seed=seed, resize=model.config.resize, val_list=args.val_list)
+    data = getattr(splits, args.split)
+    if data is None:
+        raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
+    check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
+    if args.split == "val" and not trained.get("files") and args.val_list is None:
+        from fusionnet.workflows.fuse import unseen_warning
+
+        print(f"WARNING: {unseen_warning([args.checkpoint], 0.15, seed)}")
+    from fusionnet.ensembles.voting import member_outputs
+    from fusionnet.models.plain import in_order
+    from fusionnet.workflows.runs import member_name
+
+    model = in_order(model, model.class_names, splits.class_names, args.checkpoint)
+    out = member_outputs(model, data, member=member_name(args.checkpoint), split=args.split,
+                         checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
+    print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
+          f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
+
+
+def _predict_images(args, model, images) -> None:
+    """A CSV row per image: its path, then the ``--top`` most probable classes, each with its probability."""
+    from fusionnet.engine.inference import predict
+
     probs, _ = predict(model, images, device=args.device, tta=args.tta, tta_space=args.tta_space)
     names = model.class_names or [str(i) for i in range(probs.shape[1])]
+    k = min(args.top, probs.shape[1])
     rows = io.StringIO(newline="")
     writer = csv.writer(rows)
-    writer.writerow(["path", "class", "probability"])
+    writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (("class", "probability") if k == 1 else
+                                                                      (f"class_{i}", f"probability_{i}"))])
     for path, p in zip(images.paths, probs):
-        writer.writerow([path, names[int(p.argmax())], f"{float(p.max()):.4f}"])
+        top = p.topk(k)
+        writer.writerow([path] + [v for j, i in zip(top.values, top.indices) for v in (names[int(i)], f"{float(j):.4f}")])
     atomic_write_text(args.out, rows.getvalue())  # a file already there is replaced only by the finished one
     print(f"wrote {args.out!r} ({len(images)} images)")
 

@@ -66,6 +66,9 @@ class SplitSettings:
     crop_pct: float = 1.0  # the eval pipeline's centre crop
     image_cache: str | os.PathLike | None = None  # a folder: decode every image once into it
     progress: bool = True
+    resize: str = "shorter"  # the eval pipeline: shorter (short side, centre crop) | stretch (fusionnet.config.RESIZES)
+    val_list: str | os.PathLike | None = None  # a file naming the images of train/ that are the validation split
+    # (a path per line, relative to the data folder, to train/ or absolute): the split the members were validated on
 
 
 def _split_settings(how: SplitSettings | None, fields: dict) -> SplitSettings:
@@ -98,7 +101,11 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
     if not (base / "train").is_dir():
         raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
                         f"optionally with val/ and test/ beside it")
-    train_tf, eval_tf = train_transform(size, policy=policy), eval_transform(size, crop_pct=crop_pct)
+    if how.val_list is not None and (base / "val").is_dir():
+        raise ConfigError(f"{str(base)!r} has a val/ folder and val_list={str(how.val_list)!r} names another "
+                          f"validation split; use one of them")
+    train_tf = train_transform(size, policy=policy)
+    eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize)
     full = FolderImages(base / "train", strict=strict)
     names = full.class_names
     if len(names) < 2:
@@ -107,7 +114,11 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
     for other in ("val", "test"):  # every split's classes are checked before any work is done on them
         if (base / other).is_dir():
             _checked(names, base / other)
-    if (base / "val").is_dir():
+    if how.val_list is not None:
+        va = listed_indices(how.val_list, base, full.paths)
+        tr = [i for i in range(len(full)) if i not in set(va)]
+        train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
+    elif (base / "val").is_dir():
         train = full.with_transform(train_tf)
         val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
     else:
@@ -119,12 +130,41 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
     if image_cache is None:
         return Splits(train, val, test)
     every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
+    if how.resize == "stretch":  # the store keeps the short side: stretching from it would resample twice
+        train_store = ImageStore(image_cache, full.paths, train_side(size), interpolation="area", progress=progress)
+        return Splits(train.with_transform(train.transform, store=train_store), val, test)
     eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)
     train_store = eval_store if policy == "none" else ImageStore(image_cache, full.paths, train_side(size),
                                                                  interpolation="area", progress=progress)
     return Splits(train.with_transform(train.transform, store=train_store),
                   val.with_transform(val.transform, store=eval_store),
                   test.with_transform(test.transform, store=eval_store) if test is not None else None)
+
+
+def listed_indices(list_file: str | os.PathLike, root: Path, paths: Sequence[str]) -> list[int]:
+    """The indices in ``paths`` (train/'s images) of the files ``list_file`` names, a path per line (relative to
+    ``root``, to ``root/train`` or absolute; blank lines and ``#`` comments skipped). A name that is not one of
+    those images, or a list of none, is a DataError naming it."""
+    file = Path(list_file)
+    if not file.is_file():
+        raise ConfigError(f"val_list {str(list_file)!r} is not a file; give a text file naming a validation image "
+                          f"per line")
+    index = {os.path.realpath(p): i for i, p in enumerate(paths)}
+    found, missing = [], []
+    for line in file.read_text().splitlines():
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        candidates = [Path(name)] if Path(name).is_absolute() else [root / name, root / "train" / name]
+        hit = next((index[r] for c in candidates if (r := os.path.realpath(c)) in index), None)
+        (missing if hit is None else found).append(name if hit is None else hit)
+    if missing:
+        raise DataError(f"val_list {str(list_file)!r} names {len(missing)} file(s) that are not images of "
+                        f"{str(root / 'train')!r}, e.g. {missing[:3]}; paths are relative to the data folder or to "
+                        f"its train/ folder")
+    if not found:
+        raise DataError(f"val_list {str(list_file)!r} names no image; give a path per line")
+    return sorted(set(found))
 
 
 def eval_view(train_data, val_data) -> LabelledData:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from fusionnet.config import RESIZES
 from fusionnet.errors import ConfigError
 
 Transform = Callable[[np.ndarray], torch.Tensor]
@@ -74,11 +75,16 @@ def _albumentations(spec: AugmentSpec) -> A.Compose:
     return A.Compose(ops + _TO_TENSOR)
 
 
-def eval_transform(size: int, *, crop_pct: float = 1.0) -> A.Compose:
-    """Resize the short side to ``size / crop_pct``, then centre-crop ``size`` (crop_pct=0.875 is ImageNet's habit;
-    the default 1.0 keeps the whole image)."""
+def eval_transform(size: int, *, crop_pct: float = 1.0, resize: str = "shorter") -> A.Compose:
+    """``resize="shorter"``: resize the short side to ``size / crop_pct``, then centre-crop ``size`` (crop_pct=0.875
+    is ImageNet's habit; the default 1.0 keeps the whole short side). ``"stretch"``: the whole image resized to
+    ``size`` x ``size`` (what a model trained on torchvision's ``Resize((s, s))`` saw)."""
     if not 0 < crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    if resize not in RESIZES:
+        raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+    if resize == "stretch":
+        return A.Compose([A.Resize(size, size)] + _TO_TENSOR)
     return A.Compose([A.SmallestMaxSize(max_size=int(round(size / crop_pct))), A.CenterCrop(size, size)]
                      + _TO_TENSOR)
 

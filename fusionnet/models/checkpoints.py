@@ -213,10 +213,11 @@ def _diagnose(backbone: str, state: Mapping[str, torch.Tensor], source: str, mis
               unexpected: list[str], wrong_shape: list[str]) -> str:
     arch = guess_architecture(state)
     pair = {"vgg16": "vgg16_bn", "vgg16_bn": "vgg16"}
-    if arch is not None and pair.get(backbone) == arch:
+    base = backbone.removesuffix("_mlp")  # vgg16_mlp: VGG16 with its classifier's hidden layers
+    if arch is not None and pair.get(base) == arch:
         bn = "with" if arch.endswith("_bn") else "without"
         return (f"checkpoint {source!r} was trained with {arch!r} ({bn} BatchNorm), but the branch is "
-                f"{backbone!r}; build the branch as {arch!r} instead")
+                f"{backbone!r}; build the branch as {arch + backbone[len(base):]!r} instead")
     lines = [f"checkpoint {source!r} does not fit backbone {backbone!r}"
              + (f" (it looks like {arch!r})" if arch and arch != backbone else "") + ":"]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

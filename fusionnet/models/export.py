@@ -94,6 +94,7 @@ def onnx_metadata(model: nn.Module, size: int) -> dict[str, str]:
     if names:
         meta["class_names"] = json.dumps(list(names))
     if isinstance(model, FusionNet):
+        meta["resize"] = model.config.resize  # how an image reaches input_size before the graph
         meta["normalisation"] = json.dumps({n: {"mean": br.mean.flatten().tolist(), "std": br.std.flatten().tolist()}
                                             for n, br in model.branches.items()})
     return meta

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fusionnet.models import checkpoints as ckpt
-from fusionnet.models.backbones import build_trunk, get_spec
+from fusionnet.models.backbones import WITH_CLASSIFIER, build_trunk, get_spec
 from fusionnet.models.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.models.fusion import FUSERS, Branch, BranchConfig, FusionConfig, FusionNet, fuser_class, make_config
@@ -113,9 +113,12 @@ def _warn_if_trained_head_dropped(model: FusionNet, state: Mapping[str, torch.Te
     weights = [key for key in dropped if key.endswith(".weight") and state[key].ndim == 2]
     if any(state[key].shape[0] == k for key in weights):
         layers = ", ".join(f"{key} {tuple(state[key].shape)}" for key in weights)
+        (branch,) = model.branches.values()
+        keeper = WITH_CLASSIFIER.get(branch.spec.name)
+        fix = (f"build the branch as {keeper!r}, which keeps it whole, or train" if keeper else "train")
         warnings.warn(f"{source!r}: its trained classifier for {k} classes ({layers}) is not one Linear layer over "
-                      f"the pooled features, so FusionNet cannot keep it: the trunk is loaded and the head is new "
-                      f"and untrained; train it (strategy 'frozen' trains the head alone) before using the model",
+                      f"the pooled features, so this branch cannot keep it: the trunk is loaded and the head is new "
+                      f"and untrained; {fix} the head (strategy 'frozen' trains it alone) before using the model",
                       UserWarning, stacklevel=3)
 
 
@@ -185,6 +188,11 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
         if m.config.num_classes != k or m.class_names != names:
             raise ConfigError(f"member {i} has classes {m.class_names or m.config.num_classes}, member 0 has "
                               f"{names or k}; members must be trained on the same classes in the same order")
+    resizes = sorted({m.config.resize for m in models})
+    if len(resizes) > 1:
+        raise ConfigError(f"the members were evaluated with different resizing ({', '.join(resizes)}), and a fused "
+                          f"model reads its images one way; retrain the odd one out, or vote over the members")
+    settings.setdefault("resize", resizes[0])
     branches = []
     for m in models:
         (b,) = m.config.branches

@@ -27,6 +27,7 @@ from torch import nn
 
 from fusionnet.models.backbones import build_trunk, get_spec
 from fusionnet.models.branch import Branch, BranchConfig
+from fusionnet.config import RESIZES
 from fusionnet.errors import ConfigError, is_int
 from fusionnet.models import late_head  # noqa: F401  (registers the late fusion method beside its fit)
 from fusionnet.models.fusers import FUSERS, branch_dropout, fuser_class, make_fuser, ordered  # noqa: F401
@@ -51,6 +52,8 @@ class FusionConfig:
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
     predict_with: str = "fused"  # what the model predicts in eval mode: fused (the head) | branches (the soft vote
     # of the branch heads) | all (the soft vote of both); chosen on validation after co-distillation
+    resize: str = "shorter"  # how the model's images reach the input size in evaluation (fusionnet.config.RESIZES):
+    # read by predict, serve, export and fuse; a plain member trained on Resize((s, s)) says "stretch"
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -72,6 +75,8 @@ class FusionConfig:
         if self.predict_with != "fused" and not self.branch_heads:
             raise ConfigError(f"predict_with={self.predict_with!r} needs the branch heads: build the model with "
                               f"branch_heads=True, or predict with 'fused'")
+        if self.resize not in RESIZES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
         used: dict[str, int] = {}

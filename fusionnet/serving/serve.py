@@ -2,7 +2,7 @@
 
 Three layers, each usable alone:
 
-* :class:`ModelHandler` knows the model and nothing of HTTP: it loads a fusionnet checkpoint (a FusionNet), several
+* :class:`~fusionnet.serving.model.ModelHandler` knows the model and nothing of HTTP: it loads a fusionnet checkpoint (a FusionNet), several
   member checkpoints (their soft vote) or an ``.onnx`` file (onnxruntime), decodes an upload with hard limits
   (:meth:`ModelHandler.decode`: size, pixel count read from the header before any pixel is decoded, format, truncation)
   and runs a batch (:meth:`ModelHandler.predict`) in the fastest mode measured that matches fp32 on the device (fp32
@@ -21,162 +21,22 @@ Needs the ``serve`` extra: ``pip install "fusionnet[serve]"`` (FastAPI, uvicorn,
 
 
 import asyncio
-import hashlib
-import io
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from fusionnet.models.losses import soft_vote
+from fusionnet.config import PlainConfig
 from fusionnet.errors import ConfigError
+from fusionnet.serving.model import BadInput, Limits, ModelHandler  # noqa: F401  (re-exported: the model's module)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class BadInput(Exception):
-    """An upload the server refuses: ``status`` (4xx) and a message naming the problem."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class Overloaded(Exception):
     """The request queue is full: answer 503 with Retry-After."""
-
-
-@dataclass
-class Limits:
-    max_bytes: int = 20 * 2 ** 20  # an upload's size
-    max_pixels: int = 40_000_000  # width x height, read from the header before decoding (decompression bombs)
-
-
-# ---- the model ---------------------------------------------------------------------------------------------------
-class ModelHandler:
-    """A model to serve, with its decoding and batch inference; see the module docstring."""
-
-    def __init__(self, sources: Sequence[str], *, device: str = "auto", limits: Limits | None = None) -> None:
-        from fusionnet.utils.distributed import resolve_device
-
-        if not sources:
-            raise ConfigError("serve needs a model: a checkpoint, several member checkpoints, or an .onnx file")
-        paths = [Path(s) for s in sources]
-        for p in paths:
-            if not p.is_file():
-                raise ConfigError(f"model file {str(p)!r} not found")
-        self.paths, self.limits = paths, limits or Limits()
-        self.device = resolve_device(device)
-        self.onnx = paths[0].suffix == ".onnx"
-        if self.onnx:
-            if len(paths) > 1:
-                raise ConfigError("serve takes one .onnx file (an export of one model), not several")
-            self._load_onnx(paths[0])
-        else:
-            self._load_checkpoints(paths)
-        self.hash = _sha256(paths)
-        from fusionnet.data.transforms import eval_transform
-
-        self.transform = eval_transform(self.size)
-
-    def _load_checkpoints(self, paths: list[Path]) -> None:
-        from fusionnet.models.factory import load_fusionnet
-
-        self.models = [load_fusionnet(p).eval().to(self.device) for p in paths]
-        names = [m.class_names for m in self.models]
-        if any(n is None for n in names) or any(n != names[0] for n in names):
-            raise ConfigError(f"the members disagree on their classes (or do not know them): {names}")
-        self.class_names = list(names[0])
-        from fusionnet.models.checkpoints import read_checkpoint
-
-        self.size = int((read_checkpoint(paths[0]).get("data") or {}).get("input_size") or 128)
-        if self.device.type == "cpu":  # predict's fastest correct CPU mode
-            for m in self.models:
-                m.to(memory_format=torch.channels_last)
-        self.backbones = [[br.cfg.backbone for br in m.branches.values()] for m in self.models]
-        self.member_names = [p.parent.name if p.name in ("best.pth", "final.pth") else p.stem for p in paths]
-
-    def _load_onnx(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "class_names" not in meta:
-            raise ConfigError(f"{str(path)!r} carries no class names; export it with fusionnet export")
-        self.class_names = json.loads(meta["class_names"])
-        self.size = int(meta.get("input_size", 224))
-        self.backbones, self.member_names, self.models = [], [path.stem], []
-
-    def info(self) -> dict:
-        kind = "onnx" if self.onnx else ("vote" if len(self.models) > 1 else "fusionnet")
-        return {"kind": kind, "classes": self.class_names, "backbones": self.backbones, "input_size": self.size,
-                "members": self.member_names if kind == "vote" else [], "sha256": self.hash,
-                "device": str(self.device)}
-
-    def decode(self, data: bytes) -> torch.Tensor:
-        """An upload as a (3, size, size) tensor in [0, 1]; :class:`BadInput` names whatever is wrong with it."""
-        from PIL import Image, ImageOps, UnidentifiedImageError
-
-        if not data:
-            raise BadInput(400, "empty body: send an image file (multipart field 'file', or the raw bytes)")
-        if len(data) > self.limits.max_bytes:
-            raise BadInput(413, f"the upload is {len(data)} bytes; the limit is {self.limits.max_bytes}")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                pixels = img.size[0] * img.size[1]  # from the header: nothing decoded yet
-                if pixels > self.limits.max_pixels:
-                    raise BadInput(413, f"the image is {img.size[0]} x {img.size[1]} = {pixels} pixels; the limit is "
-                                        f"{self.limits.max_pixels} (a decompression bomb, or resize it first)")
-                img.load()
-                rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-        except BadInput:
-            raise
-        except UnidentifiedImageError:
-            raise BadInput(415, "not an image PIL can read (send a JPEG, PNG, WebP, BMP, GIF or TIFF file)") from None
-        except (OSError, ValueError, SyntaxError) as exc:  # truncated data, broken chunks, unsupported modes
-            raise BadInput(422, f"the image could not be decoded: {exc}") from None
-        except Image.DecompressionBombError as exc:
-            raise BadInput(413, str(exc)) from None
-        from fusionnet.data.transforms import apply_transform
-
-        return apply_transform(self.transform, rgb)
-
-    @torch.no_grad()
-    def predict(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(probabilities (B, K), {member or branch: probabilities (B, K)}) for images (B, 3, size, size)."""
-        if self.onnx:
-            logits = self.session.run(None, {self.session.get_inputs()[0].name: batch.numpy()})[0]
-            return torch.from_numpy(logits).float().softmax(1), {}
-        from fusionnet.utils.distributed import autocast
-
-        x = batch.to(self.device)
-        if self.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, "auto"):
-            outputs = [m.forward_output(x) for m in self.models]
-        if len(self.models) > 1:
-            each = {n: o.logits.float().softmax(1).cpu() for n, o in zip(self.member_names, outputs)}
-            return soft_vote(torch.stack(list(each.values()))), each
-        out = outputs[0]
-        parts = {n: a.float().softmax(1).cpu() for n, a in out.aux.items()}
-        branch = out.extras.get("branch_logits")  # late / stacked fusion: each branch's own classifier (B, M, K)
-        if branch is not None:
-            parts.update({n: branch[:, j].float().softmax(1).cpu() for j, n in enumerate(self.models[0].branches)})
-        return out.logits.float().softmax(1).cpu(), parts
-
-
-def _sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- dynamic batching --------------------------------------------------------------------------------------------
@@ -250,6 +110,8 @@ class ServeSettings:
     queue_size: int = 256
     top: int = 5
     token: str | None = None
+    plain: PlainConfig | None = None  # how plain state-dict members were trained (fusionnet.models.plain)
+    size: int | None = None  # the input size (default: what the model records, else 128)
 
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>fusionnet</title></head><body>
@@ -433,7 +295,7 @@ def serve(sources: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000, 
     check_bind(host, token, no_auth)
     s = settings or ServeSettings()
     s.token = token
-    handler = ModelHandler(sources, device=device, limits=limits)
+    handler = ModelHandler(sources, device=device, limits=limits, plain=s.plain, size=s.size)
     app = create_app(handler, s)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30, limit_concurrency=4 * s.queue_size,
                 timeout_keep_alive=5, log_level="warning")

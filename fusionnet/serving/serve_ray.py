@@ -28,7 +28,8 @@ class Classifier:
     """A Ray Serve replica: one ModelHandler, requests batched by ``@serve.batch``."""
 
     def __init__(self, sources: Sequence[str], device: str, limits: Limits, settings: ServeSettings) -> None:
-        self.handler = ModelHandler(list(sources), device=device, limits=limits)
+        self.handler = ModelHandler(list(sources), device=device, limits=limits, plain=settings.plain,
+                                    size=settings.size)
         self.settings = settings
         self.run_batch.set_max_batch_size(settings.max_batch)
         self.run_batch.set_batch_wait_timeout_s(settings.max_delay_ms / 1000)

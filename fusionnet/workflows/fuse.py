@@ -1,8 +1,6 @@
 """The practitioner's path from checkpoints they already have, behind the ``train``, ``predict``, ``vote`` and
 ``fuse`` commands.
 
-* :func:`load_member`: a single-backbone FusionNet from any member checkpoint: our own format, or a plain
-  torchvision/timm classifier state dict (architecture guessed from its keys, its Linear head kept).
 * :func:`fuse_checkpoints`: the practitioner's question in one call: fuse my members, fit the fused head on my
   training data (the members' heads trained on as one, starting at their logit average; and the stacked late
   fusion), choose on validation, and report it beside soft voting of the same members on the test split: the
@@ -20,77 +18,20 @@ from typing import Sequence
 
 import torch
 
-from fusionnet.models.backbones import list_backbones
 from fusionnet.models.checkpoints import inspect_checkpoint
 from fusionnet.config import FuseConfig
 from fusionnet.data.splits import load_splits
 from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
-from fusionnet.errors import CheckpointMismatchError, ConfigError, DataError
-from fusionnet.models.factory import create_fusionnet, fuse_members, load_fusionnet
+from fusionnet.errors import ConfigError, DataError
+from fusionnet.models.factory import fuse_members
+from fusionnet.models.plain import common_resize, load_member
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned
 from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
 from fusionnet.workflows.runs import member_names
-
-
-def load_member(path: str | os.PathLike, *, num_classes: int, class_names: list[str] | None = None,
-                member_classes: Sequence[str] | None = None):
-    """A single-backbone FusionNet from a member checkpoint of any supported kind, with its classifier head, its
-    outputs in the order of ``class_names`` (the data's). A fusionnet member knows its classes; a plain state dict
-    needs ``member_classes`` (the order it was trained with) or a ``classes.txt`` beside it (a name per line)."""
-    info = inspect_checkpoint(path)
-    if info.fusionnet is not None:
-        model = load_fusionnet(path)
-        if model.config.num_classes != num_classes:
-            raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
-        return _in_order(model, model.class_names, class_names, path)
-    arch = info.architecture
-    if arch not in list_backbones():
-        raise CheckpointMismatchError(f"cannot tell which backbone {str(path)!r} is (it looks like {arch!r}); save "
-                                      f"it as a fusionnet member, or load it with create_fusionnet(['<backbone>'], "
-                                      f"checkpoints={{'<backbone>': path}})")
-    if info.num_classes != num_classes:
-        raise CheckpointMismatchError(f"member {str(path)!r} ({arch}) classifies {info.num_classes} classes but the "
-                                      f"data has {num_classes}; fine-tune it on these classes first")
-    order = _stated_order(path, member_classes, class_names)
-    model = create_fusionnet([arch], num_classes=num_classes, class_names=class_names, checkpoints={arch: path})
-    if not model.load_reports[arch].head_kept:
-        raise CheckpointMismatchError(f"member {str(path)!r}: its classifier head is not a plain Linear layer, so it "
-                                      f"cannot start the fused head; train it as a fusionnet member")
-    return _in_order(model, order, class_names, path)
-
-
-def _stated_order(path, member_classes: Sequence[str] | None, data_classes: list[str] | None) -> list[str]:
-    """The class order a plain state dict was trained with: given, or read from classes.txt beside it."""
-    beside = Path(path).parent / "classes.txt"
-    if member_classes is None and beside.is_file():
-        member_classes = [line.strip() for line in beside.read_text().splitlines() if line.strip()]
-    if member_classes is None:
-        raise ConfigError(f"member {str(path)!r} is a plain state dict, which does not say its class order; give "
-                          f"the order it was trained with (--classes, or a classes.txt beside it, a name per line). "
-                          f"Trained with torchvision's ImageFolder on these folders, it is the sorted order: "
-                          f"--classes {' '.join(data_classes or [])}")
-    return list(member_classes)
-
-
-def _in_order(model, own: list[str] | None, data: list[str] | None, path):
-    """``model`` with its head's rows reordered from its own class order to the data's (refused if the classes
-    differ)."""
-    if own is None or data is None or list(own) == list(data):
-        return model
-    if sorted(own) != sorted(data):
-        raise ConfigError(f"member {str(path)!r} classifies {list(own)}, the data has {list(data)}; members must be "
-                          f"trained on the data's classes")
-    rows = torch.tensor([list(own).index(name) for name in data])
-    fc = model.head.fc
-    with torch.no_grad():
-        fc.weight.copy_(fc.weight[rows])
-        fc.bias.copy_(fc.bias[rows])
-    model.config.class_names = list(data)
-    return model
 
 
 def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> str | None:
@@ -131,13 +72,16 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     out = Path(out)
     records = {p: (inspect_checkpoint(p).fusionnet or {}).get("data") for p in cfg.members}  # read once each
     size = cfg.size or _members_size(records)
-    splits = load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
+                         resize=common_resize(cfg.members, cfg.plain), val_list=cfg.val_list)
     if splits.test is None:
         raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
     classes = splits.class_names
     ctx = Context.of(splits, out, cfg.train, log=log, cache_dir=lambda _name: str(out / "cache"))
-    loaded = [load_member(p, num_classes=len(classes), class_names=classes, member_classes=cfg.classes)
-              for p in cfg.members]
+    loaded = [load_member(p, num_classes=len(classes), class_names=classes, plain=cfg.plain) for p in cfg.members]
+    unknown = [str(p) for p, record in records.items() if not (record or {}).get("files")]
+    if unknown and cfg.val_list is None and not (Path(cfg.data) / "val").is_dir():
+        ctx.log(f"WARNING: {unseen_warning(unknown, cfg.val_fraction, cfg.train.seed)}")
     for p, record in records.items():  # a member that saw this split's images would make its val scores meaningless
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
@@ -168,6 +112,15 @@ def _head_entry(head: str, cfg: FuseConfig, loaded: list, out: Path):
                        replace(cfg.train, cache_dir=str(out / "cache")))
     return ClosedForm("fusion_stacked", lambda: (fuse_members(loaded, fusion="late", taps=cfg.stacked_taps), 0.0),
                       seed=cfg.train.seed)
+
+
+def unseen_warning(members: list[str], val_fraction: float, seed: int) -> str:
+    """What an unknown training split does to every choice made on validation."""
+    return (f"{len(members)} member(s) do not record the images they were trained on ({', '.join(members)}): the "
+            f"validation split here ({val_fraction:.0%} of train/, seed {seed}) may hold some of them, and then every "
+            f"row chosen or fitted on validation (the selected fusion and ensemble, greedy weights, stacking, the "
+            f"trained head's best epoch) is optimistic. Pass --val-list with the images they were validated on, or "
+            f"give the data the val/ folder they were validated on")
 
 
 def _members_size(records: dict) -> int:
