@@ -20,11 +20,22 @@ from typing import Literal
 
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
+
+def check_installed(module: str, extra: str, what: str) -> None:
+    """A MissingDependencyError naming the extra to install when ``module`` is absent (checked without importing)."""
+    from importlib.util import find_spec
+
+    from fusionnet.errors import MissingDependencyError, install_hint
+
+    if find_spec(module) is None:
+        raise MissingDependencyError(f"{what} needs {module}: {install_hint(extra)}")
+
 SELECT_BY = "nll"  # how the selected rows choose: validation NLL
 
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
 REGIMES = ("frozen", "finetune")
+TRACKERS = ("tensorboard", "mlflow")  # where TrainConfig.log also writes each epoch's metrics
 # How an image is brought to the input size for evaluation: its short side resized and the centre cropped (the
 # library's own pipeline), or the whole image stretched to a square (torchvision's Resize((s, s)) in training)
 RESIZES = ("shorter", "stretch")
@@ -101,6 +112,13 @@ class TrainConfig:
     device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.data.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
     sync_every: int = setting(50, "steps between host reads of the running loss and the non-finite check (reading a CUDA value waits for the GPU); the epoch's end always checks")
     compile: bool = setting(False, "torch.compile the training step (the first steps compile; see experiments/bench_throughput.py)")
+    log: str | None = setting(None, "also log every epoch's metrics and the settings to tensorboard (a "
+                                    "SummaryWriter per model under --log-dir, default runs/tensorboard) or mlflow "
+                                    "(a run per model; --log-dir: the tracking URI, default $MLFLOW_TRACKING_URI "
+                                    "or mlflow's own, sqlite:///mlflow.db); pip install 'fusionnet[tensorboard]' / "
+                                    "'fusionnet[mlflow]'")
+    log_dir: str | None = setting(None, "--log tensorboard: the folder; --log mlflow: the tracking URI")
+    run_name: str = ""  # what a tracked run is called (compare names each model's; empty: "fit")
 
     def __post_init__(self) -> None:
         check_settings([
@@ -149,7 +167,11 @@ class TrainConfig:
             (self.device_augment in ("auto", True, False),
              f"device_augment must be 'auto', True or False, got {self.device_augment!r}"),
             (is_int(self.sync_every) and self.sync_every >= 1, f"sync_every must be an int >= 1, got {self.sync_every!r}"),
+            (self.log in (None, *TRACKERS), f"unknown log {self.log!r}; choose one of {', '.join(TRACKERS)}"),
+            (self.log_dir is None or self.log is not None, "log_dir names where --log writes; give --log too"),
         ])
+        if self.log is not None:
+            check_installed(self.log, self.log, "--log " + self.log)
 
 
 
@@ -313,7 +335,8 @@ class CompareConfig:
 
     def train_config(self, model_name: str = "model", **changes) -> TrainConfig:
         """The budget every model gets, with its own feature cache."""
-        return replace(self.train, cache_dir=self.cache_dir(model_name), **changes)
+        return replace(self.train, cache_dir=self.cache_dir(model_name), run_name=f"{model_name}_seed{self.seed}",
+                       **changes)
 
 
 @dataclass

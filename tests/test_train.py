@@ -340,3 +340,44 @@ def test_cached_feature_batches_are_the_dataloaders_batches():
         assert torch.equal(torch.rand(3), expected)
     for (xf, yf), (xs, ys) in zip(fast, slow):
         assert torch.equal(yf, ys) and all(torch.equal(xf[k], xs[k]) for k in ("a", "b"))
+
+
+@pytest.mark.parametrize("kind", ["tensorboard", "mlflow"])
+def test_log_writes_every_epoch_with_the_librarys_own_writer(kind, tmp_path):
+    """--log tensorboard / mlflow: each epoch's validation metrics, readable back with the library's own reader."""
+    from fusionnet import FusionNet
+    from fusionnet.config import TrainConfig
+    from fusionnet.engine.train import fit
+    from toydata import make_splits
+    from fusionnet.data.splits import load_splits
+
+    splits = load_splits(make_splits(tmp_path / "data", per_class=6), size=32)
+    where = str(tmp_path / "tb") if kind == "tensorboard" else f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig(epochs=2, batch_size=8, progress=False, log=kind, log_dir=where, run_name="member_a")
+    result = fit(FusionNet(backbones=["timm/test_resnet"], num_classes=3), splits.train, splits.val, cfg, log=None)
+    expected = [row["val_nll"] for row in result.history]
+    if kind == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tb" / "member_a"))
+        events.Reload()
+        got = [(e.step, e.value) for e in events.Scalars("val/nll")]
+        assert [s for s, _ in got] == [1, 2] and [v for _, v in got] == pytest.approx(expected, rel=1e-6)
+        assert "train/loss" in events.Tags()["scalars"]
+    else:
+        import mlflow
+
+        mlflow.set_tracking_uri(where)
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert run.info.run_name == "member_a" and run.data.params["epochs"] == "2"
+        history = mlflow.MlflowClient(where).get_metric_history(run.info.run_id, "val_nll")
+        assert [m.step for m in history] == [1, 2] and [m.value for m in history] == pytest.approx(expected, rel=1e-6)
+
+
+def test_log_refuses_an_unknown_tracker_and_a_stray_log_dir():
+    from fusionnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown log 'wandb'; choose one of tensorboard, mlflow"):
+        TrainConfig(log="wandb")
+    with pytest.raises(ConfigError, match="log_dir names where --log writes; give --log too"):
+        TrainConfig(log_dir="runs/tb")

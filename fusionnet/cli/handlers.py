@@ -42,6 +42,7 @@ def handle_train(args) -> None:
 
     s = settings(args, TrainRun, TrainConfig)
     run, train_cfg = TrainRun(**given(s, TrainRun)), TrainConfig(**given(s, TrainConfig))  # checked first
+    train_cfg = replace(train_cfg, run_name=train_cfg.run_name or Path(run.out).name)  # a tracked run's name
     resolve_device(train_cfg.device)
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
         check_output_folder(run.out, bool(args.overwrite), inputs=[run.data])

@@ -73,6 +73,9 @@ class Callback:
     def on_fit_end(self, model: Classifier) -> None:
         pass
 
+    def on_epoch_end(self, model: Classifier, row: dict) -> None:
+        """After validation: ``row`` is the epoch's history record (epoch, train_loss, val_acc, val_nll, lr, ...)."""
+
     def eval_model(self) -> Classifier | None:
         """The model to validate and save instead of the trained one (None: the trained one)."""
         return None
@@ -312,10 +315,76 @@ def ogm_coefficients(branch_logits: Sequence[torch.Tensor], target: torch.Tensor
     return torch.where(rho > 1, 1 - torch.tanh(alpha * (rho - 1)), torch.ones_like(rho))
 
 
+class Tracking(Callback):
+    """``TrainConfig.log``: each epoch's history record, and the settings, written where practitioners already look,
+    with the libraries' own writers: tensorboard's ``SummaryWriter`` (scalars ``val/acc``, ``train/loss``, ...
+    under ``log_dir/<run name>``) or an mlflow run (params and per-epoch metrics). Rank 0 only."""
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Tracking | None":
+        return cls(cfg.log, cfg.log_dir, cfg.run_name or "fit", cfg) if cfg.log else None
+
+    def __init__(self, kind: str, where: str | None, name: str, cfg: TrainConfig | None = None) -> None:
+        from fusionnet.errors import MissingDependencyError, install_hint
+
+        self.kind, self.cfg, self.writer = kind, cfg, None
+        self.name = name.replace("/", "_")  # timm/test_resnet: one folder, not two
+        module = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow"}.get(kind)
+        if module is None:
+            raise ConfigError(f"unknown log {kind!r}; choose tensorboard or mlflow")
+        try:
+            self.lib = __import__(module, fromlist=["_"])
+        except ImportError as exc:
+            raise MissingDependencyError(f"--log {kind} needs {kind}: {install_hint(kind)} ({exc})") from None
+        self.where = where or ("runs/tensorboard" if kind == "tensorboard" else None)
+
+    def on_fit_start(self, model: Classifier) -> None:
+        from dataclasses import asdict
+
+        from fusionnet.utils.distributed import rank_world
+
+        if rank_world()[0] != 0:
+            return
+        params = {k: v for k, v in asdict(self.cfg).items() if isinstance(v, (int, float, str, bool))} \
+            if self.cfg is not None else {}
+        if self.kind == "tensorboard":
+            from pathlib import Path
+
+            self.writer = self.lib.SummaryWriter(log_dir=str(Path(self.where) / self.name))
+            self.writer.add_text("settings", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+        else:
+            if self.where:
+                self.lib.set_tracking_uri(self.where)
+            self.writer = self.lib.start_run(run_name=self.name, nested=self.lib.active_run() is not None)
+            self.lib.log_params(params)
+
+    def on_epoch_end(self, model: Classifier, row: dict) -> None:
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        values = {k.replace("_", "/", 1) if k.startswith(("val_", "train_")) else k: float(v)
+                  for k, v in row.items() if k != "epoch" and isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        else:
+            self.lib.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+
+    def on_fit_end(self, model: Classifier) -> None:
+        if self.writer is None:
+            return
+        if self.kind == "tensorboard":
+            self.writer.close()
+        else:
+            self.lib.end_run()
+        self.writer = None
+
+
 CALLBACKS: Registry[type[Callback]] = Registry("callback")  # in the order fit runs them
 for _key, _cls in (("checkpoint_activations", ActivationCheckpointing), ("branch_streams", BranchStreams),
                    ("ogm", GradientModulation), ("ema", WeightAverage), ("codistill", CoDistillation),
-                   ("distillation", Distillation), ("resample", Resample)):
+                   ("distillation", Distillation), ("resample", Resample), ("tracking", Tracking)):
     _cls.key = _key
     CALLBACKS.register(_key, _cls)
 

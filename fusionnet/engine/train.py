@@ -203,6 +203,8 @@ def _epoch(run: Run, train_module: nn.Module, epoch: int) -> bool:
            "lr": run.opt.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
            "trainable_params": sum(p.numel() for p in run.clf.parameters() if p.requires_grad)}
     run.progress.history.append(row)
+    for cb in run.callbacks:
+        cb.on_epoch_end(run.clf, row)
     score = metrics[cfg.monitor]
     improved = run.progress.best_score is None or (  # strict: the first of tied epochs stays
         score > run.progress.best_score if MONITORS[cfg.monitor] == "max" else score < run.progress.best_score)

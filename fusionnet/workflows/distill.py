@@ -101,7 +101,8 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     rows["teacher"]["checkpoints"] = [str(p) for p in paths]
     for name, callbacks in runs.items():
         t0 = time.perf_counter()
-        train = replace(cfg.train, cache_features=False)  # the teacher needs the images, not cached features
+        train = replace(cfg.train, cache_features=False,  # the teacher needs the images, not cached features
+                        run_name=f"student_{name}_seed{cfg.train.seed}")
         result = fit(student(), splits.train, splits.val, train, out_dir=out / name, callbacks=callbacks, log=log)
         best = load_fusionnet(result.best_path)
         rows[f"student {cfg.student} ({name})"] = {
