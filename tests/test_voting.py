@@ -226,5 +226,12 @@ def test_a_sample_reached_through_a_symlinked_folder_has_the_same_id(tmp_path):
     (tmp_path / "real" / "a" / "x.png").write_bytes(b"png")
     (tmp_path / "link").symlink_to(tmp_path / "real")
     assert sample_id(tmp_path / "link" / "a" / "x.png") == sample_id(tmp_path / "real" / "a" / "x.png") == \
-        os.path.realpath(tmp_path / "real" / "a" / "x.png")
+        os.path.realpath(tmp_path / "real" / "a" / "x.png")  # outside a split folder: the resolved path
     assert sample_id("row 3") == "row 3"  # not a file: kept as given
+    # inside a data folder: split/class/name, the same for a copy of the folder elsewhere (another machine)
+    for root in ("data", "copy"):
+        (tmp_path / root / "test" / "a").mkdir(parents=True)
+        (tmp_path / root / "test" / "a" / "x.png").write_bytes(b"png")
+    (tmp_path / "via").symlink_to(tmp_path / "data")
+    assert sample_id(tmp_path / "via" / "test" / "a" / "x.png") == sample_id(tmp_path / "copy" / "test" / "a" /
+                                                                            "x.png") == "test/a/x.png"

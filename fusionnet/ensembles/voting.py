@@ -83,11 +83,20 @@ def member_outputs(model: nn.Module, data, *, member: str, split: str, checkpoin
                          checkpoint_sha256=file_sha256(checkpoint) if checkpoint else None)
 
 
+SPLITS = ("train", "val", "test")
+
+
 def sample_id(path) -> str:
-    """The one canonical id of a sample: its file's resolved absolute path (symlinks followed, so a data folder
-    reached through a link and directly give the same ids); anything that is not a file stays as it is."""
+    """The one canonical id of a sample: its file's resolved path (symlinks followed, so a data folder reached
+    through a link and directly give the same ids) relative to the data root, ``split/class/name`` (so outputs
+    saved on another machine, or after the folder moved, still align); a file outside a split folder keeps its
+    resolved absolute path, and anything that is not a file stays as it is."""
     text = str(path)
-    return os.path.realpath(text) if os.path.isfile(text) else text
+    if not os.path.isfile(text):
+        return text
+    real = os.path.realpath(text)
+    parts = real.split(os.sep)
+    return "/".join(parts[-3:]) if len(parts) > 3 and parts[-3] in SPLITS else real
 
 
 def check_aligned(outputs: Sequence[MemberOutputs]) -> None:
