@@ -20,7 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from fusionnet.config import CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun
+from fusionnet.config import AutoConfig, CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun
 from fusionnet.errors import ConfigError
 from fusionnet.registry import Registry
 
@@ -145,6 +145,12 @@ def _compare(p) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
 
 
+def _auto(p) -> None:
+    p.add_argument("--config", help="a YAML or JSON file of settings, the flags' names with _ (flags given win)")
+    add_fields(p, AutoConfig, title="auto")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an earlier run in --out")
+
+
 def _plain(p) -> None:
     add_fields(p, PlainConfig, title="plain state-dict members (what their files cannot say; else a manifest "
                                      "<checkpoint stem>.json or classes.txt beside each; fusionnet inspect shows the "
@@ -196,7 +202,8 @@ def _serve(p) -> None:
 
 
 def _predict(p) -> None:
-    p.add_argument("checkpoint", help="a fusionnet checkpoint or a plain torchvision/timm state dict")
+    p.add_argument("checkpoint", help="a fusionnet checkpoint, a plain torchvision/timm state dict, or a run folder "
+                                      "(fuse, auto: selected.pth; compare: its selected fusion; train: best.pth)")
     p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
@@ -239,7 +246,7 @@ def _classify(p) -> None:
 
 
 def _export(p) -> None:
-    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth / final.pth)")
+    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth) or a run folder")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels (default: the size the model was trained at, else 224)")
@@ -317,6 +324,12 @@ for _name, _command in {  # name: (help, arguments, parser options, handler)
               "pip install 'fusionnet[serve]')", _serve, _examples(
                   "fusionnet serve runs/demo --port 8000",
                   "curl -F file=@photo.jpg http://127.0.0.1:8000/v1/classify"), H + "handle_serve"),
+    "auto": ("choose which trunks to fuse within a time limit: screen every candidate, select greedily by the "
+             "stacked fusion's out-of-fold NLL, fuse, fine-tune if it fits; writes runs/<name>/selected.pth and "
+             "leaderboard.md", _auto, _examples(
+                 "fusionnet auto --data data --time-limit 30m --out runs/auto",
+                 "fusionnet auto --data data --sizes 96 128 --members weights/*_best.pth --classes a b c "
+                 "--max-latency-ms 20"), H + "handle_auto"),
     "compare": ("train members and FusionNets on the same budget and compare them with every output-ensemble "
                 "method; writes runs/<name>/", _compare, {}, H + "handle_compare"),
     "gap": ("why test accuracy is below validation: compare two image folders", _gap, _examples(

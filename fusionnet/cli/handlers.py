@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fusionnet.cli.args import given, settings
-from fusionnet.config import (CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun,
+from fusionnet.config import (AutoConfig, CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun,
                               distill_train_config, fuse_train_config, regime_train_config)
 from fusionnet.errors import ConfigError
 from fusionnet.utils.files import atomic_write_text
@@ -84,6 +84,19 @@ def handle_compare(args) -> None:
     cfg = validate(CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train}))  # before the folder
     with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data]) as work:
         run_comparison(replace(cfg, out=str(work)))
+
+
+def handle_auto(args) -> None:
+    from fusionnet.workflows.auto import candidates_for
+    from fusionnet.workflows.auto_run import run_auto
+
+    cfg = AutoConfig(**given(settings(args, AutoConfig), AutoConfig))  # every setting checked first
+    candidates_for(cfg)  # and every candidate, before the folder is touched
+    with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data, *(cfg.members or [])]) as work:
+        report = run_auto(cfg, out=work)
+    out = Path(cfg.out)
+    print((out / "leaderboard.md").read_text() + f"wrote {out}/leaderboard.md, results.json, pareto.png; the model "
+          f"validation chose ({report['selected']}): {out / 'selected.pth'}")
 
 
 def handle_distill(args) -> None:
@@ -185,6 +198,7 @@ def handle_export(args) -> None:
     from fusionnet.models.factory import load_fusionnet
 
     out = fresh_file(args.out, args.overwrite)
+    args.checkpoint = model_file(args.checkpoint)
     model = load_fusionnet(args.checkpoint)
     size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
@@ -200,6 +214,14 @@ def handle_gap(args) -> None:
                            max_images=args.max_images, out=work)
     print(gap_markdown(report))
     print(f"wrote {args.out}/gap.json, gap.md, gap.png")
+
+
+def model_file(source: str) -> str:
+    """A checkpoint as given, or the model a run folder holds (fuse / auto: selected.pth; compare: its selected
+    fusion; train: best.pth)."""
+    from fusionnet.workflows.runs import checkpoints_in
+
+    return source if Path(source).is_file() else str(checkpoints_in([source])[0])
 
 
 def plain_config(args) -> PlainConfig:
@@ -218,6 +240,7 @@ def handle_predict(args) -> None:
     if args.val_list is not None and args.data is None:
         raise ConfigError("--val-list names the validation split of --data; give --data too")
     fresh_file(args.out, args.overwrite)
+    args.checkpoint = model_file(args.checkpoint)
     model = load_member(args.checkpoint, plain=plain_config(args))  # its own class order, until the data's is read
     trained = trained_on(args.checkpoint) if not is_plain(args.checkpoint) else {}
     size = args.size or trained.get("input_size") or 128  # the size the model was trained at

@@ -250,6 +250,8 @@ class AutoConfig:
                                "RAY_ADDRESS set); pip install 'fusionnet[ray]'")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto")
     progress: bool = setting(True, "progress bars")
+    log: str | None = setting(None, "fine-tuning stage: log each epoch to tensorboard or mlflow (as train --log)")
+    log_dir: str | None = setting(None, "--log tensorboard: the folder; --log mlflow: the tracking URI")
     out: str = setting("runs/auto", "run folder")
 
     def __post_init__(self) -> None:
@@ -268,6 +270,7 @@ class AutoConfig:
             (is_finite(self.val_fraction) and 0 < self.val_fraction < 1,
              f"val_fraction must be in (0, 1), got {self.val_fraction!r}"),
         ])
+        TrainConfig(log=self.log, log_dir=self.log_dir)  # their checks
         self.sizes = list(dict.fromkeys(int(v) for v in self.sizes))
 
 

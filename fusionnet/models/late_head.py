@@ -222,11 +222,11 @@ def fit_combiner_into(model, log_p: torch.Tensor, target: torch.Tensor, cv) -> t
     return w, nll, acc
 
 
-def combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv) -> tuple[float, float]:
+def combiner_oof(log_p: torch.Tensor, target: torch.Tensor, cv, pull: float = PULL) -> tuple[float, float]:
     """The combiner's own out-of-fold (NLL, accuracy) over the branches' out-of-fold log-probabilities."""
     held_out = torch.zeros(len(target), log_p.shape[2], dtype=torch.float64)
     for fit_idx, test_idx in cv.split(np.zeros(len(target)), target.numpy()):
-        w, b = solve_combiner(log_p[fit_idx], target[fit_idx])
+        w, b = solve_combiner(log_p[fit_idx], target[fit_idx], pull)
         held_out[test_idx] = (log_p[test_idx] * w).sum(1) + b
     lp = held_out.log_softmax(1)
     return float(-lp[torch.arange(len(target)), target].mean()), float((lp.argmax(1) == target).double().mean())

@@ -36,23 +36,23 @@ def member_names(paths: Sequence[str | Path]) -> list[str]:
 
 
 def checkpoints_in(sources: Sequence[str]) -> list[Path]:
-    """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``) name: files as given; a ``compare``
-    run folder: its val-selected fusion; a ``fuse`` run folder: ``selected.pth``; a ``train`` run folder:
-    ``best.pth``."""
+    """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``, ``predict`` and ``export``'s model)
+    name: files as given; a ``fuse`` or ``auto`` run folder: ``selected.pth``; a ``compare`` run folder: its
+    val-selected fusion; a ``train`` run folder: ``best.pth``."""
     paths = []
     for source in sources:
         path = Path(source)
         if path.is_file():
             paths.append(path)
+        elif (path / "selected.pth").is_file():  # fuse and auto write it (auto also writes results.json)
+            paths.append(path / "selected.pth")
         elif (path / "results.json").is_file():
             paths.append(selected_in_comparison(path))
-        elif (path / "selected.pth").is_file():
-            paths.append(path / "selected.pth")
         elif (path / "best.pth").is_file():
             paths.append(path / "best.pth")
         else:
             raise MissingFileError(f"{source!r} is neither a checkpoint nor a run folder of compare "
-                                   f"(results.json), fuse (selected.pth) or train (best.pth)")
+                                   f"(results.json), fuse or auto (selected.pth) or train (best.pth)")
     return paths
 
 
