@@ -17,7 +17,7 @@ __version__ = "0.3.0"
 _WHERE = {  # name -> the module that defines it
     "fusionnet.models.backbones": ("BackboneSpec", "get_spec", "list_backbones", "register_backbone"),
     "fusionnet.models.checkpoints": ("inspect_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"),
-    "fusionnet.config": ("CompareConfig", "FuseConfig", "TrainConfig"),
+    "fusionnet.config": ("AutoConfig", "CompareConfig", "FuseConfig", "PlainConfig", "TrainConfig"),
     "fusionnet.data.splits": ("CsvImages", "FolderImages", "load_splits"),
     "fusionnet.models.factory": ("create_fusionnet", "fuse_members", "load_fusionnet", "save_model"),
     "fusionnet.models.fusion": ("BranchConfig", "FusionConfig", "FusionNet"),
@@ -27,6 +27,8 @@ _WHERE = {  # name -> the module that defines it
     "fusionnet.models.interface": ("Classifier", "ModelOutput"),
     "fusionnet.engine.train": ("FitResult", "fit"),
     "fusionnet.ensembles.voting": ("MemberOutputs", "VotingEnsemble", "VotingModule", "member_outputs"),
+    "fusionnet.models.plain": ("load_member",),
+    "fusionnet.workflows.auto_run": ("auto",),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
 

@@ -140,8 +140,15 @@ def test_auto_from_the_command_line_and_its_run_folder_everywhere(data, tmp_path
     assert checkpoints_in([str(out)]) == [out / "selected.pth"]  # serve and distill --teacher read the folder so
 
 
-def test_ray_screening_gives_the_local_results(data, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
     ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_screening_gives_the_local_results(data, local_ray):
     from fusionnet.workflows.auto import Budget
     from fusionnet.workflows.auto_ray import screen_with_ray
 
@@ -150,15 +157,46 @@ def test_ray_screening_gives_the_local_results(data, tmp_path):
     candidates = [Candidate("timm/test_resnet", 32), Candidate("timm/test_efficientnet", 32)]
     local = [screen(c, splits, settings, log=lambda _m: None) for c in candidates]
     cfg = AutoConfig(data=str(data), **TINY)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    try:
-        remote = screen_with_ray(candidates, cfg, settings, "shorter", Budget(600), log=lambda _m: None)
-    finally:
-        ray.shutdown()
+    remote = screen_with_ray(candidates, cfg, settings, "shorter", Budget(600), log=lambda _m: None)
     assert [r.id for r in remote] == [c.id for c in candidates]
     for a, b in zip(local, remote):
         assert a.C == b.C and a.taps == b.taps and a.oof_nll == pytest.approx(b.oof_nll, rel=1e-4)
         assert torch.allclose(a.log_probs["test"], b.log_probs["test"], atol=1e-4)
+
+
+def _compare(data, out, ray: bool, seeds) -> dict:
+    from fusionnet.config import CompareConfig, regime_train_config
+    from fusionnet.workflows.compare import run_comparison
+
+    train = regime_train_config("frozen", epochs=2, batch_size=8, progress=False)
+    cfg = CompareConfig(data=str(data), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
+                        pretrained=False, variants=["stacked"], seeds=seeds, train=train, ray=ray, out=str(out))
+    return run_comparison(cfg, log=None)
+
+
+def test_compare_with_ray_runs_a_task_per_seed_with_the_local_results(data, tmp_path, local_ray):
+    local, remote = _compare(data, tmp_path / "local", False, [0, 1]), _compare(data, tmp_path / "ray", True, [0, 1])
+    for row in ("member:timm/test_resnet", "soft", "fusion:stacked"):
+        for metric in ("acc", "nll"):
+            assert remote["methods"][row][metric]["values"] == pytest.approx(
+                local["methods"][row][metric]["values"], rel=1e-3, abs=1e-4)
+
+
+def test_compare_with_ray_trains_its_members_as_tasks(data, tmp_path, monkeypatch):
+    """One seed: the members go through ray_map (here run in this process), and the table is the local one."""
+    import fusionnet.workflows.compare as compare
+
+    mapped = []
+
+    def local_map(fn, items, timeout_s=None):
+        mapped.append([getattr(i, "name", i) for i in items])
+        return [(True, fn(i)) for i in items]
+
+    monkeypatch.setattr(compare, "ray_map", local_map)
+    remote = _compare(data, tmp_path / "ray", True, [0])
+    local = _compare(data, tmp_path / "local", False, [0])
+    assert mapped == [["timm/test_resnet", "timm/test_efficientnet"]]
+    assert remote["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"]
 
 
 def _screened(name: str, log_probs: torch.Tensor, ms: float = 1.0):

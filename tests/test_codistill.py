@@ -312,3 +312,51 @@ def test_new_compare_settings_are_checked(tmp_path, setting, message):
 def test_codistill_settings_are_checked(field, value, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_cross_fitting_with_taps_fits_each_tapped_classifier_on_its_fold_models_training_images(tmp_path,
+                                                                                                monkeypatch):
+    """Issue 30: the tapped levels' classifier of each fold model is fitted on that model's training images only and
+    predicts the fold it left out; the deployed model keeps, per member, the head whose honest predictions were
+    better."""
+    import fusionnet.workflows.crossfit as crossfit
+    from fusionnet.workflows.crossfit import CrossFitted
+    from fusionnet.workflows.pipeline import Context
+
+    data = make_splits(tmp_path / "data", per_class=9)
+    splits = load_splits(data, size=32)
+    pairs, real_fit, real_probs = [], crossfit.fit_tapped, crossfit.tapped_probs
+
+    def spy_fit(view, fit_data, seed, device):
+        pairs.append([set(fit_data.paths)])
+        return real_fit(view, fit_data, seed, device, grid=(0.1, 1.0))  # a short C walk: tiny data
+
+    def spy_probs(view, data, device):
+        pairs[-1].append(set(data.paths))
+        return real_probs(view, data, device)
+
+    monkeypatch.setattr(crossfit, "fit_tapped", spy_fit)
+    monkeypatch.setattr(crossfit, "tapped_probs", spy_probs)
+
+    def build(backbone):
+        def make():
+            torch.manual_seed(0)
+            return FusionNet(backbones=[backbone], num_classes=3, class_names=splits.class_names)
+        return make
+
+    ctx = Context(splits, tmp_path, device="cpu")
+    train = TrainConfig(epochs=1, batch_size=8, progress=False)
+    builders = {b: build(b) for b in TINY}
+    scored = CrossFitted("stacked", builders, [b() for b in builders.values()], 0.0, train, 2, seed=0,
+                         taps=2).run(ctx)
+    assert len(pairs) == 4  # 2 members x 2 folds, one fit and one prediction each
+    for member in (pairs[:2], pairs[2:]):
+        for fitted, held in member:
+            assert not fitted & held and fitted | held == set(splits.train.paths)
+        assert member[0][1] | member[1][1] == set(splits.train.paths)  # every image predicted by a model without it
+    used = scored.info["cross_fit"]["taps_used"]
+    assert set(used) == set(TINY)
+    for u in used.values():  # each member's choice follows its honest NLLs
+        assert u["used"] == (u["tapped_nll"] < u["head_nll"])
+    probs = scored.outputs["val"].probs
+    assert probs.shape == (len(splits.val), 3) and torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-5)

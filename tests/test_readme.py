@@ -48,6 +48,7 @@ BUDGET = {
     "export": ["--size", "32"],
     "distill": ["--epochs", "1", "--size", "32", "--no-progress"],
     "gap": ["--size", "32"],
+    "auto": ["--sizes", "32", "--time-limit", "2m", "--no-finetune", "--no-progress"],
     "compare": ["--epochs", "1", "--size", "32", "--no-progress", "--backbones", "efficientnet_lite0",
                 "efficientnet_lite1", "--variants", "stacked", "--seeds", "0", "1"],  # every variant:
     # test_compare.py; two seeds still take the path that aggregates over seeds

@@ -381,3 +381,36 @@ def test_log_refuses_an_unknown_tracker_and_a_stray_log_dir():
         TrainConfig(log="wandb")
     with pytest.raises(ConfigError, match="log_dir names where --log writes; give --log too"):
         TrainConfig(log_dir="runs/tb")
+
+
+def test_greedy_soup_averages_best_epochs_only_where_validation_holds(tmp_path):
+    """TrainConfig.soup: best.pth holds the greedy soup; its validation score is at least the best epoch's."""
+    from fusionnet.engine.soup import SoupPool, average
+
+    a = torch.nn.Linear(2, 2)
+    b = torch.nn.Linear(2, 2)
+    pool = SoupPool(2, higher_is_better=False)
+    pool.offer(0.5, 1, a)
+    pool.offer(0.4, 2, b)
+    pool.offer(0.9, 3, torch.nn.Linear(2, 2))  # worse than both: not kept
+    assert [e for _, e, _ in pool.pool] == [2, 1]
+    target = torch.nn.Linear(2, 2)
+    mean = average([b.state_dict(), a.state_dict()])
+    # the average validates better than the best epoch: kept; then worse: refused
+    assert pool.cook(target, lambda: 0.3)[0] == [2, 1]
+    assert torch.allclose(target.weight, mean["weight"])
+    assert pool.cook(target, lambda: 0.45) == ([2], 0.4) and torch.equal(target.weight, b.weight)
+    splits = load_splits(make_splits(tmp_path / "data", per_class=6), size=32)
+    cfg = TrainConfig(epochs=4, batch_size=8, progress=False, soup=3, monitor="nll")
+    result = fit(FusionNet(backbones=["timm/test_resnet"], num_classes=3), splits.train, splits.val, cfg,
+                 out_dir=tmp_path / "run", log=None)
+    soup = result.extra["soup"]
+    assert soup["score"] <= soup["best_epoch_score"] and soup["epochs"][0] == result.best_epoch
+    saved = read_checkpoint(tmp_path / "run" / "best.pth")["metrics"]
+    assert saved["soup_epochs"] == soup["epochs"]
+    scores = evaluate(load_fusionnet(tmp_path / "run" / "best.pth"), splits.val, device="cpu")
+    assert scores["nll"] == pytest.approx(soup["score"], rel=1e-4)
+    from fusionnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="soup must be 0"):
+        TrainConfig(soup=1)

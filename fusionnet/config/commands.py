@@ -60,6 +60,9 @@ class CompareConfig:
     keep: Literal["best", "all", "outputs"] = setting("best", "model files kept: best (each model's best.pth), all "
                                                               "(also final.pth, the resume point), outputs (none: "
                                                               "the saved outputs and the report)")
+    ray: bool = setting(False, "train the members, and the seeds' comparisons, as Ray tasks on a local Ray instance "
+                               "or the cluster RAY_ADDRESS names (also on with RAY_ADDRESS set; the same results as "
+                               "locally); pip install 'fusionnet[ray]'")
     out: str = setting("runs/fusion_vs_voting", "run folder")
 
     def __post_init__(self) -> None:

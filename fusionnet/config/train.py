@@ -70,7 +70,7 @@ class TrainConfig:
     stages_per_step: int = setting(1, "gradual: trunk stages released per step, nearest the output first")
     monitor: Literal["acc", "macro_f1", "nll", "ece"] = setting("macro_f1", "the validation metric that picks best.pth and early stopping")
     patience: int | None = setting(None, "stop after this many epochs without improvement (none: never)")
-    amp: bool | str = setting("auto", "mixed precision: 'auto' uses bf16 autocast on CUDA, nothing on the CPU; true | false")
+    amp: bool | str = setting("auto", "mixed precision: auto: bf16 autocast on CUDA, fp32 on the CPU; true: bf16 on the CPU too (faster inference where the CPU has bf16 units; see experiments/README.md for its cost); false: fp32")
     cache_features: bool | str = setting("auto", "frozen strategy: 'auto' and true compute each trunk's features "
                                                  "once and train the head on them, the training images seen through "
                                                  "the val pipeline (un-augmented; flowers5_128, Lite0, 5 epochs: val "
@@ -102,6 +102,9 @@ class TrainConfig:
     device_augment: bool | str = setting("auto", "the GPU input path (fusionnet.data.device_input): the training images decoded once into device memory as uint8 and augmented there a batch at a time; 'auto': on CUDA when they take at most a quarter of the free memory and the dataset's pipeline is a fusionnet train_transform; true: also on the CPU; false: the per-image albumentations loader")
     sync_every: int = setting(50, "steps between host reads of the running loss and the non-finite check (reading a CUDA value waits for the GPU); the epoch's end always checks")
     compile: bool = setting(False, "torch.compile the training step (the first steps compile; see experiments/bench_throughput.py)")
+    soup: int = setting(0, "greedy soup: average the weights of up to this many best epochs, each kept only if "
+                           "the average validates at least as well (Wortsman et al. 2022); best.pth then holds the "
+                           "soup. 0: off (the default until validation shows it helps)")
     log: str | None = setting(None, "also log every epoch's metrics and the settings to tensorboard (a "
                                     "SummaryWriter per model under --log-dir, default runs/tensorboard) or mlflow "
                                     "(a run per model; --log-dir: the tracking URI, default $MLFLOW_TRACKING_URI "
@@ -157,6 +160,8 @@ class TrainConfig:
             (self.device_augment in ("auto", True, False),
              f"device_augment must be 'auto', True or False, got {self.device_augment!r}"),
             (is_int(self.sync_every) and self.sync_every >= 1, f"sync_every must be an int >= 1, got {self.sync_every!r}"),
+            (is_int(self.soup) and (self.soup == 0 or self.soup >= 2),
+             f"soup must be 0 (off) or a whole number of epochs >= 2, got {self.soup!r}"),
             (self.log in (None, *TRACKERS), f"unknown log {self.log!r}; choose one of {', '.join(TRACKERS)}"),
             (self.log_dir is None or self.log is not None, "log_dir names where --log writes; give --log too"),
         ])

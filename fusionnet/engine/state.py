@@ -94,6 +94,7 @@ class Run:
     writer: RunWriter | None
     data: dict | None = None  # what the model is trained on (fusionnet.data.datasets.training_record)
     progress: Progress = field(default_factory=Progress)
+    soup: object | None = None  # TrainConfig.soup: the best epochs' weights (fusionnet.engine.soup.SoupPool)
 
     def resume_state(self, epoch: int) -> dict:
         p = self.progress

@@ -43,6 +43,7 @@ from fusionnet.engine.inference import evaluate
 from fusionnet.engine.inputs import maybe_cache, maybe_device_input, mixup, steps_per_epoch
 from fusionnet.engine.optim import lr_factor, make_optimizer  # noqa: F401  (re-exported)
 from fusionnet.engine.run_writer import RunWriter
+from fusionnet.engine.soup import SoupPool
 from fusionnet.engine.state import FitResult, Inputs, Optimisation, Run
 from fusionnet.engine.state import resume as resume_run
 from fusionnet.engine.steps import train_epoch
@@ -93,13 +94,14 @@ def fit(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainC
     finally:
         for cb in run.callbacks:
             cb.on_fit_end(run.clf)
+    soup = _cook_soup(run) if run.soup is not None else None
     if run.writer is not None and run.progress.history:
         run.writer.finish(run.progress.history)
     if run.world > 1:
         dist.barrier()
     return FitResult(history=run.progress.history, best_epoch=run.progress.best_epoch, best_score=float(run.progress.best_score),
                      stopped_early=stopped_early, out_dir=str(run.out) if run.out is not None else None,
-                     used_cache=run.inputs.cached)
+                     used_cache=run.inputs.cached, extra={"soup": soup} if soup else {})
 
 
 def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool, log, callbacks: Sequence[Callback]) -> Run:
@@ -137,6 +139,8 @@ def _setup(model, train_data, val_data, cfg: TrainConfig, out_dir, resume: bool,
               _optimisation(clf, cfg, criterion, len(train_data), world, used_cache, mix),
               [*callbacks_from_config(cfg), *callbacks], out,
               RunWriter(out, clf, class_names, cfg, data) if out is not None and rank == 0 else None, data)
+    if cfg.soup:
+        run.soup = SoupPool(cfg.soup, MONITORS[cfg.monitor] == "max")
     if not used_cache:
         maybe_device_input(run, train_data)
     if out is not None and rank == 0:
@@ -208,6 +212,8 @@ def _epoch(run: Run, train_module: nn.Module, epoch: int) -> bool:
     score = metrics[cfg.monitor]
     improved = run.progress.best_score is None or (  # strict: the first of tied epochs stays
         score > run.progress.best_score if MONITORS[cfg.monitor] == "max" else score < run.progress.best_score)
+    if run.soup is not None:
+        run.soup.offer(score, epoch + 1, run.saved)
     if improved:
         run.progress.best_score, run.progress.best_epoch, run.progress.bad_epochs = score, epoch + 1, 0
     else:
@@ -219,6 +225,25 @@ def _epoch(run: Run, train_module: nn.Module, epoch: int) -> bool:
     if run.writer is not None:
         run.writer.epoch(run.saved, row, improved, run.resume_state(epoch), last=stop or epoch + 1 == cfg.epochs)
     return stop
+
+
+def _cook_soup(run: Run) -> dict | None:
+    """``TrainConfig.soup``: the greedy soup of the best epochs, left in the model and written as best.pth."""
+    monitor = run.cfg.monitor
+    cooked = run.soup.cook(run.saved, lambda: _validate(run.evaluated, run.inputs.val, run.class_names, run.cfg,
+                                                        run.device)[monitor])
+    if cooked is None:
+        return None
+    epochs, score = cooked
+    run.say(f"greedy soup of epochs {epochs}: val {monitor} {score:.4f} (best epoch {run.progress.best_epoch} "
+            f"alone: {run.progress.best_score:.4f})")
+    if run.out is not None and run.rank == 0:
+        ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.saved.state_dict(),
+                             class_names=run.class_names, data=run.data,
+                             metrics={"epoch": run.progress.best_epoch, "best_epoch": run.progress.best_epoch,
+                                      "monitor": monitor, f"val_{monitor}": score, "soup_epochs": epochs,
+                                      "best_epoch_score": run.progress.best_score})
+    return {"epochs": epochs, "score": score, "best_epoch_score": run.progress.best_score}
 
 
 def _validate(clf: Classifier, val_src, class_names, cfg: TrainConfig, device) -> dict:

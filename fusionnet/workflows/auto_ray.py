@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from fusionnet.errors import MissingDependencyError, TrainingError, install_hint
+from fusionnet.errors import TrainingError
 
 
 def _screen_task(candidate, data: dict, settings):
@@ -23,24 +23,17 @@ def _screen_task(candidate, data: dict, settings):
 
 
 def screen_with_ray(candidates, cfg, settings, resize: str, budget, log) -> list:
-    try:
-        import ray
-    except ImportError as exc:
-        raise MissingDependencyError(f"auto --ray needs Ray: {install_hint('ray')} ({exc})") from None
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="error")
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(_screen_task)
+    from fusionnet.utils.ray_tasks import ray_map
+
     data = {"root": str(cfg.data), "size": max(c.size for c in candidates), "val_fraction": cfg.val_fraction,
             "seed": cfg.seed, "resize": resize}
-    pending = {task.remote(c, data, settings): c for c in candidates}
-    log(f"screening {len(pending)} candidates as Ray tasks ({'a GPU' if gpus else 'a CPU'} each)")
-    done, late = ray.wait(list(pending), num_returns=len(pending), timeout=max(budget.left() * 0.9, 1.0))
-    for ref in late:
-        ray.cancel(ref, force=True)
-    results = {pending[ref].id: ray.get(ref) for ref in done}
-    for ref in late:
-        log(f"screening {pending[ref].id} did not finish within the time limit: left out")
-    if not results:
+    log(f"screening {len(candidates)} candidates as Ray tasks")
+    results = ray_map(lambda c: _screen_task(c, data, settings), candidates,
+                      timeout_s=max(budget.left() * 0.9, 1.0))
+    for c, (finished, _) in zip(candidates, results):
+        if not finished:
+            log(f"screening {c.id} did not finish within the time limit: left out")
+    screened = [r for finished, r in results if finished]
+    if not screened:
         raise TrainingError("no screening task finished within the time limit; give auto more time")
-    return [results[c.id] for c in candidates if c.id in results]
+    return screened

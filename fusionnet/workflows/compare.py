@@ -40,6 +40,7 @@ from fusionnet.utils.distributed import resolve_device
 from fusionnet.models.factory import create_fusionnet, fuse_members
 from fusionnet.engine.feature_cache import cached_features
 from fusionnet.utils.files import atomic_write_json, resolve_path
+from fusionnet.utils.ray_tasks import ray_map, ray_requested
 from fusionnet.models.fusion import FUSERS
 from fusionnet.workflows.pipeline import ClosedForm, Context, Scored, Table, Trained, choose_output, val_scores
 from fusionnet.workflows.report import write_report, write_seed_summary
@@ -136,8 +137,9 @@ def _codistilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trai
 STACKED_WARNING = ("the stacked fusion fits its branch classifiers and combiner on features of fine-tuned trunks "
                    "that were trained on these very images: its out-of-fold scores on the training split are "
                    "optimistic and its combiner may trust the branches too much (its validation scores are honest). "
-                   "--stacked-folds 3 cross-fits the combiner instead (each member trained 3 more times, on 2/3 of "
-                   "the training split each), over the members' own heads, without the earlier feature levels")
+                   "--stacked-folds 3 cross-fits it instead (each member trained 3 more times, on 2/3 of the "
+                   "training split each; the tapped levels' classifiers and the combiner fit on those models' "
+                   "predictions for the images they did not train on)")
 
 
 def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
@@ -151,7 +153,7 @@ def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
         models, prior_s = _members(cfg, members)
         builders = {b: (lambda b=b: _member_builder(cfg, splits.class_names, b)()[0]) for b in cfg.backbones}
         return CrossFitted("fusion_stacked", builders, models, prior_s, cfg.train_config("fusion_stacked"),
-                           cfg.stacked_folds, seed=cfg.seed)
+                           cfg.stacked_folds, seed=cfg.seed, taps=cfg.stacked_taps)
 
     def build():
         if cfg.regime == "frozen":
@@ -245,12 +247,16 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     """Run the whole experiment (per seed when ``cfg.seeds`` has several); returns what ``results.json`` holds."""
     cfg = validate(cfg)
     if cfg.seeds and len(cfg.seeds) > 1:
-        per_seed = {}
-        for s in cfg.seeds:
-            (log or (lambda _m: None))(f"==== seed {s}")
-            per_seed[s] = run_comparison(replace(cfg, train=replace(cfg.train, seed=s), seeds=None,
-                                                 out=str(Path(cfg.out) / f"seed_{s}"),
-                                                 cache_root=cfg.cache_root or str(Path(cfg.out) / "cache")), log=log)
+        one = {s: replace(cfg, train=replace(cfg.train, seed=s), seeds=None, out=str(Path(cfg.out) / f"seed_{s}"),
+                          cache_root=cfg.cache_root or str(Path(cfg.out) / "cache")) for s in cfg.seeds}
+        if ray_requested(cfg.ray):  # a task per seed; inside one, its members train in turn
+            done = ray_map(lambda c: run_comparison(replace(c, ray=False), log=None), list(one.values()))
+            per_seed = {s: result for s, (_, result) in zip(one, done)}
+        else:
+            per_seed = {}
+            for s, seed_cfg in one.items():
+                (log or (lambda _m: None))(f"==== seed {s}")
+                per_seed[s] = run_comparison(seed_cfg, log=log)
         return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
     if cfg.seeds:
         cfg = replace(cfg, train=replace(cfg.train, seed=cfg.seeds[0]), seeds=None)
@@ -262,11 +268,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     table_of = variants()
     early = {v: _run_variant(v, cfg, ctx, {}) for v in cfg.variants
              if cfg.regime == "frozen" and table_of.get(v).first_when_frozen}
-    members = {}
-    for b in cfg.backbones:
-        ctx.log(f"== member {b}")
-        members[b] = Trained(b, _member_builder(cfg, ctx.splits.class_names, b), cfg.train_config(b),
-                             kind="member").run(ctx)
+    members = _train_members(cfg, ctx)
     table = Table([members[b] for b in cfg.backbones], ctx.splits.class_names)
     table.add_ensembles(seed=cfg.seed, log=ctx.log)
     fusion = {}
@@ -284,6 +286,21 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
                       val_scores(vote["val"], table.y_val), "fusion variant")
     table.add_selected(cfg.select_by)
     return _write(cfg, ctx, table, members, fusion)
+
+
+def _train_members(cfg: CompareConfig, ctx: Context) -> dict[str, Scored]:
+    """Every member trained and scored: in turn, or each as a Ray task (``cfg.ray``)."""
+    entries = {b: Trained(b, _member_builder(cfg, ctx.splits.class_names, b), cfg.train_config(b), kind="member")
+               for b in cfg.backbones}
+    if ray_requested(cfg.ray):
+        ctx.log(f"== members {', '.join(entries)} as Ray tasks")
+        quiet = replace(ctx, log=lambda _m: None)
+        return {b: scored for b, (_, scored) in zip(entries, ray_map(lambda e: e.run(quiet), list(entries.values())))}
+    members = {}
+    for b, entry in entries.items():
+        ctx.log(f"== member {b}")
+        members[b] = entry.run(ctx)
+    return members
 
 
 def _run_variant(variant: str, cfg: CompareConfig, ctx: Context, members: dict[str, Scored]) -> Scored:

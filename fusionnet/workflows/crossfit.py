@@ -6,7 +6,12 @@ with fine-tuned trunks that is not enough, because the trunks themselves saw eve
 out-of-fold accuracy 0.95 on training features against 0.80 on validation). Cross-fitting trains each member again
 ``folds`` times, each time on every fold but one, and has that model predict the fold it left out
 (:func:`out_of_fold_probs`); the combiner of a late-fusion model over the full members then fits on those honest
-predictions (:func:`fit_combiner`). The price is ``folds`` more trainings of every member: the row's time counts them.
+predictions (:func:`fit_combiner`). With ``taps``, each fold model also fits a classifier on its earlier feature
+levels (on the images it trained on) and predicts the held-out fold with it, so the choice between a member's own
+head and its tapped classifier, and the combiner over them, rest on honest predictions too; the deployed model
+takes the full members' trunks with the tapped classifiers refitted on the whole training split. The price is
+``folds`` more trainings of every member (the tapped heads reuse them: a feature pass each): the row's time counts
+them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,51 @@ class OutOfFold:
     fold_of: torch.Tensor  # (N,): the fold each training image was held out in
     seconds: float
     folds: list[dict] = field(default_factory=list)  # per fold: trained_on / scored (training-split indices)
+    tapped: torch.Tensor | None = None  # (N, K), with ``taps``: row i predicted by a classifier on the tapped
+    # feature levels of the fold model trained without i, fitted on that model's own training images
+
+
+def tapped_view(member: nn.Module, taps: int) -> nn.Module:
+    """A one-branch late-fusion copy of the single-branch ``member`` with ``taps`` earlier levels (its trunk, frozen;
+    the classifier still to fit)."""
+    from fusionnet.models.branch import BranchConfig
+    from fusionnet.models.fusion import FusionConfig, FusionNet
+
+    (own,) = member.config.branches
+    cfg = FusionConfig([BranchConfig(**{**own.__dict__, "name": "", "taps": taps})], member.config.num_classes,
+                       class_names=member.class_names, fusion="late", freeze_trunks=True,
+                       resize=member.config.resize)
+    view = FusionNet(cfg)
+    next(iter(view.branches.values())).trunk.load_state_dict(next(iter(member.branches.values())).trunk.state_dict())
+    view.set_trainable_stages(0)
+    return view.eval()
+
+
+def fit_tapped(view: nn.Module, fit_data, seed: int, device, grid: tuple[float, ...] | None = None):
+    """Fit ``view``'s branch classifier (the stacked head's per-branch fit: C and the taps chosen by out-of-fold
+    NLL) on ``fit_data``, in place; returns the :class:`fusionnet.models.late_head.BranchFit`."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from fusionnet.engine.feature_cache import cached_features
+    from fusionnet.models.late_head import fit_branch
+
+    feats, _ = cached_features(view, fit_data, cache_dir=None, device=device, batch_size=64)
+    labels = feats.targets
+    folds = int(max(2, min(5, torch.bincount(labels).min())))
+    (name,) = view.branches
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return fit_branch(view, name, feats.features[name], labels, cv, **({"grid": grid} if grid else {}))
+
+
+def tapped_probs(view: nn.Module, data, device) -> torch.Tensor:
+    """(N, K) probabilities of ``view``'s branch classifier alone on ``data``."""
+    from fusionnet.engine.feature_cache import cached_features
+
+    feats, _ = cached_features(view, data, cache_dir=None, device=device, batch_size=64)
+    (name,) = view.branches
+    classifier = view.fuser.classifiers[0]
+    with torch.no_grad():
+        return classifier(feats.features[name]).float().softmax(1)
 
 
 def fold_indices(labels, folds: int, seed: int) -> list[np.ndarray]:
@@ -49,10 +99,12 @@ def fold_indices(labels, folds: int, seed: int) -> list[np.ndarray]:
 
 
 def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: int, seed: int,
-                      out_dir: Path | None = None, callbacks: Callable[[], list] = list) -> OutOfFold:
+                      out_dir: Path | None = None, callbacks: Callable[[], list] = list, taps: int = 0) -> OutOfFold:
     """Train ``build()`` once per fold on the other folds of the training split of ``ctx`` (a
     :class:`fusionnet.workflows.pipeline.Context`; best epoch on its validation split, like the full member) and
-    predict the held-out fold through the validation pipeline, on ``ctx.device``."""
+    predict the held-out fold through the validation pipeline, on ``ctx.device``. With ``taps``, the same fold
+    model also gives a classifier on its tapped feature levels (fitted on the fold's training images) whose
+    predictions on the held-out fold are ``tapped``: one training per fold serves both heads."""
     from fusionnet.data.splits import eval_view
     from fusionnet.engine.inference import predict
     from fusionnet.workflows.pipeline import _best_epoch
@@ -62,7 +114,7 @@ def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: 
     t0 = time.perf_counter()
     labels = list(train_data.labels)
     held_out = fold_indices(labels, folds, seed)
-    probs, fold_of, record = None, torch.empty(len(labels), dtype=torch.long), []
+    probs, fold_of, record, tapped = None, torch.empty(len(labels), dtype=torch.long), [], None
     everything = np.arange(len(labels))
     for j, held in enumerate(held_out):
         fit_idx = np.setdiff1d(everything, held)
@@ -71,12 +123,18 @@ def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: 
         result = fit(model, train_data.subset(fit_idx.tolist()), val_data, train_cfg,
                      out_dir=out_dir / f"fold_{j}" if out_dir else None, log=log, callbacks=callbacks())
         model = _best_epoch(model, result.best_path) if result.best_path else model.eval()
-        p, _ = predict(model, eval_view(train_data.subset(held.tolist()), val_data), device=device)
+        held_view = eval_view(train_data.subset(held.tolist()), val_data)
+        p, _ = predict(model, held_view, device=device)
         probs = p.new_zeros(len(labels), p.shape[1]) if probs is None else probs
         probs[torch.from_numpy(held)] = p.float()
+        if taps:
+            view = tapped_view(model, taps)
+            fit_tapped(view, eval_view(train_data.subset(fit_idx.tolist()), val_data), seed, device)
+            tapped = probs.new_zeros(probs.shape) if tapped is None else tapped
+            tapped[torch.from_numpy(held)] = tapped_probs(view, held_view, device)
         fold_of[torch.from_numpy(held)] = j
         record.append({"trained_on": fit_idx.tolist(), "scored": held.tolist()})
-    return OutOfFold(probs, fold_of, time.perf_counter() - t0, record)
+    return OutOfFold(probs, fold_of, time.perf_counter() - t0, record, tapped)
 
 
 def fit_combiner(model, member_probs: list[torch.Tensor], labels) -> dict:
@@ -114,6 +172,8 @@ class CrossFitted:
     seed: int = 0
     kind: str = "fusion"
     callbacks: Callable[[], list] = list  # training callbacks of the fold models (e.g. a deadline)
+    taps: int = 0  # earlier trunk levels each branch classifier may use: per member, its honest (cross-fitted)
+    # predictions decide between the member's own head and a classifier on the tapped levels
 
     def run(self, ctx):
         import shutil
@@ -125,11 +185,13 @@ class CrossFitted:
         t0 = time.perf_counter()
         folder = ctx.out / "models" / self.name
         oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b,
-                                    callbacks=self.callbacks) for b, build in self.builders.items()}
-        model = fuse_members(self.members, fusion="late", taps=0)
-        facts = {**fit_combiner(model, [o.probs for o in oof.values()], ctx.splits.train.labels),
-                 "folds": self.folds, "fold_seconds": {b: o.seconds for b, o in oof.items()}}
-        ctx.log(f"cross-fitted stacking: combiner out-of-fold acc {facts['oof_acc']:.4f}, NLL {facts['oof_nll']:.4f}")
+                                    callbacks=self.callbacks, taps=self.taps) for b, build in self.builders.items()}
+        model = fuse_members(self.members, fusion="late", taps=self.taps)
+        honest, taps_used = self._branch_classifiers(model, oof, ctx)
+        facts = {**fit_combiner(model, honest, ctx.splits.train.labels), "folds": self.folds,
+                 "fold_seconds": {b: o.seconds for b, o in oof.items()}, "taps_used": taps_used}
+        ctx.log(f"cross-fitted stacking: combiner out-of-fold acc {facts['oof_acc']:.4f}, NLL {facts['oof_nll']:.4f}"
+                + (f"; tapped levels used by {[b for b, u in taps_used.items() if u['used']]}" if self.taps else ""))
         if ctx.keep != "all":
             for b in self.builders:
                 shutil.rmtree(folder / b, ignore_errors=True)
@@ -140,3 +202,30 @@ class CrossFitted:
         scored.info.update(train_seconds=train_s, best_epoch=None, epochs_run=0, cross_fit=facts,
                            seconds=self.prior_s + train_s + scored.info["predict_seconds"])
         return scored
+
+    def _branch_classifiers(self, model, oof: dict, ctx) -> tuple[list[torch.Tensor], dict]:
+        """Per member, the head whose cross-fitted predictions have the lower NLL: its own (kept from
+        fuse_members) or, with taps, a classifier on the tapped levels, then refitted on the full member's features
+        of the whole training split. Returns (the chosen heads' honest predictions, what was chosen and why)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        from fusionnet.data.splits import eval_view
+        from fusionnet.engine.feature_cache import cached_features
+        from fusionnet.models.late_head import fit_branch
+
+        labels = torch.as_tensor(ctx.splits.train.labels).long()
+        nll = lambda p: float(-p[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())  # noqa: E731
+        honest, used, feats = [], {}, None
+        for (b, o), name in zip(oof.items(), model.branches):
+            use = o.tapped is not None and nll(o.tapped) < nll(o.probs)
+            used[b] = {"used": use, "head_nll": nll(o.probs), "tapped_nll": nll(o.tapped) if o.tapped is not None
+                       else None}
+            honest.append(o.tapped if use else o.probs)
+            if use:
+                if feats is None:
+                    feats, _ = cached_features(model, eval_view(ctx.splits.train, ctx.splits.val), cache_dir=None,
+                                               device=ctx.device, batch_size=64)
+                folds = int(max(2, min(5, torch.bincount(labels).min())))
+                fit_branch(model, name, feats.features[name], labels,
+                           StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed))
+        return honest, used
