@@ -126,9 +126,13 @@ def test_newcomer_path_plain_members_to_a_served_model(tmp_path, capsys):
             "--data", str(root), "--size", "32", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "fuse")]
     assert main(args) == 2 and "reach their input size differently" in capsys.readouterr().err
     assert not (tmp_path / "fuse").exists()
-    assert main(args + ["--resize", "stretch"]) == 0
+    assert main(args + ["--resize", "stretch", "--names", "r18"]) == 2
+    assert "--names gives 1 name(s) ['r18'] for 3 members" in capsys.readouterr().err
+    assert main(args + ["--resize", "stretch", "--names", "r18", "goog", "mobile"]) == 0
     out = capsys.readouterr().out
     assert "do not record the images they were trained on" in out and "--val-list" in out
+    assert {"member:r18", "member:goog", "member:mobile"} <= set(json.loads((tmp_path / "fuse" / "fuse.json")
+                                                                        .read_text())["methods"])
     selected = load_fusionnet(tmp_path / "fuse" / "selected.pth")
     assert selected.config.resize == "stretch"
     from fusionnet.serving.serve import ModelHandler

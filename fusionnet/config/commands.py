@@ -164,6 +164,8 @@ class FuseConfig:
     """``fusionnet fuse``: the user's member checkpoints, their data, and which fused heads to fit."""
 
     members: list[str] = setting(None, "member checkpoints (fusionnet or plain state dicts)")
+    names: list[str] | None = setting(None, "the members' names in the report, one per member in order (default: "
+                                            "file stems, or folders for best.pth)")
     data: str = setting(None, "folder with train/ and test/ (val/ optional)")
     heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
                                      "features from their logit average, best epoch by validation NLL with epoch 0 "
@@ -189,6 +191,9 @@ class FuseConfig:
             raise ConfigError(f"fuse needs at least 2 member checkpoints, got {len(self.members or [])}")
         if not self.data:
             raise ConfigError("fuse needs --data, a folder with train/ and test/")
+        if self.names is not None and (len(self.names) != len(self.members) or len(set(self.names)) != len(self.names)):
+            raise ConfigError(f"--names gives {len(self.names)} name(s) {self.names} for {len(self.members)} "
+                              f"members; give one distinct name per member, in the order of --members")
         bad = [h for h in self.heads if h not in HEADS]
         if bad or not self.heads:
             raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")

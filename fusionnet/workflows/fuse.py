@@ -85,7 +85,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     for p, record in records.items():  # a member that saw this split's images would make its val scores meaningless
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
-    names = member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
+    names = cfg.names or member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
     members = [Loaded(name, m, str(p)).run(ctx) for m, p, name in zip(loaded, cfg.members, names)]
     warnings = [w for m in members if (w := check_class_order(m.outputs["val"])) is not None]
     for w in warnings:
