@@ -299,6 +299,19 @@ def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: floa
         selection.steps.append(Step(best, list(selection.chosen), scores[best][0], scores[best][1], gain))
 
 
+def finalists(selection: Selection, screened: Sequence[Screened], max_latency_ms: float | None = None,
+               max_params: float | None = None) -> list[list[str]]:
+    """The sets validation chooses the fused model among: every prefix of the greedy path (more than one trunk),
+    and the final set with each remaining candidate added (the extensions the margin stopped), within the limits.
+    The out-of-fold NLL ranks trunks on the training split, where each trunk's classifier was fitted; validation,
+    never used for fitting, decides how far along that ranking to go."""
+    by_id = {s.id: s for s in screened}
+    sets = [selection.chosen[:i] for i in range(2, len(selection.chosen) + 1)]
+    sets += [selection.chosen + [s.id] for s in screened if s.id not in selection.chosen
+             and _within([by_id[c] for c in selection.chosen] + [s], max_latency_ms, max_params)]
+    return sets
+
+
 def _within(chosen: Sequence[Screened], max_latency_ms: float | None, max_params: float | None) -> bool:
     return (max_latency_ms is None or sum(s.ms_per_image for s in chosen) <= max_latency_ms) and \
         (max_params is None or sum(s.params for s in chosen) <= max_params * 1e6)

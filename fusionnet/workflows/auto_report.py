@@ -19,7 +19,7 @@ def leaderboard_markdown(report: dict) -> str:
              "| time (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in order:
         row = rows[r]
-        mark = " **(selected)**" if r == report["selected"] else ""
+        mark = (" **(selected)**" if r == report["selected"] else "") + (" *" if row.get("finalist") else "")
         lines.append(f"| {r}{mark} | {KINDS.get(row['kind'], row['kind'])} | {row['val']['acc']:.4f} | "
                      f"{row['val']['nll']:.4f} | {row['test']['acc']:.4f} | {row['test']['nll']:.4f} | "
                      f"{_num(row.get('oof_nll'))} | {_num(row.get('ms_per_image'), 2)} | "
@@ -30,7 +30,9 @@ def leaderboard_markdown(report: dict) -> str:
         lines += ["", "Greedy selection by the stacked fusion's out-of-fold NLL on the training split:", ""]
         lines += [f"{i}. add {s['added']}: out-of-fold NLL {s['oof_nll']:.4f} (lower by {s['gain']:.4f})"
                   for i, s in enumerate(steps, 1)]
-        lines.append(f"\nStopped: {report['selection']['stopped']}.")
+        lines.append(f"\nStopped: {report['selection']['stopped']}. The fused model's trunks were chosen on "
+                     f"validation NLL among the greedy path's sets and the final set plus each other candidate "
+                     f"(rows marked *): {' + '.join(report['selection'].get('finalist') or [])}.")
     if report["skipped"]:
         lines += ["", "Left out for time:"] + [f"- {what}: {why}" for what, why in report["skipped"].items()]
     lines += ["", "Stages: " + "; ".join(f"{s['stage']} at {s['seconds']:.0f} s ({s['what']}"

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.errors import ConfigError
-from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screened, candidates_for, fused_model,
-                                      ray_wanted, scores_of, screen, select, stacked_log_probs)
+from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screened, candidates_for, finalists,
+                                      fused_model, ray_wanted, scores_of, screen, select, stacked_log_probs)
 
 
 def auto(data: str | os.PathLike, *, time_limit: str | float = "30m", out: str | os.PathLike = "runs/auto",
@@ -64,12 +64,14 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     report.selection(selection, screened, labels)
     log(f"selection: {' + '.join(selection.chosen)} ({selection.stopped})")
     stage("fusion")
-    chosen = [s for c in selection.chosen for s in screened if s.id == c]
+    finalist = report.finalists(finalists(selection, screened, cfg.max_latency_ms, cfg.max_params), screened, labels)
+    ids = finalist or selection.chosen
+    chosen = [s for c in ids for s in screened if s.id == c]
     if len(chosen) > 1:
         cost = {"ms_per_image": sum(s.ms_per_image for s in chosen), "params": sum(s.params for s in chosen),
                 "seconds": sum(s.seconds for s in chosen)}
         report.keep_if_better(fused_model(chosen, labels, settings), "fusion",
-                              "stacked fusion of " + " + ".join(selection.chosen), row=cost, trunks=selection.chosen)
+                              "stacked fusion of " + " + ".join(ids), row=cost, trunks=ids)
     stage("fine-tuning")
     if cfg.finetune:
         from fusionnet.workflows.auto_finetune import finetune_stage
@@ -128,6 +130,7 @@ class Report:
         self.skips: dict[str, str] = {}
         self.best: tuple[float, str] | None = None  # (val NLL, row id) of selected.pth
         self.stopped = ""
+        self.finalist: list[str] | None = None  # the set validation chose among the finalists
 
     def skipped(self, what: str, why: str) -> None:
         self.skips[what] = why
@@ -150,6 +153,25 @@ class Report:
                                           "seconds": sum(s.seconds for s in chosen)})
             self.steps.append({**asdict(step), "row": row_id})
         self.stopped = selection.stopped
+
+    def finalists(self, sets: list[list[str]], screened: list[Screened], labels) -> list[str] | None:
+        """Add a row for each finalist set (scored from the screened predictions) and return the one of lowest
+        validation NLL (None: no set of two or more trunks)."""
+        by_id = {s.id: s for s in screened}
+        best = None
+        for ids in sets:
+            chosen = [by_id[c] for c in ids]
+            row_id = "stacked:" + "+".join(ids)
+            self.rows.setdefault(row_id, {"kind": "fusion", "trunks": ids,
+                                          **self._scored(stacked_log_probs(chosen, labels, self.cfg.seed)),
+                                          "ms_per_image": sum(s.ms_per_image for s in chosen),
+                                          "params": sum(s.params for s in chosen),
+                                          "seconds": sum(s.seconds for s in chosen)})
+            self.rows[row_id]["finalist"] = True
+            if best is None or self.rows[row_id]["val"]["nll"] < self.rows["stacked:" + "+".join(best)]["val"]["nll"]:
+                best = ids
+        self.finalist = best
+        return best
 
     def _scored(self, log_probs: dict) -> dict:
         return {split: scores_of(log_probs[split], getattr(self.splits, split).labels) for split in ("val", "test")}
@@ -187,7 +209,8 @@ class Report:
 
         report = {"data": self.cfg.data, "time_limit_s": self.cfg.limit_s, "seconds": self.budget.spent(),
                   "selected": self.best[1] if self.best else None, "selected_model": str(self.out / "selected.pth"),
-                  "stages": self.stages, "selection": {"steps": self.steps, "stopped": self.stopped},
+                  "stages": self.stages, "selection": {"steps": self.steps, "stopped": self.stopped,
+                                                       "finalist": self.finalist},
                   "skipped": self.skips, "rows": self.rows,
                   "settings": {k: v for k, v in asdict(self.cfg).items()}}
         atomic_write_json(self.out / "results.json", report)
