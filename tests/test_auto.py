@@ -174,29 +174,24 @@ def _compare(data, out, ray: bool, seeds) -> dict:
     return run_comparison(cfg, log=None)
 
 
-def test_compare_with_ray_runs_a_task_per_seed_with_the_local_results(data, tmp_path, local_ray):
-    local, remote = _compare(data, tmp_path / "local", False, [0, 1]), _compare(data, tmp_path / "ray", True, [0, 1])
-    for row in ("member:timm/test_resnet", "soft", "fusion:stacked"):
-        for metric in ("acc", "nll"):
-            assert remote["methods"][row][metric]["values"] == pytest.approx(
-                local["methods"][row][metric]["values"], rel=1e-3, abs=1e-4)
-
-
-def test_compare_with_ray_trains_its_members_as_tasks(data, tmp_path, monkeypatch):
-    """One seed: the members go through ray_map (here run in this process), and the table is the local one."""
+def test_compare_with_ray_maps_its_seeds_then_its_members(data, tmp_path, monkeypatch):
+    """compare --ray: a task per seed (inside one, members in turn); one seed: a task per member. ray_map runs here
+    in this process (a real Ray instance runs auto's screening tasks above), and the tables are the local ones."""
     import fusionnet.workflows.compare as compare
 
     mapped = []
 
     def local_map(fn, items, timeout_s=None):
-        mapped.append([getattr(i, "name", i) for i in items])
+        mapped.append([getattr(i, "name", None) or getattr(i, "train").seed for i in items])
         return [(True, fn(i)) for i in items]
 
     monkeypatch.setattr(compare, "ray_map", local_map)
-    remote = _compare(data, tmp_path / "ray", True, [0])
-    local = _compare(data, tmp_path / "local", False, [0])
-    assert mapped == [["timm/test_resnet", "timm/test_efficientnet"]]
-    assert remote["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"]
+    for seeds in ([0, 1], [0]):
+        mapped.clear()
+        remote = _compare(data, tmp_path / f"ray{len(seeds)}", True, seeds)
+        local = _compare(data, tmp_path / f"local{len(seeds)}", False, seeds)
+        assert mapped == ([[0, 1]] if len(seeds) > 1 else [["timm/test_resnet", "timm/test_efficientnet"]])
+        assert remote["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"]
 
 
 def _screened(name: str, log_probs: torch.Tensor, ms: float = 1.0):
@@ -227,3 +222,10 @@ def test_greedy_selection_adds_the_complementary_trunk_not_a_dead_one_or_a_dupli
     picked = select(trunks, labels, min_gain=0.002, seed=0)
     assert sorted(picked.chosen) == ["A", "B"], picked
     assert picked.steps[1].gain > 0.05 and "lowers the out-of-fold NLL by 0.002" in picked.stopped
+    from fusionnet.workflows.auto import finalists
+
+    # validation then chooses among the greedy path's sets and the final set plus each other candidate
+    first = picked.chosen[0]
+    assert finalists(picked, trunks) == [picked.chosen, picked.chosen + ["dead"], picked.chosen + ["copy"],
+                                         [first, "dead"], [first, "copy"]]
+    assert finalists(picked, trunks, max_latency_ms=2.5) == [picked.chosen, [first, "dead"], [first, "copy"]]

@@ -220,7 +220,7 @@ def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(
     chosen = results["fusion"]["codistilled"]["predict_with"]["chosen"]
     assert load_fusionnet(tmp_path / "plain/models/fusion_codistilled/best.pth").config.predict_with == chosen
     crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["stacked", "distilled_from_members",
-                                   "distilled"], stacked_folds=2), log=None)
+                                   "distilled"], stacked_folds=2, stacked_taps=0), log=None)  # taps: below
     info = crossed["fusion"]["stacked"]
     assert "warning" not in info and info["cross_fit"]["folds"] == 2
     # the row's time counts the members and their extra trainings

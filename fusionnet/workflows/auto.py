@@ -301,15 +301,18 @@ def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: floa
 
 def finalists(selection: Selection, screened: Sequence[Screened], max_latency_ms: float | None = None,
                max_params: float | None = None) -> list[list[str]]:
-    """The sets validation chooses the fused model among: every prefix of the greedy path (more than one trunk),
-    and the final set with each remaining candidate added (the extensions the margin stopped), within the limits.
+    """The sets validation chooses the fused model among: every prefix of the greedy path (more than one trunk), the
+    final set with each remaining candidate added (the extensions the margin stopped), and the final set with its
+    last pick swapped for each remaining candidate, within the limits.
     The out-of-fold NLL ranks trunks on the training split, where each trunk's classifier was fitted; validation,
     never used for fitting, decides how far along that ranking to go."""
     by_id = {s.id: s for s in screened}
-    sets = [selection.chosen[:i] for i in range(2, len(selection.chosen) + 1)]
-    sets += [selection.chosen + [s.id] for s in screened if s.id not in selection.chosen
-             and _within([by_id[c] for c in selection.chosen] + [s], max_latency_ms, max_params)]
-    return sets
+    chosen, others = selection.chosen, [s.id for s in screened if s.id not in selection.chosen]
+    sets = [chosen[:i] for i in range(2, len(chosen) + 1)]
+    sets += [chosen + [o] for o in others]  # the extensions the margin stopped
+    if len(chosen) > 1:  # and the last pick swapped for each other candidate (forward selection is myopic)
+        sets += [chosen[:-1] + [o] for o in others]
+    return [ids for ids in sets if _within([by_id[c] for c in ids], max_latency_ms, max_params)]
 
 
 def _within(chosen: Sequence[Screened], max_latency_ms: float | None, max_params: float | None) -> bool:

@@ -31,7 +31,8 @@ def leaderboard_markdown(report: dict) -> str:
         lines += [f"{i}. add {s['added']}: out-of-fold NLL {s['oof_nll']:.4f} (lower by {s['gain']:.4f})"
                   for i, s in enumerate(steps, 1)]
         lines.append(f"\nStopped: {report['selection']['stopped']}. The fused model's trunks were chosen on "
-                     f"validation NLL among the greedy path's sets and the final set plus each other candidate "
+                     f"validation NLL among the greedy path's sets, the final set plus each other candidate and the final "
+                     f"set with its last pick swapped for each other candidate "
                      f"(rows marked *): {' + '.join(report['selection'].get('finalist') or [])}.")
     if report["skipped"]:
         lines += ["", "Left out for time:"] + [f"- {what}: {why}" for what, why in report["skipped"].items()]

@@ -156,7 +156,8 @@ class Report:
 
     def finalists(self, sets: list[list[str]], screened: list[Screened], labels) -> list[str] | None:
         """Add a row for each finalist set (scored from the screened predictions) and return the one of lowest
-        validation NLL (None: no set of two or more trunks)."""
+        validation NLL, a set with more trunks only where it is lower by ``min_gain`` (None: no set of two or more
+        trunks)."""
         by_id = {s.id: s for s in screened}
         best = None
         for ids in sets:
@@ -168,8 +169,9 @@ class Report:
                                           "params": sum(s.params for s in chosen),
                                           "seconds": sum(s.seconds for s in chosen)})
             self.rows[row_id]["finalist"] = True
-            if best is None or self.rows[row_id]["val"]["nll"] < self.rows["stacked:" + "+".join(best)]["val"]["nll"]:
-                best = ids
+            best_nll = self.rows["stacked:" + "+".join(best)]["val"]["nll"] if best else None
+            if best is None or self.rows[row_id]["val"]["nll"] < best_nll - (len(ids) > len(best)) * self.cfg.min_gain:
+                best = ids  # a longer set must gain the same margin on validation as on the out-of-fold NLL
         self.finalist = best
         return best
 
