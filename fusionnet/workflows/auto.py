@@ -283,7 +283,7 @@ def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: floa
             [by_id[c] for c in selection.chosen] + [s], max_latency_ms, max_params)]
         if not options:
             selection.stopped = "no candidate left within the limits" if len(selection.chosen) < len(screened) \
-                else "every candidate chosen"
+                else "every screened candidate chosen"
             return selection
         scores = {s.id: combiner_oof(torch.stack([by_id[c].oof_log_probs for c in selection.chosen]
                                                  + [s.oof_log_probs], dim=1), target, cv, pull=0.0)
