@@ -173,10 +173,18 @@ def test_focal_loss_matches_its_formula():
 
 
 def test_bad_train_config_values_are_named():
+    from fusionnet.errors import ConfigError
+
     with pytest.raises(ValueError, match="unknown strategy 'freeze'; choose one of full, frozen, gradual"):
         TrainConfig(strategy="freeze")
     with pytest.raises(ValueError, match="unknown monitor 'f1'"):
         TrainConfig(monitor="f1")
+    with pytest.raises(ConfigError, match="unknown log 'wandb'; choose one of tensorboard, mlflow"):
+        TrainConfig(log="wandb")
+    with pytest.raises(ConfigError, match="log_dir names where --log writes; give --log too"):
+        TrainConfig(log_dir="runs/tb")
+    with pytest.raises(ConfigError, match="soup must be 0"):
+        TrainConfig(soup=1)
 
 
 def test_fit_trains_a_focal_class_weighted_balanced_member(tmp_path):
@@ -374,15 +382,6 @@ def test_log_writes_every_epoch_with_the_librarys_own_writer(kind, tmp_path):
         assert [m.step for m in history] == [1, 2] and [m.value for m in history] == pytest.approx(expected, rel=1e-6)
 
 
-def test_log_refuses_an_unknown_tracker_and_a_stray_log_dir():
-    from fusionnet.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="unknown log 'wandb'; choose one of tensorboard, mlflow"):
-        TrainConfig(log="wandb")
-    with pytest.raises(ConfigError, match="log_dir names where --log writes; give --log too"):
-        TrainConfig(log_dir="runs/tb")
-
-
 def test_greedy_soup_averages_best_epochs_only_where_validation_holds(tmp_path):
     """TrainConfig.soup: best.pth holds the greedy soup; its validation score is at least the best epoch's."""
     from fusionnet.engine.soup import SoupPool, average
@@ -410,7 +409,3 @@ def test_greedy_soup_averages_best_epochs_only_where_validation_holds(tmp_path):
     assert saved["soup_epochs"] == soup["epochs"]
     scores = evaluate(load_fusionnet(tmp_path / "run" / "best.pth"), splits.val, device="cpu")
     assert scores["nll"] == pytest.approx(soup["score"], rel=1e-4)
-    from fusionnet.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="soup must be 0"):
-        TrainConfig(soup=1)

@@ -161,6 +161,15 @@ class BranchFit:
     oof_log_probs: np.ndarray  # (N, K): row i predicted by the fold's classifier that did not train on it
 
 
+def stacking_cv(labels, seed: int, folds: int = 5):
+    """The stratified, shuffled folds of the late head's out-of-fold fits: ``folds``, fewer where the smallest class
+    has fewer images, at least 2."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n = int(max(2, min(folds, torch.bincount(torch.as_tensor(labels).long()).min())))
+    return StratifiedKFold(n_splits=n, shuffle=True, random_state=seed)
+
+
 def fit_branch(model, name: str, features: torch.Tensor, labels, cv, *, grid: tuple[float, ...] = GRID,
                tick: Callable[[float], None] = lambda c: None) -> BranchFit:
     """Fit the late-fusion ``model``'s classifier of branch ``name`` on its ``features`` (N, D) in place: C (and

@@ -24,7 +24,6 @@ leaderboard (``leaderboard.md``, ``results.json``, ``pareto.png``) lists every m
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +186,6 @@ class Screened:
 def screen(candidate: Candidate, splits, settings: ScreenSettings, log: Callable[[str], None] = print) -> Screened:
     """One pass of the frozen trunk over every split (cached), the branch classifier fitted out of fold on the
     training split, its predictions on validation and test, and its inference time per image on this device."""
-    from sklearn.model_selection import StratifiedKFold
-
     from fusionnet.data.splits import eval_view
     from fusionnet.engine.feature_cache import cached_features
     from fusionnet.models.late_head import fit_branch
@@ -201,9 +198,7 @@ def screen(candidate: Candidate, splits, settings: ScreenSettings, log: Callable
     feats = {split: cached_features(model, data, cache_dir=settings.cache_dir, device=settings.device,
                                     batch_size=64)[0] for split, data in views.items()}
     labels = feats["train"].targets
-    folds = int(min(FOLDS, torch.bincount(labels).min()))
-    cv = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=settings.seed)
-    fitted = fit_branch(model, name, feats["train"].features[name], labels, cv)
+    fitted = fit_branch(model, name, feats["train"].features[name], labels, combo_cv(labels, settings.seed))
     classifier = model.fuser.classifiers[0]
     with torch.no_grad():
         log_probs = {split: classifier(feats[split].features[name].to(classifier.weight.dtype)).double()
@@ -257,10 +252,10 @@ class Selection:
 
 
 def combo_cv(labels: torch.Tensor, seed: int):
-    from sklearn.model_selection import StratifiedKFold
+    """The folds of every out-of-fold score auto computes: the stacked head's own."""
+    from fusionnet.models.late_head import stacking_cv
 
-    folds = int(min(FOLDS, torch.bincount(labels).min()))
-    return StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed)
+    return stacking_cv(labels, seed, FOLDS)
 
 
 def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: float, seed: int,
@@ -350,10 +345,6 @@ def stacked_log_probs(chosen: Sequence[Screened], labels: torch.Tensor, seed: in
     w, b = solve_combiner(torch.stack([s.oof_log_probs for s in chosen], dim=1), labels.long())
     return {split: ((torch.stack([s.log_probs[split] for s in chosen], dim=1) * w).sum(1) + b).log_softmax(1)
             for split in ("val", "test")}
-
-
-def ray_wanted(cfg: AutoConfig) -> bool:
-    return bool(cfg.ray or os.environ.get("RAY_ADDRESS"))
 
 
 def scores_of(log_probs: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.errors import ConfigError
 from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screened, candidates_for, finalists,
-                                      fused_model, ray_wanted, scores_of, screen, select, stacked_log_probs)
+                                      fused_model, scores_of, screen, select, stacked_log_probs)
 
 
 def auto(data: str | os.PathLike, *, time_limit: str | float = "30m", out: str | os.PathLike = "runs/auto",
@@ -68,10 +68,8 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     ids = finalist or selection.chosen
     chosen = [s for c in ids for s in screened if s.id == c]
     if len(chosen) > 1:
-        cost = {"ms_per_image": sum(s.ms_per_image for s in chosen), "params": sum(s.params for s in chosen),
-                "seconds": sum(s.seconds for s in chosen)}
         report.keep_if_better(fused_model(chosen, labels, settings), "fusion",
-                              "stacked fusion of " + " + ".join(ids), row=cost, trunks=ids)
+                              "stacked fusion of " + " + ".join(ids), row=cost_of(chosen), trunks=ids)
     stage("fine-tuning")
     if cfg.finetune:
         from fusionnet.workflows.auto_finetune import finetune_stage
@@ -79,6 +77,12 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
         finetune_stage(chosen, splits, settings, cfg, budget, report, log)
     bar.close()
     return report.write()
+
+
+def cost_of(chosen: list[Screened]) -> dict:
+    """A set of trunks' summed inference time per image, parameters and screening seconds."""
+    return {"ms_per_image": sum(s.ms_per_image for s in chosen), "params": sum(s.params for s in chosen),
+            "seconds": sum(s.seconds for s in chosen)}
 
 
 def _stage(bar, budget: Budget) -> Callable[[str], None]:
@@ -98,7 +102,9 @@ def _screen_all(candidates: list[Candidate], data, settings: ScreenSettings, cfg
     """Screen the candidates (as Ray tasks with ``--ray``) while the time allows; at least one is screened.
     ``data``: (the splits, their resize mode)."""
     splits, resize = data
-    if ray_wanted(cfg):
+    from fusionnet.utils.ray_tasks import ray_requested
+
+    if ray_requested(cfg.ray):
         from fusionnet.workflows.auto_ray import screen_with_ray
 
         screened = screen_with_ray(candidates, cfg, settings, resize, budget, log)
@@ -141,16 +147,9 @@ class Report:
                            "seconds": s.seconds, "C": s.C, "taps": s.taps}
 
     def selection(self, selection, screened: list[Screened], labels) -> None:
-        by_id = {s.id: s for s in screened}
         for step in selection.steps:
-            chosen = [by_id[c] for c in step.chosen]
-            row_id = "stacked:" + "+".join(step.chosen)
-            self.rows.setdefault(row_id, {"kind": "fusion", "trunks": step.chosen,
-                                          **self._scored(stacked_log_probs(chosen, labels, self.cfg.seed)),
-                                          "oof_nll": step.oof_nll, "oof_acc": step.oof_acc,
-                                          "ms_per_image": sum(s.ms_per_image for s in chosen),
-                                          "params": sum(s.params for s in chosen),
-                                          "seconds": sum(s.seconds for s in chosen)})
+            row_id = self._stacked_row(step.chosen, screened, labels)
+            self.rows[row_id].update(oof_nll=step.oof_nll, oof_acc=step.oof_acc)
             self.steps.append({**asdict(step), "row": row_id})
         self.stopped = selection.stopped
 
@@ -158,22 +157,24 @@ class Report:
         """Add a row for each finalist set (scored from the screened predictions) and return the one of lowest
         validation NLL, a set with more trunks only where it is lower by ``min_gain`` (None: no set of two or more
         trunks)."""
-        by_id = {s.id: s for s in screened}
         best = None
         for ids in sets:
-            chosen = [by_id[c] for c in ids]
-            row_id = "stacked:" + "+".join(ids)
-            self.rows.setdefault(row_id, {"kind": "fusion", "trunks": ids,
-                                          **self._scored(stacked_log_probs(chosen, labels, self.cfg.seed)),
-                                          "ms_per_image": sum(s.ms_per_image for s in chosen),
-                                          "params": sum(s.params for s in chosen),
-                                          "seconds": sum(s.seconds for s in chosen)})
+            row_id = self._stacked_row(ids, screened, labels)
             self.rows[row_id]["finalist"] = True
             best_nll = self.rows["stacked:" + "+".join(best)]["val"]["nll"] if best else None
             if best is None or self.rows[row_id]["val"]["nll"] < best_nll - (len(ids) > len(best)) * self.cfg.min_gain:
                 best = ids  # a longer set must gain the same margin on validation as on the out-of-fold NLL
         self.finalist = best
         return best
+
+    def _stacked_row(self, ids: list[str], screened: list[Screened], labels) -> str:
+        """The row of the stacked fusion of the trunks ``ids``, scored from the screened predictions (once)."""
+        chosen = [s for c in ids for s in screened if s.id == c]
+        row_id = "stacked:" + "+".join(ids)
+        if row_id not in self.rows:
+            self.rows[row_id] = {"kind": "fusion", "trunks": list(ids), **cost_of(chosen),
+                                 **self._scored(stacked_log_probs(chosen, labels, self.cfg.seed))}
+        return row_id
 
     def _scored(self, log_probs: dict) -> dict:
         return {split: scores_of(log_probs[split], getattr(self.splits, split).labels) for split in ("val", "test")}

@@ -59,17 +59,13 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
 def fit_tapped(view: nn.Module, fit_data, seed: int, device, grid: tuple[float, ...] | None = None):
     """Fit ``view``'s branch classifier (the stacked head's per-branch fit: C and the taps chosen by out-of-fold
     NLL) on ``fit_data``, in place; returns the :class:`fusionnet.models.late_head.BranchFit`."""
-    from sklearn.model_selection import StratifiedKFold
-
     from fusionnet.engine.feature_cache import cached_features
-    from fusionnet.models.late_head import fit_branch
+    from fusionnet.models.late_head import fit_branch, stacking_cv
 
     feats, _ = cached_features(view, fit_data, cache_dir=None, device=device, batch_size=64)
-    labels = feats.targets
-    folds = int(max(2, min(5, torch.bincount(labels).min())))
     (name,) = view.branches
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return fit_branch(view, name, feats.features[name], labels, cv, **({"grid": grid} if grid else {}))
+    return fit_branch(view, name, feats.features[name], feats.targets, stacking_cv(feats.targets, seed),
+                      **({"grid": grid} if grid else {}))
 
 
 def tapped_probs(view: nn.Module, data, device) -> torch.Tensor:
@@ -141,17 +137,13 @@ def fit_combiner(model, member_probs: list[torch.Tensor], labels) -> dict:
     """Fit the combiner (the Linear head) of a late-fusion ``model`` whose branch classifiers are the full members'
     heads, on the members' out-of-fold probabilities ``[(N, K)] * M`` (in branch order): the same non-negative,
     pulled-to-equal combiner as :mod:`fusionnet.models.late_head`, with its own out-of-fold score."""
-    from sklearn.model_selection import StratifiedKFold
-
-    from fusionnet.models.late_head import fit_combiner_into
+    from fusionnet.models.late_head import fit_combiner_into, stacking_cv
 
     if len(member_probs) != len(model.branches):
         raise DataError(f"{len(member_probs)} members' predictions for a model of {len(model.branches)} branches")
     log_p = torch.stack([p.double().clamp_min(1e-12).log() for p in member_probs], dim=1)  # (N, M, K)
     target = torch.as_tensor(list(labels)).long()
-    folds = int(min(5, torch.bincount(target).min()))
-    cv = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=0)
-    w, nll, acc = fit_combiner_into(model, log_p, target, cv)
+    w, nll, acc = fit_combiner_into(model, log_p, target, stacking_cv(target, 0))
     return {"weights": {n: w[i].tolist() for i, n in enumerate(model.branches)}, "oof_nll": nll, "oof_acc": acc,
             "member_oof_acc": {n: float((p.argmax(1) == target).double().mean())
                                for n, p in zip(model.branches, member_probs)}}
@@ -207,11 +199,9 @@ class CrossFitted:
         """Per member, the head whose cross-fitted predictions have the lower NLL: its own (kept from
         fuse_members) or, with taps, a classifier on the tapped levels, then refitted on the full member's features
         of the whole training split. Returns (the chosen heads' honest predictions, what was chosen and why)."""
-        from sklearn.model_selection import StratifiedKFold
-
         from fusionnet.data.splits import eval_view
         from fusionnet.engine.feature_cache import cached_features
-        from fusionnet.models.late_head import fit_branch
+        from fusionnet.models.late_head import fit_branch, stacking_cv
 
         labels = torch.as_tensor(ctx.splits.train.labels).long()
         nll = lambda p: float(-p[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())  # noqa: E731
@@ -225,7 +215,5 @@ class CrossFitted:
                 if feats is None:
                     feats, _ = cached_features(model, eval_view(ctx.splits.train, ctx.splits.val), cache_dir=None,
                                                device=ctx.device, batch_size=64)
-                folds = int(max(2, min(5, torch.bincount(labels).min())))
-                fit_branch(model, name, feats.features[name], labels,
-                           StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed))
+                fit_branch(model, name, feats.features[name], labels, stacking_cv(labels, self.seed))
         return honest, used
