@@ -87,13 +87,10 @@ def handle_compare(args) -> None:
 
 
 def handle_auto(args) -> None:
-    from fusionnet.workflows.auto import candidates_for
-    from fusionnet.workflows.auto_run import run_auto
+    from fusionnet.workflows.auto_run import run_into_folder
 
     cfg = AutoConfig(**given(settings(args, AutoConfig), AutoConfig))  # every setting checked first
-    candidates_for(cfg)  # and every candidate, before the folder is touched
-    with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data, *(cfg.members or [])]) as work:
-        report = run_auto(cfg, out=work)
+    report = run_into_folder(cfg, bool(args.overwrite))
     out = Path(cfg.out)
     print((out / "leaderboard.md").read_text() + f"wrote {out}/leaderboard.md, results.json, pareto.png; the model "
           f"validation chose ({report['selected']}): {out / 'selected.pth'}")

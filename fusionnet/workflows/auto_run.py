@@ -22,24 +22,31 @@ def auto(data: str | os.PathLike, *, time_limit: str | float = "30m", out: str |
          **settings) -> dict:
     """Choose which trunks to fuse within ``time_limit`` and write the best model found as ``out/selected.pth``;
     returns the report (``results.json``). ``settings`` are :class:`fusionnet.config.AutoConfig` fields."""
+    overwrite = bool(settings.pop("overwrite", False))
+    return run_into_folder(AutoConfig(data=str(data), time_limit=str(time_limit), out=str(out), **settings),
+                           overwrite)
+
+
+def run_into_folder(cfg: AutoConfig, overwrite: bool = False) -> dict:
+    """:func:`run_auto` into ``cfg.out``, replacing an earlier run there only once this one is complete (with
+    ``overwrite``); every candidate is checked before the folder is touched."""
     from fusionnet.utils.staging import output_folder
 
-    overwrite = bool(settings.pop("overwrite", False))
-    cfg = AutoConfig(data=str(data), time_limit=str(time_limit), out=str(out), **settings)
-    candidates_for(cfg)  # every refusal before the folder is touched
+    candidates = candidates_for(cfg)
     with output_folder(cfg.out, overwrite, inputs=[cfg.data, *(cfg.members or [])]) as work:
-        return run_auto(cfg, out=work)
+        return run_auto(cfg, out=work, candidates=candidates)
 
 
 def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], float] = time.monotonic,
-             log: Callable[[str], None] = print) -> dict:
-    """Every stage of :mod:`fusionnet.workflows.auto` into ``out``, each ending with ``selected.pth``."""
+             log: Callable[[str], None] = print, candidates: list[Candidate] | None = None) -> dict:
+    """Every stage of :mod:`fusionnet.workflows.auto` into ``out``, each ending with ``selected.pth``
+    (``candidates``: ``candidates_for(cfg)`` where the caller has them)."""
     from fusionnet.data.splits import load_splits
     from fusionnet.models.plain import common_resize
 
     budget, out = Budget(cfg.limit_s, clock), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    candidates = candidates_for(cfg)  # every refusal before any image is read
+    candidates = candidates or candidates_for(cfg)  # every refusal before any image is read
     resize = common_resize(cfg.members) if cfg.members else "shorter"
     splits = load_splits(cfg.data, size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
                          seed=cfg.seed, resize=resize, progress=cfg.progress)
@@ -47,7 +54,8 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
         raise ConfigError(f"{cfg.data!r} has no test/ folder; auto reports every model's test scores")
     settings = ScreenSettings(splits.class_names, cfg.taps, cfg.pretrained, cfg.seed, str(out / "cache"),
                               cfg.device, PlainConfig(classes=cfg.classes))
-    candidates = candidates_for(cfg, splits.class_names)  # members now read in the data's class order
+    if cfg.members:  # members read again, now in the data's class order
+        candidates = candidates_for(cfg, splits.class_names)
     report = Report(out, cfg, budget, splits)
     bar = tqdm(total=round(cfg.limit_s), unit="s", desc="auto", disable=not cfg.progress,
                bar_format="{desc}: {n_fmt}/{total_fmt} s {bar} {postfix}")
