@@ -70,7 +70,7 @@ class TrainConfig:
     stages_per_step: int = setting(1, "gradual: trunk stages released per step, nearest the output first")
     monitor: Literal["acc", "macro_f1", "nll", "ece"] = setting("macro_f1", "the validation metric that picks best.pth and early stopping")
     patience: int | None = setting(None, "stop after this many epochs without improvement (none: never)")
-    amp: bool | str = setting("auto", "mixed precision: auto: bf16 autocast on CUDA, fp32 on the CPU; true: bf16 on the CPU too (faster inference where the CPU has bf16 units; see experiments/README.md for its cost); false: fp32")
+    amp: bool | str = setting("auto", "mixed precision: auto: bf16 autocast on CUDA, fp32 on the CPU; true: bf16 on the CPU too (for CPUs where it is faster: on our AVX512-BF16 EPYC with torch 2.14 it was 9-50x slower, top-1 agreement with fp32 0.985-0.994; experiments/README.md section 9); false: fp32")
     cache_features: bool | str = setting("auto", "frozen strategy: 'auto' and true compute each trunk's features "
                                                  "once and train the head on them, the training images seen through "
                                                  "the val pipeline (un-augmented; flowers5_128, Lite0, 5 epochs: val "
