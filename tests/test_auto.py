@@ -186,12 +186,15 @@ def test_compare_with_ray_maps_its_seeds_then_its_members(data, tmp_path, monkey
         return [(True, fn(i)) for i in items]
 
     monkeypatch.setattr(compare, "ray_map", local_map)
+    remote = {}
     for seeds in ([0, 1], [0]):
         mapped.clear()
-        remote = _compare(data, tmp_path / f"ray{len(seeds)}", True, seeds)
-        local = _compare(data, tmp_path / f"local{len(seeds)}", False, seeds)
+        remote[len(seeds)] = _compare(data, tmp_path / f"ray{len(seeds)}", True, seeds)
         assert mapped == ([[0, 1]] if len(seeds) > 1 else [["timm/test_resnet", "timm/test_efficientnet"]])
-        assert remote["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"]
+    local = _compare(data, tmp_path / "local", False, [0])  # one local run serves both: seed 0 of the two
+    seed0 = json.loads((tmp_path / "ray2" / "seed_0" / "results.json").read_text())
+    assert remote[1]["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"] == seed0["methods"]["soft"]["acc"]
+    assert remote[1]["methods"]["soft"]["pred"] == local["methods"]["soft"]["pred"] == seed0["methods"]["soft"]["pred"]
 
 
 def _screened(name: str, log_probs: torch.Tensor, ms: float = 1.0):
