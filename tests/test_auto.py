@@ -191,10 +191,11 @@ def test_compare_with_ray_maps_its_seeds_then_its_members(data, tmp_path, monkey
         mapped.clear()
         remote[len(seeds)] = _compare(data, tmp_path / f"ray{len(seeds)}", True, seeds)
         assert mapped == ([[0, 1]] if len(seeds) > 1 else [["timm/test_resnet", "timm/test_efficientnet"]])
-    local = _compare(data, tmp_path / "local", False, [0])  # one local run serves both: seed 0 of the two
-    seed0 = json.loads((tmp_path / "ray2" / "seed_0" / "results.json").read_text())
-    assert remote[1]["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"] == seed0["methods"]["soft"]["acc"]
-    assert remote[1]["methods"]["soft"]["pred"] == local["methods"]["soft"]["pred"] == seed0["methods"]["soft"]["pred"]
+    local = _compare(data, tmp_path / "local", False, [0, 1])  # one local run serves both: its seed 0 is [0]'s
+    local0 = json.loads((tmp_path / "local" / "seed_0" / "results.json").read_text())
+    assert remote[2]["methods"]["soft"]["acc"] == local["methods"]["soft"]["acc"]
+    assert remote[1]["methods"]["soft"]["acc"] == local0["methods"]["soft"]["acc"]
+    assert remote[1]["methods"]["soft"]["pred"] == local0["methods"]["soft"]["pred"]
 
 
 def _screened(name: str, log_probs: torch.Tensor, ms: float = 1.0):
