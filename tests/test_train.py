@@ -407,5 +407,9 @@ def test_greedy_soup_averages_best_epochs_only_where_validation_holds(tmp_path):
     assert soup["score"] <= soup["best_epoch_score"] and soup["epochs"][0] == result.best_epoch
     saved = read_checkpoint(tmp_path / "run" / "best.pth")["metrics"]
     assert saved["soup_epochs"] == soup["epochs"]
+    single = read_checkpoint(tmp_path / "run" / "best_epoch.pth")["metrics"]  # the best epoch alone, kept
+    assert single["epoch"] == result.best_epoch and "soup_epochs" not in single
+    assert evaluate(load_fusionnet(tmp_path / "run" / "best_epoch.pth"), splits.val, device="cpu")["nll"] == \
+        pytest.approx(soup["best_epoch_score"], rel=1e-4)
     scores = evaluate(load_fusionnet(tmp_path / "run" / "best.pth"), splits.val, device="cpu")
     assert scores["nll"] == pytest.approx(soup["score"], rel=1e-4)

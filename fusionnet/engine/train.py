@@ -52,7 +52,7 @@ from fusionnet.models import checkpoints as ckpt
 from fusionnet.models.interface import Classifier, TrainStep, as_classifier
 from fusionnet.models.losses import make_loss
 from fusionnet.utils.distributed import average_buffers, rank_world, setup_distributed
-from fusionnet.utils.files import atomic_write_json
+from fusionnet.utils.files import atomic_copy, atomic_write_json
 
 __all__ = ["FitResult", "TrainConfig", "fit", "seed_everything", "stages_for_epoch"]
 
@@ -188,6 +188,8 @@ def _score_start(run: Run) -> None:
     run.say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"nll {metrics['nll']:.4f}  *best*")
     if run.out is not None and run.rank == 0:
+        if (run.out / "best.pth").is_file():
+            atomic_copy(run.out / "best.pth", run.out / "best_epoch.pth")
         ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.saved.state_dict(),
                              class_names=run.class_names, data=run.data,
                              metrics={"epoch": 0, "val_acc": metrics["acc"], "monitor": run.cfg.monitor,
@@ -228,7 +230,8 @@ def _epoch(run: Run, train_module: nn.Module, epoch: int) -> bool:
 
 
 def _cook_soup(run: Run) -> dict | None:
-    """``TrainConfig.soup``: the greedy soup of the best epochs, left in the model and written as best.pth."""
+    """``TrainConfig.soup``: the greedy soup of the best epochs, left in the model and written as best.pth; the
+    single best epoch's best.pth is kept first as best_epoch.pth (so a run can be scored with and without it)."""
     monitor = run.cfg.monitor
     cooked = run.soup.cook(run.saved, lambda: _validate(run.evaluated, run.inputs.val, run.class_names, run.cfg,
                                                         run.device)[monitor])
@@ -238,6 +241,8 @@ def _cook_soup(run: Run) -> dict | None:
     run.say(f"greedy soup of epochs {epochs}: val {monitor} {score:.4f} (best epoch {run.progress.best_epoch} "
             f"alone: {run.progress.best_score:.4f})")
     if run.out is not None and run.rank == 0:
+        if (run.out / "best.pth").is_file():
+            atomic_copy(run.out / "best.pth", run.out / "best_epoch.pth")
         ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.saved.state_dict(),
                              class_names=run.class_names, data=run.data,
                              metrics={"epoch": run.progress.best_epoch, "best_epoch": run.progress.best_epoch,
