@@ -253,3 +253,24 @@ def test_the_selected_ensemble_chooses_by_scores_cross_validated_on_validation()
     chosen = table.pick(["soft", "weighted"], "nll")
     by_cv = min(("soft", "weighted"), key=lambda m: table.rows[m]["val_cv"]["nll"])
     assert chosen == by_cv
+
+
+def test_the_selected_ensemble_never_picks_vote_fractions_by_nll():
+    """Hard voting's outputs are vote fractions: where members agree their NLL is near 0, so a NLL-based choice
+    would pick it for a score that is not a probability's."""
+    from fusionnet.ensembles.methods import ENSEMBLES
+    from fusionnet.workflows.pipeline import Scored, Table
+
+    n, k = 30, 3
+    labels = torch.arange(n) % k
+    right = torch.nn.functional.one_hot(labels, k).float() * 0.3 + 0.7 / k  # right, unconfident: NLL ~0.73
+    scored = [Scored(f"m{i}", "member",
+                     {s: MemberOutputs(f"m{i}", s, right, labels, ["a", "b", "c"], [f"{s}{j}" for j in range(n)])
+                      for s in ("val", "test")}, {"seconds": 1.0, "params": 1, "val": {"acc": 1.0, "nll": 0.7}})
+              for i in range(2)]
+    table = Table(scored, ["a", "b", "c"])
+    table.add_ensembles([ENSEMBLES.get(m) for m in ("hard", "soft")])
+    assert table.rows["hard"]["val"]["nll"] < table.rows["soft"]["val"]["nll"]  # the trap: vote fractions of 1
+    table.add_selected("nll")
+    assert table.rows["selected:ensemble"]["chosen"] == "soft"
+    assert "hard" in table.not_probabilities and "hard" not in table.candidates["ensemble"]

@@ -40,11 +40,13 @@ class MethodOutput:
 
 @dataclass(frozen=True)
 class EnsembleMethod:
-    """A registered output-ensemble method: its stable id (the CLI name), its report label, its function."""
+    """A registered output-ensemble method: its stable id (the CLI name), its report label, its function, and
+    whether its outputs are probabilities (hard voting's are vote fractions: no NLL-based choice may pick it)."""
 
     id: str
     label: str
     run: Callable[[MemberProbs], MethodOutput]
+    probabilities: bool = True
 
     def __call__(self, probs: MemberProbs) -> MethodOutput:
         return self.run(probs)
@@ -74,10 +76,11 @@ def cross_validated(method: EnsembleMethod, p: MemberProbs, folds: int = 5) -> t
     return out
 
 
-def register_ensemble(id: str, *, label: str) -> Callable:
-    """Function decorator: an ensemble method under ``id`` (``vote --method id``), shown as ``label``."""
+def register_ensemble(id: str, *, label: str, probabilities: bool = True) -> Callable:
+    """Function decorator: an ensemble method under ``id`` (``vote --method id``), shown as ``label``;
+    ``probabilities=False`` for a method whose outputs are not probabilities (scored by NLL, they mislead)."""
     def add(run: Callable[[MemberProbs], MethodOutput]) -> Callable[[MemberProbs], MethodOutput]:
-        ENSEMBLES.register(id, EnsembleMethod(id, label, run))
+        ENSEMBLES.register(id, EnsembleMethod(id, label, run, probabilities))
         return run
     return add
 
@@ -87,7 +90,7 @@ def _soft(p: MemberProbs) -> MethodOutput:
     return MethodOutput(soft_vote(p.test), soft_vote(p.val))
 
 
-@register_ensemble("hard", label="hard voting")
+@register_ensemble("hard", label="hard voting", probabilities=False)
 def _hard(p: MemberProbs) -> MethodOutput:
     return MethodOutput(hard_vote(p.test), hard_vote(p.val))
 

@@ -223,6 +223,7 @@ class Table:
         self.skipped: dict[str, str] = {}
         self.candidates: dict[str, list[str]] = {"fusion": [], "ensemble": []}  # what the selected rows choose from
         self.fusion_outputs: dict[str, dict[str, MemberOutputs]] = {}
+        self.not_probabilities: set[str] = set()  # ensemble rows whose outputs are vote fractions (hard voting)
         for m in members:
             self.add(member_id(m.name), m.outputs["test"].probs, m.info["seconds"], m.info["params"],
                      m.info["val"], "member")
@@ -260,7 +261,10 @@ class Table:
             honest = scores if res.val is None else self._cross_validated(spec, probs)
             self.add(method, res.test, member_s + time.perf_counter() - t0, used, scores, "ensemble",
                      val_cv=honest, **res.extra)
-            self.candidates["ensemble"].append(method)
+            if spec.probabilities:  # vote fractions are not chosen by a proper score (add_selected)
+                self.candidates["ensemble"].append(method)
+            else:
+                self.not_probabilities.add(method)
 
     def _cross_validated(self, spec: EnsembleMethod, probs: MemberProbs) -> dict | None:
         """A method's validation scores cross-validated on validation (what the selected ensemble chooses by)."""
@@ -290,7 +294,20 @@ class Table:
 
     def add_selected(self, by: str = SELECT_BY) -> None:
         """The selected fusion (``selected:fusion``, and its temperature-scaled copy) among the fusion entries, and
-        the selected ensemble (``selected:ensemble``) among the output ensembles of the members."""
+        the selected ensemble (``selected:ensemble``) among the output ensembles of the members; a table without
+        fusion entries gets the selected ensemble only."""
+        if self.candidates["fusion"]:
+            self._add_selected_fusion(by)
+        ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None]
+        if by == "acc":  # accuracy is defined on vote fractions too
+            ensembles += sorted(self.not_probabilities)
+        if ensembles:
+            best_ensemble = self.pick(ensembles, by)
+            e = self.rows[best_ensemble]
+            self.add(SELECTED_ENSEMBLE, e["probs"], e["seconds"], e["params"], e["val"], "selected",
+                     chosen=best_ensemble, chosen_by="val_cv" if e.get("val_cv") else "val")
+
+    def _add_selected_fusion(self, by: str) -> None:
         best_fusion = self.pick(self.candidates["fusion"], by)
         chosen, r = self.fusion_outputs[best_fusion], self.rows[best_fusion]
         self.add(SELECTED_FUSION, chosen["test"].probs, r["seconds"], r["params"], r["val"],
@@ -299,9 +316,3 @@ class Table:
         self.add(SELECTED_FUSION_SCALED, temp.apply(chosen["test"].probs), r["seconds"],
                  r["params"], val_scores(temp.apply(chosen["val"].probs), self.y_val), "calibrated",
                  temperature=temp.temperature)
-        ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None]
-        if ensembles:
-            best_ensemble = self.pick(ensembles, by)
-            e = self.rows[best_ensemble]
-            self.add(SELECTED_ENSEMBLE, e["probs"], e["seconds"], e["params"], e["val"], "selected",
-                     chosen=best_ensemble, chosen_by="val_cv" if e.get("val_cv") else "val")
