@@ -26,10 +26,10 @@ from reselect import table_of  # noqa: E402  (experiments/ is the script's own f
 ROWS = ("soft", "weighted", "greedy", "temperature", "stacking", "stacking-hgb", SELECTED_ENSEMBLE)
 
 
-def unsouped_table(run: Path) -> Table:
-    """The run's members at their single best epoch, scored on the run's splits, with every output ensemble."""
+def unsouped_table(run: Path, results: dict) -> Table:
+    """The run's members at their single best epoch, scored on the run's splits, with every output ensemble
+    (``results``: the run's results.json)."""
     cfg = json.loads((run / "config.json").read_text())["compare"]
-    results = json.loads((run / "results.json").read_text())
     seed = results["budget"]["seed"]
     cache = Path(cfg.get("cache_root") or run / "cache") / "images" if cfg.get("image_cache") else None
     splits = load_splits(cfg["data"], size=cfg["size"], val_fraction=cfg["val_fraction"], seed=seed,
@@ -60,8 +60,9 @@ def main() -> None:
     args = ap.parse_args()
     per_run, pooled = {}, {}
     for run in map(Path, args.runs):
-        souped, plain = table_of(run), unsouped_table(run)
-        souped.add_selected(json.loads((run / "results.json").read_text())["budget"]["select_by"])
+        results = json.loads((run / "results.json").read_text())
+        souped, plain = table_of(run), unsouped_table(run, results)
+        souped.add_selected(results["budget"]["select_by"])
         if plain.y_test.tolist() != souped.y_test.tolist():
             raise SystemExit(f"{run}: the best-epoch members' test split differs from the run's")
         y = souped.y_test.tolist()

@@ -188,8 +188,6 @@ def _score_start(run: Run) -> None:
     run.say(f"epoch 0 (start)  val acc {metrics['acc']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
             f"nll {metrics['nll']:.4f}  *best*")
     if run.out is not None and run.rank == 0:
-        if (run.out / "best.pth").is_file():
-            atomic_copy(run.out / "best.pth", run.out / "best_epoch.pth")
         ckpt.save_checkpoint(run.out / "best.pth", config=run.clf.model_config(), state_dict=run.saved.state_dict(),
                              class_names=run.class_names, data=run.data,
                              metrics={"epoch": 0, "val_acc": metrics["acc"], "monitor": run.cfg.monitor,

@@ -261,9 +261,8 @@ class Table:
             honest = scores if res.val is None else self._cross_validated(spec, probs)
             self.add(method, res.test, member_s + time.perf_counter() - t0, used, scores, "ensemble",
                      val_cv=honest, **res.extra)
-            if spec.probabilities:  # vote fractions are not chosen by a proper score (add_selected)
-                self.candidates["ensemble"].append(method)
-            else:
+            self.candidates["ensemble"].append(method)
+            if not spec.probabilities:  # vote fractions: not chosen by a proper score (add_selected)
                 self.not_probabilities.add(method)
 
     def _cross_validated(self, spec: EnsembleMethod, probs: MemberProbs) -> dict | None:
@@ -298,9 +297,8 @@ class Table:
         fusion entries gets the selected ensemble only."""
         if self.candidates["fusion"]:
             self._add_selected_fusion(by)
-        ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None]
-        if by == "acc":  # accuracy is defined on vote fractions too
-            ensembles += sorted(self.not_probabilities)
+        ensembles = [n for n in self.candidates["ensemble"] if self.rows[n]["val"] is not None
+                     and (by == "acc" or n not in self.not_probabilities)]  # accuracy is defined on vote fractions
         if ensembles:
             best_ensemble = self.pick(ensembles, by)
             e = self.rows[best_ensemble]
