@@ -77,6 +77,9 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     same = {k: v for k, v in report["methods"]["selected:fusion"].items() if k != "label"}
     assert same == {k: v for k, v in report["methods"][report["selected"]].items() if k != "label"}
     assert report["methods"]["selected:fusion"]["label"] == "FusionNet (selected on val)"
+    for row in report["methods"].values():  # per-image predictions, for paired tests, agree with the accuracy
+        right = [p == y for p, y in zip(row["pred"], report["test_labels"])]
+        assert len(right) == len(report["test_labels"]) and abs(sum(right) / len(right) - row["acc"]) < 1e-9
     assert (tmp_path / "fuse" / "models" / "fusion_stacked" / "best.pth").is_file()
     # the model validation chose is where the next step looks: selected.pth, the chosen head's own file
     chosen_file = {"fusion:fused_members": "models/fusion_fused_members/best.pth",
