@@ -138,7 +138,7 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
     ``test_labels``, for paired tests as in results.json) and fuse.md; ``chosen``: the selected fusion's row id."""
     best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
-              "best_member_on_val": best_member, "warnings": warnings, "test_labels": [int(y) for y in table.y_test],
+              "best_member_on_val": best_member, "warnings": warnings, "test_labels": table.y_test.tolist(),
               "methods": {n: {"label": label(n), **{m: r[m] for m in ("acc", "macro_f1", "nll", "ece", "pred")},
                               "val": r["val"]} for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
