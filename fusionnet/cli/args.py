@@ -152,7 +152,7 @@ def _auto(p) -> None:
 
 
 def _plain(p) -> None:
-    add_fields(p, PlainConfig, title="plain state-dict members (what their files cannot say; else a manifest "
+    add_fields(p, PlainConfig, skip=("size",), title="plain state-dict members (what their files cannot say; else a manifest "
                                      "<checkpoint stem>.json or classes.txt beside each; fusionnet inspect shows the "
                                      "assumptions)")
 
@@ -212,7 +212,11 @@ def _predict(p) -> None:
     p.add_argument("--tta-space", choices=["prob", "logit"], default="prob", help="average probabilities or logits")
     p.add_argument("--images", help="a folder of images (any layout): a class per image, as CSV")
     p.add_argument("--size", type=positive_int, default=None,
-                   help="input size in pixels (default: the size the model was trained at, else 128)")
+                   help="input size in pixels (default: the size the model records; a plain member's: its manifest's, "
+                        "else chosen on the validation split of --data)")
+    p.add_argument("--strict", action="store_true", help="refuse unreadable images, naming them (default: skip "
+                                                         "them, saying how many; --images writes their rows with "
+                                                         "the reason)")
     p.add_argument("--seed", type=int, default=None, help="the seed of the validation split made from train/ "
                                                           "(default: the one the model was trained with, else 0)")
     p.add_argument("--val-list", default=None, help="a file naming the images of train/ that are the validation "
@@ -262,6 +266,8 @@ def _gap(p) -> None:
     p.add_argument("--backbone", default="efficientnet_lite0", help="the pretrained trunk for the feature check")
     p.add_argument("--size", type=positive_int, default=128)
     p.add_argument("--max-images", type=positive_int, default=500, help="images sampled per folder")
+    p.add_argument("--strict", action="store_true", help="refuse unreadable images, naming them (default: skip "
+                                                         "them, saying how many)")
     p.add_argument("--out", default="runs/gap")
     p.add_argument("--overwrite", action="store_true")
 

@@ -47,7 +47,8 @@ def handle_train(args) -> None:
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
         check_output_folder(run.out, bool(args.overwrite), inputs=[run.data])
     splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
-                         policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress)
+                         policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress,
+                         strict=run.strict)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
                              fusion=run.fusion, input_size=run.input_size, branch_heads=bool(train_cfg.codistill))
     with _train_folder(run.out, args, [run.data]) as out:  # data and model checked: only now is --out touched
@@ -197,7 +198,9 @@ def handle_export(args) -> None:
     out = fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
     model = load_fusionnet(args.checkpoint)
-    size = args.size or trained_on(args.checkpoint).get("input_size") or 224  # the size it was trained at
+    size = args.size or model.config.image_size or trained_on(args.checkpoint).get("input_size")
+    if size is None:
+        raise ConfigError(f"{args.checkpoint!r} does not record the input size it was trained at; give --size")
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
     print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")
@@ -208,7 +211,7 @@ def handle_gap(args) -> None:
 
     with output_folder(args.out, args.overwrite, inputs=[args.train, args.test]) as work:
         report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
-                           max_images=args.max_images, out=work)
+                           max_images=args.max_images, out=work, strict=args.strict)
     print(gap_markdown(report))
     print(f"wrote {args.out}/gap.json, gap.md, gap.png")
 
@@ -229,8 +232,10 @@ def plain_config(args) -> PlainConfig:
 def handle_predict(args) -> None:
     from fusionnet.data.splits import load_splits
     from fusionnet.data.datasets import check_unseen
+    from fusionnet.data.transforms import reading_transform
     from fusionnet.models.plain import is_plain, load_member
-    from fusionnet.data.transforms import eval_transform
+    from fusionnet.workflows.reading import describe_members, settle_sizes, split_fields
+    from fusionnet.workflows.runs import member_name
 
     if (args.data is None) == (args.images is None):
         raise ConfigError("predict needs exactly one of --data (a split, saved as .pt) or --images (CSV)")
@@ -239,13 +244,24 @@ def handle_predict(args) -> None:
     fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
     model = load_member(args.checkpoint, plain=plain_config(args))  # its own class order, until the data's is read
-    trained = trained_on(args.checkpoint) if not is_plain(args.checkpoint) else {}
-    size = args.size or trained.get("input_size") or 128  # the size the model was trained at
+    if args.size:
+        model.config.image_size = args.size
+    plain = is_plain(args.checkpoint)
+    trained = trained_on(args.checkpoint) if not plain else {}
+    name = member_name(args.checkpoint)
     if args.images:
-        _predict_images(args, model, _every_image(args.images, eval_transform(size, resize=model.config.resize)))
+        if model.config.image_size is None:
+            raise ConfigError(f"{args.checkpoint!r} does not say the input size it was trained at; give --size (e.g. "
+                              f"--size 64 for a model trained on Resize((64, 64))), a manifest with \"size\", or "
+                              f"score it once with --data to choose the size on validation")
+        print(f"reads: {describe_members({name: model})[0]}")
+        _predict_images(args, model, _every_image(args.images, reading_transform(model.config.reading()),
+                                                  strict=args.strict))
         return
     seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
-    splits = load_splits(args.data, size=size, seed=seed, resize=model.config.resize, val_list=args.val_list)
+    reading = model.config.reading()
+    splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
+                         strict=args.strict, **split_fields(reading))
     data = getattr(splits, args.split)
     if data is None:
         raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
@@ -256,17 +272,35 @@ def handle_predict(args) -> None:
         print(f"WARNING: {unseen_warning([args.checkpoint], 0.15, seed)}")
     from fusionnet.ensembles.voting import member_outputs
     from fusionnet.models.plain import in_order
-    from fusionnet.workflows.runs import member_name
 
     model = in_order(model, model.class_names, splits.class_names, args.checkpoint)
-    out = member_outputs(model, data, member=member_name(args.checkpoint), split=args.split,
+    settle_sizes({name: model}, splits.val, device=args.device)
+    if model.config.image_size != reading.size:  # the size chosen on validation: every split read at it
+        data = getattr(splits, args.split).with_transform(reading_transform(model.config.reading()), store=None)
+        splits.val = splits.val.with_transform(reading_transform(model.config.reading()), store=None)
+    print(f"reads: {describe_members({name: model})[0]}")
+    if plain:  # the same check as fuse: a plain member's class order is the user's word
+        _check_class_order(model, splits.val, name, args)
+    out = member_outputs(model, data, member=name, split=args.split,
                          checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
     print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
           f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
 
 
+def _check_class_order(model, val, name: str, args) -> None:
+    """fuse's class-order check on the validation split (a DataError where another order is decisive)."""
+    from fusionnet.ensembles.voting import member_outputs
+    from fusionnet.workflows.fuse import check_class_order
+
+    outputs = member_outputs(model, val, member=name, split="val", device=args.device)
+    warning = check_class_order(outputs, model=model, val=val, device=args.device)
+    if warning:
+        print(f"WARNING: {warning}")
+
+
 def _predict_images(args, model, images) -> None:
-    """A CSV row per image: its path, then the ``--top`` most probable classes, each with its probability."""
+    """A CSV row per image file: its path, then the ``--top`` most probable classes, each with its probability,
+    then ``error``: empty, or why the file could not be read (its class columns empty)."""
     from fusionnet.engine.inference import predict
 
     probs, _ = predict(model, images, device=args.device, tta=args.tta, tta_space=args.tta_space)
@@ -275,15 +309,22 @@ def _predict_images(args, model, images) -> None:
     rows = io.StringIO(newline="")
     writer = csv.writer(rows)
     writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (("class", "probability") if k == 1 else
-                                                                      (f"class_{i}", f"probability_{i}"))])
+                                                                      (f"class_{i}", f"probability_{i}"))]
+                    + ["error"])
+    found = {}
     for path, p in zip(images.paths, probs):
         top = p.topk(k)
-        writer.writerow([path] + [v for j, i in zip(top.values, top.indices) for v in (names[int(i)], f"{float(j):.4f}")])
+        found[path] = [v for j, i in zip(top.values, top.indices) for v in (names[int(i)], f"{float(j):.4f}")] + [""]
+    for s in images.skipped:
+        found[s.path] = [""] * (2 * k) + [s.reason]
+    for path in sorted(found):
+        writer.writerow([path] + found[path])
     atomic_write_text(args.out, rows.getvalue())  # a file already there is replaced only by the finished one
-    print(f"wrote {args.out!r} ({len(images)} images)")
+    print(f"wrote {args.out!r} ({len(found)} images" + (f", {len(images.skipped)} unreadable: their rows say why"
+                                                       if images.skipped else "") + ")")
 
 
-def _every_image(root: str, transform):
+def _every_image(root: str, transform, strict: bool = False):
     """Every image under a folder, any layout, label 0: for predicting the classes of new images."""
     from fusionnet.data.datasets import ImageDataset
     from fusionnet.utils.files import resolve_path
@@ -292,7 +333,7 @@ def _every_image(root: str, transform):
     files = images_in(resolve_path(root, what="image folder"))
     if not files:
         raise ConfigError(f"no images under {root!r}")
-    return ImageDataset([(f, 0) for f in files], ["?"], transform)
+    return ImageDataset([(f, 0) for f in files], ["?"], transform, strict=strict)
 
 
 def handle_vote(args) -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import traceback
+import warnings
 from typing import Sequence
 
 from fusionnet.cli.args import COMMANDS
@@ -43,12 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the commands print their own: one line on stderr, no source line."""
+    print(f"WARNING: {message}", file=file or sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from fusionnet.errors import CheckFailedError, FusionNetError
     from fusionnet.utils.staging import Terminated
 
     try:
-        _dispatch(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # a person reads "WARNING: ...", not a source line
+            _dispatch(args)
         sys.stdout.flush()  # a full or closed stdout fails here, inside the handler
     except KeyboardInterrupt:
         print(f"fusionnet {args.command}: interrupted", file=sys.stderr)

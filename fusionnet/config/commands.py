@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from fusionnet.config.train import (REGIMES, RESIZES, SELECT_BY, TrainConfig, regime_train_config, setting)
+from fusionnet.config.train import (REGIMES, SELECT_BY, TrainConfig, regime_train_config, setting)
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
 
@@ -30,6 +30,7 @@ class CompareConfig:
     seeds: list[int] | None = setting(None, "run the whole comparison once per seed (train.seed) and report mean "
                                             "+- sd, e.g. --seeds 0 1 2")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     variants: list[str] | None = setting(None, "fusion variants: every registered fusion method trained jointly, "
                                         "from_members, distilled, distilled_from_members, codistilled, stacked "
@@ -129,15 +130,21 @@ class PlainConfig:
 
     classes: list[str] | None = setting(None, "the class order plain state-dict members were trained with (or a "
                                               "manifest or classes.txt beside each); fusionnet members know theirs")
+    size: int | None = setting(None, "the input size plain members were trained at (e.g. 64 for Resize((64, 64))); "
+                                     "not given: chosen on validation where a command has --data")
     resize: str | None = setting(None, "how plain members' images reached the input size in training: shorter (short "
                                        "side resized, centre crop; the default) or stretch (Resize((s, s)))")
+    crop_pct: float | None = setting(None, "the share of the resized side plain members kept: 0.875 for "
+                                           "Resize(256) + CenterCrop(224) (default 1: Resize(s) + CenterCrop(s))")
     mean: list[float] | None = setting(None, "plain members' normalisation mean, R G B on [0, 1] images (default: "
                                              "the backbone's pretrained one)")
     std: list[float] | None = setting(None, "plain members' normalisation std, R G B (default: the backbone's)")
 
     def __post_init__(self) -> None:
-        if self.resize is not None and self.resize not in RESIZES:
-            raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        from fusionnet.config.reading import check_reading_fields
+
+        check_reading_fields(size=self.size, resize=self.resize or "shorter",
+                             crop_pct=1.0 if self.crop_pct is None else self.crop_pct)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is None:
@@ -176,6 +183,7 @@ class FuseConfig:
     size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
                                      "their checkpoints record it; else 128)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     val_list: str | None = setting(None, "a file naming the images of train/ the members were validated on (a path "
                                          "per line, relative to --data or its train/): the validation split, so no "
                                          "choice is made on images a member trained on")
@@ -251,6 +259,7 @@ class AutoConfig:
                                    "measured step times say it fits in the time left")
     folds: int = setting(3, "fine-tuning stage: cross-fitting folds (each member trained this many more times)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     seed: int = setting(0, "seed of the split, the folds and every model")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks (false: random init, for tests)")
     ray: bool = setting(False, "run the independent trainings (screening candidates, fine-tuned members) as Ray "
@@ -298,6 +307,7 @@ class DistillConfig:
                                        "teacher alone, as in function matching)")
     baseline: bool = setting(True, "also train the same student on labels alone, same budget, for the table")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "an ImageNet-pretrained student trunk")
     out: str = setting("runs/distill", "run folder")
     train: TrainConfig = setting(None, "how the student trains", factory=lambda: distill_train_config())

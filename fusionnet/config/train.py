@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from fusionnet.config.reading import RESIZES  # noqa: F401  (checked here; defined with the rest of a Reading)
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
 
@@ -26,9 +27,6 @@ STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
 REGIMES = ("frozen", "finetune")
 TRACKERS = ("tensorboard", "mlflow")  # where TrainConfig.log also writes each epoch's metrics
-# How an image is brought to the input size for evaluation: its short side resized and the centre cropped (the
-# library's own pipeline), or the whole image stretched to a square (torchvision's Resize((s, s)) in training)
-RESIZES = ("shorter", "stretch")
 
 
 def setting(default, help: str, *, flag: str | None = None, factory=None):
@@ -184,6 +182,7 @@ class TrainRun:
     input_size: int | None = setting(None, "each branch resizes its input to this many pixels before its trunk, "
                                            "e.g. 224 for 128 px data (BiT-style upsampling; none: as given)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     image_cache: str | None = setting(None, "a folder: decode every image once into it and train from there "
                                             "(fast on large photos; reused by later runs on the same files)")
     out: str | None = setting(None, "run folder (default runs/<backbones>)")

@@ -37,7 +37,7 @@ from fusionnet.errors import ConfigError, DataError
 from fusionnet.utils.files import resolve_path
 from fusionnet.data.image_cache import ImageStore
 from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb
-from fusionnet.data.transforms import Transform, apply_transform, seed_transform
+from fusionnet.data.transforms import Transform, apply_transform, decoder_of, seed_transform
 
 
 class LabelledData(Dataset):
@@ -118,13 +118,32 @@ class SkippedFile:
     reason: str
 
 
+class SkippedImagesWarning(UserWarning):
+    """Unreadable images were left out (one warning per command: how many, the first few names)."""
+
+
+def report_skipped(skipped: Sequence[SkippedFile], strict: bool = False) -> None:
+    """One line for every unreadable image of a command: a DataError with ``strict``, else a
+    :class:`SkippedImagesWarning` (how many, the first three with their reasons)."""
+    if not skipped:
+        return
+    first = "; ".join(f"{s.path!r} ({s.reason})" for s in skipped[:3])
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    if strict:
+        raise DataError(f"{len(skipped)} unreadable image(s): {first}{more}; remove or fix them, or leave out "
+                        f"--strict (strict=False) to skip them")
+    warnings.warn(f"skipped {len(skipped)} unreadable image(s): {first}{more} (--strict makes this an error)",
+                  SkippedImagesWarning, stacklevel=2)
+
+
 class ImageDataset(LabelledData):
     """A list of (path, label) samples with class names; yields (image tensor in [0, 1], label)."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], class_names: Sequence[str],
                  transform: Transform | None = None, *, check: bool = True, strict: bool = False,
-                 skipped: Sequence[SkippedFile] = (), store: ImageStore | None = None) -> None:
+                 skipped: Sequence[SkippedFile] = (), store: ImageStore | None = None, warn: bool = True) -> None:
         self.class_names = list(class_names)
+        self.warn = warn  # say what was skipped (False: the caller reports several datasets' skips as one)
         self.transform = transform
         self.store = store  # decoded images (fusionnet.data.image_cache); files it lacks are decoded from disk
         self.skipped = list(skipped)
@@ -133,27 +152,25 @@ class ImageDataset(LabelledData):
         self.samples = list(samples)
 
     def _drop_unreadable(self, samples: Sequence[tuple[str, int]], strict: bool) -> list[tuple[str, int]]:
-        good = []
+        good, skipped = [], []
         for path, label in samples:
             try:
                 with Image.open(path) as img:
                     img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale, still every byte (2.5x faster)
                     img.load()
             except Exception as exc:  # PIL raises several types for corrupt and truncated files
-                if strict:
-                    raise DataError(f"unreadable image {path!r} ({type(exc).__name__}: {exc}); "
-                                    f"remove it, or pass strict=False to skip such files") from exc
-                self.skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
+                skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
                 continue
             good.append((path, label))
+        if strict:
+            report_skipped(skipped, strict=True)
+        self.skipped += skipped
         lost = sorted({self.class_names[label] for _, label in samples} - {self.class_names[label] for _, label in good})
         if lost:  # like an empty class folder: the class cannot be learned or evaluated
             raise DataError(f"every image of class(es) {', '.join(map(repr, lost))} is unreadable (e.g. "
                             f"{self.skipped[0].path!r}: {self.skipped[0].reason}); fix or remove those files")
-        if self.skipped:
-            examples = ", ".join(repr(s.path) for s in self.skipped[:3])
-            warnings.warn(f"skipped {len(self.skipped)} unreadable image(s), e.g. {examples} "
-                          f"(dataset.skipped lists them all; strict=True makes this an error)", stacklevel=3)
+        if self.skipped and self.warn:
+            report_skipped(self.skipped)
         return good
 
     @property
@@ -169,8 +186,9 @@ class ImageDataset(LabelledData):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        image = self.store.get(path) if self.store is not None else None
-        return apply_transform(self.transform, image if image is not None else read_rgb(path)), label
+        decode = decoder_of(self.transform)  # torchvision's reading decodes the file itself, never from a store
+        image = self.store.get(path) if self.store is not None and decode is read_rgb else None
+        return apply_transform(self.transform, image if image is not None else decode(path)), label
 
     def subset(self, indices: Sequence[int], transform: Transform | None = None, *, store=_KEEP) -> "ImageDataset":
         """A dataset of the given samples (already checked), with its own transform (and image store)."""
@@ -203,7 +221,8 @@ class FolderImages(ImageDataset):
     """``root/<class>/**/*.jpg``; classes are the sub-folder names, sorted (or ``class_names`` in that order)."""
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None, *,
-                 class_names: Sequence[str] | None = None, strict: bool = False, check: bool = True) -> None:
+                 class_names: Sequence[str] | None = None, strict: bool = False, check: bool = True,
+                 warn: bool = True) -> None:
         self.root = _data_root(root)
         found = _class_folders(self.root)
         if not found:
@@ -222,7 +241,7 @@ class FolderImages(ImageDataset):
         if empty:
             raise DataError(f"class folder(s) with no images in {str(self.root)!r}: {', '.join(map(repr, empty))} "
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)}); remove the folder or add images")
-        super().__init__(samples, names, transform, check=check, strict=strict)
+        super().__init__(samples, names, transform, check=check, strict=strict, warn=warn)
 
 
 def _class_mismatch(expected: list[str], found: list[str], what: str, where: str) -> str:

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from fusionnet.data.datasets import (CsvImages, FolderImages, ImageDataset, LabelledData, PlainDataset,  # noqa: F401
-                                SkippedFile, _class_folders, _class_mismatch, _data_root, as_dataset)
+                                SkippedFile, _class_folders, _class_mismatch, _data_root, as_dataset,
+                                report_skipped)
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.data.image_cache import ImageStore, train_side
 from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb  # noqa: F401
@@ -67,6 +68,7 @@ class SplitSettings:
     image_cache: str | os.PathLike | None = None  # a folder: decode every image once into it
     progress: bool = True
     resize: str = "shorter"  # the eval pipeline: shorter (short side, centre crop) | stretch (fusionnet.config.RESIZES)
+    reader: str = "albumentations"  # whose eval pipeline: albumentations | torchvision (fusionnet.config.Reading)
     val_list: str | os.PathLike | None = None  # a file naming the images of train/ that are the validation split
     # (a path per line, relative to the data folder, to train/ or absolute): the split the members were validated on
 
@@ -105,8 +107,8 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
         raise ConfigError(f"{str(base)!r} has a val/ folder and val_list={str(how.val_list)!r} names another "
                           f"validation split; use one of them")
     train_tf = train_transform(size, policy=policy)
-    eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize)
-    full = FolderImages(base / "train", strict=strict)
+    eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
+    full = FolderImages(base / "train", strict=strict, warn=False)
     names = full.class_names
     if len(names) < 2:
         raise DataError(f"{str(base / 'train')!r} has one class folder ({names[0]!r}); a classifier needs at least "
@@ -120,17 +122,22 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
     elif (base / "val").is_dir():
         train = full.with_transform(train_tf)
-        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict)
+        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict,
+                           warn=False)
     else:
         tr, va = stratified_split(full.labels, val_fraction, seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
     test = None
     if (base / "test").is_dir():
-        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict)
+        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict,
+                            warn=False)
+    report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, FolderImages) else [])
+                   + (test.skipped if test is not None else []))  # one line for the whole data folder
     if image_cache is None:
         return Splits(train, val, test)
     every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
-    if how.resize == "stretch":  # the store keeps the short side: stretching from it would resample twice
+    if how.resize == "stretch" or how.reader == "torchvision":  # the store keeps the short side, resized by
+        # OpenCV: stretching from it, or torchvision's reading, would not see the file's own pixels
         train_store = ImageStore(image_cache, full.paths, train_side(size), interpolation="area", progress=progress)
         return Splits(train.with_transform(train.transform, store=train_store), val, test)
     eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)

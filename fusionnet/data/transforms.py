@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from fusionnet.config import RESIZES
+from fusionnet.config import Reading
+from fusionnet.config.reading import check_reading_fields, resize_target
 from fusionnet.errors import ConfigError
+from fusionnet.utils.images import read_rgb
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
@@ -75,18 +77,67 @@ def _albumentations(spec: AugmentSpec) -> A.Compose:
     return A.Compose(ops + _TO_TENSOR)
 
 
-def eval_transform(size: int, *, crop_pct: float = 1.0, resize: str = "shorter") -> A.Compose:
-    """``resize="shorter"``: resize the short side to ``size / crop_pct``, then centre-crop ``size`` (crop_pct=0.875
-    is ImageNet's habit; the default 1.0 keeps the whole short side). ``"stretch"``: the whole image resized to
-    ``size`` x ``size`` (what a model trained on torchvision's ``Resize((s, s))`` saw)."""
-    if not 0 < crop_pct <= 1:
-        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
-    if resize not in RESIZES:
-        raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
+def eval_transform(size: int, *, crop_pct: float = 1.0, resize: str = "shorter", reader: str = "albumentations"):
+    """The evaluation pipeline of a :class:`fusionnet.config.Reading` (see there): ``resize="shorter"``: the short
+    side to ``size / crop_pct``, then a centre crop of ``size`` (crop_pct=0.875 is ImageNet's habit; the default 1.0
+    keeps the whole short side). ``"stretch"``: the whole image resized to ``size`` x ``size`` (what a model trained
+    on torchvision's ``Resize((s, s))`` saw). ``reader="torchvision"``: torchvision's own transforms on the PIL
+    image (:class:`TorchvisionEval`); ``"albumentations"``: the library's OpenCV pipeline."""
+    check_reading_fields(size=size, resize=resize, crop_pct=crop_pct, reader=reader)
+    if reader == "torchvision":
+        return TorchvisionEval(size, crop_pct=crop_pct, resize=resize)
     if resize == "stretch":
         return A.Compose([A.Resize(size, size)] + _TO_TENSOR)
     return A.Compose([A.SmallestMaxSize(max_size=int(round(size / crop_pct))), A.CenterCrop(size, size)]
                      + _TO_TENSOR)
+
+
+def reading_transform(reading: Reading, size: int | None = None):
+    """:func:`eval_transform` of a :class:`~fusionnet.config.Reading` (at ``size``, else the reading's own)."""
+    size = size or reading.size
+    if size is None:
+        raise ConfigError("the input size is unknown; give --size (the size the model was trained at)")
+    return eval_transform(size, crop_pct=reading.crop_pct, resize=reading.resize, reader=reading.reader)
+
+
+def read_pil_rgb(path) -> np.ndarray:
+    """A file decoded as torchvision's ``ImageFolder`` decodes it: ``Image.open(f).convert("RGB")`` (no EXIF
+    rotation; transparency dropped, not composited)."""
+    from PIL import Image
+
+    with open(path, "rb") as f:
+        with Image.open(f) as img:
+            return np.array(img.convert("RGB"))
+
+
+class TorchvisionEval:
+    """torchvision's evaluation transforms, exactly: ``Resize`` on the PIL image (antialiased bilinear; ``shorter``:
+    ``Resize(floor(size / crop_pct))``, ``stretch``: ``Resize((s, s))``), ``CenterCrop(size)``, ``ToTensor()``.
+    Takes the decoded (H, W, 3) uint8 array; :attr:`decode` is how its images are read from files."""
+
+    decode = staticmethod(read_pil_rgb)
+
+    def __init__(self, size: int, *, crop_pct: float = 1.0, resize: str = "shorter") -> None:
+        from torchvision import transforms as T
+
+        side = resize_target(size, crop_pct)
+        first = T.Resize(side) if resize == "shorter" else T.Resize((side, side))
+        self.reading = Reading(size, resize, crop_pct, "torchvision")
+        self.pipeline = T.Compose([first, T.CenterCrop(size), T.ToTensor()])
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        return self.pipeline(Image.fromarray(image))
+
+    def __repr__(self) -> str:  # the feature cache keys on the pipeline's repr
+        return f"TorchvisionEval({self.pipeline!r})"
+
+
+def decoder_of(transform):
+    """How files are decoded for ``transform``: its own ``decode`` (torchvision's reading), else
+    :func:`fusionnet.utils.images.read_rgb`."""
+    return getattr(transform, "decode", None) or read_rgb
 
 
 def apply_transform(transform: Transform | None, image: np.ndarray) -> torch.Tensor:

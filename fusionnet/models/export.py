@@ -94,7 +94,9 @@ def onnx_metadata(model: nn.Module, size: int) -> dict[str, str]:
     if names:
         meta["class_names"] = json.dumps(list(names))
     if isinstance(model, FusionNet):
-        meta["resize"] = model.config.resize  # how an image reaches input_size before the graph
+        reading = model.config.reading(size)  # how an image reaches input_size before the graph
+        meta.update(resize=reading.resize, crop_pct=str(reading.crop_pct), reader=reading.reader,
+                    reads=reading.describe())
         meta["normalisation"] = json.dumps({n: {"mean": br.mean.flatten().tolist(), "std": br.std.flatten().tolist()}
                                             for n, br in model.branches.items()})
     return meta

@@ -18,6 +18,7 @@ import torch
 from fusionnet.models import checkpoints as ckpt
 from fusionnet.models.backbones import WITH_CLASSIFIER, build_trunk, get_spec
 from fusionnet.models.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
+from fusionnet.config.reading import common_reading
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.models.fusion import FUSERS, Branch, BranchConfig, FusionConfig, FusionNet, fuser_class, make_config
 
@@ -100,9 +101,24 @@ def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport
     kept = _maybe_keep_head(model, head_state, linear_head)
     if kept:  # the head went into FusionNet's own head: not dropped
         dropped = [k for k in dropped if not k.startswith(f"{linear_head}.")]
-    elif len(model.branches) == 1:
+    elif not _warn_if_other_class_count(model, head_state, linear_head, source.path) and len(model.branches) == 1:
         _warn_if_trained_head_dropped(model, state, dropped, source.path)
     return ckpt.LoadReport(source=source.path, dropped=dropped, head_kept=kept)
+
+
+def _warn_if_other_class_count(model: FusionNet, state: Mapping[str, torch.Tensor], linear_head: str | None,
+                               source: str) -> bool:
+    """A checkpoint whose trained classifier has another number of classes than the model: say that its head is
+    dropped, naming both counts (timm drops such a head too, but a user passing a trained member expects it)."""
+    weight = state.get(f"{linear_head}.weight") if linear_head else None
+    k = model.config.num_classes
+    if weight is None or weight.ndim != 2 or weight.shape[0] == k:
+        return False
+    warnings.warn(f"{source!r}: its trained classifier has {weight.shape[0]} classes but the model has "
+                  f"num_classes={k}, so that classifier is dropped: the trunk is loaded and the head is new and "
+                  f"untrained. Build the model with num_classes={weight.shape[0]} to keep it, or train the head on "
+                  f"your {k} classes", UserWarning, stacklevel=4)
+    return True
 
 
 def _warn_if_trained_head_dropped(model: FusionNet, state: Mapping[str, torch.Tensor], dropped: list[str],
@@ -188,11 +204,10 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
         if m.config.num_classes != k or m.class_names != names:
             raise ConfigError(f"member {i} has classes {m.class_names or m.config.num_classes}, member 0 has "
                               f"{names or k}; members must be trained on the same classes in the same order")
-    resizes = sorted({m.config.resize for m in models})
-    if len(resizes) > 1:
-        raise ConfigError(f"the members were evaluated with different resizing ({', '.join(resizes)}), and a fused "
-                          f"model reads its images one way; retrain the odd one out, or vote over the members")
-    settings.setdefault("resize", resizes[0])
+    reading = common_reading({f"member {i}": m.config.reading() for i, m in enumerate(models)})
+    for name, value in (("resize", reading.resize), ("crop_pct", reading.crop_pct), ("reader", reading.reader),
+                        ("image_size", reading.size)):
+        settings.setdefault(name, value)  # the fused model reads its images as its members did
     branches = []
     for m in models:
         (b,) = m.config.branches

@@ -27,7 +27,8 @@ from torch import nn
 
 from fusionnet.models.backbones import build_trunk, get_spec
 from fusionnet.models.branch import Branch, BranchConfig
-from fusionnet.config import RESIZES
+from fusionnet.config import Reading
+from fusionnet.config.reading import check_reading_fields
 from fusionnet.errors import ConfigError, is_int
 from fusionnet.models import late_head  # noqa: F401  (registers the late fusion method beside its fit)
 from fusionnet.models.fusers import FUSERS, branch_dropout, fuser_class, make_fuser, ordered  # noqa: F401
@@ -52,8 +53,11 @@ class FusionConfig:
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
     predict_with: str = "fused"  # what the model predicts in eval mode: fused (the head) | branches (the soft vote
     # of the branch heads) | all (the soft vote of both); chosen on validation after co-distillation
-    resize: str = "shorter"  # how the model's images reach the input size in evaluation (fusionnet.config.RESIZES):
-    # read by predict, serve, export and fuse; a plain member trained on Resize((s, s)) says "stretch"
+    # How the model reads an image (fusionnet.config.Reading): read by predict, serve, export and fuse.
+    resize: str = "shorter"  # shorter | stretch; a plain member trained on Resize((s, s)) says "stretch"
+    crop_pct: float = 1.0  # the share of the resized side kept by the centre crop (0.875: Resize(256)+CenterCrop(224))
+    reader: str = "albumentations"  # whose eval pipeline: albumentations (fusionnet-trained) | torchvision (plain)
+    image_size: int | None = None  # the input size it was trained at, where known (else its training record's)
 
     def __post_init__(self) -> None:
         self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
@@ -75,8 +79,7 @@ class FusionConfig:
         if self.predict_with != "fused" and not self.branch_heads:
             raise ConfigError(f"predict_with={self.predict_with!r} needs the branch heads: build the model with "
                               f"branch_heads=True, or predict with 'fused'")
-        if self.resize not in RESIZES:
-            raise ConfigError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        check_reading_fields(size=self.image_size, resize=self.resize, crop_pct=self.crop_pct, reader=self.reader)
         if self.fusion_width < 1:
             raise ConfigError(f"fusion_width must be a positive int, got {self.fusion_width!r}")
         used: dict[str, int] = {}
@@ -105,6 +108,15 @@ class FusionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def reading_settings(self) -> dict:
+        """The fields that say how the model reads an image, for a model built to read as this one does."""
+        return {"resize": self.resize, "crop_pct": self.crop_pct, "reader": self.reader,
+                "image_size": self.image_size}
+
+    def reading(self, size: int | None = None) -> Reading:
+        """How this model reads an image, at ``size`` (default: the size it records)."""
+        return Reading(size or self.image_size, self.resize, self.crop_pct, self.reader)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FusionConfig":

@@ -1,15 +1,19 @@
 """Members as practitioners have them: a plain torchvision/timm classifier state dict, loaded as a single-backbone
-FusionNet with its trained classifier, its outputs in the data's class order, preprocessed as it was trained.
+FusionNet with its trained classifier, its outputs in the data's class order, and its images read exactly as a
+plain torchvision script reads them (:class:`fusionnet.config.Reading` with ``reader="torchvision"``).
 
 A plain state dict says nothing of how it was trained, so what it cannot say comes from (first given wins):
 
-1. the command's flags (:class:`fusionnet.config.PlainConfig`: ``--classes``, ``--resize``, ``--mean`` / ``--std``);
+1. the command's flags (:class:`fusionnet.config.PlainConfig`: ``--classes``, ``--size``, ``--resize``,
+   ``--crop-pct``, ``--mean`` / ``--std``);
 2. a manifest beside the checkpoint, ``<checkpoint stem>.json``, e.g. ``resnet18_best.json`` for
-   ``resnet18_best.pth``: ``{"classes": [...], "resize": "stretch", "mean": [...], "std": [...]}`` (any subset);
+   ``resnet18_best.pth``: ``{"classes": [...], "size": 64, "resize": "stretch", "crop_pct": 1.0, "mean": [...],
+   "std": [...]}`` (any subset);
 3. ``classes.txt`` beside it (a class name per line), for the class order.
 
 Otherwise the assumptions are stated by :func:`assumptions` (``fusionnet inspect`` prints them): the short side
-resized and centre-cropped, and the backbone's ImageNet normalisation.
+resized and centre-cropped, the backbone's ImageNet normalisation, and a size chosen on validation by the commands
+that read ``--data`` (:func:`fusionnet.workflows.reading.settle_sizes`); without data the size must be given.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from fusionnet.config import PlainConfig
+from fusionnet.config import CANDIDATE_SIZES, PlainConfig, Reading
+from fusionnet.config.reading import common_reading  # noqa: F401  (the members' one reading)
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.models.backbones import WITH_CLASSIFIER, get_spec, list_backbones
 from fusionnet.models.branch import BranchConfig
@@ -73,8 +78,14 @@ def assumptions(path: PathLike, given: PlainConfig | None = None, info=None) -> 
                                                      if info.architecture in WITH_CLASSIFIER else "")]
     lines.append(f"class order:  {settings.classes} ({source})" if settings.classes else
                  "class order:  unknown: give --classes, a manifest or classes.txt (ImageFolder's is sorted)")
+    lines.append(f"size:         {settings.size} px" if settings.size else
+                 f"size:         unknown: chosen on validation (NLL at {', '.join(map(str, CANDIDATE_SIZES))} px) by "
+                 f"commands given --data; else give --size or \"size\" in a manifest")
     lines.append(f"resize:       {settings.resize or 'shorter'}" + ("" if settings.resize else
                  " (assumed: short side resized, centre crop; --resize stretch for Resize((s, s)))"))
+    lines.append(f"crop_pct:     {settings.crop_pct or 1.0:g}" + ("" if settings.crop_pct else
+                 " (assumed: Resize(s) + CenterCrop(s); --crop-pct 0.875 for Resize(256) + CenterCrop(224))"))
+    lines.append(f"reads as:     {plain_reading(settings).describe()}")
     if spec is not None:
         for name in ("mean", "std"):
             value = getattr(settings, name)
@@ -84,27 +95,27 @@ def assumptions(path: PathLike, given: PlainConfig | None = None, info=None) -> 
     return lines
 
 
+def plain_reading(settings: PlainConfig) -> Reading:
+    """How a plain member trained by a torchvision script reads its images: torchvision's own eval transforms."""
+    return Reading(settings.size, settings.resize or "shorter",
+                   1.0 if settings.crop_pct is None else settings.crop_pct, "torchvision")
+
+
 def is_plain(path: PathLike) -> bool:
     """Whether ``path`` is a plain state dict (not one of the library's own checkpoints)."""
     return inspect_checkpoint(path).fusionnet is None
 
 
-def member_resize(path: PathLike, plain: PlainConfig | None = None) -> str:
-    """How the member's images reach its input size: its own record (a fusionnet checkpoint), else the plain
-    settings, the manifest beside it, else ``shorter``."""
+def member_reading(path: PathLike, plain: PlainConfig | None = None) -> Reading:
+    """How the member ``path`` reads its images: its own record (a fusionnet checkpoint: its config, the size of
+    its training record), else the plain settings and the files beside it (size None where nothing says it)."""
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
-        return info.fusionnet.get("config", {}).get("resize", "shorter")
-    return (plain or PlainConfig()).over(beside(path)).resize or "shorter"
-
-
-def common_resize(paths: Sequence[PathLike], plain: PlainConfig | None = None) -> str:
-    """The one resize mode of several members (a ConfigError naming them where they differ)."""
-    modes = {str(p): member_resize(p, plain) for p in paths}
-    if len(set(modes.values())) > 1:
-        raise ConfigError(f"the members reach their input size differently ({modes}); one pipeline feeds them "
-                          f"all, so give them one --resize (or retrain the odd one out)")
-    return next(iter(modes.values()))
+        config = info.fusionnet.get("config", {})
+        size = config.get("image_size") or (info.fusionnet.get("data") or {}).get("input_size")
+        return Reading(size, config.get("resize", "shorter"), config.get("crop_pct", 1.0),
+                       config.get("reader", "albumentations"))
+    return plain_reading((plain or PlainConfig()).over(beside(path)))
 
 
 def load_member(path: PathLike, *, num_classes: int | None = None, class_names: list[str] | None = None,
@@ -115,6 +126,8 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         model = load_fusionnet(path)
+        if model.config.image_size is None:  # before 0.4 the size lived in the training record only
+            model.config.image_size = (info.fusionnet.get("data") or {}).get("input_size")
         if num_classes is not None and model.config.num_classes != num_classes:
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
         return in_order(model, model.class_names, class_names, path)
@@ -132,8 +145,10 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
         raise CheckpointMismatchError(f"member {str(path)!r} ({arch}) classifies {info.num_classes} classes but the "
                                       f"data has {k}; fine-tune it on these classes first")
     branch = BranchConfig(arch, mean=settings.mean, std=settings.std)
+    reading = plain_reading(settings)
     model = create_fusionnet([branch], num_classes=k, class_names=order, checkpoints={arch: path},
-                             resize=settings.resize or "shorter")
+                             resize=reading.resize, crop_pct=reading.crop_pct, reader=reading.reader,
+                             image_size=reading.size)
     if not model.load_reports[arch].head_kept:
         raise CheckpointMismatchError(f"member {str(path)!r}: its classifier head is not a plain Linear layer, so it "
                                       f"cannot start the fused head; train it as a fusionnet member")
@@ -167,3 +182,13 @@ def in_order(model, own: list[str] | None, data: list[str] | None, path):
         fc.bias.copy_(fc.bias[rows])
     model.config.class_names = list(data)
     return model
+
+
+def describe_members(models: Mapping[str, torch.nn.Module]) -> list[str]:
+    """A line per member: how it reads an image and normalises it."""
+    lines = []
+    for name, m in models.items():
+        norms = "; ".join(f"{b}: mean {tuple(round(v, 4) for v in br.mean.flatten().tolist())}, std "
+                          f"{tuple(round(v, 4) for v in br.std.flatten().tolist())}" for b, br in m.branches.items())
+        lines.append(f"{name}: {m.config.reading().describe()}; normalised with {norms}")
+    return lines

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fusionnet.config import PlainConfig
+from fusionnet.config import PlainConfig, Reading
 from fusionnet.errors import ConfigError
 from fusionnet.models.losses import soft_vote
 
@@ -61,15 +61,20 @@ class ModelHandler:
         else:
             self._load_checkpoints(paths, plain)
         self.size = size or self.size
+        if self.size is None:
+            raise ConfigError(f"{str(paths[0])!r} does not say the input size it was trained at; give --size (e.g. "
+                              f"--size 64 for a model trained on Resize((64, 64))) or \"size\" in its manifest, or "
+                              f"let 'fusionnet predict MEMBER --data DATA' choose it on validation first")
+        self.reading = self.reading.at(self.size)
         self.hash = _sha256(paths)
-        from fusionnet.data.transforms import eval_transform
+        from fusionnet.data.transforms import reading_transform
 
-        self.transform = eval_transform(self.size, resize=self.resize)
+        self.transform = reading_transform(self.reading)
 
     def _load_checkpoints(self, paths: list[Path], plain: PlainConfig | None) -> None:
-        from fusionnet.models.plain import common_resize, is_plain, load_member
+        from fusionnet.config.reading import common_reading
+        from fusionnet.models.plain import load_member
 
-        self.resize = common_resize(paths, plain)
         first = load_member(paths[0], plain=plain)
         rest = [load_member(p, class_names=first.class_names, plain=plain) for p in paths[1:]]
         self.models = [m.eval().to(self.device) for m in [first, *rest]]
@@ -77,10 +82,8 @@ class ModelHandler:
         if any(n is None for n in names) or any(n != names[0] for n in names):
             raise ConfigError(f"the members disagree on their classes (or do not know them): {names}")
         self.class_names = list(names[0])
-        from fusionnet.models.checkpoints import read_checkpoint
-
-        self.size = int((read_checkpoint(paths[0]).get("data") or {}).get("input_size") or 128) \
-            if not is_plain(paths[0]) else 128
+        self.reading = common_reading({str(p): m.config.reading() for p, m in zip(paths, self.models)})
+        self.size = self.reading.size  # each member's record (fusionnet) or manifest / --size (plain)
         if self.device.type == "cpu":  # predict's fastest correct CPU mode
             for m in self.models:
                 m.to(memory_format=torch.channels_last)
@@ -96,14 +99,21 @@ class ModelHandler:
             raise ConfigError(f"{str(path)!r} carries no class names; export it with fusionnet export")
         self.class_names = json.loads(meta["class_names"])
         self.size = int(meta.get("input_size", 224))
-        self.resize = meta.get("resize", "shorter")
+        self.reading = Reading(self.size, meta.get("resize", "shorter"), float(meta.get("crop_pct", 1.0)),
+                               meta.get("reader", "albumentations"))
         self.backbones, self.member_names, self.models = [], [path.stem], []
 
     def info(self) -> dict:
         kind = "onnx" if self.onnx else ("vote" if len(self.models) > 1 else "fusionnet")
         return {"kind": kind, "classes": self.class_names, "backbones": self.backbones, "input_size": self.size,
+                "reads": self.reading.describe(), "reading": self.reading.to_dict(), "members_read": self._read_as(),
                 "members": self.member_names if kind == "vote" else [], "sha256": self.hash,
                 "device": str(self.device)}
+
+    def _read_as(self) -> list[str]:
+        from fusionnet.models.plain import describe_members
+
+        return describe_members(dict(zip(self.member_names, self.models)))
 
     def decode(self, data: bytes) -> torch.Tensor:
         """An upload as a (3, size, size) tensor in [0, 1]; :class:`BadInput` names whatever is wrong with it."""
@@ -120,7 +130,10 @@ class ModelHandler:
                     raise BadInput(413, f"the image is {img.size[0]} x {img.size[1]} = {pixels} pixels; the limit is "
                                         f"{self.limits.max_pixels} (a decompression bomb, or resize it first)")
                 img.load()
-                rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+                if self.reading.reader == "torchvision":  # as ImageFolder decodes: no EXIF rotation
+                    rgb = np.asarray(img.convert("RGB"))
+                else:
+                    rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
         except BadInput:
             raise
         except UnidentifiedImageError:

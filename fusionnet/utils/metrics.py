@@ -32,6 +32,19 @@ def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> list[dict]:
              "count": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
 
 
+def equal_mass_bins(probs, labels, n_bins: int = 10) -> list[dict]:
+    """Confidence bins of (near) equal sample counts, for a readable reliability diagram: every bin holds about
+    N / n_bins samples, so no bin's accuracy is the noise of a handful; fewer bins for a small N (at least 20
+    samples each)."""
+    probs, labels = _np(probs), _np(labels)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    order = np.argsort(conf, kind="stable")
+    k = max(1, min(n_bins, len(conf) // 20))
+    return [{"confidence": float(conf[idx].mean()), "accuracy": float(correct[idx].mean()), "count": int(len(idx))}
+            for idx in np.array_split(order, k) if len(idx)]
+
+
 def expected_calibration_error(probs, labels, n_bins: int = ECE_BINS) -> float:
     """ECE: the sample-weighted gap between confidence (max probability) and accuracy over equal-width bins."""
     n = len(_np(labels))

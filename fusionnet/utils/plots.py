@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fusionnet.utils.metrics import ECE_BINS, reliability_bins
+from fusionnet.utils.metrics import equal_mass_bins, expected_calibration_error
 
 
 def new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1, **kwargs):
@@ -54,28 +54,36 @@ def confusion_grid(matrices: Mapping[str, list[list[int]]], class_names: list[st
 
 
 def reliability_diagram(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike | None = None,
-                        n_bins: int = ECE_BINS, min_count: int = 3) -> Figure:
-    """Accuracy against confidence per bin for each method (the same bins as the tables' ECE); the diagonal is
-    perfect calibration.
-
-    ``curves`` maps a method name to (probs (N, K), labels (N,)). Marker area grows with the bin's sample count;
-    bins with fewer than ``min_count`` samples are left out (their accuracy is noise).
-    """
-    fig, ax = new_figure((4.8, 4.4))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
-    for name, (probs, labels) in curves.items():
-        bins = [b for b in reliability_bins(probs, labels, n_bins) if b["count"] >= min_count]
+                        n_bins: int = 10) -> Figure:
+    """A panel per method: accuracy against confidence over equal-mass bins (each about N / ``n_bins`` images, the
+    count written by each point), the diagonal of perfect calibration, and the method's ECE (the tables' own:
+    15 equal-width bins) in its legend. ``curves`` maps a method name to (probs (N, K), labels (N,))."""
+    n = max(1, len(curves))
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = new_figure((3.1 * cols + 0.4, 3.1 * rows + 0.5), rows, cols, squeeze=False)
+    for ax, (name, (probs, labels)) in zip(axes.flat, curves.items()):
+        bins = equal_mass_bins(probs, labels, n_bins)
         xs, ys = [b["confidence"] for b in bins], [b["accuracy"] for b in bins]
-        counts = np.array([b["count"] for b in bins], dtype=float)
-        (line,) = ax.plot(xs, ys, linewidth=1.2, label=name)
-        ax.scatter(xs, ys, s=8 + 60 * np.sqrt(counts / len(labels)), color=line.get_color(), zorder=3)
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title(f"reliability (test split, {n_bins} bins)", fontsize=10)
-    fig.tight_layout()
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, color="C0",
+                label=f"ECE {expected_calibration_error(probs, labels):.3f}")
+        for x, y, b in zip(xs, ys, bins):
+            ax.annotate(str(b["count"]), (x, y), textcoords="offset points", xytext=(3, -9), fontsize=6,
+                        color="dimgrey")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(name, fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", handlelength=1)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence (max probability)", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy", fontsize=7)
+    fig.suptitle(f"reliability on the test split (equal-mass bins, images per bin by each point)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return save(fig, path)
 
 

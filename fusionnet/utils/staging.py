@@ -15,6 +15,10 @@
 
 Paths the new run recorded in its JSON and Markdown files point into the partial folder while it is written; the
 swap rewrites them to ``out``.
+
+A finished run lists the files it wrote in ``out/.written.json``. ``--overwrite`` carries every other file of the old
+folder (a user's predictions saved beside the run) into the new one and says so; in a folder written before that
+list existed, the top-level files the new run does not write are carried over (sub-folders are the run's own).
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str 
     if not _has_run(final):
         with _sigterm_raises():
             yield final
+        _record_written(final)
         return
     work = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -104,10 +109,42 @@ def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str 
     try:
         with _sigterm_raises():
             yield work
+        _record_written(work)
+        kept = _carry_over(final, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     _swap_in(work, final)
+    if kept:
+        print(f"--overwrite kept {len(kept)} file(s) in {str(out)!r} that the earlier run did not write: "
+              f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
+
+
+WRITTEN = ".written.json"  # the files a command wrote into its run folder (relative paths)
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != WRITTEN)
+
+
+def _record_written(folder: Path) -> None:
+    if folder.is_dir():
+        atomic_write_text(folder / WRITTEN, json.dumps(_files(folder)))
+
+
+def _carry_over(old: Path, new: Path) -> list[str]:
+    """Copy into ``new`` the files of ``old`` that its command did not write (see the module docstring); returns
+    their relative paths."""
+    try:
+        written = set(json.loads((old / WRITTEN).read_text()))
+    except (OSError, ValueError):
+        written = None  # a run folder from before the record: its top-level files only
+    theirs = [f for f in _files(old) if f not in (written or ()) and not (new / f).exists()
+              and (written is not None or len(Path(f).parts) == 1)]
+    for rel in theirs:
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(old / rel, new / rel)
+    return theirs
 
 
 def _swap_in(work: Path, final: Path) -> None:

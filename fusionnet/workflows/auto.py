@@ -32,7 +32,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusionnet.config import AutoConfig, PlainConfig
+from fusionnet.config import AutoConfig, PlainConfig, Reading
+from fusionnet.config.reading import common_reading
 from fusionnet.errors import ConfigError
 from fusionnet.models.branch import BranchConfig
 from fusionnet.models.fusion import FusionConfig, FusionNet
@@ -90,7 +91,7 @@ class Candidate:
         (own,) = member.config.branches
         branch = BranchConfig(**{**own.__dict__, "name": "", "taps": taps, "input_size": self.size})
         model = FusionNet(FusionConfig([branch], len(class_names), class_names=class_names, fusion="late",
-                                       freeze_trunks=True, resize=member.config.resize))
+                                       freeze_trunks=True, **member.config.reading_settings()))
         (target,), (source,) = model.branches.values(), member.branches.values()
         target.trunk.load_state_dict(source.trunk.state_dict())
         model.set_trainable_stages(0)
@@ -324,9 +325,12 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
     singles = [s.candidate.build(settings.class_names, taps=settings.taps, pretrained=settings.pretrained,
                                  seed=settings.seed, plain=settings.plain) for s in chosen]
     branches = [BranchConfig(**{**m.config.branches[0].__dict__, "name": ""}) for m in singles]
-    resizes = {m.config.resize for m in singles}
+    # each branch resizes to its candidate's size inside the model: one way to read, no one image size
+    reading = common_reading({s.candidate.id: Reading(None, m.config.resize, m.config.crop_pct, m.config.reader)
+                              for s, m in zip(chosen, singles)})
     model = FusionNet(FusionConfig(branches, len(settings.class_names), class_names=list(settings.class_names),
-                                   fusion="late", freeze_trunks=True, resize=resizes.pop()))
+                                   fusion="late", freeze_trunks=True, resize=reading.resize,
+                                   crop_pct=reading.crop_pct, reader=reading.reader, image_size=reading.size))
     with torch.no_grad():
         for target, single, s, classifier in zip(model.branches.values(), singles, chosen, model.fuser.classifiers):
             target.trunk.load_state_dict(next(iter(single.branches.values())).trunk.state_dict())

@@ -18,11 +18,11 @@ def _screen_task(candidate, data: dict, settings):
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     splits = load_splits(data["root"], size=data["size"], val_fraction=data["val_fraction"], seed=data["seed"],
-                         resize=data["resize"], progress=False)
+                         progress=False, **data["resize"])
     return screen(candidate, splits, settings, log=lambda _m: None)
 
 
-def screen_with_ray(candidates, cfg, settings, resize: str, budget, log) -> list:
+def screen_with_ray(candidates, cfg, settings, resize: dict, budget, log) -> list:
     from fusionnet.utils.ray_tasks import ray_map
 
     data = {"root": str(cfg.data), "size": max(c.size for c in candidates), "val_fraction": cfg.val_fraction,

@@ -42,14 +42,16 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     """Every stage of :mod:`fusionnet.workflows.auto` into ``out``, each ending with ``selected.pth``
     (``candidates``: ``candidates_for(cfg)`` where the caller has them)."""
     from fusionnet.data.splits import load_splits
-    from fusionnet.models.plain import common_resize
+    from fusionnet.config import Reading
+    from fusionnet.workflows.reading import members_reading, split_fields
 
     budget, out = Budget(cfg.limit_s, clock), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     candidates = candidates or candidates_for(cfg)  # every refusal before any image is read
-    resize = common_resize(cfg.members) if cfg.members else "shorter"
+    reading = members_reading(cfg.members) if cfg.members else Reading()
+    resize = split_fields(reading)  # the members' reading, which every candidate is scored with
     splits = load_splits(cfg.data, size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
-                         seed=cfg.seed, resize=resize, progress=cfg.progress)
+                         seed=cfg.seed, progress=cfg.progress, strict=cfg.strict, **resize)
     if splits.test is None:
         raise ConfigError(f"{cfg.data!r} has no test/ folder; auto reports every model's test scores")
     settings = ScreenSettings(splits.class_names, cfg.taps, cfg.pretrained, cfg.seed, str(out / "cache"),

@@ -312,7 +312,7 @@ def _context(cfg: CompareConfig, log) -> Context:
     out = Path(cfg.out)
     images = Path(cfg.cache_root or out / "cache") / "images" if cfg.image_cache else None
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed, image_cache=images,
-                         progress=cfg.train.progress)
+                         progress=cfg.train.progress, strict=cfg.strict)
     if splits.test is None:
         raise DataError(f"{cfg.data!r} has no test/ folder; the comparison reports test metrics")
     return Context.of(splits, out, cfg.train, log=log, cache_dir=cfg.cache_dir, keep=cfg.keep,

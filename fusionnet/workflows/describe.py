@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fusionnet.models.checkpoints import inspect_checkpoint, load_weights_file, text_kind
 from fusionnet.errors import CheckpointMismatchError
-from fusionnet.models.plain import assumptions
+from fusionnet.models.plain import assumptions, member_reading
 from fusionnet.utils.files import resolve_path
 
 
@@ -30,8 +30,8 @@ def describe(path: str | os.PathLike) -> str:
     if info.fusionnet is None:  # a plain state dict: what reading it as a member assumes
         return "\n".join([info.summary(), "as a member (fuse, predict, serve):"]
                          + ["  " + line for line in assumptions(p, info=info)])
-    resize = info.fusionnet.get("config", {}).get("resize", "shorter")
-    return info.summary() + f"\nreads images: {resize} resize" + _metrics_table(info.fusionnet.get("metrics"))
+    reading = member_reading(p)
+    return info.summary() + f"\nreads images: {reading.describe()}" + _metrics_table(info.fusionnet.get("metrics"))
 
 
 def describe_outputs(outputs, path: Path) -> str:

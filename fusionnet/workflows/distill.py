@@ -85,7 +85,7 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     from fusionnet.engine.train import fit
 
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
-                         progress=cfg.train.progress)
+                         progress=cfg.train.progress, strict=cfg.strict)
     teacher, paths = load_teacher(cfg.teacher, splits.class_names)
 
     def student():

@@ -25,7 +25,8 @@ from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.factory import fuse_members
-from fusionnet.models.plain import common_resize, load_member
+from fusionnet.models.plain import load_member
+from fusionnet.workflows.reading import describe_members, members_reading, settle_sizes, split_fields
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
@@ -34,7 +35,8 @@ from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
 from fusionnet.workflows.runs import member_names
 
 
-def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> str | None:
+def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25, *, model=None, val=None,
+                      device="auto") -> str | None:
     """A member whose validation predictions fit another class order better than the one assumed (its classes
     mapped wrongly?): refused where it is decisive (the best one-to-one relabelling of its predictions, Hungarian
     on the confusion matrix, gains at least ``min_gain`` accuracy and doubles it, on at least 4 validation images
@@ -54,6 +56,12 @@ def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25) -> str | N
     swaps = ", ".join(f"its {names[c]!r} is the data's {names[r]!r}" for r, c in zip(rows, cols) if r != c)
     what = (f"member {outputs.member!r} scores {plain:.2f} on validation in the data's class order but {best:.2f} "
             f"if {swaps}")
+    if model is not None and val is not None:  # a wrong size or resize mode scrambles predictions too: try them first
+        from fusionnet.workflows.reading import reading_diagnosis
+
+        advice = reading_diagnosis(model, val, device=device, beat=best)
+        if advice is not None:
+            return f"member {outputs.member!r} scores {plain:.2f} on validation as read now; {advice}"
     if best - plain >= min_gain and best >= 2 * plain:
         raise DataError(f"{what}: it was trained with another class order. Give that order (--classes, or "
                         f"classes.txt beside the checkpoint)")
@@ -71,23 +79,33 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     ``fuse.md``."""
     out = Path(out)
     records = {p: (inspect_checkpoint(p).fusionnet or {}).get("data") for p in cfg.members}  # read once each
-    size = cfg.size or _members_size(records)
-    splits = load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
-                         resize=common_resize(cfg.members, cfg.plain), val_list=cfg.val_list)
+    reading = members_reading(cfg.members, cfg.plain, cfg.size)  # refuses members that read images differently
+    def splits_at(size: int):
+        return load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
+                           val_list=cfg.val_list, strict=cfg.strict, **split_fields(reading))
+    splits = splits_at(reading.size or 128)
     if splits.test is None:
         raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")
     classes = splits.class_names
+    plain = replace(cfg.plain, size=cfg.size or cfg.plain.size)
+    loaded = [load_member(p, num_classes=len(classes), class_names=classes, plain=plain) for p in cfg.members]
+    names = cfg.names or member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
+    size = settle_sizes(dict(zip(names, loaded)), splits.val, device=cfg.train.device, log=log)
+    if size is not None and size != reading.size:
+        splits = splits_at(size)
+    read_as = describe_members(dict(zip(names, loaded)))
+    for line in read_as:
+        log(f"reads: {line}")
     ctx = Context.of(splits, out, cfg.train, log=log, cache_dir=lambda _name: str(out / "cache"))
-    loaded = [load_member(p, num_classes=len(classes), class_names=classes, plain=cfg.plain) for p in cfg.members]
     unknown = [str(p) for p, record in records.items() if not (record or {}).get("files")]
     if unknown and cfg.val_list is None and not (Path(cfg.data) / "val").is_dir():
         ctx.log(f"WARNING: {unseen_warning(unknown, cfg.val_fraction, cfg.train.seed)}")
     for p, record in records.items():  # a member that saw this split's images would make its val scores meaningless
         for split in ("val", "test"):
             check_unseen(record, getattr(splits, split), split, f"member {str(p)!r}")
-    names = cfg.names or member_names(cfg.members)  # file stems (or folders, for best.pth), made unique
     members = [Loaded(name, m, str(p)).run(ctx) for m, p, name in zip(loaded, cfg.members, names)]
-    warnings = [w for m in members if (w := check_class_order(m.outputs["val"])) is not None]
+    warnings = [w for m, model in zip(members, loaded)
+                if (w := check_class_order(m.outputs["val"], model=model, val=splits.val, device=ctx.device))]
     for w in warnings:
         ctx.log(f"WARNING: {w}")
     table = Table(members, classes)
@@ -99,7 +117,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     chosen = table.rows[SELECTED_FUSION]["chosen"]
     selected = out / "selected.pth"
     atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
-    return _write_fuse_report(cfg, out, table, chosen, selected, warnings)
+    return _write_fuse_report(cfg, out, table, chosen, selected, warnings, read_as)
 
 
 _HEAD_IDS = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacked")}
@@ -123,22 +141,14 @@ def unseen_warning(members: list[str], val_fraction: float, seed: int) -> str:
             f"give the data the val/ folder they were validated on")
 
 
-def _members_size(records: dict) -> int:
-    """The input size the members were trained at (their checkpoints' training records), else 128; members
-    trained at different sizes need ``--size``."""
-    sizes = {(record or {}).get("input_size") for record in records.values()} - {None}
-    if len(sizes) > 1:
-        raise ConfigError(f"the members were trained at different input sizes {sorted(sizes)}; give --size")
-    return sizes.pop() if sizes else 128
-
-
 def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path,
-                       warnings: list[str]) -> dict:
+                       warnings: list[str], read_as: list[str]) -> dict:
     """fuse.json (rows by id, each with its label and per-image test predictions ``pred``, beside
     ``test_labels``, for paired tests as in results.json) and fuse.md; ``chosen``: the selected fusion's row id."""
     best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
               "best_member_on_val": best_member, "warnings": warnings, "test_labels": table.y_test.tolist(),
+              "members_read": read_as,
               "methods": {n: {"label": label(n), **{m: r[m] for m in ("acc", "macro_f1", "nll", "ece", "pred")},
                               "val": r["val"]} for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
@@ -152,6 +162,7 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
         lines.append(f"| {r['label']} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
                      f"{val} |")
     lines += ["", *(f"WARNING: {w}" for w in warnings)] if warnings else []
+    lines += ["", "How each member reads an image:", "", *(f"- {line}" for line in read_as)]
     lines += ["", "Fused members: the members' heads as one, trained on cached features, the best epoch by "
                   "validation NLL (epoch 0 = the members' logit average). Stacked: a classifier per member trunk and "
                   "per-class branch weights fitted on out-of-fold predictions of the training split (members "
@@ -171,6 +182,11 @@ def vote_files(val_files: Sequence[str | os.PathLike], test_files: Sequence[str 
                           f"{len(val_files)} and {len(test_files)}")
     val = [MemberOutputs.load(p) for p in val_files]
     test = [MemberOutputs.load(p) for p in test_files]
+    for flag, files, outputs in (("val", val_files, val), ("test", test_files, test)):
+        for path, o in zip(files, outputs):  # every choice is made on validation: a test file there would leak
+            if o.split != flag:
+                raise ConfigError(f"{str(path)!r} holds the {o.split!r} split (as it records), but was given as "
+                                  f"--{flag}; pass validation files to --val and test files to --test")
     check_aligned(val)
     check_aligned(test)
     for v, t in zip(val, test):

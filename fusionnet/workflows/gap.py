@@ -51,6 +51,25 @@ def _images(root: Path, limit: int, seed: int) -> tuple[list[tuple[str, str]], i
     return files, len(files)
 
 
+def readable(files: list[tuple[str, str]], strict: bool = False) -> list[tuple[str, str]]:
+    """The files PIL can decode; the others refused (``strict``) or left out with one warning naming them."""
+    from fusionnet.data.datasets import SkippedFile, report_skipped
+
+    good, skipped = [], []
+    for path, cls in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception as exc:  # PIL raises several types for corrupt and truncated files
+            skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
+            continue
+        good.append((path, cls))
+    report_skipped(skipped, strict)
+    if not good:
+        raise DataError(f"no readable image among {len(files)} (e.g. {skipped[0].path!r}: {skipped[0].reason})")
+    return good
+
+
 def folder_stats(files: list[tuple[str, str]], size: int = 64) -> tuple[FolderStats, np.ndarray]:
     """Statistics of the images, and the images resized to ``size`` as (N, size, size, 3) uint8 for features."""
     sizes, modes, formats, bright, means, sq, pixels = [], Counter(), Counter(), [], np.zeros(3), np.zeros(3), []
@@ -148,11 +167,12 @@ def _fmt(v) -> str:
 
 def gap_check(train: str | os.PathLike, test: str | os.PathLike, *, backbone: str = "efficientnet_lite0",
               pretrained: bool = True, size: int = 128, max_images: int = 500, seed: int = 0,
-              out: str | os.PathLike | None = None) -> dict:
-    """Compare two folders; returns (and with ``out`` writes ``gap.json``, ``gap.md``, ``gap.png``) the report."""
+              out: str | os.PathLike | None = None, strict: bool = False) -> dict:
+    """Compare two folders; returns (and with ``out`` writes ``gap.json``, ``gap.md``, ``gap.png``) the report.
+    Unreadable images are left out with one warning (``strict``: refused, naming them)."""
     roots = [resolve_path(p, what="image folder") for p in (train, test)]
     found = [_images(r, max_images, seed) for r in roots]
-    files = [f for f, _ in found]
+    files = [readable(f, strict) for f, _ in found]
     (sa, pa), (sb, pb) = (folder_stats(f, size) for f in files)
     fa, fb = (trunk_features(p, backbone, pretrained) for p in (pa, pb))
     auc = domain_auc(fa, fb, seed)
