@@ -108,7 +108,7 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
                           f"validation split; use one of them")
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
-    full = FolderImages(base / "train", strict=strict, warn=False)
+    full = FolderImages(base / "train", warn=False)  # unreadable files: reported (or refused) once, below
     names = full.class_names
     if len(names) < 2:
         raise DataError(f"{str(base / 'train')!r} has one class folder ({names[0]!r}); a classifier needs at least "
@@ -122,17 +122,15 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
     elif (base / "val").is_dir():
         train = full.with_transform(train_tf)
-        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), strict=strict,
-                           warn=False)
+        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), warn=False)
     else:
         tr, va = stratified_split(full.labels, val_fraction, seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
     test = None
     if (base / "test").is_dir():
-        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), strict=strict,
-                            warn=False)
+        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), warn=False)
     report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, FolderImages) else [])
-                   + (test.skipped if test is not None else []))  # one line for the whole data folder
+                   + (test.skipped if test is not None else []), strict)  # one line for the whole data folder
     if image_cache is None:
         return Splits(train, val, test)
     every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
