@@ -67,7 +67,7 @@ def _fake_demo_run(work: Path) -> None:
 
     model = FusionNet(backbones=["timm/test_efficientnet", "timm/test_resnet"], num_classes=3, fusion="late",
                       class_names=["a", "b", "c"])
-    path = save_model(model, work / "runs/demo/models/fusion_stacked/best.pth")
+    path = save_model(model, work / "runs/demo/models/fusion_stacked/best.pth", data={"input_size": 32})
     results = {"selected": {"fusion": {"id": "stacked", "checkpoint": str(path)}},
                "fusion": {"stacked": {"checkpoint": str(path)}}}
     (work / "runs/demo/results.json").write_text(json.dumps(results))
@@ -117,6 +117,8 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     _fake_demo_run(work)
     torch.save(torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, num_classes=3)
                .state_dict(), work / "weights" / "googlenet_best.pth")
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(),
+               work / "weights" / "resnet18_best.pth")
     for name in ("photo1.jpg", "photo2.jpg"):
         Image.open(next((work / "data" / "test" / "a").iterdir())).convert("RGB").save(work / name)
     (yaml_block,) = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
@@ -143,7 +145,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
             continue
         assert argv[0] == "fusionnet", command
         assert main(argv[1:] + extra) == 0, command
-    for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0/val.pt", "runs/fuse/fuse.md",
+    for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0_val.pt", "runs/fuse/fuse.md",
                     "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
                     "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md", "runs/distill/distill.md",
                     "student.csv"):

@@ -200,7 +200,11 @@ def handle_export(args) -> None:
     model = load_fusionnet(args.checkpoint)
     size = args.size or model.config.image_size or trained_on(args.checkpoint).get("input_size")
     if size is None:
-        raise ConfigError(f"{args.checkpoint!r} does not record the input size it was trained at; give --size")
+        from fusionnet.models.plain import OWN_DEFAULT_SIZE
+
+        size = OWN_DEFAULT_SIZE
+        print(f"WARNING: {args.checkpoint!r} records no input size; exporting at {size} px, the library's default "
+              f"training size (--size to change)")
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
     print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")

@@ -127,7 +127,7 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
     if info.fusionnet is not None:
         model = load_fusionnet(path)
         if model.config.image_size is None:  # before 0.4 the size lived in the training record only
-            model.config.image_size = (info.fusionnet.get("data") or {}).get("input_size")
+            model.config.image_size = (info.fusionnet.get("data") or {}).get("input_size") or _unrecorded(path)
         if num_classes is not None and model.config.num_classes != num_classes:
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
         return in_order(model, model.class_names, class_names, path)
@@ -153,6 +153,20 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
         raise CheckpointMismatchError(f"member {str(path)!r}: its classifier head is not a plain Linear layer, so it "
                                       f"cannot start the fused head; train it as a fusionnet member")
     return in_order(model, order, class_names, path)
+
+
+OWN_DEFAULT_SIZE = 128  # fusionnet's training size by default (TrainRun.size, CompareConfig.size)
+
+
+def _unrecorded(path) -> int:
+    """The size of a fusionnet model saved without its training record (``save_model(model, path)``): the library's
+    default training size, said aloud."""
+    import warnings
+
+    warnings.warn(f"{str(path)!r} records no input size (saved without its training record); reading its images at "
+                  f"{OWN_DEFAULT_SIZE} px, the library's default training size: give --size if it was trained at "
+                  f"another", UserWarning, stacklevel=3)
+    return OWN_DEFAULT_SIZE
 
 
 def _stated_order(path, member_classes: Sequence[str] | None, data_classes: list[str] | None) -> list[str]:
