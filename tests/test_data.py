@@ -98,7 +98,7 @@ def test_corrupt_and_truncated_files_are_skipped_and_counted_or_fail_when_strict
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\)"):
         ds = FolderImages(tmp_path)
     assert len(ds) == 6 and sorted(s.path.rsplit("/", 1)[1] for s in ds.skipped) == ["cut.jpg", "junk.jpg"]
-    with pytest.raises(DataError, match=r"unreadable image .*junk.jpg.*strict=False"):
+    with pytest.raises(DataError, match=r"2 unreadable image\(s\): .*junk.jpg.*cut.jpg.*strict=False"):
         FolderImages(tmp_path, strict=True)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 from PIL import Image
 
 from fusionnet.cli.main import main
-from fusionnet.workflows.gap import gap_check
+from fusionnet.workflows.gap import GapSettings, gap_check
 
 
 def _photos(root, n, seed, invert=False):
@@ -24,14 +24,14 @@ def _photos(root, n, seed, invert=False):
 def test_two_halves_of_one_folder_are_indistinguishable(tmp_path):
     a = _photos(tmp_path / "a", 30, seed=0)
     b = _photos(tmp_path / "b", 30, seed=1)
-    r = gap_check(a, b, size=64, max_images=60)
+    r = gap_check(a, b, GapSettings(size=64, max_images=60))
     assert r["domain_auc"] < 0.7 and not any("colour" in c for c in r["causes"])
 
 
 def test_a_colour_inverted_copy_is_told_apart_and_colour_is_named(tmp_path, capsys):
     a = _photos(tmp_path / "a", 30, seed=0)
     b = _photos(tmp_path / "b", 30, seed=0, invert=True)
-    b_means = gap_check(a, b, size=64, max_images=60)
+    b_means = gap_check(a, b, GapSettings(size=64, max_images=60))
     assert b_means["domain_auc"] > 0.75 and any(c.startswith("colour") for c in b_means["causes"])
     assert main(["gap", "--train", str(a), "--test", str(b), "--size", "64", "--out", str(tmp_path / "gap")]) == 0
     assert {"gap.json", "gap.md", "gap.png"} <= {p.name for p in (tmp_path / "gap").iterdir()}
@@ -47,7 +47,7 @@ def test_a_few_odd_files_are_not_a_cause_and_the_sample_is_stated(tmp_path):
     for i, png in enumerate(sorted((b / "a").glob("*.png"))[:2]):
         Image.open(png).save(png.with_suffix(".gif"))
         png.unlink()
-    r = gap_check(a, b, size=64, max_images=40)
+    r = gap_check(a, b, GapSettings(size=64, max_images=40))
     assert not any(c.startswith("file format") for c in r["causes"])
     assert r["images"]["train"] == {"sampled": 40, "found": 60}
     text = gap_markdown(r)

@@ -211,11 +211,12 @@ def handle_export(args) -> None:
 
 
 def handle_gap(args) -> None:
-    from fusionnet.workflows.gap import gap_check, gap_markdown
+    from fusionnet.workflows.gap import GapSettings, gap_check, gap_markdown
 
     with output_folder(args.out, args.overwrite, inputs=[args.train, args.test]) as work:
-        report = gap_check(args.train, args.test, backbone=args.backbone, size=args.size,
-                           max_images=args.max_images, out=work, strict=args.strict)
+        report = gap_check(args.train, args.test, GapSettings(backbone=args.backbone, size=args.size,
+                                                              max_images=args.max_images, strict=args.strict),
+                           out=work)
     print(gap_markdown(report))
     print(f"wrote {args.out}/gap.json, gap.md, gap.png")
 

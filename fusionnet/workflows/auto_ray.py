@@ -23,6 +23,7 @@ def _screen_task(candidate, data: dict, settings):
 
 
 def screen_with_ray(candidates, cfg, settings, resize: dict, budget, log) -> list:
+    """``resize``: the load_splits keywords of the members' reading (fusionnet.workflows.reading.split_fields)."""
     from fusionnet.utils.ray_tasks import ray_map
 
     data = {"root": str(cfg.data), "size": max(c.size for c in candidates), "val_fraction": cfg.val_fraction,

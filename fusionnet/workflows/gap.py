@@ -165,11 +165,24 @@ def _fmt(v) -> str:
     return "(" + ", ".join(f"{x:.2f}" for x in v) + ")"
 
 
-def gap_check(train: str | os.PathLike, test: str | os.PathLike, *, backbone: str = "efficientnet_lite0",
-              pretrained: bool = True, size: int = 128, max_images: int = 500, seed: int = 0,
-              out: str | os.PathLike | None = None, strict: bool = False) -> dict:
-    """Compare two folders; returns (and with ``out`` writes ``gap.json``, ``gap.md``, ``gap.png``) the report.
-    Unreadable images are left out with one warning (``strict``: refused, naming them)."""
+@dataclass(frozen=True)
+class GapSettings:
+    """How :func:`gap_check` compares two folders."""
+
+    backbone: str = "efficientnet_lite0"  # the pretrained trunk whose features tell the folders apart
+    pretrained: bool = True
+    size: int = 128  # images resized to this for the features
+    max_images: int = 500  # sampled per folder (an even, seeded sample)
+    seed: int = 0
+    strict: bool = False  # refuse unreadable images (naming them) instead of leaving them out with one warning
+
+
+def gap_check(train: str | os.PathLike, test: str | os.PathLike, settings: GapSettings = GapSettings(), *,
+              out: str | os.PathLike | None = None) -> dict:
+    """Compare two folders; returns (and with ``out`` writes ``gap.json``, ``gap.md``, ``gap.png``) the report."""
+    s = settings
+    backbone, pretrained, size, max_images, seed, strict = (s.backbone, s.pretrained, s.size, s.max_images, s.seed,
+                                                            s.strict)
     roots = [resolve_path(p, what="image folder") for p in (train, test)]
     found = [_images(r, max_images, seed) for r in roots]
     files = [readable(f, strict) for f, _ in found]
