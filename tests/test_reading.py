@@ -298,3 +298,33 @@ def test_the_reliability_diagram_has_a_readable_panel_per_row():
     legend = panels[1].get_legend().get_texts()[0].get_text()
     assert legend == f"ECE {expected_calibration_error(soft, labels):.3f}"
     assert sorted(int(t.get_text()) for t in panels[1].texts) == [60] * 10  # the count by each point
+
+
+def test_commands_use_as_many_threads_as_cores_are_idle(monkeypatch):
+    import fusionnet.utils.threads as threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    said = []
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "idle_cpus", lambda: 1.0)  # another process keeps one of two cores busy
+        assert threads.threads_for_idle_cores(log=said.append) == 1 and torch.get_num_threads() == 1
+        assert said == ["other work keeps 1.0 of 2 cores busy: torch uses 1 thread(s) (OMP_NUM_THREADS to choose)"]
+        torch.set_num_threads(2)
+        monkeypatch.setattr(threads, "idle_cpus", lambda: 1.9)  # an idle machine: nothing changes
+        assert threads.threads_for_idle_cores() is None and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's word wins
+        monkeypatch.setattr(threads, "idle_cpus", lambda: 0.0)
+        assert threads.threads_for_idle_cores() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cpus_reads_proc_stat():
+    from fusionnet.utils.threads import idle_cpus
+
+    idle = idle_cpus(0.05)
+    import os
+
+    assert idle is None or 0 <= idle <= (os.cpu_count() or 1) + 1e-9

@@ -44,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(args)
 
 
+# commands that compute for long: they use as many torch threads as cores are idle when they start
+COMPUTES = ("demo", "train", "compare", "fuse", "distill", "auto", "predict", "gap")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning as the commands print their own: one line on stderr, no source line."""
     print(f"WARNING: {message}", file=file or sys.stderr)
@@ -56,6 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning  # a person reads "WARNING: ...", not a source line
+            if args.command in COMPUTES:
+                from fusionnet.utils.threads import threads_for_idle_cores
+
+                threads_for_idle_cores(log=lambda m: print(m, file=sys.stderr))
             _dispatch(args)
         sys.stdout.flush()  # a full or closed stdout fails here, inside the handler
     except KeyboardInterrupt:

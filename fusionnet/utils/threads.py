@@ -1,0 +1,69 @@
+"""How many CPU threads torch uses: as many as there are idle cores when a command starts.
+
+torch's CPU kernels split each operation over its threads and wait for all of them at the end. When another
+process keeps a core busy, one of those threads waits for the OS to give it that core again, and every one of the
+thousands of small operations of a fit pays that wait: ``fusionnet demo`` took 11x its time alone beside one busy
+process with 2 threads on 2 cores, 1.4x with 1 thread (experiments/README.md, section 9). So a command counts the
+idle cores first (:func:`idle_cpus`, from ``/proc/stat`` over a fifth of a second) and uses that many threads,
+unless ``OMP_NUM_THREADS`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs since boot, or None where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def idle_cpus(sample_s: float = 0.2) -> float | None:
+    """How many of this machine's CPUs were idle over ``sample_s`` seconds (None: unknown). This process sleeps
+    meanwhile, so what is busy is other work."""
+    first = _cpu_times()
+    time.sleep(sample_s)
+    second = _cpu_times()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    return (os.cpu_count() or 1) * (second[0] - first[0]) / (second[1] - first[1])
+
+
+def threads_for_idle_cores(log=None) -> int | None:
+    """Set torch's thread count to the idle cores (at least 1) when other work keeps some busy; returns the count
+    set, or None where nothing changed (``OMP_NUM_THREADS`` given, every core idle, or unknown)."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    idle = idle_cpus()
+    now = torch.get_num_threads()
+    if idle is None or idle >= now - 0.5:
+        return None
+    n = max(1, int(round(idle)))
+    torch.set_num_threads(n)
+    if log is not None:
+        log(f"other work keeps {now - idle:.1f} of {now} cores busy: torch uses {n} thread(s) (OMP_NUM_THREADS to "
+            f"choose)")
+    return n
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (never more than torch has now), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
