@@ -20,3 +20,19 @@ def flowers_root() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def vgg16_files(tmp_path_factory) -> dict:
+    """Plain torchvision VGG16 and VGG16-BN classifiers for 3 classes, built and saved once for the session (each is
+    0.5 GB to initialise and write): {"vgg16": (model, path), "vgg16_bn": (model, path)}."""
+    import torchvision
+
+    folder = tmp_path_factory.mktemp("vgg")
+    torch.manual_seed(0)
+    files = {}
+    for name, builder in (("vgg16", torchvision.models.vgg16), ("vgg16_bn", torchvision.models.vgg16_bn)):
+        model = builder(weights=None, num_classes=3).eval()
+        torch.save(model.state_dict(), folder / f"{name}.pth")
+        files[name] = (model, folder / f"{name}.pth")
+    return files

@@ -64,18 +64,18 @@ def test_googlenet_checkpoint_with_other_class_count_loads_its_trunk_only(tmp_pa
     assert torch.equal(trunk["inception5b.branch1.conv.weight"], sd["inception5b.branch1.conv.weight"])
 
 
-def test_vgg16_checkpoint_into_vgg16_bn_names_the_architecture(tmp_path):
-    vgg = torchvision.models.vgg16(weights=None, num_classes=4).state_dict()
-    path = _save(tmp_path, "vgg16.pth", vgg)
-    model = create_fusionnet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": path})
-    assert torch.equal(model.branches["vgg16"].trunk.state_dict()["features.28.weight"], vgg["features.28.weight"])
+def test_vgg16_checkpoint_into_vgg16_bn_names_the_architecture(vgg16_files):
+    reference, path = vgg16_files["vgg16"]
+    with pytest.warns(UserWarning, match="not one Linear layer"):  # its 3-layer classifier: vgg16_mlp keeps it
+        model = create_fusionnet(backbones=["vgg16"], num_classes=3, checkpoints={"vgg16": path})
+    assert torch.equal(model.branches["vgg16"].trunk.state_dict()["features.28.weight"],
+                       reference.state_dict()["features.28.weight"])
     with pytest.raises(CheckpointMismatchError,
                        match=r"was trained with 'vgg16' \(without BatchNorm\), but the branch is 'vgg16_bn'; "
                              r"build the branch as 'vgg16' instead"):
-        create_fusionnet(backbones=["vgg16_bn"], num_classes=4, checkpoints={"vgg16_bn": path})
-    bn_path = _save(tmp_path, "vgg16_bn.pth", torchvision.models.vgg16_bn(weights=None).state_dict())
+        create_fusionnet(backbones=["vgg16_bn"], num_classes=3, checkpoints={"vgg16_bn": path})
     with pytest.raises(CheckpointMismatchError, match=r"trained with 'vgg16_bn' \(with BatchNorm\)"):
-        create_fusionnet(backbones=["vgg16"], num_classes=4, checkpoints={"vgg16": bn_path})
+        create_fusionnet(backbones=["vgg16"], num_classes=3, checkpoints={"vgg16": vgg16_files["vgg16_bn"][1]})
 
 
 def test_other_mismatches_are_listed_compactly(tmp_path):
@@ -105,7 +105,7 @@ def test_checkpoint_key_must_name_a_branch(tmp_path, googlenet_aux3):
         create_fusionnet(backbones=["googlenet"], num_classes=3, checkpoints={"resnet18": path})
 
 
-def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3):
+def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3, vgg16_files):
     sd = {f"module.{k}": v for k, v in googlenet_aux3.state_dict().items()}
     info = inspect_checkpoint(_save(tmp_path, "g.pth", {"state_dict": sd}))
     assert info.architecture == "googlenet" and info.num_classes == 3
@@ -113,8 +113,9 @@ def test_inspect_reports_what_a_checkpoint_is(tmp_path, googlenet_aux3):
     assert info.wrapper == "state_dict" and info.prefixes == ["module."]
     assert info.num_keys == len(sd)
     assert "aux heads:    aux1, aux2 (3 classes)" in info.summary()
-    for arch, builder in [("vgg16", torchvision.models.vgg16), ("vgg16_bn", torchvision.models.vgg16_bn),
-                          ("resnet50", torchvision.models.resnet50), ("mobilenet_v2", torchvision.models.mobilenet_v2)]:
+    for arch in ("vgg16", "vgg16_bn"):
+        assert inspect_checkpoint(vgg16_files[arch][1]).architecture == arch
+    for arch, builder in [("resnet50", torchvision.models.resnet50), ("mobilenet_v2", torchvision.models.mobilenet_v2)]:
         path = _save(tmp_path, f"{arch}.pth", builder(weights=None).state_dict())
         assert inspect_checkpoint(path).architecture == arch
 

@@ -24,14 +24,11 @@ IMAGENET = (torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([
 
 
 @pytest.fixture(scope="module")
-def vgg16_plain(tmp_path_factory):
+def vgg16_plain(vgg16_files):
     """A plain torchvision vgg16 state dict for 3 classes (the 25088->4096->4096->3 classifier), its classes.txt."""
-    folder = tmp_path_factory.mktemp("vgg")
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16(weights=None, num_classes=3).eval()
-    torch.save(model.state_dict(), folder / "vgg16_best.pth")
-    (folder / "classes.txt").write_text("a\nb\nc\n")
-    return model, folder / "vgg16_best.pth"
+    model, path = vgg16_files["vgg16"]
+    (path.parent / "classes.txt").write_text("a\nb\nc\n")
+    return model, path
 
 
 def test_a_plain_vgg16_keeps_its_whole_classifier_and_fuses(vgg16_plain, tmp_path):
