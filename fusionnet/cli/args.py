@@ -196,7 +196,8 @@ def _serve(p) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=40_000_000,
                    help="the most pixels an image may have, read from its header before decoding (413 above)")
     p.add_argument("--size", type=positive_int, default=None,
-                   help="input size in pixels (default: the size the model records, else 128)")
+                   help="input size in pixels (default: the size the model records or its manifest says; a plain "
+                        "member without one is refused: give it)")
     p.add_argument("--device", default="auto")
     _plain(p)
 
@@ -253,7 +254,7 @@ def _export(p) -> None:
     p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth) or a run folder")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=positive_int, default=None,
-                   help="input size in pixels (default: the size the model was trained at, else 224)")
+                   help="input size in pixels (default: the size the model was trained at; 128, said aloud, for one saved without it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
                    help="PyTorch's ONNX exporter: torchscript (fast), dynamo (torch.export); auto: torchscript "

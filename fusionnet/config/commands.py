@@ -181,7 +181,7 @@ class FuseConfig:
     stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
                                    "(0: none)")
     size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
-                                     "their checkpoints record it; else 128)")
+                                     "their checkpoints or manifests record it; else chosen on validation NLL)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     val_list: str | None = setting(None, "a file naming the images of train/ the members were validated on (a path "
