@@ -152,9 +152,9 @@ def _auto(p) -> None:
 
 
 def _plain(p) -> None:
-    add_fields(p, PlainConfig, skip=("size",), title="plain state-dict members (what their files cannot say; else a manifest "
-                                     "<checkpoint stem>.json or classes.txt beside each; fusionnet inspect shows the "
-                                     "assumptions)")
+    add_fields(p, PlainConfig, skip=("size",),  # --size is each command's own flag
+               title="plain state-dict members (what their files cannot say; else a manifest <checkpoint stem>.json "
+                     "or classes.txt beside each; fusionnet inspect shows the assumptions)")
 
 
 def _fuse(p) -> None:
@@ -254,7 +254,8 @@ def _export(p) -> None:
     p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth) or a run folder")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--size", type=positive_int, default=None,
-                   help="input size in pixels (default: the size the model was trained at; 128, said aloud, for one saved without it)")
+                   help="input size in pixels (default: the size the model was trained at; 128, said aloud, for one "
+                        "saved without it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
                    help="PyTorch's ONNX exporter: torchscript (fast), dynamo (torch.export); auto: torchscript "
