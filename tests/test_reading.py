@@ -240,15 +240,26 @@ def test_overwrite_keeps_the_files_the_command_did_not_write(tmp_path, capsys):
     with output_folder(out, True) as work:  # kept again by the next run, which did not write them either
         (work / "best.pth").write_text("run 3")
     assert (out / "val.pt").read_text() == "mine"
-    # a run folder from before the record: its top-level files the new run does not write are kept
+    (out / "best.pth").write_text("edited by hand")  # a file of the run's own name: replaced, and said so
+    (out / "preds.csv").write_text("mine")
+    capsys.readouterr()
+    with output_folder(out, True) as work:
+        (work / "best.pth").write_text("run 4")
+        (work / "preds.csv").write_text("the run's")
+    said = capsys.readouterr().out
+    assert "replaced by the new run's own 1 file(s)" in said and "preds.csv" in said
+    # a run folder from before the record: its top-level files the new run does not write are kept, except the
+    # kinds commands write (an earlier run's selected.pth must not stand beside the new run)
     legacy = tmp_path / "legacy"
     (legacy / "models").mkdir(parents=True)
     (legacy / "best.pth").write_text("old")
+    (legacy / "selected.pth").write_text("old")
     (legacy / "test.pt").write_text("mine")
     (legacy / "models" / "x.pth").write_text("old")
     with output_folder(legacy, True) as work:
         (work / "best.pth").write_text("new")
     assert (legacy / "test.pt").read_text() == "mine" and not (legacy / "models").exists()
+    assert not (legacy / "selected.pth").exists()
 
 
 def test_unreadable_images_one_line_strict_and_a_row_each(tmp_path, capsys):
@@ -328,3 +339,36 @@ def test_idle_cpus_reads_proc_stat():
     import os
 
     assert idle is None or 0 <= idle <= (os.cpu_count() or 1) + 1e-9
+
+
+def test_the_commands_size_wins_over_what_a_fusionnet_member_records(tmp_path):
+    from fusionnet.serving.model import ModelHandler
+
+    for name, size in (("a", 32), ("b", 48)):
+        save_model(create_fusionnet(["timm/test_resnet"], class_names=["a", "b", "c"]), tmp_path / f"{name}.pth",
+                   data={"input_size": size})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "records no input size" warning when --size is given
+        assert load_member(tmp_path / "a.pth", plain=PlainConfig(size=40)).config.image_size == 40
+        save_model(create_fusionnet(["timm/test_resnet"], class_names=["a", "b", "c"]), tmp_path / "c.pth")
+        assert load_member(tmp_path / "c.pth", plain=PlainConfig(size=40)).config.image_size == 40
+    with pytest.raises(ConfigError, match="trained at different input sizes"):
+        ModelHandler([str(tmp_path / "a.pth"), str(tmp_path / "b.pth")], device="cpu")
+    handler = ModelHandler([str(tmp_path / "a.pth"), str(tmp_path / "b.pth")], device="cpu", size=40)
+    assert handler.size == 40 and handler.info()["reading"]["size"] == 40
+
+
+def test_autos_backbone_candidates_read_as_the_members_they_are_scored_beside(tmp_path):
+    from fusionnet.config.reading import common_reading
+    from fusionnet.workflows.auto import Candidate
+    from fusionnet.workflows.reading import split_fields
+
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "r18.pth")
+    plain = PlainConfig(classes=["a", "b", "c"], resize="stretch")
+    member = Candidate("resnet18", 32, str(tmp_path / "r18.pth")).build(["a", "b", "c"], taps=0, pretrained=False,
+                                                                       seed=0, plain=plain)
+    reading = split_fields(member.config.reading())
+    backbone = Candidate("timm/test_resnet", 32).build(["a", "b", "c"], taps=0, pretrained=False, seed=0,
+                                                       reading=reading)
+    assert backbone.config.reader == "torchvision" and backbone.config.resize == "stretch"
+    common_reading({"member": member.config.reading(), "backbone": backbone.config.reading()})  # fuses: no refusal

@@ -122,11 +122,14 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
                 plain: PlainConfig | None = None):
     """A single-backbone FusionNet from a member checkpoint of any supported kind, with its classifier head, its
     outputs in the order of ``class_names`` (the data's; None: the member's own order). A fusionnet member knows
-    its classes and preprocessing; a plain state dict takes them from ``plain`` and the files beside it."""
+    its classes and preprocessing; a plain state dict takes them from ``plain`` and the files beside it.
+    ``plain.size`` (a command's ``--size``) sets the input size of either kind."""
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         model = load_fusionnet(path)
-        if model.config.image_size is None:  # before 0.4 the size lived in the training record only
+        if plain is not None and plain.size is not None:  # the command's --size wins over what the model records
+            model.config.image_size = plain.size
+        elif model.config.image_size is None:  # before 0.4 the size lived in the training record only
             model.config.image_size = (info.fusionnet.get("data") or {}).get("input_size") or _unrecorded(path)
         if num_classes is not None and model.config.num_classes != num_classes:
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")

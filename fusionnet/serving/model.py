@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -59,7 +59,7 @@ class ModelHandler:
                 raise ConfigError("serve takes one .onnx file (an export of one model), not several")
             self._load_onnx(paths[0])
         else:
-            self._load_checkpoints(paths, plain)
+            self._load_checkpoints(paths, replace(plain or PlainConfig(), size=size) if size else plain)
         self.size = size or self.size
         if self.size is None:
             raise ConfigError(f"{str(paths[0])!r} does not say the input size it was trained at; give --size (e.g. "

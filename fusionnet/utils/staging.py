@@ -17,8 +17,10 @@ Paths the new run recorded in its JSON and Markdown files point into the partial
 swap rewrites them to ``out``.
 
 A finished run lists the files it wrote in ``out/.written.json``. ``--overwrite`` carries every other file of the old
-folder (a user's predictions saved beside the run) into the new one and says so; in a folder written before that
-list existed, the top-level files the new run does not write are carried over (sub-folders are the run's own).
+folder (a user's predictions saved beside the run) into the new one and says so. In a folder written before that
+list existed (or continued with ``train --resume``), the top-level files the new run does not write are carried over
+unless they are of the kinds the commands write (``.pth``, ``.json``, ``.md``, ``.png``: an earlier run's
+``selected.pth`` must not stand beside a new run); sub-folders are the run's own.
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ def output_folder(out: str | os.PathLike, overwrite: bool, inputs: Sequence[str 
         shutil.rmtree(work, ignore_errors=True)
         raise
     _swap_in(work, final)
-    if kept:
-        print(f"--overwrite kept {len(kept)} file(s) in {str(out)!r} that the earlier run did not write: "
-              f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
+    for what, files in zip(("kept", "replaced by the new run's own"), kept):
+        if files:
+            print(f"--overwrite {what} {len(files)} file(s) in {str(out)!r} that the earlier run did not write: "
+                  f"{', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
 
 
 WRITTEN = ".written.json"  # the files a command wrote into its run folder (relative paths)
@@ -132,19 +135,23 @@ def _record_written(folder: Path) -> None:
         atomic_write_text(folder / WRITTEN, json.dumps(_files(folder)))
 
 
-def _carry_over(old: Path, new: Path) -> list[str]:
+RUN_OUTPUTS = (".pth", ".json", ".md", ".png")  # what commands write: never carried from a folder without a record
+
+
+def _carry_over(old: Path, new: Path) -> tuple[list[str], list[str]]:
     """Copy into ``new`` the files of ``old`` that its command did not write (see the module docstring); returns
-    their relative paths."""
+    (their relative paths, those the new run wrote a file of the same name over)."""
     try:
         written = set(json.loads((old / WRITTEN).read_text()))
     except (OSError, ValueError):
-        written = None  # a run folder from before the record: its top-level files only
-    theirs = [f for f in _files(old) if f not in (written or ()) and not (new / f).exists()
-              and (written is not None or len(Path(f).parts) == 1)]
-    for rel in theirs:
+        written = None  # a run folder from before the record: its top-level files that are not run outputs
+    theirs = [f for f in _files(old) if f not in (written or ()) and (
+        written is not None or (len(Path(f).parts) == 1 and Path(f).suffix not in RUN_OUTPUTS))]
+    kept = [f for f in theirs if not (new / f).exists()]
+    for rel in kept:
         (new / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(old / rel, new / rel)
-    return theirs
+    return kept, [f for f in theirs if f not in kept]
 
 
 def _swap_in(work: Path, final: Path) -> None:

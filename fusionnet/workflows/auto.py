@@ -75,16 +75,18 @@ class Candidate:
         return f"{what}@{self.size}"
 
     def build(self, class_names: list[str], *, taps: int, pretrained: bool, seed: int,
-              plain: PlainConfig | None = None) -> FusionNet:
+              plain: PlainConfig | None = None, reading: dict | None = None) -> FusionNet:
         """A one-branch late-fusion FusionNet on this frozen trunk, its classifier unfitted (the same weights every
-        call: pretrained, the checkpoint's, or initialised from ``seed``)."""
+        call: pretrained, the checkpoint's, or initialised from ``seed``). ``reading``: how the data was read (the
+        members' reading, :func:`fusionnet.workflows.reading.split_fields`), which a backbone candidate records, so
+        it fuses with the members it was scored beside."""
         torch.manual_seed(seed)
         if self.checkpoint is None:
             from fusionnet.models.factory import create_fusionnet
 
             branch = BranchConfig(self.backbone, input_size=self.size, taps=taps)
             return create_fusionnet([branch], class_names=class_names, pretrained=pretrained, fusion="late",
-                                    freeze_trunks=True)
+                                    freeze_trunks=True, **(reading or {}))
         from fusionnet.models.plain import load_member
 
         member = load_member(self.checkpoint, class_names=class_names, plain=plain)
@@ -164,6 +166,7 @@ class ScreenSettings:
     cache_dir: str | None
     device: str = "auto"
     plain: PlainConfig | None = None
+    reading: dict | None = None  # the load_splits keywords the data was read with (the members' reading)
 
 
 @dataclass
@@ -193,7 +196,7 @@ def screen(candidate: Candidate, splits, settings: ScreenSettings, log: Callable
 
     t0 = time.perf_counter()
     model = candidate.build(settings.class_names, taps=settings.taps, pretrained=settings.pretrained,
-                            seed=settings.seed, plain=settings.plain)
+                            seed=settings.seed, plain=settings.plain, reading=settings.reading)
     (name,) = model.branches
     views = {"train": eval_view(splits.train, splits.val), "val": splits.val, "test": splits.test}
     feats = {split: cached_features(model, data, cache_dir=settings.cache_dir, device=settings.device,
@@ -323,7 +326,7 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
     from fusionnet.models.late_head import fit_combiner_into
 
     singles = [s.candidate.build(settings.class_names, taps=settings.taps, pretrained=settings.pretrained,
-                                 seed=settings.seed, plain=settings.plain) for s in chosen]
+                                 seed=settings.seed, plain=settings.plain, reading=settings.reading) for s in chosen]
     branches = [BranchConfig(**{**m.config.branches[0].__dict__, "name": ""}) for m in singles]
     # each branch resizes to its candidate's size inside the model: one way to read, no one image size
     reading = common_reading({s.candidate.id: Reading(None, m.config.resize, m.config.crop_pct, m.config.reader)

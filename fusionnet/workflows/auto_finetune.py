@@ -121,5 +121,6 @@ def _builder(candidate, settings):
         from fusionnet.models.factory import create_fusionnet
 
         return create_fusionnet([BranchConfig(candidate.backbone, input_size=candidate.size)],
-                                class_names=settings.class_names, pretrained=settings.pretrained)
+                                class_names=settings.class_names, pretrained=settings.pretrained,
+                                **(settings.reading or {}))  # read as the members are, so they fuse
     return build

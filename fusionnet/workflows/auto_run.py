@@ -55,7 +55,7 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     if splits.test is None:
         raise ConfigError(f"{cfg.data!r} has no test/ folder; auto reports every model's test scores")
     settings = ScreenSettings(splits.class_names, cfg.taps, cfg.pretrained, cfg.seed, str(out / "cache"),
-                              cfg.device, PlainConfig(classes=cfg.classes))
+                              cfg.device, PlainConfig(classes=cfg.classes), reading=resize)
     if cfg.members:  # members read again, now in the data's class order
         candidates = candidates_for(cfg, splits.class_names)
     report = Report(out, cfg, budget, splits)

@@ -84,13 +84,17 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     from fusionnet.engine.inference import evaluate
     from fusionnet.engine.train import fit
 
+    from fusionnet.workflows.reading import members_reading, split_fields
+
+    reading = split_fields(members_reading(checkpoints_in(cfg.teacher), size=cfg.size))  # as the teacher reads
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
-                         progress=cfg.train.progress, strict=cfg.strict)
+                         progress=cfg.train.progress, strict=cfg.strict, **reading)
     teacher, paths = load_teacher(cfg.teacher, splits.class_names)
 
-    def student():
+    def student():  # reads its images as its teacher does
         torch.manual_seed(cfg.train.seed)
-        return create_fusionnet([cfg.student], class_names=splits.class_names, pretrained=cfg.pretrained)
+        return create_fusionnet([cfg.student], class_names=splits.class_names, pretrained=cfg.pretrained,
+                                **reading)
 
     student()  # an unknown backbone fails here, before any training
     out = Path(cfg.out)
