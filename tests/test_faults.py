@@ -211,3 +211,30 @@ def test_cli_unexpected_failures_exit_1_and_keep_the_traceback():
     assert "unexpected OSError" in r.stderr and "full traceback in" in r.stderr
     log = r.stderr.split("full traceback in '")[1].split("'")[0]
     assert "Traceback" in open(log).read()
+
+
+def test_an_interrupt_during_a_checkpoint_write_stays_an_interrupt(tmp_path):
+    """Ctrl-C or SIGTERM while torch.save writes comes out of torch as a RuntimeError ("unexpected pos") raised while
+    handling it; it must stay the interrupt (the command then says "terminated", exit 143), not become "could not
+    write ... check free disk space" (exit 2), and leave no temporary file behind."""
+    from fusionnet.utils.files import atomic_write
+
+    class Terminated(BaseException):
+        pass
+
+    class Interrupted:  # a file whose third write is interrupted by the signal handler
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += 1
+            if self.n == 3:
+                raise Terminated("signal 15")
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    with pytest.raises(Terminated):
+        atomic_write(tmp_path / "best.pth", lambda f: torch.save({"w": torch.zeros(100_000)}, Interrupted(f)))
+    assert list(tmp_path.iterdir()) == []

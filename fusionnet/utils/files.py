@@ -123,12 +123,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         os.replace(tmp, p)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        interrupt = _interrupt_behind(exc)
+        if interrupt is not None and interrupt is not exc:  # Ctrl-C / SIGTERM inside torch.save's writer comes out
+            raise interrupt  # as torch's RuntimeError "unexpected pos": it is the interrupt, not a full disk
         if isinstance(exc, OSError) or "enforce fail" in str(exc) or "unexpected pos" in str(exc):
             # torch reports a full disk as a RuntimeError from its zip writer; name the real cause
             raise WriteError(f"could not write {str(p)!r} ({_short(exc)}); check free disk space and "
                                  f"permissions of {str(p.parent)!r}. The previous file, if any, is intact") from exc
         raise
     return p
+
+
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The interrupt (KeyboardInterrupt, SIGTERM's Terminated, SystemExit: not an Exception) that ``exc`` is or was
+    raised while handling, if any."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if not isinstance(exc, Exception):
+            return exc
+        exc, seen = exc.__context__, seen + 1
+    return None
 
 
 def _umasked_mode() -> int:
