@@ -5,6 +5,9 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The suite chooses its threads: commands then skip counting idle cores (0.2 s each; fusionnet.utils.threads), and
+# the commands tests start as subprocesses use the same count
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flowers5_128"
 
