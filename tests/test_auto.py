@@ -157,7 +157,7 @@ def test_ray_screening_gives_the_local_results(data, local_ray):
     candidates = [Candidate("timm/test_resnet", 32), Candidate("timm/test_efficientnet", 32)]
     local = [screen(c, splits, settings, log=lambda _m: None) for c in candidates]
     cfg = AutoConfig(data=str(data), **TINY)
-    remote = screen_with_ray(candidates, cfg, settings, {"resize": "shorter"}, Budget(600), log=lambda _m: None)
+    remote = screen_with_ray(candidates, cfg, settings, Budget(600), log=lambda _m: None)
     assert [r.id for r in remote] == [c.id for c in candidates]
     for a, b in zip(local, remote):
         assert a.C == b.C and a.taps == b.taps and a.oof_nll == pytest.approx(b.oof_nll, rel=1e-4)

@@ -361,13 +361,12 @@ def test_the_commands_size_wins_over_what_a_fusionnet_member_records(tmp_path):
 def test_autos_backbone_candidates_read_as_the_members_they_are_scored_beside(tmp_path):
     from fusionnet.config.reading import common_reading
     from fusionnet.workflows.auto import Candidate
-    from fusionnet.workflows.reading import split_fields
 
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "r18.pth")
     plain = PlainConfig(classes=["a", "b", "c"], resize="stretch")
     member = Candidate("resnet18", 32, str(tmp_path / "r18.pth")).build(["a", "b", "c"], taps=0, pretrained=False,
                                                                        seed=0, plain=plain)
-    reading = split_fields(member.config.reading())
+    reading = member.config.reading().split_fields()
     backbone = Candidate("timm/test_resnet", 32).build(["a", "b", "c"], taps=0, pretrained=False, seed=0,
                                                        reading=reading)
     assert backbone.config.reader == "torchvision" and backbone.config.resize == "stretch"

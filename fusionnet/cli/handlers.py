@@ -194,17 +194,12 @@ def handle_export(args) -> None:
 
     from fusionnet.models.export import EXPORT_TOLERANCE, export_checked
     from fusionnet.models.factory import load_fusionnet
+    from fusionnet.models.plain import recorded_size
 
     out = fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
     model = load_fusionnet(args.checkpoint)
-    size = args.size or model.config.image_size or trained_on(args.checkpoint).get("input_size")
-    if size is None:
-        from fusionnet.models.plain import OWN_DEFAULT_SIZE
-
-        size = OWN_DEFAULT_SIZE
-        print(f"WARNING: {args.checkpoint!r} records no input size; exporting at {size} px, the library's default "
-              f"training size (--size to change)")
+    size = args.size or recorded_size(model, args.checkpoint)
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
     print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")
@@ -238,8 +233,8 @@ def handle_predict(args) -> None:
     from fusionnet.data.splits import load_splits
     from fusionnet.data.datasets import check_unseen
     from fusionnet.data.transforms import reading_transform
-    from fusionnet.models.plain import is_plain, load_member
-    from fusionnet.workflows.reading import describe_members, settle_sizes, split_fields
+    from fusionnet.models.plain import describe_members, is_plain, load_member
+    from fusionnet.workflows.reading import settle_sizes
     from fusionnet.workflows.runs import member_name
 
     if (args.data is None) == (args.images is None):
@@ -249,8 +244,6 @@ def handle_predict(args) -> None:
     fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
     model = load_member(args.checkpoint, plain=plain_config(args))  # its own class order, until the data's is read
-    if args.size:
-        model.config.image_size = args.size
     plain = is_plain(args.checkpoint)
     trained = trained_on(args.checkpoint) if not plain else {}
     name = member_name(args.checkpoint)
@@ -266,7 +259,7 @@ def handle_predict(args) -> None:
     seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
     reading = model.config.reading()
     splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
-                         strict=args.strict, **split_fields(reading))
+                         strict=args.strict, **reading.split_fields())
     data = getattr(splits, args.split)
     if data is None:
         raise ConfigError(f"{args.data!r} has no {args.split}/ folder")

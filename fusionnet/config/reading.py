@@ -70,6 +70,14 @@ class Reading:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def split_fields(self) -> dict:
+        """The :func:`fusionnet.data.splits.load_splits` keywords that read a data folder this way."""
+        return {"resize": self.resize, "crop_pct": self.crop_pct, "reader": self.reader}
+
+    def model_fields(self) -> dict:
+        """The :class:`fusionnet.models.fusion.FusionConfig` fields of a model that reads its images this way."""
+        return {**self.split_fields(), "image_size": self.size}
+
     def describe(self) -> str:
         """One line a person reads, e.g. ``torchvision: Resize(73) + CenterCrop(64) on the PIL image
         (antialiased), at 64 px``."""
@@ -91,20 +99,19 @@ def common_reading(readings: Mapping[str, Reading]) -> Reading:
     """The one way several members read an image (one network reads one batch one way); members that read
     differently are refused, naming the vote, which reads each member its own way. Sizes not known yet (None) are
     left to the caller."""
-    ways = {name: r for name, r in readings.items()}
-    kinds = {(r.resize, r.crop_pct, r.reader) for r in ways.values()}
-    sizes = {r.size for r in ways.values()} - {None}
+    kinds = {(r.resize, r.crop_pct, r.reader) for r in readings.values()}
+    sizes = {r.size for r in readings.values()} - {None}
     if len(kinds) == 1 and len(sizes) > 1:
-        listed = ", ".join(f"{name}: {r.size} px" for name, r in ways.items())
+        listed = ", ".join(f"{name}: {r.size} px" for name, r in readings.items())
         raise ConfigError(f"the members were trained at different input sizes ({listed}); one fused network reads "
                           f"one batch at one size: give --size to read them all at one, or vote over them (each "
                           f"read at its own size: 'fusionnet predict' per member, then 'fusionnet vote')")
     if len(kinds) > 1:
-        listed = "; ".join(f"{name}: {r.describe()}" for name, r in ways.items())
+        listed = "; ".join(f"{name}: {r.describe()}" for name, r in readings.items())
         raise ConfigError(f"the members read their images differently ({listed}). One fused network reads one "
                           f"batch one way, so it would read some of them unlike their training; vote instead, which "
                           f"reads each member its own way: score each with 'fusionnet predict MEMBER --data DATA "
                           f"--split val --out M_val.pt' (and --split test), then 'fusionnet vote --val *_val.pt "
                           f"--test *_test.pt'. Or retrain the odd one out with the others' reading")
-    first = next(iter(ways.values()))
+    first = next(iter(readings.values()))
     return first.at(sizes.pop()) if sizes else first

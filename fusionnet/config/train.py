@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from fusionnet.config.reading import RESIZES  # noqa: F401  (checked here; defined with the rest of a Reading)
 from fusionnet.errors import ConfigError, check_settings, is_finite, is_int
 
 

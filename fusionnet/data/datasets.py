@@ -118,6 +118,18 @@ class SkippedFile:
     reason: str
 
 
+def unreadable(path: str) -> SkippedFile | None:
+    """Why PIL cannot decode ``path`` (None: it can). A JPEG is decoded at 1/8 scale, still every byte (2.5x
+    faster)."""
+    try:
+        with Image.open(path) as img:
+            img.draft(img.mode, (1, 1))
+            img.load()
+    except Exception as exc:  # PIL raises several types for corrupt and truncated files
+        return SkippedFile(path, f"{type(exc).__name__}: {exc}")
+    return None
+
+
 class SkippedImagesWarning(UserWarning):
     """Unreadable images were left out (one warning per command: how many, the first few names)."""
 
@@ -154,14 +166,11 @@ class ImageDataset(LabelledData):
     def _drop_unreadable(self, samples: Sequence[tuple[str, int]], strict: bool) -> list[tuple[str, int]]:
         good, skipped = [], []
         for path, label in samples:
-            try:
-                with Image.open(path) as img:
-                    img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale, still every byte (2.5x faster)
-                    img.load()
-            except Exception as exc:  # PIL raises several types for corrupt and truncated files
-                skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
-                continue
-            good.append((path, label))
+            bad = unreadable(path)
+            if bad is None:
+                good.append((path, label))
+            else:
+                skipped.append(bad)
         if strict:
             report_skipped(skipped, strict=True)
         self.skipped += skipped

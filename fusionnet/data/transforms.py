@@ -122,7 +122,6 @@ class TorchvisionEval:
 
         side = resize_target(size, crop_pct)
         first = T.Resize(side) if resize == "shorter" else T.Resize((side, side))
-        self.reading = Reading(size, resize, crop_pct, "torchvision")
         self.pipeline = T.Compose([first, T.CenterCrop(size), T.ToTensor()])
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:

@@ -205,9 +205,7 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
             raise ConfigError(f"member {i} has classes {m.class_names or m.config.num_classes}, member 0 has "
                               f"{names or k}; members must be trained on the same classes in the same order")
     reading = common_reading({f"member {i}": m.config.reading() for i, m in enumerate(models)})
-    for name, value in (("resize", reading.resize), ("crop_pct", reading.crop_pct), ("reader", reading.reader),
-                        ("image_size", reading.size)):
-        settings.setdefault(name, value)  # the fused model reads its images as its members did
+    settings = {**reading.model_fields(), **settings}  # the fused model reads its images as its members did
     branches = []
     for m in models:
         (b,) = m.config.branches

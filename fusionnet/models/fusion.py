@@ -109,11 +109,6 @@ class FusionConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def reading_settings(self) -> dict:
-        """The fields that say how the model reads an image, for a model built to read as this one does."""
-        return {"resize": self.resize, "crop_pct": self.crop_pct, "reader": self.reader,
-                "image_size": self.image_size}
-
     def reading(self, size: int | None = None) -> Reading:
         """How this model reads an image, at ``size`` (default: the size it records)."""
         return Reading(size or self.image_size, self.resize, self.crop_pct, self.reader)

@@ -27,7 +27,6 @@ from typing import Mapping, Sequence
 import torch
 
 from fusionnet.config import CANDIDATE_SIZES, PlainConfig, Reading
-from fusionnet.config.reading import common_reading  # noqa: F401  (the members' one reading)
 from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.models.backbones import WITH_CLASSIFIER, get_spec, list_backbones
 from fusionnet.models.branch import BranchConfig
@@ -127,10 +126,8 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         model = load_fusionnet(path)
-        if plain is not None and plain.size is not None:  # the command's --size wins over what the model records
-            model.config.image_size = plain.size
-        elif model.config.image_size is None:  # before 0.4 the size lived in the training record only
-            model.config.image_size = (info.fusionnet.get("data") or {}).get("input_size") or _unrecorded(path)
+        model.config.image_size = (plain.size if plain is not None and plain.size is not None  # the command's --size
+                                   else recorded_size(model, path, info))
         if num_classes is not None and model.config.num_classes != num_classes:
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
         return in_order(model, model.class_names, class_names, path)
@@ -150,8 +147,7 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
     branch = BranchConfig(arch, mean=settings.mean, std=settings.std)
     reading = plain_reading(settings)
     model = create_fusionnet([branch], num_classes=k, class_names=order, checkpoints={arch: path},
-                             resize=reading.resize, crop_pct=reading.crop_pct, reader=reading.reader,
-                             image_size=reading.size)
+                             **reading.model_fields())
     if not model.load_reports[arch].head_kept:
         raise CheckpointMismatchError(f"member {str(path)!r}: its classifier head is not a plain Linear layer, so it "
                                       f"cannot start the fused head; train it as a fusionnet member")
@@ -161,9 +157,14 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
 OWN_DEFAULT_SIZE = 128  # fusionnet's training size by default (TrainRun.size, CompareConfig.size)
 
 
-def _unrecorded(path) -> int:
-    """The size of a fusionnet model saved without its training record (``save_model(model, path)``): the library's
-    default training size, said aloud."""
+def recorded_size(model, path: PathLike, info=None) -> int:
+    """The input size the fusionnet model ``model`` (loaded from ``path``; ``info``: its inspect_checkpoint, if read
+    already) was trained at: its config's, else its training record's (before 0.4), else -- saved without its
+    training record (``save_model(model, path)``) -- the library's default training size, said aloud."""
+    info = info or inspect_checkpoint(path)
+    size = model.config.image_size or (info.fusionnet.get("data") or {}).get("input_size")
+    if size is not None:
+        return size
     import warnings
 
     warnings.warn(f"{str(path)!r} records no input size (saved without its training record); reading its images at "

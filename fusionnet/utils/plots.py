@@ -82,7 +82,7 @@ def reliability_diagram(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], pat
         ax.set_xlabel("confidence (max probability)", fontsize=7)
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy", fontsize=7)
-    fig.suptitle(f"reliability on the test split (equal-mass bins, images per bin by each point)", fontsize=9)
+    fig.suptitle("reliability on the test split (equal-mass bins, images per bin by each point)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return save(fig, path)
 

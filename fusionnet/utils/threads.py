@@ -3,7 +3,7 @@
 torch's CPU kernels split each operation over its threads and wait for all of them at the end. When another
 process keeps a core busy, one of those threads waits for the OS to give it that core again, and every one of the
 thousands of small operations of a fit pays that wait: ``fusionnet demo`` took 11x its time alone beside one busy
-process with 2 threads on 2 cores, 1.4x with 1 thread (experiments/README.md, section 9). So a command counts the
+process with 2 threads on 2 cores, 1.2x when it used the one idle core (experiments/README.md, section 14). So a command counts the
 idle cores first (:func:`idle_cpus`, from ``/proc/stat`` over a fifth of a second) and uses that many threads,
 unless ``OMP_NUM_THREADS`` says otherwise.
 """
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 
 def _cpu_times() -> tuple[int, int] | None:
@@ -54,16 +52,3 @@ def threads_for_idle_cores(log=None) -> int | None:
         log(f"other work keeps {now - idle:.1f} of {now} cores busy: torch uses {n} thread(s) (OMP_NUM_THREADS to "
             f"choose)")
     return n
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` (never more than torch has now), then restore the count."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, before)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fusionnet.config import AutoConfig, PlainConfig, Reading
+from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.config.reading import common_reading
 from fusionnet.errors import ConfigError
 from fusionnet.models.branch import BranchConfig
@@ -78,7 +78,7 @@ class Candidate:
               plain: PlainConfig | None = None, reading: dict | None = None) -> FusionNet:
         """A one-branch late-fusion FusionNet on this frozen trunk, its classifier unfitted (the same weights every
         call: pretrained, the checkpoint's, or initialised from ``seed``). ``reading``: how the data was read (the
-        members' reading, :func:`fusionnet.workflows.reading.split_fields`), which a backbone candidate records, so
+        members' reading, :meth:`fusionnet.config.Reading.split_fields`), which a backbone candidate records, so
         it fuses with the members it was scored beside."""
         torch.manual_seed(seed)
         if self.checkpoint is None:
@@ -93,7 +93,7 @@ class Candidate:
         (own,) = member.config.branches
         branch = BranchConfig(**{**own.__dict__, "name": "", "taps": taps, "input_size": self.size})
         model = FusionNet(FusionConfig([branch], len(class_names), class_names=class_names, fusion="late",
-                                       freeze_trunks=True, **member.config.reading_settings()))
+                                       freeze_trunks=True, **member.config.reading().model_fields()))
         (target,), (source,) = model.branches.values(), member.branches.values()
         target.trunk.load_state_dict(source.trunk.state_dict())
         model.set_trainable_stages(0)
@@ -329,11 +329,9 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
                                  seed=settings.seed, plain=settings.plain, reading=settings.reading) for s in chosen]
     branches = [BranchConfig(**{**m.config.branches[0].__dict__, "name": ""}) for m in singles]
     # each branch resizes to its candidate's size inside the model: one way to read, no one image size
-    reading = common_reading({s.candidate.id: Reading(None, m.config.resize, m.config.crop_pct, m.config.reader)
-                              for s, m in zip(chosen, singles)})
+    reading = common_reading({s.candidate.id: m.config.reading().at(None) for s, m in zip(chosen, singles)})
     model = FusionNet(FusionConfig(branches, len(settings.class_names), class_names=list(settings.class_names),
-                                   fusion="late", freeze_trunks=True, resize=reading.resize,
-                                   crop_pct=reading.crop_pct, reader=reading.reader, image_size=reading.size))
+                                   fusion="late", freeze_trunks=True, **reading.model_fields()))
     with torch.no_grad():
         for target, single, s, classifier in zip(model.branches.values(), singles, chosen, model.fuser.classifiers):
             target.trunk.load_state_dict(next(iter(single.branches.values())).trunk.state_dict())

@@ -43,19 +43,19 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     (``candidates``: ``candidates_for(cfg)`` where the caller has them)."""
     from fusionnet.data.splits import load_splits
     from fusionnet.config import Reading
-    from fusionnet.workflows.reading import members_reading, split_fields
+    from fusionnet.workflows.reading import members_reading
 
     budget, out = Budget(cfg.limit_s, clock), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     candidates = candidates or candidates_for(cfg)  # every refusal before any image is read
     reading = members_reading(cfg.members) if cfg.members else Reading()
-    resize = split_fields(reading)  # the members' reading, which every candidate is scored with
+    read_as = reading.split_fields()  # the members' reading, which every candidate is scored with
     splits = load_splits(cfg.data, size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
-                         seed=cfg.seed, progress=cfg.progress, strict=cfg.strict, **resize)
+                         seed=cfg.seed, progress=cfg.progress, strict=cfg.strict, **read_as)
     if splits.test is None:
         raise ConfigError(f"{cfg.data!r} has no test/ folder; auto reports every model's test scores")
     settings = ScreenSettings(splits.class_names, cfg.taps, cfg.pretrained, cfg.seed, str(out / "cache"),
-                              cfg.device, PlainConfig(classes=cfg.classes), reading=resize)
+                              cfg.device, PlainConfig(classes=cfg.classes), reading=read_as)
     if cfg.members:  # members read again, now in the data's class order
         candidates = candidates_for(cfg, splits.class_names)
     report = Report(out, cfg, budget, splits)
@@ -63,7 +63,7 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
                bar_format="{desc}: {n_fmt}/{total_fmt} s {bar} {postfix}")
     stage = _stage(bar, budget)
     stage("screening")
-    screened = _screen_all(candidates, (splits, resize), settings, cfg, budget, report, log, stage)
+    screened = _screen_all(candidates, splits, settings, cfg, budget, report, log, stage)
     labels = torch.as_tensor(splits.train.labels)
     single = _best_single(screened, splits)
     report.keep_if_better(fused_model([single], labels, settings), "screening",
@@ -107,17 +107,15 @@ def _best_single(screened: list[Screened], splits) -> Screened:
     return min(screened, key=lambda s: (scores_of(s.log_probs["val"], splits.val.labels)["nll"], s.id))
 
 
-def _screen_all(candidates: list[Candidate], data, settings: ScreenSettings, cfg: AutoConfig, budget: Budget,
+def _screen_all(candidates: list[Candidate], splits, settings: ScreenSettings, cfg: AutoConfig, budget: Budget,
                 report: "Report", log, stage) -> list[Screened]:
-    """Screen the candidates (as Ray tasks with ``--ray``) while the time allows; at least one is screened.
-    ``data``: (the splits, their resize mode)."""
-    splits, resize = data
+    """Screen the candidates (as Ray tasks with ``--ray``) while the time allows; at least one is screened."""
     from fusionnet.utils.ray_tasks import ray_requested
 
     if ray_requested(cfg.ray):
         from fusionnet.workflows.auto_ray import screen_with_ray
 
-        screened = screen_with_ray(candidates, cfg, settings, resize, budget, log)
+        screened = screen_with_ray(candidates, cfg, settings, budget, log)
         for c in candidates:
             if c.id not in {s.id for s in screened}:
                 report.skipped(c.id, "its screening task did not finish within the time limit")

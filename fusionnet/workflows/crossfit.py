@@ -49,7 +49,7 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
     (own,) = member.config.branches
     cfg = FusionConfig([BranchConfig(**{**own.__dict__, "name": "", "taps": taps})], member.config.num_classes,
                        class_names=member.class_names, fusion="late", freeze_trunks=True,
-                       **member.config.reading_settings())
+                       **member.config.reading().model_fields())
     view = FusionNet(cfg)
     next(iter(view.branches.values())).trunk.load_state_dict(next(iter(member.branches.values())).trunk.state_dict())
     view.set_trainable_stages(0)

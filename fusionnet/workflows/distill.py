@@ -84,9 +84,9 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     from fusionnet.engine.inference import evaluate
     from fusionnet.engine.train import fit
 
-    from fusionnet.workflows.reading import members_reading, split_fields
+    from fusionnet.workflows.reading import members_reading
 
-    reading = split_fields(members_reading(checkpoints_in(cfg.teacher), size=cfg.size))  # as the teacher reads
+    reading = members_reading(checkpoints_in(cfg.teacher), size=cfg.size).split_fields()  # as the teacher reads
     splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
                          progress=cfg.train.progress, strict=cfg.strict, **reading)
     teacher, paths = load_teacher(cfg.teacher, splits.class_names)

@@ -25,8 +25,8 @@ from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.factory import fuse_members
-from fusionnet.models.plain import load_member
-from fusionnet.workflows.reading import describe_members, members_reading, settle_sizes, split_fields
+from fusionnet.models.plain import describe_members, load_member
+from fusionnet.workflows.reading import members_reading, settle_sizes
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
@@ -80,9 +80,10 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     out = Path(out)
     records = {p: (inspect_checkpoint(p).fusionnet or {}).get("data") for p in cfg.members}  # read once each
     reading = members_reading(cfg.members, cfg.plain, cfg.size)  # refuses members that read images differently
+
     def splits_at(size: int):
         return load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
-                           val_list=cfg.val_list, strict=cfg.strict, **split_fields(reading))
+                           val_list=cfg.val_list, strict=cfg.strict, **reading.split_fields())
     splits = splits_at(reading.size or 128)
     if splits.test is None:
         raise ConfigError(f"{str(cfg.data)!r} has no test/ folder; fuse reports test metrics beside soft voting")

@@ -53,17 +53,10 @@ def _images(root: Path, limit: int, seed: int) -> tuple[list[tuple[str, str]], i
 
 def readable(files: list[tuple[str, str]], strict: bool = False) -> list[tuple[str, str]]:
     """The files PIL can decode; the others refused (``strict``) or left out with one warning naming them."""
-    from fusionnet.data.datasets import SkippedFile, report_skipped
+    from fusionnet.data.datasets import report_skipped, unreadable
 
-    good, skipped = [], []
-    for path, cls in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except Exception as exc:  # PIL raises several types for corrupt and truncated files
-            skipped.append(SkippedFile(path, f"{type(exc).__name__}: {exc}"))
-            continue
-        good.append((path, cls))
+    found = {path: unreadable(path) for path, _ in files}
+    good, skipped = [f for f in files if found[f[0]] is None], [s for s in found.values() if s is not None]
     report_skipped(skipped, strict)
     if not good:
         raise DataError(f"no readable image among {len(files)} (e.g. {skipped[0].path!r}: {skipped[0].reason})")

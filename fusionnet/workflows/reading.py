@@ -17,7 +17,6 @@ import torch
 from fusionnet.config import CANDIDATE_SIZES, Reading
 from fusionnet.data.transforms import reading_transform
 from fusionnet.engine.inference import predict
-from fusionnet.models.plain import describe_members  # noqa: F401  (a line per member: how it reads)
 from fusionnet.utils.metrics import accuracy, nll
 
 MAX_IMAGES = 300  # validation images scored per candidate (a stratified sample): enough to tell sizes apart
@@ -101,8 +100,3 @@ def members_reading(paths, plain=None, size: int | None = None) -> Reading:
     if size is not None:
         readings = {name: r.at(size) for name, r in readings.items()}
     return common_reading(readings)
-
-
-def split_fields(reading: Reading) -> dict:
-    """The :func:`fusionnet.data.splits.load_splits` keywords that read a data folder as ``reading`` says."""
-    return {"resize": reading.resize, "crop_pct": reading.crop_pct, "reader": reading.reader}
