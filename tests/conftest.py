@@ -39,3 +39,16 @@ def vgg16_files(tmp_path_factory) -> dict:
         torch.save(model.state_dict(), folder / f"{name}.pth")
         files[name] = (model, folder / f"{name}.pth")
     return files
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray instance for every Ray test (starting one takes ~5 s). Serve's proxy must answer its readiness
+    check within 5 s by default, which a loaded 2-core machine may miss (the controller then kills it): the longer
+    limits are set before Ray starts, so they reach the controller's process."""
+    ray = pytest.importorskip("ray")
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ[name] = "120"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    yield ray
+    ray.shutdown()

@@ -140,14 +140,6 @@ def test_auto_from_the_command_line_and_its_run_folder_everywhere(data, tmp_path
     assert checkpoints_in([str(out)]) == [out / "selected.pth"]  # serve and distill --teacher read the folder so
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_screening_gives_the_local_results(data, local_ray):
     from fusionnet.workflows.auto import Budget
     from fusionnet.workflows.auto_ray import screen_with_ray
@@ -168,7 +160,7 @@ def _compare(data, out, ray: bool, seeds) -> dict:
     from fusionnet.config import CompareConfig, regime_train_config
     from fusionnet.workflows.compare import run_comparison
 
-    train = regime_train_config("frozen", epochs=2, batch_size=8, progress=False)
+    train = regime_train_config("frozen", epochs=1, batch_size=8, progress=False)
     cfg = CompareConfig(data=str(data), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
                         pretrained=False, variants=["stacked"], seeds=seeds, train=train, ray=ray, out=str(out))
     return run_comparison(cfg, log=None)

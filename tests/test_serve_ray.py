@@ -31,13 +31,7 @@ def members(tmp_path):
     return paths
 
 
-def test_ray_serve_answers_as_the_embedded_server(members, monkeypatch):
-    # Serve's proxy must answer its readiness check within 5 s by default; on a loaded 2-core machine it may not
-    # (seen once with five other jobs running), and the controller then kills it. Set before Ray starts, these reach
-    # the controller's process.
-    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
-        monkeypatch.setenv(name, "120")
-    import ray
+def test_ray_serve_answers_as_the_embedded_server(members, local_ray):
     from ray import serve
 
     from fusionnet.serving.serve_ray import deploy
@@ -49,7 +43,6 @@ def test_ray_serve_answers_as_the_embedded_server(members, monkeypatch):
         embedded = [client.post("/v1/classify?top=3&members=1", content=b, headers={"content-type": "image/png"}).json()
                     for b in images]
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         deploy(members, replicas=1, port=port, device="cpu", settings=settings, limits=limits, blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -75,4 +68,3 @@ def test_ray_serve_answers_as_the_embedded_server(members, monkeypatch):
                              headers={"content-type": "image/png"}).status_code == 200
     finally:
         serve.shutdown()
-        ray.shutdown()

@@ -78,9 +78,10 @@ def classify_imagenet(paths: Sequence[str] | None = None, *, backbone: str = "ef
 
 
 def write_digits_folder(root: str | os.PathLike, *, size: int = 32, test_fraction: float = 0.2,
-                        seed: int = 0) -> str:
+                        seed: int = 0, per_class: int | None = None) -> str:
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as ``root/{train,test}/<digit>/*.png``,
-    upscaled to ``size`` px; a stratified, seeded test split. Returns ``root``. Existing files are kept."""
+    upscaled to ``size`` px; a stratified, seeded test split. ``per_class``: the first that many scans of each
+    digit only (a quick look); None: all. Returns ``root``. Existing files are kept."""
     from pathlib import Path
 
     from sklearn.datasets import load_digits
@@ -89,7 +90,10 @@ def write_digits_folder(root: str | os.PathLike, *, size: int = 32, test_fractio
     root = Path(root)
     digits = load_digits()
     idx = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    if per_class is not None:
+        idx = np.concatenate([np.flatnonzero(digits.target == k)[:per_class] for k in range(10)])
+    train_idx, test_idx = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                           stratify=digits.target[idx])
     for split, indices in (("train", train_idx), ("test", test_idx)):
         for i in indices:
             label = int(digits.target[i])
