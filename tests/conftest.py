@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two worker processes (setup.cfg's addopts: pytest-xdist) with a torch thread each; run alone (-n 0), two threads.
 # The suite chooses its threads: commands then skip counting idle cores (0.2 s each; fusionnet.utils.threads), and
 # the commands tests start as subprocesses use the same count
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flowers5_128"
