@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fusionnet.workflows.compare import CompareConfig, _context, _run_variant
 from fusionnet.utils.files import atomic_write_json
-from fusionnet.models.fusion import FUSERS
+from fusionnet.models.fusers import FUSIONS
 from fusionnet.utils.metrics import accuracy, nll
 from fusionnet.workflows.report import mcnemar
 from fusionnet.ensembles.voting import MemberOutputs
@@ -26,7 +26,7 @@ from fusionnet.ensembles.voting import MemberOutputs
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--variant", default="concat", choices=sorted(FUSERS))
+    ap.add_argument("--variant", default="concat", choices=sorted(FUSIONS))
     ap.add_argument("--against", default="distilled", help="the run's fusion variant to pair it with")
     ap.add_argument("--out", required=True)
     ap.add_argument("--wait", action="store_true", help="wait for the run to write that row's test outputs (when "

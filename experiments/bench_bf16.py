@@ -6,7 +6,7 @@
 Speed, interleaved (every mode once per round, --rounds rounds, medians): for each trunk, fp32 / bf16 autocast x
 contiguous / channels-last, (a) inference of a FusionNet member at batch --batch (predict's work), (b) the frozen
 feature pass of its branch (the feature cache's work), (c) one training step of every layer at batch 32 (forward,
-backward, AdamW). Cost, on real images: a branch classifier (the stacked head's per-branch fit) fitted on fp32
+backward, AdamW). Cost, on real images: a branch classifier (the late_oof head's per-branch fit) fitted on fp32
 features of the training split, then validation predicted from fp32 and from bf16 features (top-1 agreement, the
 change in validation NLL and accuracy); and the same classifier fitted on bf16 features, scored on bf16 validation
 features (what ``--amp true`` gives end to end for a frozen-trunk head).

@@ -1,4 +1,4 @@
-"""Time the stacked late head's closed-form fit (fusionnet.models.late_head.fit_late_head) on one data set's frozen
+"""Time the late_oof head's closed-form fit (fusionnet.models.late_head.fit_late_head) on one data set's frozen
 features, and optionally another implementation of it side by side (e.g. a checkout of an earlier version), with
 the chosen C per branch and the out-of-fold NLL of each: writes JSON.
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from fusionnet import FusionNet, TrainConfig, fit
-from fusionnet.models.streams import BranchStreams
+from fusionnet.models.streams import StreamRunner
 from fusionnet.data.splits import load_splits
 from fusionnet.utils.distributed import resolve_device
 from fusionnet.utils.files import atomic_write_json
@@ -105,7 +105,7 @@ def inference(args, device) -> list[dict]:
             continue  # TF32 only changes fp32 matmuls and convolutions
         mode = {"bf16": bf16, "channels_last": cl, "compile": comp, "streams": st, "tf32": tf32}
         set_tf32(device, tf32)
-        fusion.set_branch_runner(BranchStreams() if st else None)
+        fusion.set_branch_runner(StreamRunner() if st else None)
         x = x0.to(device)
         x = x.contiguous(memory_format=torch.channels_last) if cl else x
         ms = [prepare(m, mode, device) for m in members]
@@ -190,7 +190,7 @@ def train_rates(args, device) -> dict:
 MEMORY_STEP = """
 import resource, sys, time, torch
 from fusionnet import FusionNet
-from fusionnet.models.streams import BranchStreams
+from fusionnet.models.streams import StreamRunner
 backbones, batch, size, ckpt = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.manual_seed(0)
 model = FusionNet(backbones=backbones, num_classes=5).train()

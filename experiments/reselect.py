@@ -8,7 +8,7 @@ members' outputs (with the run's seed), and the two val-selected rows are chosen
 prints which row each rule picks and its test accuracy, and the exact McNemar test between the two selected rows
 pooled over the runs. It shows what a change of the default rule does to runs already made; it never chooses
 anything on the test split. ``--write-report RULE`` also rewrites each run's results.json / results.md with the
-selected rows of that rule (rows the saved outputs cannot rebuild, such as the stacked model's branch vote, are kept
+selected rows of that rule (rows the saved outputs cannot rebuild, such as the late_oof model's branch vote, are kept
 as they were), e.g. before ``experiments/seed_summary.py``.
 """
 

@@ -23,7 +23,7 @@ from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, member_
 
 from reselect import table_of  # noqa: E402  (experiments/ is the script's own folder)
 
-ROWS = ("soft", "weighted", "greedy", "temperature", "stacking", "stacking-hgb", SELECTED_ENSEMBLE)
+ROWS = ("soft", "weighted", "greedy", "temperature", "stacking", "stacking_hgb", SELECTED_ENSEMBLE)
 
 
 def unsouped_table(run: Path, results: dict) -> Table:

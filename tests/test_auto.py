@@ -162,7 +162,7 @@ def _compare(data, out, ray: bool, seeds) -> dict:
 
     train = regime_train_config("frozen", epochs=1, batch_size=8, progress=False)
     cfg = CompareConfig(data=str(data), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
-                        pretrained=False, variants=["stacked"], seeds=seeds, train=train, ray=ray, out=str(out))
+                        pretrained=False, variants=["late_oof"], seeds=seeds, train=train, ray=ray, out=str(out))
     return run_comparison(cfg, log=None)
 
 

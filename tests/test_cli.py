@@ -73,7 +73,7 @@ def test_every_command_resolves_to_a_handler_and_has_help():
 def test_an_unknown_vote_method_is_bad_input_with_a_suggestion(tmp_path, capsys):
     assert main(["vote", "--method", "gredy", "--val", "a.pt", "b.pt", "--test", "c.pt", "d.pt"]) == 2
     err = capsys.readouterr().err
-    assert "unknown ensemble method 'gredy'; did you mean 'greedy'?" in err and "stacking-hgb" in err
+    assert "unknown ensemble method 'gredy'; did you mean 'greedy'?" in err and "stacking_hgb" in err
 
 
 def test_an_export_beyond_its_tolerance_fails_and_writes_nothing(tmp_path, capsys, monkeypatch):

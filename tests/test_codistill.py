@@ -6,8 +6,8 @@ import torch
 
 from fusionnet import FusionNet, load_fusionnet, save_model
 from fusionnet.engine.callbacks import CoDistillation
-from fusionnet.models.losses import soft_vote_logits
-from fusionnet.workflows.compare import STACKED_WARNING, CompareConfig, regime_train_config, run_comparison
+from fusionnet.utils.probabilities import soft_vote_logits
+from fusionnet.workflows.compare import LATE_OOF_WARNING, CompareConfig, regime_train_config, run_comparison
 from fusionnet.workflows.crossfit import fit_combiner, fold_indices, out_of_fold_probs
 from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, DataError
@@ -213,15 +213,15 @@ def _tiny(data, out, regime, **kw):
 def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(tmp_path):
     data = make_splits(tmp_path / "data", per_class=9)
     logged = []
-    results = run_comparison(_tiny(data, tmp_path / "plain", "finetune", variants=["stacked", "codistilled"]),
+    results = run_comparison(_tiny(data, tmp_path / "plain", "finetune", variants=["late_oof", "codistilled"]),
                              log=logged.append)
-    assert results["fusion"]["stacked"]["warning"] == STACKED_WARNING
-    assert any(m.startswith("WARNING:") and "--stacked-folds" in m for m in logged)
+    assert results["fusion"]["late_oof"]["warning"] == LATE_OOF_WARNING
+    assert any(m.startswith("WARNING:") and "--late-oof-folds" in m for m in logged)
     chosen = results["fusion"]["codistilled"]["predict_with"]["chosen"]
     assert load_fusionnet(tmp_path / "plain/models/fusion_codistilled/best.pth").config.predict_with == chosen
-    crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["stacked", "distilled_from_members",
-                                   "distilled"], stacked_folds=2, stacked_taps=0), log=None)  # taps: below
-    info = crossed["fusion"]["stacked"]
+    crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["late_oof", "distilled_from_members",
+                                   "distilled"], late_oof_folds=2, late_oof_taps=0), log=None)  # taps: below
+    info = crossed["fusion"]["late_oof"]
     assert "warning" not in info and info["cross_fit"]["folds"] == 2
     # the row's time counts the members and their extra trainings
     assert info["seconds"] > sum(info["cross_fit"]["fold_seconds"].values()) + sum(
@@ -295,11 +295,11 @@ def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
     from fusionnet.workflows.compare import resolve_variants
 
     frozen, finetune = (resolve_variants(r, None) for r in ("frozen", "finetune"))
-    assert {"distilled", "distilled_from_members"} <= set(finetune) - set(frozen) and "stacked" in frozen
+    assert {"distilled", "distilled_from_members"} <= set(finetune) - set(frozen) and "late_oof" in frozen
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"stacked_folds": 1}, "stacked_folds must be 0"), ({"distill_temperature": 0}, "distill_temperature"),
+    ({"late_oof_folds": 1}, "late_oof_folds must be 0"), ({"distill_temperature": 0}, "distill_temperature"),
     ({"distill_label_weight": -1}, "distill_label_weight")])
 def test_new_compare_settings_are_checked(tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message):
@@ -347,7 +347,7 @@ def test_cross_fitting_with_taps_fits_each_tapped_classifier_on_its_fold_models_
     ctx = Context(splits, tmp_path, device="cpu")
     train = TrainConfig(epochs=1, batch_size=8, progress=False)
     builders = {b: build(b) for b in TINY}
-    scored = CrossFitted("stacked", builders, [b() for b in builders.values()], 0.0, train, 2, seed=0,
+    scored = CrossFitted("late_oof", builders, [b() for b in builders.values()], 0.0, train, 2, seed=0,
                          taps=2).run(ctx)
     assert len(pairs) == 4  # 2 members x 2 folds, one fit and one prediction each
     for member in (pairs[:2], pairs[2:]):

@@ -22,9 +22,9 @@ def tiny_compare(data, out, regime="frozen", **settings) -> CompareConfig:
     return CompareConfig(data=str(data), backbones=TINY, regime=regime, size=32, pretrained=False, out=str(out),
                          train=train, **settings)
 METHODS = {"member:timm/test_efficientnet", "member:timm/test_resnet", "soft", "hard", "weighted", "greedy",
-           "exhaustive", "temperature", "stacking", "stacking-hgb",
+           "exhaustive", "temperature", "stacking", "stacking_hgb",
            "fusion:concat", "fusion:gated", "fusion:attention", "fusion:late", "fusion:from_members",
-           "fusion:codistilled", "fusion:stacked", "fusion:stacked:branch_vote",
+           "fusion:codistilled", "fusion:late_oof", "fusion:late_oof:branch_vote",
            "selected:fusion", "selected:fusion:scaled", "selected:ensemble"}  # row ids (labels: the report's)
 
 
@@ -32,7 +32,7 @@ METHODS = {"member:timm/test_efficientnet", "member:timm/test_resnet", "soft", "
 def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime):
     data = make_splits(tmp_path / "data", per_class=16)
     # the issue's budget is "under a minute" for this run; that is measured (pytest --durations), not asserted
-    variants = {} if regime == "frozen" else {"variants": ["concat", "from_members", "stacked"]}
+    variants = {} if regime == "frozen" else {"variants": ["concat", "from_members", "late_oof"]}
     results = run_comparison(tiny_compare(data, tmp_path / "run", regime, **variants), log=None)
     run = tmp_path / "run"
     for name in ["config.json", "results.json", "results.md", "confusion.png", "reliability.png",
@@ -43,7 +43,7 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     # every image decoded once, into the run's image cache: one store for the eval pipeline, one for training
     assert len(list((run / "cache" / "images").glob("images-*.json"))) == 2
     expected = METHODS if regime == "frozen" else {m for m in METHODS if not any(
-        v in m for v in ("gated", "attention", "late", "codistilled"))}
+        v in m.split(":") for v in ("gated", "attention", "late", "codistilled"))}
     assert set(results["methods"]) == expected
     # a row recomputed from the saved member outputs: soft voting is the mean of the members' test probabilities
     outs = [MemberOutputs.load(run / "outputs" / f"{b}_test.pt") for b in TINY]
@@ -67,27 +67,27 @@ def test_experiment_end_to_end_on_tiny_data_writes_every_output(tmp_path, regime
     assert abs(results["fusion"]["concat"]["params"] - members) < 0.05 * members
     # the fusion built from members counts its members' training time
     assert results["fusion"]["from_members"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
-    # the stacked fusion: a saved late-fusion model whose predictions are the row's; fine-tuned, it reuses the
+    # the late_oof fusion: a saved late-fusion model whose predictions are the row's; fine-tuned, it reuses the
     # members' trunks and counts their time
-    stacked = load_fusionnet(run / "models" / "fusion_stacked" / "best.pth")
+    stacked = load_fusionnet(run / "models" / "fusion_late_oof" / "best.pth")
     assert stacked.config.fusion == "late"
-    saved_test = MemberOutputs.load(run / "outputs" / "fusion_stacked_test.pt")
-    assert results["methods"]["fusion:stacked"]["acc"] == pytest.approx(
+    saved_test = MemberOutputs.load(run / "outputs" / "fusion_late_oof_test.pt")
+    assert results["methods"]["fusion:late_oof"]["acc"] == pytest.approx(
         float((saved_test.probs.argmax(1) == saved_test.labels).double().mean()))
-    # the soft vote of the stacked model's own branch classifiers: recomputed from the saved model
+    # the soft vote of the late_oof model's own branch classifiers: recomputed from the saved model
     splits = load_splits(data, size=32)
     x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
     with torch.no_grad():
         vote = stacked.eval().forward_output(x).extras["branch_logits"].softmax(-1).mean(1)
-    assert torch.allclose(results["methods"]["fusion:stacked:branch_vote"]["probs"], vote,
+    assert torch.allclose(results["methods"]["fusion:late_oof:branch_vote"]["probs"], vote,
                           atol=1e-5)
     # the branch vote is a variant of the fusion: the ensemble side chooses among the members' ensembles only
-    branch_vote = results["methods"]["fusion:stacked:branch_vote"]
+    branch_vote = results["methods"]["fusion:late_oof:branch_vote"]
     assert branch_vote["kind"] == "fusion variant"
     assert results["methods"]["selected:ensemble"]["chosen"] in {
         n for n, r in results["methods"].items() if r["kind"] == "ensemble"}
     if regime == "finetune":
-        assert results["fusion"]["stacked"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
+        assert results["fusion"]["late_oof"]["seconds"] > sum(results["members"][b]["train_seconds"] for b in TINY)
 
 
 def test_test_labels_never_reach_a_choice(tmp_path):
@@ -159,12 +159,12 @@ def test_compare_cli_refuses_a_single_backbone(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"stacked_taps": -1}, "stacked_taps must be a whole number >= 0, got -1"),
+    ({"late_oof_taps": -1}, "late_oof_taps must be a whole number >= 0, got -1"),
     ({"size": 0}, "size must be a whole number of pixels >= 1"),
     ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\), got 1.5"),
     ({"fusion_dropout": 1.0}, r"fusion_dropout must be in \[0, 1\), got 1.0"),
-    ({"variants": ["concat", "stacked_twice"]}, r"unknown comparison variant 'stacked_twice'; did you mean "
-                                                r"'stacked'\? available: concat, gated"),
+    ({"variants": ["concat", "late_oof_twice"]}, r"unknown comparison variant 'late_oof_twice'; did you mean "
+                                                r"'late_oof'\? available: concat, gated"),
     ({"variants": ["concat", "nope"]}, r"unknown comparison variant 'nope'; available: concat, gated"),
     ({"regime": "frozen", "train": TrainConfig(strategy="full")}, "the frozen regime trains with strategy 'frozen'"),
 ])
@@ -198,8 +198,8 @@ def test_a_bad_compare_flag_leaves_the_earlier_run_in_place(tmp_path, capsys, mo
     (tmp_path / "runs" / "old").mkdir(parents=True)
     (tmp_path / "runs" / "old" / "results.md").write_text("earlier results")
     argv = ["compare", "--data", "data", "--backbones", *TINY, "--out", "runs/old", "--overwrite"]
-    assert main([*argv, "--stacked-taps", "-1"]) == 2
-    assert "stacked_taps must be a whole number >= 0" in capsys.readouterr().err
+    assert main([*argv, "--late-oof-taps", "-1"]) == 2
+    assert "late_oof_taps must be a whole number >= 0" in capsys.readouterr().err
     assert (tmp_path / "runs" / "old" / "results.md").read_text() == "earlier results"
 
 
@@ -216,11 +216,11 @@ def test_a_cuda_index_beyond_the_machine_names_the_ones_there(monkeypatch):
 
 def test_keep_outputs_leaves_no_model_file_and_the_same_rows(tmp_path):
     data = make_splits(tmp_path / "data", per_class=16)
-    lean = run_comparison(tiny_compare(data, tmp_path / "lean", variants=["concat", "stacked"], keep="outputs"),
+    lean = run_comparison(tiny_compare(data, tmp_path / "lean", variants=["concat", "late_oof"], keep="outputs"),
                           log=None)
     assert not list((tmp_path / "lean" / "models").rglob("*.pth"))
-    assert (tmp_path / "lean" / "outputs" / "fusion_stacked_test.pt").is_file()
-    full = run_comparison(tiny_compare(data, tmp_path / "full", variants=["concat", "stacked"], keep="all"), log=None)
+    assert (tmp_path / "lean" / "outputs" / "fusion_late_oof_test.pt").is_file()
+    full = run_comparison(tiny_compare(data, tmp_path / "full", variants=["concat", "late_oof"], keep="all"), log=None)
     assert list((tmp_path / "full" / "models").rglob("final.pth"))
     assert {n: r["acc"] for n, r in lean["methods"].items()} == {n: r["acc"] for n, r in full["methods"].items()}
 
@@ -274,3 +274,20 @@ def test_the_selected_ensemble_never_picks_vote_fractions_by_nll():
     table.add_selected("nll")
     assert table.rows["selected:ensemble"]["chosen"] == "soft"
     assert table.not_probabilities == {"hard"}
+
+
+def test_row_ids_of_earlier_versions_read_as_todays(tmp_path):
+    """0.3 called the late fusion's out-of-fold fit `stacked` and fuse's trained head `fused_members`: their rows in an
+    old results.json / fuse.json read as today's ids, with today's labels."""
+    from fusionnet.errors import MissingFileError
+    from fusionnet.workflows.rows import current_id, label
+    from fusionnet.workflows.runs import selected_in_comparison
+
+    assert current_id("fusion:stacked") == "fusion:late_oof" and current_id("soft") == "soft"
+    assert label("fusion:stacked") == label("fusion:late_oof") == "FusionNet (late, out-of-fold fit)"
+    assert label("fusion:fused_members") == label("fusion:from_members")
+    assert label("stacking-hgb") == label("stacking_hgb") == "stacking (gradient boosting)"
+    (tmp_path / "results.json").write_text(json.dumps({"selected": {"fusion": {
+        "id": "fusion:stacked", "checkpoint": str(tmp_path / "gone.pth")}}}))
+    with pytest.raises(MissingFileError, match="validation chose 'fusion:late_oof'"):
+        selected_in_comparison(tmp_path)

@@ -14,9 +14,8 @@ from fusionnet.config import CompareConfig, regime_train_config
 from fusionnet.engine.callbacks import CALLBACKS, Callback
 from fusionnet.ensembles.methods import ENSEMBLES, MethodOutput, register_ensemble
 from fusionnet.models.backbones import BACKBONES, BackboneSpec, register_backbone
-from fusionnet.models.fusion import FUSERS
-from fusionnet.models.fusers import Fuser, register_fusion
-from fusionnet.workflows.compare import RECIPES, Variant, _joint, register_variant, run_comparison
+from fusionnet.models.fusers import FUSIONS, Fuser, register_fusion
+from fusionnet.workflows.compare import VARIANTS, Variant, _joint, register_variant, run_comparison
 from toydata import make_splits
 
 CALLS = {"callback": 0, "command": 0}
@@ -61,9 +60,9 @@ def toys():
                                      "test_extending:handle_toy"))
     yield
     BACKBONES.unregister("toy_trunk")
-    FUSERS.unregister("toy_mean")
+    FUSIONS.unregister("toy_mean")
     ENSEMBLES.unregister("toy_first")
-    RECIPES.unregister("toy_twice")
+    VARIANTS.unregister("toy_twice")
     CALLBACKS.unregister("toy")
     COMMANDS.unregister("toy")
 
@@ -95,8 +94,8 @@ def test_a_new_fusion_method_is_opt_in_and_registries_refuse_duplicates(toys):
 
     assert "toy_mean" not in resolve_variants("frozen", None) and "toy_twice" not in resolve_variants("frozen", None)
     assert "toy_mean" in resolve_variants("frozen", ["toy_mean"])
-    for registry, name in ((FUSERS, "toy_mean"), (ENSEMBLES, "toy_first"), (CALLBACKS, "toy"), (COMMANDS, "toy"),
-                           (BACKBONES, "toy_trunk"), (RECIPES, "toy_twice")):
+    for registry, name in ((FUSIONS, "toy_mean"), (ENSEMBLES, "toy_first"), (CALLBACKS, "toy"), (COMMANDS, "toy"),
+                           (BACKBONES, "toy_trunk"), (VARIANTS, "toy_twice")):
         with pytest.raises(ConfigError, match=f"'{name}' is already registered"):
             registry.register(name, object())
         with pytest.raises(ConfigError, match=f"did you mean '{name}'"):

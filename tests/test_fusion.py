@@ -264,13 +264,13 @@ def test_taps_refuse_bad_values_and_token_trunks():
 
 def test_branch_streams_change_nothing_on_the_cpu_and_training_switches_are_not_saved(tmp_path):
     from fusionnet.models.checkpoints import read_checkpoint, save_checkpoint
-    from fusionnet.models.streams import BranchStreams
+    from fusionnet.models.streams import StreamRunner
 
     torch.manual_seed(0)
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()
     streamed = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=2).eval()
     streamed.load_state_dict(model.state_dict())
-    streamed.set_branch_runner(BranchStreams())
+    streamed.set_branch_runner(StreamRunner())
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(streamed(x), model(x))
     path = save_model(streamed, tmp_path / "m.pth")

@@ -1,4 +1,4 @@
-"""Late fusion and its stacked head: the model computes exactly the fitted stack, from training data only."""
+"""Late fusion and its late_oof head: the model computes exactly the fitted stack, from training data only."""
 
 import pytest
 import torch
@@ -34,7 +34,7 @@ def test_late_fusion_outputs_log_probabilities_of_each_branch():
     assert torch.allclose(fused.view(4, 2, 3).exp().sum(2), torch.ones(4, 2), atol=1e-5)
 
 
-def test_fused_members_in_late_fusion_predict_the_mean_member_logit():
+def test_from_members_in_late_fusion_predict_the_mean_member_logit():
     members = []
     for b in TINY:
         torch.manual_seed(len(members))

@@ -50,7 +50,7 @@ BUDGET = {
     "gap": ["--size", "32"],
     "auto": ["--sizes", "32", "--time-limit", "2m", "--no-finetune", "--no-progress"],
     "compare": ["--epochs", "1", "--size", "32", "--no-progress", "--backbones", "timm/test_efficientnet",
-                "timm/test_resnet", "--no-pretrained", "--variants", "stacked", "--seeds", "0", "1"],  # tiny trunks
+                "timm/test_resnet", "--no-pretrained", "--variants", "late_oof", "--seeds", "0", "1"],  # tiny trunks
     # (the Lite trunks are the other commands'); every variant: test_compare.py; two seeds still take the path
     # that aggregates over seeds
 }
@@ -68,9 +68,9 @@ def _fake_demo_run(work: Path) -> None:
 
     model = FusionNet(backbones=["timm/test_efficientnet", "timm/test_resnet"], num_classes=3, fusion="late",
                       class_names=["a", "b", "c"])
-    path = save_model(model, work / "runs/demo/models/fusion_stacked/best.pth", data={"input_size": 32})
-    results = {"selected": {"fusion": {"id": "stacked", "checkpoint": str(path)}},
-               "fusion": {"stacked": {"checkpoint": str(path)}}}
+    path = save_model(model, work / "runs/demo/models/fusion_late_oof/best.pth", data={"input_size": 32})
+    results = {"selected": {"fusion": {"id": "late_oof", "checkpoint": str(path)}},
+               "fusion": {"late_oof": {"checkpoint": str(path)}}}
     (work / "runs/demo/results.json").write_text(json.dumps(results))
 
 

@@ -71,8 +71,8 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     assert main(["fuse", "--members", str(runs["a"] / "best.pth"), str(runs["b"] / "best.pth"), "--data", str(data),
                  "--size", "32", "--epochs", "2", "--out", str(tmp_path / "fuse"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "fuse" / "fuse.json").read_text())
-    assert {"soft", "fusion:fused_members", "fusion:stacked", "selected:fusion"} <= set(report["methods"])
-    fused = {n: r for n, r in report["methods"].items() if n in ("fusion:fused_members", "fusion:stacked")}
+    assert {"soft", "fusion:from_members", "fusion:late_oof", "selected:fusion"} <= set(report["methods"])
+    fused = {n: r for n, r in report["methods"].items() if n in ("fusion:from_members", "fusion:late_oof")}
     assert report["selected"] == min(fused, key=lambda n: fused[n]["val"]["nll"])  # chosen on validation
     same = {k: v for k, v in report["methods"]["selected:fusion"].items() if k != "label"}
     assert same == {k: v for k, v in report["methods"][report["selected"]].items() if k != "label"}
@@ -80,10 +80,10 @@ def test_train_predict_vote_and_fuse_from_the_command_line(data, tmp_path, capsy
     for row in report["methods"].values():  # per-image predictions, for paired tests, agree with the accuracy
         right = [p == y for p, y in zip(row["pred"], report["test_labels"])]
         assert len(right) == len(report["test_labels"]) and abs(sum(right) / len(right) - row["acc"]) < 1e-9
-    assert (tmp_path / "fuse" / "models" / "fusion_stacked" / "best.pth").is_file()
+    assert (tmp_path / "fuse" / "models" / "fusion_late_oof" / "best.pth").is_file()
     # the model validation chose is where the next step looks: selected.pth, the chosen head's own file
-    chosen_file = {"fusion:fused_members": "models/fusion_fused_members/best.pth",
-                   "fusion:stacked": "models/fusion_stacked/best.pth"}
+    chosen_file = {"fusion:from_members": "models/fusion_from_members/best.pth",
+                   "fusion:late_oof": "models/fusion_late_oof/best.pth"}
     assert report["selected_model"] == str(tmp_path / "fuse" / "selected.pth")
     assert (tmp_path / "fuse" / "selected.pth").read_bytes() == \
         (tmp_path / "fuse" / chosen_file[report["selected"]]).read_bytes()
@@ -195,7 +195,7 @@ def test_a_run_folder_names_its_selected_model_by_id_also_in_the_older_format(tm
     new, old, gone = tmp_path / "new", tmp_path / "old", tmp_path / "gone"
     for folder in (new, old, gone):
         folder.mkdir()
-    (new / "results.json").write_text(json.dumps({"selected": {"fusion": {"id": "stacked",
+    (new / "results.json").write_text(json.dumps({"selected": {"fusion": {"id": "late_oof",
                                                                           "checkpoint": str(model)}}}))
     (old / "results.json").write_text(json.dumps({  # fusionnet 0.3: rows keyed by label
         "methods": {"FusionNet (selected on val)": {"chosen": "FusionNet (from members)"}},
@@ -216,10 +216,10 @@ def test_members_are_named_by_file_stem_or_by_folder_and_inspect_says_what_a_jso
     assert member_names(["w/resnet18_best.pth", "runs/lite0/best.pth", "runs/lite1/best.pth", "x/lite0.pth"]) == [
         "resnet18_best", "lite0", "lite1", "lite0_2"]
     report = tmp_path / "results.json"
-    report.write_text(json.dumps({"budget": {}, "methods": {}, "selected": {"fusion": {"id": "stacked"}}}))
+    report.write_text(json.dumps({"budget": {}, "methods": {}, "selected": {"fusion": {"id": "late_oof"}}}))
     assert main(["inspect", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "a comparison's or fuse's results" in out and '"id": "stacked"' in out
+    assert "a comparison's or fuse's results" in out and '"id": "late_oof"' in out
     assert main(["predict", str(report), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
     assert "is a JSON file, not a checkpoint" in err and len(err.strip().splitlines()) == 1

@@ -333,7 +333,7 @@ for _name, _command in {  # name: (help, arguments, parser options, handler)
                   "fusionnet serve runs/demo --port 8000",
                   "curl -F file=@photo.jpg http://127.0.0.1:8000/v1/classify"), H + "handle_serve"),
     "auto": ("choose which trunks to fuse within a time limit: screen every candidate, select greedily by the "
-             "stacked fusion's out-of-fold NLL, fuse, fine-tune if it fits; writes runs/<name>/selected.pth and "
+             "late_oof fusion's out-of-fold NLL, fuse, fine-tune if it fits; writes runs/<name>/selected.pth and "
              "leaderboard.md", _auto, _examples(
                  "fusionnet auto --data data --time-limit 30m --out runs/auto",
                  "fusionnet auto --data data --sizes 96 128 --members weights/*_best.pth --classes a b c "

@@ -17,6 +17,6 @@ key and a saved setting are one field (:mod:`.train`, :mod:`.commands`). This pa
 from fusionnet.config.commands import (HEADS, AutoConfig, CompareConfig, DistillConfig, FuseConfig,  # noqa: F401
                                        PlainConfig, distill_train_config, fuse_train_config, parse_duration)
 from fusionnet.config.reading import CANDIDATE_SIZES, READERS, RESIZES, Reading, resize_target  # noqa: F401
-from fusionnet.config.train import (MONITORS, REGIMES, SELECT_BY, STRATEGIES, TRACKERS,  # noqa: F401
+from fusionnet.config.train import (DEFAULT_FUSION, MONITORS, REGIMES, SELECT_BY, STRATEGIES, TRACKERS,  # noqa: F401
                                     TrainConfig, TrainRun, check_installed, hyperrule_epochs, regime_train_config,
                                     resolved, setting)

@@ -33,7 +33,7 @@ class CompareConfig:
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     variants: list[str] | None = setting(None, "fusion variants: every registered fusion method trained jointly, "
-                                        "from_members, distilled, distilled_from_members, codistilled, stacked "
+                                        "from_members, distilled, distilled_from_members, codistilled, late_oof "
                                         "(default: all that run in the regime; the distilled ones need the "
                                         "finetune regime)")
     fusion_dropout: float = setting(0.2, "the fused head's dropout")
@@ -43,7 +43,7 @@ class CompareConfig:
                                               "(1: the default of fusionnet distill, measured there)")
     distill_label_weight: float = setting(0.0, "distilled, distilled_from_members: weight of the label loss beside "
                                                "the KL term to the members' soft vote (0: the teacher alone)")
-    stacked_folds: int = setting(0, "finetune regime: cross-fit the stacked fusion with this many folds (each "
+    late_oof_folds: int = setting(0, "finetune regime: cross-fit the late_oof fusion with this many folds (each "
                                     "member trained that many more times; its combiner fits on predictions for "
                                     "images the predicting member never saw); 0: fit on the members' own features, "
                                     "with a warning that this is optimistic")
@@ -56,7 +56,7 @@ class CompareConfig:
     cache_root: str | None = setting(None, "frozen regime: where feature caches live, e.g. shared between runs "
                                            "(default <out>/cache; seeds share their parent's)")
     image_cache: bool = setting(True, "decode every image once into <cache root>/images")
-    stacked_taps: int = setting(4, "earlier trunk levels the stacked fusion may add per branch, used where they "
+    late_oof_taps: int = setting(4, "earlier trunk levels the late_oof fusion may add per branch, used where they "
                                    "lower the out-of-fold NLL (0: none)")
     keep: Literal["best", "all", "outputs"] = setting("best", "model files kept: best (each model's best.pth), all "
                                                               "(also final.pth, the resume point), outputs (none: "
@@ -90,14 +90,14 @@ class CompareConfig:
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
         check_settings([
             (is_int(self.size) and self.size >= 1, f"size must be a whole number of pixels >= 1, got {self.size!r}"),
-            (is_int(self.stacked_folds) and (self.stacked_folds == 0 or self.stacked_folds >= 2),
-             f"stacked_folds must be 0 (off) or a whole number >= 2, got {self.stacked_folds!r}"),
+            (is_int(self.late_oof_folds) and (self.late_oof_folds == 0 or self.late_oof_folds >= 2),
+             f"late_oof_folds must be 0 (off) or a whole number >= 2, got {self.late_oof_folds!r}"),
             (is_finite(self.distill_temperature) and self.distill_temperature > 0,
              f"distill_temperature must be > 0, got {self.distill_temperature!r}"),
             (is_finite(self.distill_label_weight) and self.distill_label_weight >= 0,
              f"distill_label_weight must be >= 0, got {self.distill_label_weight!r}"),
-            (is_int(self.stacked_taps) and self.stacked_taps >= 0,
-             f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}"),
+            (is_int(self.late_oof_taps) and self.late_oof_taps >= 0,
+             f"late_oof_taps must be a whole number >= 0, got {self.late_oof_taps!r}"),
             (is_finite(self.val_fraction) and 0 < self.val_fraction < 1,
              f"val_fraction must be in (0, 1), got {self.val_fraction!r}"),
             (is_finite(self.from_members_lr_mult) and self.from_members_lr_mult > 0,
@@ -163,7 +163,7 @@ class PlainConfig:
                                  if getattr(self, name) is not None})
 
 
-HEADS = ("trained", "stacked")
+HEADS = ("from_members", "late_oof")  # the comparison variants of those names, fitted on the members
 
 
 @dataclass
@@ -174,11 +174,11 @@ class FuseConfig:
     names: list[str] | None = setting(None, "the members' names in the report, one per member in order (default: "
                                             "file stems, or folders for best.pth)")
     data: str = setting(None, "folder with train/ and test/ (val/ optional)")
-    heads: list[str] = setting(None, "fused heads to fit: trained (the members' heads as one, trained on cached "
-                                     "features from their logit average, best epoch by validation NLL with epoch 0 "
-                                     "included) and/or stacked (late fusion fitted out of fold on the training "
-                                     "split); both: chosen by validation NLL", factory=lambda: list(HEADS))
-    stacked_taps: int = setting(4, "earlier trunk levels the stacked head may add per branch, where they help "
+    heads: list[str] = setting(None, "fused heads to fit: from_members (the members' heads as one, trained on "
+                                     "cached features from their logit average, best epoch by validation NLL with "
+                                     "epoch 0 included) and/or late_oof (late fusion fitted out of fold on the "
+                                     "training split); both: chosen by validation NLL", factory=lambda: list(HEADS))
+    late_oof_taps: int = setting(4, "earlier trunk levels the late_oof head may add per branch, where they help "
                                    "(0: none)")
     size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
                                      "their checkpoints or manifests record it; else chosen on validation NLL)")
@@ -205,8 +205,8 @@ class FuseConfig:
         bad = [h for h in self.heads if h not in HEADS]
         if bad or not self.heads:
             raise ConfigError(f"unknown fused head(s) {bad or '(none given)'}; choose from {', '.join(HEADS)}")
-        if not (is_int(self.stacked_taps) and self.stacked_taps >= 0):
-            raise ConfigError(f"stacked_taps must be a whole number >= 0, got {self.stacked_taps!r}")
+        if not (is_int(self.late_oof_taps) and self.late_oof_taps >= 0):
+            raise ConfigError(f"late_oof_taps must be a whole number >= 0, got {self.late_oof_taps!r}")
 
 
 def fuse_train_config(**fields) -> TrainConfig:
@@ -250,7 +250,7 @@ class AutoConfig:
                                factory=lambda: [128])
     taps: int = setting(4, "earlier trunk levels each branch classifier may add, where they lower its "
                            "out-of-fold NLL")
-    min_gain: float = setting(0.002, "selection stops when no candidate lowers the out-of-fold NLL of the stacked "
+    min_gain: float = setting(0.002, "selection stops when no candidate lowers the out-of-fold NLL of the late_oof "
                                      "fusion by this much (nats)")
     max_latency_ms: float | None = setting(None, "the chosen trunks' measured inference time per image, summed, at "
                                                  "most this (ms, on this device)")

@@ -25,6 +25,7 @@ SELECT_BY = "nll"  # how the selected rows choose: validation NLL
 STRATEGIES = ("full", "frozen", "gradual")
 MONITORS = {"acc": "max", "macro_f1": "max", "nll": "min", "ece": "min"}
 REGIMES = ("frozen", "finetune")
+DEFAULT_FUSION = "concat"  # the fusion method a model gets when none is named (fusionnet.models.fusers registers it)
 TRACKERS = ("tensorboard", "mlflow")  # where TrainConfig.log also writes each epoch's metrics
 
 
@@ -174,7 +175,7 @@ class TrainRun:
     data: str = setting(None, "folder with train/ (val/, test/ optional)")
     backbones: list[str] = setting(None, "one backbone (a member) or several (a FusionNet); fusionnet backbones "
                                          "lists them")
-    fusion: str = setting("concat", "fusion method (fusionnet.models.fusers: concat, gated, attention, late)")
+    fusion: str = setting(DEFAULT_FUSION, "fusion method: a registered one (fusionnet.models.fusers.list_fusions())")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     policy: Literal["default", "strong", "none"] = setting("default", "augmentation policy")
     size: int = setting(128, "input size in pixels")

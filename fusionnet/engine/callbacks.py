@@ -37,7 +37,7 @@ import torch
 from fusionnet.config import TrainConfig
 from fusionnet.errors import ConfigError
 from fusionnet.models.interface import Classifier, ModelOutput
-from fusionnet.models.losses import soft_vote_logits
+from fusionnet.utils.probabilities import soft_vote_logits
 from fusionnet.registry import Registry
 
 
@@ -266,9 +266,9 @@ class BranchStreams(Callback):
         return cls() if cfg.branch_streams else None
 
     def on_fit_start(self, model: Classifier) -> None:
-        from fusionnet.models.streams import BranchStreams as Runner
+        from fusionnet.models.streams import StreamRunner
 
-        model.set_branch_runner(Runner())
+        model.set_branch_runner(StreamRunner())
 
     def on_fit_end(self, model: Classifier) -> None:
         model.set_branch_runner(None)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fusionnet.ensembles.ensemble_inputs import check_probs
+from fusionnet.utils.probabilities import check_probs
 from fusionnet.utils.metrics import expected_calibration_error, nll
 
 EPS = 1e-12

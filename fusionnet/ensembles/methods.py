@@ -18,7 +18,8 @@ from fusionnet.registry import Registry
 from fusionnet.ensembles.calibration import fit_temperature
 from fusionnet.ensembles.selection import exhaustive_selection, fit_weights, greedy_selection
 from fusionnet.ensembles.stacking import stacking
-from fusionnet.ensembles.voting import hard_vote, soft_vote
+from fusionnet.ensembles.voting import hard_vote
+from fusionnet.utils.probabilities import soft_vote
 
 
 @dataclass
@@ -134,4 +135,4 @@ def _stacking(method: str) -> Callable[[MemberProbs], MethodOutput]:
 
 
 register_ensemble("stacking", label="stacking (logistic regression)")(_stacking("logreg"))
-register_ensemble("stacking-hgb", label="stacking (gradient boosting)")(_stacking("hgb"))
+register_ensemble("stacking_hgb", label="stacking (gradient boosting)")(_stacking("hgb"))

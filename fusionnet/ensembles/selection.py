@@ -19,10 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fusionnet.ensembles.ensemble_inputs import check_stack
+from fusionnet.utils.probabilities import check_stack, soft_vote
 from fusionnet.errors import ConfigError
 from fusionnet.utils.metrics import accuracy, nll
-from fusionnet.ensembles.voting import soft_vote
 
 EPS = 1e-12
 SCORERS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], float], str]] = {

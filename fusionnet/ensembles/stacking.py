@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from fusionnet.ensembles.ensemble_inputs import check_stack
+from fusionnet.utils.probabilities import check_stack
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.utils.metrics import accuracy, nll
 

@@ -19,8 +19,7 @@ from torch import nn
 
 from fusionnet.models.checkpoints import load_weights_file
 from fusionnet.data.datasets import as_dataset
-from fusionnet.ensembles.ensemble_inputs import check_probs, check_stack, check_weights
-from fusionnet.models.losses import soft_vote as mean_probs
+from fusionnet.utils.probabilities import check_probs, check_stack, check_weights, soft_vote
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.utils.files import atomic_torch_save, file_sha256, resolve_path
 from fusionnet.engine.inference import predict
@@ -137,17 +136,6 @@ def stack_probs(outputs: Sequence[MemberOutputs] | Sequence[torch.Tensor] | torc
     return check_stack(torch.stack([torch.as_tensor(p) for p in outputs]))[0]
 
 
-def soft_vote(probs: torch.Tensor, weights=None) -> torch.Tensor:
-    """(M, N, K) -> (N, K): the (weighted) mean of the members' probabilities, in the probabilities' dtype."""
-    probs = check_stack(probs)[0]
-    return _soft(probs, check_weights(weights, probs.shape[0]))
-
-
-def _soft(probs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """soft_vote on inputs already checked; ``w`` (M,) sums to 1."""
-    return mean_probs(probs, w)
-
-
 TIE_TOL = 1e-9  # relative: sums that differ by less are a tie (float64 sums of float32 inputs are exact to ~1e-16)
 
 
@@ -196,7 +184,8 @@ class VotingEnsemble:
 
     def predict_proba(self, outputs) -> torch.Tensor:
         probs = self.transform(outputs)  # checked here, once
-        return (_soft if self.voting == "soft" else _hard)(probs, check_weights(self.weights, probs.shape[0]))
+        w = check_weights(self.weights, probs.shape[0])
+        return soft_vote(probs, w, check=False) if self.voting == "soft" else _hard(probs, w)
 
     def predict(self, outputs) -> torch.Tensor:
         return self.predict_proba(outputs).argmax(dim=1)
@@ -230,4 +219,4 @@ class VotingModule(nn.Module):
                                   f"must return logits (B, K) from forward (a FusionNet always does)")
             outs.append((logits.float() / t.to(device)).softmax(dim=1).to(x.device))
         probs = torch.stack(outs)  # (M, B, K), softmax outputs: valid by construction, not re-checked per batch
-        return (_soft if self.voting == "soft" else _hard)(probs, self.weights)
+        return soft_vote(probs, self.weights, check=False) if self.voting == "soft" else _hard(probs, self.weights)

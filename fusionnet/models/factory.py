@@ -18,9 +18,11 @@ import torch
 from fusionnet.models import checkpoints as ckpt
 from fusionnet.models.backbones import WITH_CLASSIFIER, build_trunk, get_spec
 from fusionnet.models.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
+from fusionnet.config import DEFAULT_FUSION
 from fusionnet.config.reading import common_reading
 from fusionnet.errors import CheckpointMismatchError, ConfigError
-from fusionnet.models.fusion import FUSERS, Branch, BranchConfig, FusionConfig, FusionNet, fuser_class, make_config
+from fusionnet.models.fusers import FUSIONS, get_fusion
+from fusionnet.models.fusion import Branch, BranchConfig, FusionConfig, FusionNet, make_config
 
 PathLike = str | os.PathLike
 
@@ -177,7 +179,7 @@ def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None,
                                 class_names=model.class_names, metrics=metrics, extra=extra, data=data)
 
 
-def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "concat", freeze_trunks: bool = True,
+def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = DEFAULT_FUSION, freeze_trunks: bool = True,
                  taps: int | None = None, **settings) -> FusionNet:
     """One FusionNet from trained single-backbone members (models or checkpoint paths of :func:`save_model`).
 
@@ -224,8 +226,8 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = "conc
 
 def _check_starts_from_heads(fusion: str, head_hidden) -> None:
     """fuse_members starts the fused head at the members' logit average: refuse what cannot (before any load)."""
-    able = [name for name, cls in FUSERS.items() if cls.can_start_from_heads()]
-    if not fuser_class(fusion).can_start_from_heads():
+    able = [name for name, cls in FUSIONS.items() if cls.can_start_from_heads()]
+    if not get_fusion(fusion).can_start_from_heads():
         raise ConfigError(f"fusion {fusion!r} cannot start from the members' heads, so fuse_members would return an "
                           f"untrained head; use one that can ({', '.join(able)}), or build the model with "
                           f"create_fusionnet and train it")

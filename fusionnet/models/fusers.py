@@ -14,7 +14,9 @@ A method declares, besides its forward pass:
 * :meth:`Fuser.fit_closed_form`: a closed-form fit of the fuser and head on frozen features, where it has one.
 
 Adding a method is one class with ``@register_fusion("name")`` here and its tests; nothing outside this file compares
-method names (the model, the factory, the trainer and the comparison ask the class).
+method names: the model, the factory, the trainer and the comparison ask the class (:func:`get_fusion`) or ask for a
+capability (:func:`closed_form_fusion`: the method with a closed-form fit, which the ``late_oof`` variant, ``fuse``,
+cross-fitting and ``auto`` fit).
 
 * ``concat``: (B, sum D_i), no parameters.
 * ``gated``: a gate network on the concatenated features gives per-sample softmax weights g (B, M); each branch
@@ -39,7 +41,7 @@ from fusionnet.errors import ConfigError
 from fusionnet.registry import Registry
 
 Heads = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per branch: (weight (K, D_i), bias (K,)) of a member's head
-FUSERS: Registry[type["Fuser"]] = Registry("fusion method")
+FUSIONS: Registry[type["Fuser"]] = Registry("fusion method")
 
 
 def register_fusion(name: str, *, default: bool = False) -> Callable[[type["Fuser"]], type["Fuser"]]:
@@ -48,13 +50,28 @@ def register_fusion(name: str, *, default: bool = False) -> Callable[[type["Fuse
     def add(cls: type["Fuser"]) -> type["Fuser"]:
         cls.name = name
         cls.compare_default = default
-        return FUSERS.register(name)(cls)
+        return FUSIONS.register(name)(cls)
     return add
 
 
-def fuser_class(name: str) -> type["Fuser"]:
+def get_fusion(name: str) -> type["Fuser"]:
     """The registered class of a fusion method, or a ConfigError with the closest names."""
-    return FUSERS.get(name)
+    return FUSIONS.get(name)
+
+
+def list_fusions() -> list[str]:
+    """The registered fusion methods, in registration order."""
+    return FUSIONS.names()
+
+
+def closed_form_fusion() -> str:
+    """The fusion method whose model is fitted in closed form on frozen features (the first registered with
+    :meth:`Fuser.fit_closed_form`: ``late``): what the ``late_oof`` variant, ``fuse``'s closed-form head,
+    cross-fitting and ``auto`` build."""
+    for name, cls in FUSIONS.items():
+        if cls.has_closed_form():
+            return name
+    raise ConfigError("no registered fusion method has a closed-form fit")
 
 
 class Fuser(nn.Module):
@@ -93,7 +110,7 @@ class Fuser(nn.Module):
         """Fit the fuser and head on frozen features in closed form, where the method has such a fit."""
         raise ConfigError(f"fusion {self.name!r} has no closed-form fit; train it with fusionnet.fit, or build the "
                           f"model with a method that has one: "
-                          f"{', '.join(n for n, c in FUSERS.items() if c.has_closed_form())}")
+                          f"{', '.join(n for n, c in FUSIONS.items() if c.has_closed_form())}")
 
     @classmethod
     def can_start_from_heads(cls) -> bool:
@@ -148,10 +165,6 @@ class AttentionFusion(Fuser):
         fused, weights = self.attn(query, tokens, tokens, need_weights=True, average_attn_weights=True)
         # fused (B, 1, d) -> (B, d); weights (B, 1, M) -> (B, M): the query's attention over branches
         return self.norm(rearrange(fused, "b 1 d -> b d")), {"attention": rearrange(weights, "b 1 m -> b m")}
-
-
-def make_fuser(name: str, dims: Sequence[int], *, num_classes: int, width: int = 256) -> Fuser:
-    return fuser_class(name)(dims, num_classes=num_classes, width=width)
 
 
 def branch_dropout(feats: Sequence[torch.Tensor], p: float, training: bool) -> list[torch.Tensor]:

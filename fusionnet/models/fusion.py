@@ -27,13 +27,13 @@ from torch import nn
 
 from fusionnet.models.backbones import build_trunk, get_spec
 from fusionnet.models.branch import Branch, BranchConfig
-from fusionnet.config import Reading
+from fusionnet.config import DEFAULT_FUSION, Reading
 from fusionnet.config.reading import check_reading_fields
 from fusionnet.errors import ConfigError, is_int
 from fusionnet.models import late_head  # noqa: F401  (registers the late fusion method beside its fit)
-from fusionnet.models.fusers import FUSERS, branch_dropout, fuser_class, make_fuser, ordered  # noqa: F401
+from fusionnet.models.fusers import branch_dropout, get_fusion, ordered
 from fusionnet.models.interface import Classifier, ModelOutput
-from fusionnet.models.losses import soft_vote_logits
+from fusionnet.utils.probabilities import soft_vote_logits
 from fusionnet.models.pooling import POOLS
 
 
@@ -47,7 +47,7 @@ class FusionConfig:
     dropout: float = 0.0  # before each head Linear
     freeze_trunks: bool = False  # trunks as fixed feature extractors: no gradients, BatchNorm stats frozen
     class_names: list[str] | None = None
-    fusion: str = "concat"  # a registered fusion method: concat | gated | attention | late (fusionnet.models.fusers)
+    fusion: str = DEFAULT_FUSION  # a registered fusion method (fusionnet.models.fusers.list_fusions())
     fusion_width: int = 256  # attention: the width of the branch tokens
     branch_dropout: float = 0.0  # training: probability of dropping a whole branch per sample (never all)
     branch_heads: bool = False  # a Linear head per branch: aux logits "branch:<name>" (TrainConfig.aux_weight)
@@ -73,7 +73,7 @@ class FusionConfig:
                 raise ConfigError(f"{field_name} must be in [0, 1), got {getattr(self, field_name)!r}")
         if self.head_hidden is not None and self.head_hidden < 1:
             raise ConfigError(f"head_hidden must be a positive int or None, got {self.head_hidden!r}")
-        fuser_class(self.fusion)  # a ConfigError listing the registered methods
+        get_fusion(self.fusion)  # a ConfigError listing the registered methods
         if self.predict_with not in PREDICT_WITH:
             raise ConfigError(f"predict_with must be one of {', '.join(PREDICT_WITH)}, got {self.predict_with!r}")
         if self.predict_with != "fused" and not self.branch_heads:
@@ -164,7 +164,7 @@ class FusionNet(Classifier):
                 trunk = build_trunk(spec, aux_classes=config.num_classes if b.aux_heads else None)
             self.branches[b.name] = Branch(b, spec, trunk)
         dims = [br.out_dim for br in self.branches.values()]
-        self.fuser = make_fuser(config.fusion, dims, num_classes=config.num_classes, width=config.fusion_width)
+        self.fuser = get_fusion(config.fusion)(dims, num_classes=config.num_classes, width=config.fusion_width)
         self.feature_dim = self.fuser.out_dim
         layers: list[tuple[str, nn.Module]] = [("drop", nn.Dropout(config.dropout))]
         width = self.feature_dim
@@ -178,7 +178,7 @@ class FusionNet(Classifier):
                                            for n, br in self.branches.items()}) if config.branch_heads else None
         # how the trainer runs the branches (fusionnet.engine.callbacks); not part of the config or the checkpoint
         self.checkpoint_activations = False
-        self.branch_runner: Callable | None = None  # e.g. fusionnet.models.streams.BranchStreams: each on a CUDA stream
+        self.branch_runner: Callable | None = None  # e.g. fusionnet.models.streams.StreamRunner: each on a CUDA stream
         if config.freeze_trunks:
             self.set_trainable_stages(0)
 

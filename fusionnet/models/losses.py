@@ -43,19 +43,3 @@ def make_loss(name: str = "ce", *, weight: torch.Tensor | None = None, label_smo
             raise ConfigError("label_smoothing is not supported with the focal loss; set it to 0")
         return FocalLoss(gamma=gamma, alpha=weight)
     raise ConfigError(f"unknown loss {name!r}; choose 'ce' or 'focal'")
-
-
-def soft_vote(probs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The soft vote, the one implementation every caller uses: (M, N, K) probabilities -> (N, K), their mean (or
-    weighted mean, ``weights`` (M,) summing to 1), summed in float64, returned in the inputs' dtype. From logits:
-    :func:`soft_vote_logits`. (:func:`fusionnet.ensembles.voting.soft_vote` checks its inputs, then calls this.)"""
-    m = probs.shape[0]
-    w = torch.full((m,), 1.0 / m, dtype=torch.float64) if weights is None else weights
-    return torch.einsum("m,mnk->nk", w.to(probs.device, torch.float64), probs.double()).to(probs.dtype)
-
-
-def soft_vote_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The log of the mean softmax of several models' or heads' logits (each (B, K)): :func:`soft_vote` as logits
-    (float32), computed in log space (logsumexp) so that no probability underflows."""
-    log_p = torch.stack([lg.float().log_softmax(1) for lg in logits])
-    return log_p.logsumexp(0) - torch.log(torch.tensor(float(len(logits)), device=log_p.device))

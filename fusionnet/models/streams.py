@@ -1,6 +1,6 @@
 """Running a model's branches each on its own CUDA stream, so that small trunks' kernels can overlap.
 
-A :class:`BranchStreams` object is a branch runner (``FusionNet.set_branch_runner``): it owns its side streams
+A :class:`StreamRunner` is a branch runner (``FusionNet.set_branch_runner``): it owns its side streams
 (made once per device and slot), and the trainer installs it through :class:`fusionnet.engine.callbacks.BranchStreams`
 when ``TrainConfig.branch_streams`` is on. Results equal running the branches in turn (tests/test_cuda.py).
 """
@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 
 
-class BranchStreams:
+class StreamRunner:
     """``runner(x, {name: call})`` -> ``{name: call()}``, each call on its own CUDA stream.
 
     Each side stream first waits for the work already queued on the caller's stream (which produced ``x``); the

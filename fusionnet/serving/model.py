@@ -18,7 +18,7 @@ import torch
 
 from fusionnet.config import PlainConfig, Reading
 from fusionnet.errors import ConfigError
-from fusionnet.models.losses import soft_vote
+from fusionnet.utils.probabilities import soft_vote
 
 
 class BadInput(Exception):
@@ -164,7 +164,7 @@ class ModelHandler:
             return soft_vote(torch.stack(list(each.values()))), each
         out = outputs[0]
         parts = {n: a.float().softmax(1).cpu() for n, a in out.aux.items()}
-        branch = out.extras.get("branch_logits")  # late / stacked fusion: each branch's own classifier (B, M, K)
+        branch = out.extras.get("branch_logits")  # late / late_oof fusion: each branch's own classifier (B, M, K)
         if branch is not None:
             parts.update({n: branch[:, j].float().softmax(1).cpu() for j, n in enumerate(self.models[0].branches)})
         return out.logits.float().softmax(1).cpu(), parts

@@ -24,7 +24,7 @@ from fusionnet.serving.serve import (AUTH_ERROR, BadInput, Limits, ModelHandler,
 
 
 @serve.deployment(name="fusionnet")
-class Classifier:
+class ServeReplica:
     """A Ray Serve replica: one ModelHandler, requests batched by ``@serve.batch``."""
 
     def __init__(self, sources: Sequence[str], device: str, limits: Limits, settings: ServeSettings) -> None:
@@ -68,6 +68,6 @@ def deploy(sources: Sequence[str], *, replicas: int = 1, host: str = "127.0.0.1"
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": host, "port": port})
-    app = Classifier.options(num_replicas=replicas).bind(list(sources), device, limits or Limits(),
+    app = ServeReplica.options(num_replicas=replicas).bind(list(sources), device, limits or Limits(),
                                                         settings or ServeSettings())
     return serve.run(app, name="fusionnet", route_prefix="/", blocking=blocking)

@@ -7,14 +7,14 @@ best model so far written as ``selected.pth`` (stopped at any moment, the run fo
    names, the user's own member checkpoints, each at every input size asked for; a bad one is refused before any
    work, with the reason.
 2. **Screening** (:func:`screen`): every candidate passes once over the data as a frozen trunk (the feature cache),
-   and its branch classifier (the stacked head's per-branch fit, with tapped levels where they help) is fitted out
+   and its branch classifier (the late_oof head's per-branch fit, with tapped levels where they help) is fitted out
    of fold on the training split: an honest NLL and accuracy, and out-of-fold predictions to select on. Its
    inference time per image is measured on this device.
-3. **Selection** (:func:`select`): greedy forward selection of trunks by the out-of-fold NLL of the stacked late
+3. **Selection** (:func:`select`): greedy forward selection of trunks by the out-of-fold NLL of the late_oof
    fusion over the chosen set (Caruana et al.'s ensemble selection, over trunks, with the late head's combiner),
    stopping when no candidate improves it by ``min_gain``; ``max_latency_ms`` / ``max_params`` constrain it.
 4. **The fused model**: the chosen trunks' branch classifiers and a combiner fitted on their out-of-fold
-   predictions, in one FusionNet (``fusion="late"``), scored on validation and test.
+   predictions, in one FusionNet (the fusion method with a closed-form fit, ``late``), scored on validation and test.
 5. **Fine-tuning** (:mod:`fusionnet.workflows.auto_finetune`), if the measured step times say it fits in the time
    left: the chosen members fine-tuned, and their late fusion cross-fitted.
 
@@ -36,9 +36,10 @@ from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.config.reading import common_reading
 from fusionnet.errors import ConfigError
 from fusionnet.models.branch import BranchConfig
+from fusionnet.models.fusers import closed_form_fusion
 from fusionnet.models.fusion import FusionConfig, FusionNet
 
-FOLDS = 5  # the branch classifiers' and the combiner's out-of-fold folds (as the stacked head's)
+FOLDS = 5  # the branch classifiers' and the combiner's out-of-fold folds (as the late_oof head's)
 
 
 # ---- the clock ---------------------------------------------------------------------------------------------------
@@ -85,14 +86,16 @@ class Candidate:
             from fusionnet.models.factory import create_fusionnet
 
             branch = BranchConfig(self.backbone, input_size=self.size, taps=taps)
-            return create_fusionnet([branch], class_names=class_names, pretrained=pretrained, fusion="late",
+            return create_fusionnet([branch], class_names=class_names, pretrained=pretrained,
+                                    fusion=closed_form_fusion(),
                                     freeze_trunks=True, **(reading or {}))
         from fusionnet.models.plain import load_member
 
         member = load_member(self.checkpoint, class_names=class_names, plain=plain)
         (own,) = member.config.branches
         branch = BranchConfig(**{**own.__dict__, "name": "", "taps": taps, "input_size": self.size})
-        model = FusionNet(FusionConfig([branch], len(class_names), class_names=class_names, fusion="late",
+        model = FusionNet(FusionConfig([branch], len(class_names), class_names=class_names,
+                                       fusion=closed_form_fusion(),
                                        freeze_trunks=True, **member.config.reading().model_fields()))
         (target,), (source,) = model.branches.values(), member.branches.values()
         target.trunk.load_state_dict(source.trunk.state_dict())
@@ -256,7 +259,7 @@ class Selection:
 
 
 def combo_cv(labels: torch.Tensor, seed: int):
-    """The folds of every out-of-fold score auto computes: the stacked head's own."""
+    """The folds of every out-of-fold score auto computes: the late_oof head's own."""
     from fusionnet.models.late_head import stacking_cv
 
     return stacking_cv(labels, seed, FOLDS)
@@ -264,7 +267,7 @@ def combo_cv(labels: torch.Tensor, seed: int):
 
 def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: float, seed: int,
            max_latency_ms: float | None = None, max_params: float | None = None) -> Selection:
-    """Greedy forward selection: add the trunk that lowers the stacked fusion's out-of-fold NLL most, while it
+    """Greedy forward selection: add the trunk that lowers the late_oof fusion's out-of-fold NLL most, while it
     lowers it by at least ``min_gain`` and the chosen set stays within the latency and parameter limits.
 
     The score is the cross-validated NLL of the non-negative combiner without the model's pull towards equal
@@ -331,7 +334,7 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
     # each branch resizes to its candidate's size inside the model: one way to read, no one image size
     reading = common_reading({s.candidate.id: m.config.reading().at(None) for s, m in zip(chosen, singles)})
     model = FusionNet(FusionConfig(branches, len(settings.class_names), class_names=list(settings.class_names),
-                                   fusion="late", freeze_trunks=True, **reading.model_fields()))
+                                   fusion=closed_form_fusion(), freeze_trunks=True, **reading.model_fields()))
     with torch.no_grad():
         for target, single, s, classifier in zip(model.branches.values(), singles, chosen, model.fuser.classifiers):
             target.trunk.load_state_dict(next(iter(single.branches.values())).trunk.state_dict())
@@ -343,8 +346,8 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
     return model.eval()
 
 
-def stacked_log_probs(chosen: Sequence[Screened], labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """The stacked fusion's validation and test log-probabilities from the screened predictions (no model run)."""
+def late_oof_log_probs(chosen: Sequence[Screened], labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """The late_oof fusion's validation and test log-probabilities from the screened predictions (no model run)."""
     from fusionnet.models.late_head import solve_combiner
 
     w, b = solve_combiner(torch.stack([s.oof_log_probs for s in chosen], dim=1), labels.long())

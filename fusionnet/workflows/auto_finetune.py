@@ -97,7 +97,7 @@ def finetune_stage(chosen, splits, settings, cfg, budget, report, log) -> None:
         members = [Trained(name, lambda b=build: (b(), 0.0), train, kind="member",
                            callbacks=lambda: list(deadline)).run(ctx) for name, build in builders.items()]
         model = members[0].model if len(members) == 1 else CrossFitted(
-            "finetuned_stacked", builders, [m.model for m in members], 0.0, train, cfg.folds, seed=cfg.seed,
+            "finetuned_late_oof", builders, [m.model for m in members], 0.0, train, cfg.folds, seed=cfg.seed,
             callbacks=lambda: list(deadline)).run(ctx).model
     except TimeUp:
         report.skipped("fine-tuning", "the time limit came during training; the stage's model is not used")

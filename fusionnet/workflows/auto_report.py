@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-KINDS = {"trunk": "one trunk", "fusion": "stacked fusion", "screening": "model: best trunk",
+KINDS = {"trunk": "one trunk", "fusion": "late_oof fusion", "screening": "model: best trunk",
          "finetuned": "fine-tuned"}
 
 
@@ -27,7 +27,7 @@ def leaderboard_markdown(report: dict) -> str:
                      f"{_num(row.get('seconds'), 0)} |")
     steps = report["selection"]["steps"]
     if steps:
-        lines += ["", "Greedy selection by the stacked fusion's out-of-fold NLL on the training split:", ""]
+        lines += ["", "Greedy selection by the late_oof fusion's out-of-fold NLL on the training split:", ""]
         lines += [f"{i}. add {s['added']}: out-of-fold NLL {s['oof_nll']:.4f} (lower by {s['gain']:.4f})"
                   for i, s in enumerate(steps, 1)]
         lines.append(f"\nStopped: {report['selection']['stopped']}. The fused model's trunks were chosen on "
@@ -64,6 +64,6 @@ def pareto_figure(report: dict, path: str | os.PathLike) -> None:
             label="Pareto front")
     ax.set_xlabel("inference time (ms / image, this device)")
     ax.set_ylabel("validation NLL")
-    ax.set_title("trunks (blue) and stacked fusions (orange)")
+    ax.set_title("trunks (blue) and late_oof fusions (orange)")
     ax.legend(fontsize=7)
     save(fig, path)

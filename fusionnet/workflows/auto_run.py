@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.errors import ConfigError
 from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screened, candidates_for, finalists,
-                                      fused_model, scores_of, screen, select, stacked_log_probs)
+                                      fused_model, scores_of, screen, select, late_oof_log_probs)
 
 
 def auto(data: str | os.PathLike, *, time_limit: str | float = "30m", out: str | os.PathLike = "runs/auto",
@@ -79,7 +79,7 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     chosen = [s for c in ids for s in screened if s.id == c]
     if len(chosen) > 1:
         report.keep_if_better(fused_model(chosen, labels, settings), "fusion",
-                              "stacked fusion of " + " + ".join(ids), row=cost_of(chosen), trunks=ids)
+                              "late_oof fusion of " + " + ".join(ids), row=cost_of(chosen), trunks=ids)
     stage("fine-tuning")
     if cfg.finetune:
         from fusionnet.workflows.auto_finetune import finetune_stage
@@ -156,7 +156,7 @@ class Report:
 
     def selection(self, selection, screened: list[Screened], labels) -> None:
         for step in selection.steps:
-            row_id = self._stacked_row(step.chosen, screened, labels)
+            row_id = self._late_oof_row(step.chosen, screened, labels)
             self.rows[row_id].update(oof_nll=step.oof_nll, oof_acc=step.oof_acc)
             self.steps.append({**asdict(step), "row": row_id})
         self.stopped = selection.stopped
@@ -167,21 +167,21 @@ class Report:
         trunks)."""
         best = None
         for ids in sets:
-            row_id = self._stacked_row(ids, screened, labels)
+            row_id = self._late_oof_row(ids, screened, labels)
             self.rows[row_id]["finalist"] = True
-            best_nll = self.rows["stacked:" + "+".join(best)]["val"]["nll"] if best else None
+            best_nll = self.rows["late_oof:" + "+".join(best)]["val"]["nll"] if best else None
             if best is None or self.rows[row_id]["val"]["nll"] < best_nll - (len(ids) > len(best)) * self.cfg.min_gain:
                 best = ids  # a longer set must gain the same margin on validation as on the out-of-fold NLL
         self.finalist = best
         return best
 
-    def _stacked_row(self, ids: list[str], screened: list[Screened], labels) -> str:
-        """The row of the stacked fusion of the trunks ``ids``, scored from the screened predictions (once)."""
+    def _late_oof_row(self, ids: list[str], screened: list[Screened], labels) -> str:
+        """The row of the late_oof fusion of the trunks ``ids``, scored from the screened predictions (once)."""
         chosen = [s for c in ids for s in screened if s.id == c]
-        row_id = "stacked:" + "+".join(ids)
+        row_id = "late_oof:" + "+".join(ids)
         if row_id not in self.rows:
             self.rows[row_id] = {"kind": "fusion", "trunks": list(ids), **cost_of(chosen),
-                                 **self._scored(stacked_log_probs(chosen, labels, self.cfg.seed))}
+                                 **self._scored(late_oof_log_probs(chosen, labels, self.cfg.seed))}
         return row_id
 
     def _scored(self, log_probs: dict) -> dict:

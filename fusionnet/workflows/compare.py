@@ -4,15 +4,15 @@
 2. each fusion variant is trained with the same epochs, augmentation, schedule and input size: FusionNet with
    ``concat`` / ``gated`` / ``attention`` / ``late`` fusion trained jointly, ``from members`` (the members' trained
    trunks fused, the head starting at their logit average and trained on top; its time includes the members'),
-   and ``stacked`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
+   and ``late_oof`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
    time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
-   training split: :mod:`fusionnet.models.late_head`; each branch also offers its classifier up to ``stacked_taps``
+   training split: :mod:`fusionnet.models.late_head`; each branch also offers its classifier up to ``late_oof_taps``
    earlier feature levels, used where they lower the out-of-fold NLL);
 3. every registered output-ensemble method (:data:`fusionnet.ensembles.methods.ENSEMBLES`) runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
    NLL, a proper score that is far less noisy than accuracy on a small validation split) and "ensemble (selected
    on val)" (likewise among the output ensembles of the separately trained members); a temperature-scaled copy of
-   the selected fusion is added. The soft vote of the stacked model's own branch classifiers is a row of its own,
+   the selected fusion is added. The soft vote of the late_oof model's own branch classifiers is a row of its own,
    read as a variant of the fusion, and neither selected row chooses it;
 5. ``runs/<name>/``: ``config.json``, ``results.json``, ``results.md``, ``confusion.png``, ``reliability.png``,
    member checkpoints and saved probabilities. With several seeds: ``seed_<s>/`` each, and a summary with mean
@@ -31,24 +31,21 @@ from typing import Callable
 
 import torch
 
-from fusionnet.config import REGIMES, CompareConfig, regime_train_config  # noqa: F401  (re-exported)
+from fusionnet.config import DEFAULT_FUSION, REGIMES, CompareConfig, regime_train_config  # noqa: F401  (re-exported)
 from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, DataError
-from fusionnet.models.losses import soft_vote
+from fusionnet.utils.probabilities import soft_vote
 from fusionnet.registry import Registry
 from fusionnet.utils.distributed import resolve_device
 from fusionnet.models.factory import create_fusionnet, fuse_members
 from fusionnet.engine.feature_cache import cached_features
 from fusionnet.utils.files import atomic_write_json, resolve_path
 from fusionnet.utils.ray_tasks import ray_map, ray_requested
-from fusionnet.models.fusion import FUSERS
+from fusionnet.models.fusers import FUSIONS, closed_form_fusion
 from fusionnet.workflows.pipeline import ClosedForm, Context, Scored, Table, Trained, choose_output, val_scores
 from fusionnet.workflows.report import write_report, write_seed_summary
 from fusionnet.workflows.rows import (SELECTED_ENSEMBLE, SELECTED_FUSION, branch_vote_id, fusion_id, fusion_label,
                                       member_id)
-
-STACKED_FUSION = "late"  # the fusion method the stacked variant fits in closed form
-
 
 # ---- the fusion variants: each makes one pipeline entry ----------------------------------------------------------
 def _joint(variant: str):
@@ -103,7 +100,7 @@ def _distilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Traine
         _, prior_s = _members(cfg, members)
         torch.manual_seed(cfg.seed)
         return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
-                                fusion="concat", dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout,
+                                fusion=DEFAULT_FUSION, dropout=cfg.fusion_dropout, branch_dropout=cfg.branch_dropout,
                                 input_size=cfg.input_size), prior_s
     train = cfg.train_config("fusion_distilled", cache_features=False)
     return Trained("fusion_distilled", build, train, callbacks=_members_teacher(cfg, splits, members))
@@ -128,43 +125,43 @@ def _codistilled(cfg: CompareConfig, splits, members: dict[str, Scored]) -> Trai
     def build():
         torch.manual_seed(cfg.seed)
         return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
-                                fusion="concat", branch_heads=True, dropout=cfg.fusion_dropout,
+                                fusion=DEFAULT_FUSION, branch_heads=True, dropout=cfg.fusion_dropout,
                                 branch_dropout=cfg.branch_dropout, input_size=cfg.input_size), 0.0
     train = cfg.train_config("fusion_codistilled", codistill=cfg.train.codistill or 1.0, aux_weight=1.0)
     return Trained("fusion_codistilled", build, train, after=choose_output)
 
 
-STACKED_WARNING = ("the stacked fusion fits its branch classifiers and combiner on features of fine-tuned trunks "
+LATE_OOF_WARNING = ("the late_oof fusion fits its branch classifiers and combiner on features of fine-tuned trunks "
                    "that were trained on these very images: its out-of-fold scores on the training split are "
                    "optimistic and its combiner may trust the branches too much (its validation scores are honest). "
-                   "--stacked-folds 3 cross-fits it instead (each member trained 3 more times, on 2/3 of the "
+                   "--late-oof-folds 3 cross-fits it instead (each member trained 3 more times, on 2/3 of the "
                    "training split each; the tapped levels' classifiers and the combiner fit on those models' "
                    "predictions for the images they did not train on)")
 
 
-def _stacked(cfg: CompareConfig, splits, members: dict[str, Scored]):
+def _late_oof(cfg: CompareConfig, splits, members: dict[str, Scored]):
     """Late fusion on frozen trunks (the pretrained ones or, fine-tuned, the members' with their time counted),
-    fitted in closed form on out-of-fold predictions of the training split; fine-tuned with ``stacked_folds``,
+    fitted in closed form on out-of-fold predictions of the training split; fine-tuned with ``late_oof_folds``,
     the members' heads combined by a combiner fitted on cross-fitted member predictions
     (:mod:`fusionnet.workflows.crossfit`)."""
-    if cfg.regime == "finetune" and cfg.stacked_folds:
+    if cfg.regime == "finetune" and cfg.late_oof_folds:
         from fusionnet.workflows.crossfit import CrossFitted
 
         models, prior_s = _members(cfg, members)
         builders = {b: (lambda b=b: _member_builder(cfg, splits.class_names, b)()[0]) for b in cfg.backbones}
-        return CrossFitted("fusion_stacked", builders, models, prior_s, cfg.train_config("fusion_stacked"),
-                           cfg.stacked_folds, seed=cfg.seed, taps=cfg.stacked_taps)
+        return CrossFitted("fusion_late_oof", builders, models, prior_s, cfg.train_config("fusion_late_oof"),
+                           cfg.late_oof_folds, seed=cfg.seed, taps=cfg.late_oof_taps)
 
     def build():
         if cfg.regime == "frozen":
             torch.manual_seed(cfg.seed)
             return create_fusionnet(cfg.backbones, class_names=splits.class_names, pretrained=cfg.pretrained,
-                                    fusion=STACKED_FUSION, freeze_trunks=True, taps=cfg.stacked_taps,
+                                    fusion=closed_form_fusion(), freeze_trunks=True, taps=cfg.late_oof_taps,
                                     input_size=cfg.input_size), 0.0
         models, prior_s = _members(cfg, members)
-        return fuse_members(models, fusion=STACKED_FUSION, taps=cfg.stacked_taps), prior_s
-    return ClosedForm("fusion_stacked", build, seed=cfg.seed,
-                      warning=STACKED_WARNING if cfg.regime == "finetune" else None)
+        return fuse_members(models, fusion=closed_form_fusion(), taps=cfg.late_oof_taps), prior_s
+    return ClosedForm("fusion_late_oof", build, seed=cfg.seed,
+                      warning=LATE_OOF_WARNING if cfg.regime == "finetune" else None)
 
 
 @dataclass(frozen=True)
@@ -179,12 +176,13 @@ class Variant:
     default: bool = True  # runs when no --variants are given
 
 
-RECIPES: Registry[Variant] = Registry("comparison variant")  # the variants beyond a fusion method trained jointly
+VARIANTS: Registry[Variant] = Registry("comparison variant")  # registered variants; every fusion method trained
+# jointly is a variant too (list_variants)
 
 
 def register_variant(variant: Variant) -> Variant:
     """Add a comparison variant (``compare --variants name``; with ``default``, in the default set too)."""
-    return RECIPES.register(variant.name, variant)
+    return VARIANTS.register(variant.name, variant)
 
 
 _NEEDS_IMAGES = ("the teacher needs the members on images, so it runs in the finetune regime only (frozen, the "
@@ -193,25 +191,30 @@ for _variant in (Variant("from_members", _from_members),
                  Variant("distilled", _distilled, ("finetune",), _NEEDS_IMAGES),
                  Variant("distilled_from_members", _distilled_from_members, ("finetune",), _NEEDS_IMAGES),
                  Variant("codistilled", _codistilled),
-                 Variant("stacked", _stacked, first_when_frozen=True)):
+                 Variant("late_oof", _late_oof, first_when_frozen=True)):
     register_variant(_variant)
 
 
-def variants() -> Registry[Variant]:
-    """Every comparison variant: each registered fusion method trained jointly, then the recipes (read when asked:
-    a fusion method registered later is in it)."""
+def variant_table() -> Registry[Variant]:
+    """Every comparison variant: each registered fusion method trained jointly, then the registered variants (read
+    when asked: a fusion method registered later is in it)."""
     table: Registry[Variant] = Registry("comparison variant")
-    for name, fuser in FUSERS.items():
+    for name, fuser in FUSIONS.items():
         table.register(name, Variant(name, _joint(name), default=fuser.compare_default))
-    for name, variant in RECIPES.items():
+    for name, variant in VARIANTS.items():
         table.register(name, variant)
     return table
+
+
+def list_variants() -> list[str]:
+    """The names ``compare --variants`` takes."""
+    return variant_table().names()
 
 
 def resolve_variants(regime: str, names: list[str] | None) -> list[str]:
     """The one check of ``--variants``: every name registered (did-you-mean otherwise); none given: the default
     variants that run in ``regime``."""
-    table = variants()
+    table = variant_table()
     if names is None:
         return [n for n, v in table.items() if v.default and regime in v.regimes]
     if not names:
@@ -220,7 +223,7 @@ def resolve_variants(regime: str, names: list[str] | None) -> list[str]:
 
 
 def fusion_entry(variant: str, cfg: CompareConfig, splits, members: dict[str, Scored]):
-    return variants().get(variant).make(cfg, splits, members)
+    return variant_table().get(variant).make(cfg, splits, members)
 
 
 def validate(cfg: CompareConfig) -> CompareConfig:
@@ -230,14 +233,14 @@ def validate(cfg: CompareConfig) -> CompareConfig:
     return replace(cfg, variants=resolve_variants(cfg.regime, cfg.variants))
 
 
-def branch_vote(stacked: Scored, ctx: Context) -> dict[str, torch.Tensor]:
+def branch_vote(fitted: Scored, ctx: Context) -> dict[str, torch.Tensor]:
     """The soft vote of a late-fusion model's own branch classifiers on val and test (from its feature cache)."""
     votes = {}
     for split in ("val", "test"):
-        feats, _ = cached_features(stacked.model, getattr(ctx.splits, split), cache_dir=ctx.cache_dir(stacked.name),
+        feats, _ = cached_features(fitted.model, getattr(ctx.splits, split), cache_dir=ctx.cache_dir(fitted.name),
                                    device="cpu", batch_size=64)
         with torch.no_grad():
-            logits = stacked.model.forward_head_output(feats.features).extras["branch_logits"]
+            logits = fitted.model.forward_head_output(feats.features).extras["branch_logits"]
         votes[split] = soft_vote(logits.float().softmax(-1).transpose(0, 1))  # (B, M, K) -> (M, B, K) -> (B, K)
     return votes
 
@@ -263,9 +266,9 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
     cfg = replace(cfg, data=str(resolve_path(cfg.data, what="data folder").resolve()))  # found from any folder
     ctx = _context(cfg, log)
     atomic_write_json(ctx.out / "config.json", {"compare": asdict(cfg)})
-    # frozen, the stacked fusion needs no member: run first, its trunk pass with taps also caches the plain
+    # frozen, the late_oof fusion needs no member: run first, its trunk pass with taps also caches the plain
     # features the members and the other variants then load (one pass per trunk with a shared cache)
-    table_of = variants()
+    table_of = variant_table()
     early = {v: _run_variant(v, cfg, ctx, {}) for v in cfg.variants
              if cfg.regime == "frozen" and table_of.get(v).first_when_frozen}
     members = _train_members(cfg, ctx)
@@ -280,7 +283,7 @@ def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = pr
         scored = early.get(variant) or _run_variant(variant, cfg, ctx, members)
         fusion[variant] = scored.info
         table.add_fusion(scored, fusion_id(variant))
-        if variant == "stacked":  # its branch classifiers alone, soft-voted: how much of its edge is the combiner's
+        if variant == "late_oof":  # its branch classifiers alone, soft-voted: how much of its edge is the combiner's
             vote = branch_vote(scored, ctx)
             table.add(branch_vote_id(variant), vote["test"], scored.info["seconds"], scored.info["params"],
                       val_scores(vote["val"], table.y_val), "fusion variant")
@@ -330,7 +333,7 @@ def _member_builder(cfg: CompareConfig, class_names: list[str], backbone: str):
 def _selected_ids(rows: dict, fusion: dict) -> dict:
     """The selected rows by stable id (a variant's name, an ensemble method's id) and the fusion's checkpoint: what
     distill, serve and the experiments read."""
-    chosen = rows[SELECTED_FUSION]["chosen"].partition(":")[2]  # "fusion:stacked" -> "stacked"
+    chosen = rows[SELECTED_FUSION]["chosen"].partition(":")[2]  # "fusion:late_oof" -> "late_oof"
     selected = {"fusion": {"id": chosen, "checkpoint": fusion[chosen].get("checkpoint")}}
     if SELECTED_ENSEMBLE in rows:
         selected["ensemble"] = {"id": rows[SELECTED_ENSEMBLE]["chosen"]}

@@ -1,6 +1,6 @@
 """Honest stacking of fine-tuned members: cross-fitting.
 
-A stacked combiner must be fitted on predictions for images the predicting model never trained on. With frozen
+A combiner (stacking) must be fitted on predictions for images the predicting model never trained on. With frozen
 trunks the late head gets them from out-of-fold logistic regressions on fixed features (:mod:`fusionnet.models.late_head`);
 with fine-tuned trunks that is not enough, because the trunks themselves saw every training image (digits, Lite1:
 out-of-fold accuracy 0.95 on training features against 0.80 on validation). Cross-fitting trains each member again
@@ -44,11 +44,12 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
     """A one-branch late-fusion copy of the single-branch ``member`` with ``taps`` earlier levels (its trunk, frozen;
     the classifier still to fit)."""
     from fusionnet.models.branch import BranchConfig
+    from fusionnet.models.fusers import closed_form_fusion
     from fusionnet.models.fusion import FusionConfig, FusionNet
 
     (own,) = member.config.branches
     cfg = FusionConfig([BranchConfig(**{**own.__dict__, "name": "", "taps": taps})], member.config.num_classes,
-                       class_names=member.class_names, fusion="late", freeze_trunks=True,
+                       class_names=member.class_names, fusion=closed_form_fusion(), freeze_trunks=True,
                        **member.config.reading().model_fields())
     view = FusionNet(cfg)
     next(iter(view.branches.values())).trunk.load_state_dict(next(iter(member.branches.values())).trunk.state_dict())
@@ -57,7 +58,7 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
 
 
 def fit_tapped(view: nn.Module, fit_data, seed: int, device, grid: tuple[float, ...] | None = None):
-    """Fit ``view``'s branch classifier (the stacked head's per-branch fit: C and the taps chosen by out-of-fold
+    """Fit ``view``'s branch classifier (the late_oof head's per-branch fit: C and the taps chosen by out-of-fold
     NLL) on ``fit_data``, in place; returns the :class:`fusionnet.models.late_head.BranchFit`."""
     from fusionnet.engine.feature_cache import cached_features
     from fusionnet.models.late_head import fit_branch, stacking_cv
@@ -178,7 +179,9 @@ class CrossFitted:
         folder = ctx.out / "models" / self.name
         oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b,
                                     callbacks=self.callbacks, taps=self.taps) for b, build in self.builders.items()}
-        model = fuse_members(self.members, fusion="late", taps=self.taps)
+        from fusionnet.models.fusers import closed_form_fusion
+
+        model = fuse_members(self.members, fusion=closed_form_fusion(), taps=self.taps)
         honest, taps_used = self._branch_classifiers(model, oof, ctx)
         facts = {**fit_combiner(model, honest, ctx.splits.train.labels), "folds": self.folds,
                  "fold_seconds": {b: o.seconds for b, o in oof.items()}, "taps_used": taps_used}

@@ -27,7 +27,7 @@ from torch import nn
 from fusionnet.engine.callbacks import Distillation
 from fusionnet.config import DistillConfig
 from fusionnet.errors import ConfigError
-from fusionnet.models.losses import soft_vote_logits
+from fusionnet.utils.probabilities import soft_vote_logits
 from fusionnet.workflows.runs import checkpoints_in
 
 class Teacher(nn.Module):

@@ -2,7 +2,7 @@
 ``fuse`` commands.
 
 * :func:`fuse_checkpoints`: the practitioner's question in one call: fuse my members, fit the fused head on my
-  training data (the members' heads trained on as one, starting at their logit average; and the stacked late
+  training data (the members' heads trained on as one, starting at their logit average; and the late_oof
   fusion), choose on validation, and report it beside soft voting of the same members on the test split: the
   entries of :mod:`fusionnet.workflows.pipeline`, as ``compare`` runs them.
 * :func:`vote_files`: any output-ensemble method over saved ``.pt`` probability files (validation files for every
@@ -20,11 +20,13 @@ import torch
 
 from fusionnet.models.checkpoints import inspect_checkpoint
 from fusionnet.config import FuseConfig
+from fusionnet.config.commands import HEADS
 from fusionnet.data.splits import load_splits
 from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.factory import fuse_members
+from fusionnet.models.fusers import closed_form_fusion
 from fusionnet.models.plain import describe_members, load_member
 from fusionnet.workflows.reading import members_reading, settle_sizes
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text
@@ -121,15 +123,16 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     return _write_fuse_report(cfg, out, table, chosen, selected, warnings, read_as)
 
 
-_HEAD_IDS = {"trained": fusion_id("fused_members"), "stacked": fusion_id("stacked")}
+_HEAD_IDS = {head: fusion_id(head) for head in HEADS}
 
 
 def _head_entry(head: str, cfg: FuseConfig, loaded: list, out: Path):
-    """The pipeline entry of a fused head: the members' heads trained as one, or the stacked late fusion."""
-    if head == "trained":
-        return Trained("fusion_fused_members", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
+    """The pipeline entry of a fused head: the members' heads trained as one, or the late_oof fusion."""
+    if head == "from_members":
+        return Trained("fusion_from_members", lambda: (fuse_members(loaded, freeze_trunks=True), 0.0),
                        replace(cfg.train, cache_dir=str(out / "cache")))
-    return ClosedForm("fusion_stacked", lambda: (fuse_members(loaded, fusion="late", taps=cfg.stacked_taps), 0.0),
+    return ClosedForm("fusion_late_oof",
+                      lambda: (fuse_members(loaded, fusion=closed_form_fusion(), taps=cfg.late_oof_taps), 0.0),
                       seed=cfg.train.seed)
 
 
@@ -164,8 +167,8 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
                      f"{val} |")
     lines += ["", *(f"WARNING: {w}" for w in warnings)] if warnings else []
     lines += ["", "How each member reads an image:", "", *(f"- {line}" for line in read_as)]
-    lines += ["", "Fused members: the members' heads as one, trained on cached features, the best epoch by "
-                  "validation NLL (epoch 0 = the members' logit average). Stacked: a classifier per member trunk and "
+    lines += ["", "from_members: the members' heads as one, trained on cached features, the best epoch by "
+                  "validation NLL (epoch 0 = the members' logit average). late_oof: a classifier per member trunk and "
                   "per-class branch weights fitted on out-of-fold predictions of the training split (members "
                   "fine-tuned on it make those optimistic: validation decides)."]
     atomic_write_text(out / "fuse.md", "\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fusionnet.errors import ConfigError, MissingFileError
-from fusionnet.workflows.rows import fusion_label
+from fusionnet.workflows.rows import current_id, fusion_label
 
 SELECTED = "FusionNet (selected on val)"  # the row label of results.json written before the ids (fusionnet 0.3)
 
@@ -70,7 +70,7 @@ def selected_in_comparison(folder: Path) -> Path:
     checkpoint = chosen.get("checkpoint")
     if checkpoint and Path(checkpoint).is_file():
         return Path(checkpoint)
-    raise MissingFileError(f"{str(folder)!r}: validation chose {chosen['id']!r}, but its model file {checkpoint!r} "
+    raise MissingFileError(f"{str(folder)!r}: validation chose {current_id(chosen['id'])!r}, but its model file {checkpoint!r} "
                            f"is not there (was the comparison run with --keep outputs?); rerun it with --keep best, "
                            f"or give the checkpoint itself")
 

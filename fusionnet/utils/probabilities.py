@@ -1,4 +1,5 @@
-"""Validation of what output ensembles are given: probabilities (M, N, K) or (N, K), labels (N,) and weights.
+"""Probabilities from several models: the checks of what output ensembles are given (probabilities (M, N, K) or
+(N, K), labels (N,), weights) and the one soft vote (:func:`soft_vote`; from logits, :func:`soft_vote_logits`).
 
 Every voting, selection, calibration and stacking function checks its inputs here, so a wrong shape, NaN, logits
 passed as probabilities or out-of-range labels fail with one clear :class:`fusionnet.errors.DataError`.
@@ -72,3 +73,20 @@ def check_weights(weights: Sequence[float] | torch.Tensor | None, m: int) -> tor
         raise ConfigError(f"weights must be {m} finite non-negative numbers with a positive sum, got "
                           f"{list(w.tolist())}")
     return w / w.sum()
+
+
+def soft_vote(probs, weights: Sequence[float] | torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+    """The soft vote, the one implementation every caller uses: (M, N, K) probabilities -> (N, K), their mean (or
+    weighted mean: ``weights`` (M,), normalised to sum to 1), summed in float64, returned in the inputs' dtype.
+    Inputs are checked (:func:`check_stack`, :func:`check_weights`); ``check=False`` where they are valid by
+    construction (softmax outputs in a forward pass, weights checked once)."""
+    p = check_stack(probs)[0] if check else probs
+    w = check_weights(weights, p.shape[0]) if check or weights is None else weights
+    return torch.einsum("m,mnk->nk", w.to(p.device, torch.float64), p.double()).to(p.dtype)
+
+
+def soft_vote_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The log of the mean softmax of several models' or heads' logits (each (B, K)): :func:`soft_vote` as logits
+    (float32), computed in log space (logsumexp) so that no probability underflows."""
+    log_p = torch.stack([lg.float().log_softmax(1) for lg in logits])
+    return log_p.logsumexp(0) - torch.log(torch.tensor(float(len(logits)), device=log_p.device))
