@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fusionnet import FusionNet, save_model
+from fusionnet import FusionNet
+from fusionnet.models.factory import save_model
 from fusionnet.utils.files import atomic_write_json
 
 

@@ -66,7 +66,7 @@ def _run_dir(out: Path, recipe: str) -> Path:
 
 def paired(args, folders: list[Path]) -> None:
     """Exact McNemar on validation between each recipe's best model and the reference recipe's."""
-    from fusionnet import load_fusionnet
+    from fusionnet.models.factory import load_fusionnet
     from fusionnet.engine.inference import predict
     from fusionnet.workflows.report import mcnemar
 

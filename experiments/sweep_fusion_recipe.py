@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fusionnet.workflows.compare import CompareConfig, regime_train_config, run_comparison
+from fusionnet.workflows.compare import CompareConfig, regime_train_config, compare
 
 RECIPES = [  # (fused-head dropout, branch dropout, label smoothing, monitor)
     dict(fusion_dropout=0.2, branch_dropout=0.0, label_smoothing=0.0, monitor="macro_f1"),  # round 1's
@@ -43,7 +43,7 @@ def main() -> None:
         train_fields = {k: v for k, v in recipe.items() if k in ("label_smoothing", "monitor")}
         compare_fields = {k: v for k, v in recipe.items() if k not in train_fields}
         train = regime_train_config("frozen", epochs=args.epochs, seed=args.seed, progress=False, **train_fields)
-        res = run_comparison(CompareConfig(data=args.data, size=args.size, regime="frozen", shared_cache=True,
+        res = compare(CompareConfig(data=args.data, size=args.size, regime="frozen", shared_cache=True,
                                            train=train, out=str(Path(args.out) / name), **compare_fields), log=None)
         val = {m: r["val"] for m, r in res["methods"].items() if r.get("val")}
         rows.append({"recipe": recipe, "val": val})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fusionnet import load_fusionnet
+from fusionnet.models.factory import load_fusionnet
 from fusionnet.data.splits import load_splits
 from fusionnet.workflows.runs import selected_in_comparison
 from fusionnet.utils.files import atomic_write_json

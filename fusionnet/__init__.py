@@ -1,8 +1,25 @@
 """fusionnet: combine several pretrained image backbones into one classifier (feature fusion), and compare it
 honestly with output ensembles of independently trained members.
 
-The names below load on first use (PEP 562), so ``import fusionnet`` and the ``fusionnet`` command's help stay
-fast; ``from fusionnet import FusionNet`` works as usual.
+What a user calls, by task (each name is documented where it is defined; ``help(fusionnet.compare)``):
+
+* build: :class:`FusionNet` (random weights), :func:`create_fusionnet` (pretrained trunks, checkpoints per branch),
+  :func:`fuse_members` (trained members as one model, starting at their logit average);
+* train, predict, evaluate: :func:`fit` with a :class:`TrainConfig` (and :class:`Callback`\\ s), :func:`predict`,
+  :func:`evaluate`; data from a folder tree: :func:`load_splits`;
+* compare and choose: :func:`compare` (fusion vs every output ensemble on one budget, :class:`CompareConfig`),
+  :func:`auto` (which trunks to fuse within a time limit, :class:`AutoConfig`), :class:`VotingEnsemble` over saved
+  :class:`MemberOutputs`;
+* files: :func:`save` and :func:`load` (fusionnet checkpoints, or plain torchvision / timm state dicts, read with a
+  :class:`PlainConfig`);
+* extension: ``list_*`` and ``register_*`` for backbones, fusion methods, ensemble methods, comparison variants and
+  training callbacks (CONTRIBUTING.md shows each);
+* settings: :class:`FusionConfig`, :class:`BranchConfig` and the configs above; errors: :class:`FusionNetError` and
+  its subclasses.
+
+Everything else lives in its subpackage (``fusionnet.models``, ``fusionnet.data``, ``fusionnet.engine``,
+``fusionnet.ensembles``, ``fusionnet.workflows``, ``fusionnet.serving``). The names load on first use (PEP 562), so
+``import fusionnet`` and the ``fusionnet`` command's help stay fast.
 """
 
 from __future__ import annotations
@@ -14,26 +31,27 @@ from fusionnet.errors import (CheckpointMismatchError, ConfigError, DataError, F
 
 __version__ = "0.3.0"
 
-_WHERE = {  # name -> the module that defines it
-    "fusionnet.models.backbones": ("BackboneSpec", "get_spec", "list_backbones", "register_backbone"),
-    "fusionnet.models.checkpoints": ("inspect_checkpoint", "read_checkpoint", "read_state_dict", "save_checkpoint"),
-    "fusionnet.config": ("AutoConfig", "CompareConfig", "FuseConfig", "PlainConfig", "TrainConfig"),
-    "fusionnet.data.splits": ("CsvImages", "FolderImages", "load_splits"),
-    "fusionnet.models.factory": ("create_fusionnet", "fuse_members", "load_fusionnet", "save_model"),
-    "fusionnet.models.fusion": ("BranchConfig", "FusionConfig", "FusionNet"),
-    "fusionnet.models.fusers": ("Fuser", "register_fusion"),
-    "fusionnet.engine.callbacks": ("Callback",),
-    "fusionnet.engine.inference": ("evaluate", "predict"),
-    "fusionnet.models.interface": ("Classifier", "ModelOutput"),
-    "fusionnet.engine.train": ("FitResult", "fit"),
-    "fusionnet.ensembles.voting": ("MemberOutputs", "VotingEnsemble", "VotingModule", "member_outputs"),
-    "fusionnet.models.plain": ("load_member",),
+_WHERE = {  # module -> the public names it defines
+    "fusionnet.models.fusion": ("FusionNet", "FusionConfig", "BranchConfig"),
+    "fusionnet.models.factory": ("create_fusionnet", "fuse_members"),
+    "fusionnet.models.io": ("load", "save"),
+    "fusionnet.engine.train": ("fit", "FitResult"),
+    "fusionnet.engine.inference": ("predict", "evaluate"),
+    "fusionnet.engine.callbacks": ("Callback", "list_callbacks", "register_callback"),
+    "fusionnet.data.splits": ("load_splits",),
+    "fusionnet.config": ("TrainConfig", "CompareConfig", "AutoConfig", "PlainConfig"),
+    "fusionnet.workflows.compare": ("compare", "list_variants", "register_variant"),
     "fusionnet.workflows.auto_run": ("auto",),
+    "fusionnet.ensembles.voting": ("VotingEnsemble", "MemberOutputs"),
+    "fusionnet.ensembles.methods": ("list_ensembles", "register_ensemble"),
+    "fusionnet.models.backbones": ("list_backbones", "register_backbone"),
+    "fusionnet.models.fusers": ("list_fusions", "register_fusion"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+ERRORS = ("CheckpointMismatchError", "ConfigError", "DataError", "FusionNetError", "MissingFileError",
+          "TrainingError", "WeightsUnavailableError", "WriteError")
 
-__all__ = sorted([*_MODULE_OF, "CheckpointMismatchError", "ConfigError", "DataError", "FusionNetError",
-                  "MissingFileError", "TrainingError", "WeightsUnavailableError", "WriteError"])
+__all__ = sorted([*_MODULE_OF, *ERRORS])
 
 
 def __getattr__(name: str):

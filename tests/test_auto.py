@@ -158,12 +158,12 @@ def test_ray_screening_gives_the_local_results(data, local_ray):
 
 def _compare(data, out, ray: bool, seeds) -> dict:
     from fusionnet.config import CompareConfig, regime_train_config
-    from fusionnet.workflows.compare import run_comparison
+    from fusionnet.workflows.compare import compare
 
     train = regime_train_config("frozen", epochs=1, batch_size=8, progress=False)
     cfg = CompareConfig(data=str(data), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
                         pretrained=False, variants=["late_oof"], seeds=seeds, train=train, ray=ray, out=str(out))
-    return run_comparison(cfg, log=None)
+    return compare(cfg, log=None)
 
 
 def test_compare_with_ray_maps_its_seeds_then_its_members(data, tmp_path, monkeypatch):

@@ -5,7 +5,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from fusionnet import CheckpointMismatchError, FusionNet, create_fusionnet, load_fusionnet, inspect_checkpoint, read_state_dict, save_model
+from fusionnet import CheckpointMismatchError, FusionNet, create_fusionnet
+from fusionnet.models.factory import load_fusionnet, save_model
+from fusionnet.models.checkpoints import inspect_checkpoint, read_state_dict
 from fusionnet.models import checkpoints as ckpt
 
 

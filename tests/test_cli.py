@@ -34,7 +34,8 @@ def test_classify_runs_offline_on_the_shipped_photos(capsys):
 def test_export_writes_an_onnx_file_that_matches_pytorch_at_any_batch(tmp_path, capsys, exporter):
     import torch
 
-    from fusionnet import FusionNet, save_model
+    from fusionnet import FusionNet
+    from fusionnet.models.factory import save_model
     from fusionnet.models.export import check_onnx
 
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3,
@@ -77,7 +78,8 @@ def test_an_unknown_vote_method_is_bad_input_with_a_suggestion(tmp_path, capsys)
 
 
 def test_an_export_beyond_its_tolerance_fails_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    from fusionnet import FusionNet, save_model
+    from fusionnet import FusionNet
+    from fusionnet.models.factory import save_model
     from fusionnet.models import export
 
     save_model(FusionNet(backbones=["timm/test_resnet"], num_classes=3), tmp_path / "m.pth")

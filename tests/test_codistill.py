@@ -4,10 +4,11 @@ members, and cross-fitted stacking."""
 import pytest
 import torch
 
-from fusionnet import FusionNet, load_fusionnet, save_model
+from fusionnet import FusionNet
+from fusionnet.models.factory import load_fusionnet, save_model
 from fusionnet.engine.callbacks import CoDistillation
 from fusionnet.utils.probabilities import soft_vote_logits
-from fusionnet.workflows.compare import LATE_OOF_WARNING, CompareConfig, regime_train_config, run_comparison
+from fusionnet.workflows.compare import LATE_OOF_WARNING, CompareConfig, regime_train_config, compare
 from fusionnet.workflows.crossfit import fit_combiner, fold_indices, out_of_fold_probs
 from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, DataError
@@ -213,13 +214,13 @@ def _tiny(data, out, regime, **kw):
 def test_fine_tuned_stacking_warns_unless_cross_fitted_and_the_new_variants_run(tmp_path):
     data = make_splits(tmp_path / "data", per_class=9)
     logged = []
-    results = run_comparison(_tiny(data, tmp_path / "plain", "finetune", variants=["late_oof", "codistilled"]),
+    results = compare(_tiny(data, tmp_path / "plain", "finetune", variants=["late_oof", "codistilled"]),
                              log=logged.append)
     assert results["fusion"]["late_oof"]["warning"] == LATE_OOF_WARNING
     assert any(m.startswith("WARNING:") and "--late-oof-folds" in m for m in logged)
     chosen = results["fusion"]["codistilled"]["predict_with"]["chosen"]
     assert load_fusionnet(tmp_path / "plain/models/fusion_codistilled/best.pth").config.predict_with == chosen
-    crossed = run_comparison(_tiny(data, tmp_path / "cross", "finetune", variants=["late_oof", "distilled_from_members",
+    crossed = compare(_tiny(data, tmp_path / "cross", "finetune", variants=["late_oof", "distilled_from_members",
                                    "distilled"], late_oof_folds=2, late_oof_taps=0), log=None)  # taps: below
     info = crossed["fusion"]["late_oof"]
     assert "warning" not in info and info["cross_fit"]["folds"] == 2
@@ -288,7 +289,7 @@ def test_selection_by_scaled_nll_prefers_the_better_ranker_over_the_better_calib
 
 def test_the_frozen_regime_says_why_it_skips_the_distilled_fusion(tmp_path):
     data = make_splits(tmp_path / "data", per_class=6)
-    results = run_comparison(_tiny(data, tmp_path / "run", "frozen", variants=["concat", "distilled_from_members"]),
+    results = compare(_tiny(data, tmp_path / "run", "frozen", variants=["concat", "distilled_from_members"]),
                              log=None)
     assert "finetune regime only" in results["skipped"]["fusion:distilled_from_members"]
     # by default each regime runs the variants that can run in it, so a frozen report lists no skipped rows

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from fusionnet import FusionNet, TrainConfig, fit, read_state_dict
-from fusionnet.models.backbones import BackboneSpec, get_spec, register_backbone
+from fusionnet import FusionNet, TrainConfig, fit
+from fusionnet.models.checkpoints import read_state_dict
+from fusionnet.errors import ConfigError
+from fusionnet.models.backbones import get_spec, register_backbone
 from fusionnet.ensembles.boosting import bootstrap_indices
 from fusionnet.data.splits import load_splits
 from fusionnet.engine.feature_cache import cached_features
@@ -85,15 +87,26 @@ def test_bagged_members_train_on_bootstrap_samples(splits, monkeypatch):
 
 
 def test_register_backbone_and_its_overrides():
-    spec = BackboneSpec("my_resnet18", "torchvision", "resnet18", 512, mean=(0.1, 0.2, 0.3), std=(1, 1, 1))
-    assert register_backbone(spec) is spec and get_spec("my_resnet18") is spec
+    from fusionnet.models.backbones import BACKBONES, TorchvisionWeights, torchvision_trunk
+
+    def build(pretrained=False):
+        return torchvision_trunk("resnet18", ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3",
+                                              "layer4"], pretrained)
+
+    declared = dict(feature_dim=512, mean=(0.1, 0.2, 0.3), std=(1, 1, 1), weights=[TorchvisionWeights("resnet18")])
+    assert register_backbone("my_resnet18", **declared)(build) is build
+    spec = get_spec("my_resnet18")
+    assert spec.build is build and spec.weights == (TorchvisionWeights("resnet18"),) and spec.library == "torchvision"
     with pytest.raises(ValueError, match="already registered"):
-        register_backbone(spec)
+        register_backbone("my_resnet18", **declared)(build)
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['feature_width'\]"):
+        register_backbone("other", feature_width=512)
     model = FusionNet(backbones=["my_resnet18", "timm/test_resnet"], num_classes=2,
                       input_size={"my_resnet18": 40})
     br = model.branches["my_resnet18"]
     assert br.mean.flatten().tolist() == pytest.approx([0.1, 0.2, 0.3]) and br.input_size == 40
     assert model.branches["test_resnet"].input_size is None
+    BACKBONES.unregister("my_resnet18")
 
 
 def test_trunks_get_their_own_learning_rate_and_the_schedule_warms_up_then_decays():

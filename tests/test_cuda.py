@@ -7,8 +7,9 @@ autocast where the settings ask for it, in fit, predict, the feature cache and a
 import pytest
 import torch
 
-from fusionnet import FusionNet, TrainConfig, fit, load_fusionnet, save_model
-from fusionnet.workflows.compare import CompareConfig, run_comparison
+from fusionnet import FusionNet, TrainConfig, fit
+from fusionnet.models.factory import load_fusionnet, save_model
+from fusionnet.workflows.compare import CompareConfig, compare
 from fusionnet.data.splits import load_splits
 from fusionnet.engine.feature_cache import cached_features
 from fusionnet.engine.inference import predict
@@ -48,7 +49,7 @@ def test_fit_in_bf16_autocast_and_the_feature_cache_on_the_gpu(splits, tmp_path)
 
 def test_a_one_epoch_comparison_on_the_gpu(tmp_path):
     data = make_splits(tmp_path / "data", per_class=12)
-    results = run_comparison(CompareConfig(data=str(data), backbones=TINY, size=32, epochs=1, batch_size=8,
+    results = compare(CompareConfig(data=str(data), backbones=TINY, size=32, epochs=1, batch_size=8,
                                            pretrained=False, device="cuda", out=str(tmp_path / "run"),
                                            progress=False), log=None)
     assert "selected:fusion" in results["methods"]

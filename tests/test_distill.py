@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fusionnet import FusionNet, save_model
+from fusionnet import FusionNet
+from fusionnet.models.factory import save_model
 from fusionnet.engine.callbacks import Distillation, distillation_loss
 from fusionnet.config import DistillConfig, distill_train_config
 from fusionnet.data.splits import load_splits

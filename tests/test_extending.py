@@ -1,101 +1,97 @@
-"""Each extension point is one stated place (CONTRIBUTING.md): a toy backbone, fusion method, ensemble method,
-comparison variant, callback and CLI command, each registered there, show up in --help, in compare and in its
-report, and leave the registries as they were."""
+"""Each extension point is one stated place (CONTRIBUTING.md): the snippets there, run as written, register a
+backbone (torchvision's ShuffleNetV2, not in the registry otherwise), a fusion method, an ensemble method, a
+comparison variant, a callback and a CLI command; each shows up in --help, in compare and in its report, and the
+registries are as they were afterwards."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from fusionnet.cli.args import COMMANDS, Command
+from fusionnet.cli.args import COMMANDS
 from fusionnet.cli.main import main
 from fusionnet.config import CompareConfig, regime_train_config
-from fusionnet.engine.callbacks import CALLBACKS, Callback
-from fusionnet.ensembles.methods import ENSEMBLES, MethodOutput, register_ensemble
-from fusionnet.models.backbones import BACKBONES, BackboneSpec, register_backbone
-from fusionnet.models.fusers import FUSIONS, Fuser, register_fusion
-from fusionnet.workflows.compare import VARIANTS, Variant, _joint, register_variant, run_comparison
+from fusionnet.engine.callbacks import CALLBACKS
+from fusionnet.ensembles.methods import ENSEMBLES
+from fusionnet.models.backbones import BACKBONES
+from fusionnet.models.fusers import FUSIONS
+from fusionnet.workflows.compare import VARIANTS, compare
 from toydata import make_splits
 
-CALLS = {"callback": 0, "command": 0}
-
-
-class ToyCallback(Callback):
-    @classmethod
-    def from_config(cls, cfg):
-        return cls()
-
-    def on_step_end(self, model) -> None:
-        CALLS["callback"] += 1
-
-
-def handle_toy(args) -> None:
-    CALLS["command"] += 1
-    print(f"toy says {args.word}")
+CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
+REGISTERED = ((BACKBONES, "shufflenet_v2_x1_0"), (FUSIONS, "mean"), (ENSEMBLES, "first_member"),
+              (VARIANTS, "concat_no_dropout"), (CALLBACKS, "step_counter"), (COMMANDS, "say"))
 
 
 @pytest.fixture
-def toys():
-    """Register one toy of each kind; unregister them afterwards."""
-    register_backbone(BackboneSpec("toy_trunk", "timm", "test_resnet", 0))
-
-    @register_fusion("toy_mean")
-    class MeanFusion(Fuser):  # the branches' mean (all of one width): the fused vector has D_1 columns
-        def __init__(self, dims, *, num_classes, width):
-            super().__init__(dims, num_classes=num_classes, width=width)
-            self.out_dim = dims[0]
-
-        def forward(self, feats):
-            return torch.stack([f[:, :self.out_dim] for f in feats]).mean(0), {}
-
-    @register_ensemble("toy_first", label="the first member alone")
-    def first(p) -> MethodOutput:
-        return MethodOutput(p.test[0], p.val[0], [1.0] + [0.0] * (len(p.val) - 1))
-
-    register_variant(Variant("toy_twice", _joint("concat"), regimes=("frozen",), default=False))
-    ToyCallback.key = "toy"
-    CALLBACKS.register("toy", ToyCallback)
-    COMMANDS.register("toy", Command("say a word (a toy command)", lambda p: p.add_argument("word"), {},
-                                     "test_extending:handle_toy"))
-    yield
-    BACKBONES.unregister("toy_trunk")
-    FUSIONS.unregister("toy_mean")
-    ENSEMBLES.unregister("toy_first")
-    VARIANTS.unregister("toy_twice")
-    CALLBACKS.unregister("toy")
-    COMMANDS.unregister("toy")
+def snippets() -> dict:
+    """Run every python snippet of CONTRIBUTING.md, in order, as a reader would; unregister what they added."""
+    blocks = re.findall(r"```python\n(.*?)```", CONTRIBUTING.read_text(), flags=re.S)
+    assert len(blocks) == len(REGISTERED)  # one snippet per extension kind
+    namespace: dict = {}
+    try:
+        for block in blocks:
+            exec(compile(block, str(CONTRIBUTING), "exec"), namespace)
+        yield namespace
+    finally:
+        for registry, name in REGISTERED:
+            if name in registry:
+                registry.unregister(name)
 
 
-def test_a_toy_of_each_kind_shows_in_help_in_compare_and_in_the_report(toys, tmp_path, capsys):
+def test_the_backbone_snippet_reads_torchvision_weights_and_fuses_with_a_registered_backbone(snippets, tmp_path):
+    """The registered ShuffleNetV2 trunk keeps torchvision's names: a torchvision state dict loads into its branch
+    key for key (its fc becomes the member's head), and it fuses with resnet18."""
+    import torchvision
+
+    from fusionnet import create_fusionnet
+
+    torch.manual_seed(0)
+    plain = torchvision.models.shufflenet_v2_x1_0(weights=None, num_classes=3).eval()
+    torch.save(plain.state_dict(), tmp_path / "shufflenet.pth")
+    member = create_fusionnet(["shufflenet_v2_x1_0"], num_classes=3, pretrained=False,
+                              checkpoints={"shufflenet_v2_x1_0": tmp_path / "shufflenet.pth"}).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(member(x), plain(x), atol=1e-5)
+    fused = create_fusionnet(["shufflenet_v2_x1_0", "resnet18"], num_classes=3, pretrained=False, fusion="gated")
+    assert fused(x).shape == (2, 3)
+    assert {n: br.out_dim for n, br in fused.branches.items()} == {"shufflenet_v2_x1_0": 1024, "resnet18": 512}
+
+
+def test_each_snippet_shows_in_help_in_compare_and_in_the_report(snippets, tmp_path, capsys):
     from fusionnet.cli.main import build_parser
 
-    assert "say a word (a toy command)" in build_parser().format_help()
-    assert main(["toy", "hello"]) == 0 and "toy says hello" in capsys.readouterr().out
-    assert main(["backbones"]) == 0 and "toy_trunk" in capsys.readouterr().out
+    assert "say a word" in build_parser().format_help()
+    assert main(["say", "hello"]) == 0 and "fusionnet says hello" in capsys.readouterr().out
+    assert main(["backbones"]) == 0 and "shufflenet_v2_x1_0" in capsys.readouterr().out
 
     data = make_splits(tmp_path / "data", per_class=6)
-    cfg = CompareConfig(data=str(data), backbones=["toy_trunk", "timm/test_efficientnet"], size=32,
-                        pretrained=False, out=str(tmp_path / "run"), variants=["toy_mean", "toy_twice"],
+    cfg = CompareConfig(data=str(data), backbones=["shufflenet_v2_x1_0", "timm/test_efficientnet"], size=32,
+                        pretrained=False, out=str(tmp_path / "run"), variants=["mean", "concat_no_dropout"],
                         train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
-    results = run_comparison(cfg, log=None)
+    results = compare(cfg, log=None)
     report = (tmp_path / "run" / "results.md").read_text()
-    for label in ("member: toy_trunk", "FusionNet (toy mean)", "FusionNet (toy twice)", "the first member alone"):
+    for label in ("member: shufflenet_v2_x1_0", "FusionNet (mean)", "FusionNet (concat no dropout)",
+                  "the first member alone"):
         assert f"| {label} |" in report
-    assert CALLS["callback"] > 0 and CALLS["command"] == 1
+    assert snippets["StepCounter"].steps > 0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["selected"]["fusion"]["id"] in {"toy_mean", "toy_twice"}
-    assert set(results["fusion"]) == {"toy_mean", "toy_twice"}
+    assert saved["selected"]["fusion"]["id"] in {"mean", "concat_no_dropout"}
+    assert set(results["fusion"]) == {"mean", "concat_no_dropout"}
 
 
-def test_a_new_fusion_method_is_opt_in_and_registries_refuse_duplicates(toys):
+def test_a_new_fusion_method_is_opt_in_and_registries_refuse_duplicates(snippets):
     from fusionnet.errors import ConfigError
     from fusionnet.workflows.compare import resolve_variants
 
-    assert "toy_mean" not in resolve_variants("frozen", None) and "toy_twice" not in resolve_variants("frozen", None)
-    assert "toy_mean" in resolve_variants("frozen", ["toy_mean"])
-    for registry, name in ((FUSIONS, "toy_mean"), (ENSEMBLES, "toy_first"), (CALLBACKS, "toy"), (COMMANDS, "toy"),
-                           (BACKBONES, "toy_trunk"), (VARIANTS, "toy_twice")):
+    assert "mean" not in resolve_variants("frozen", None) and "concat_no_dropout" not in resolve_variants("frozen", None)
+    assert "mean" in resolve_variants("frozen", ["mean"])
+    for registry, name in REGISTERED:
         with pytest.raises(ConfigError, match=f"'{name}' is already registered"):
             registry.register(name, object())
         with pytest.raises(ConfigError, match=f"did you mean '{name}'"):

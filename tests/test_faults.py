@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fusionnet import (CheckpointMismatchError, DataError, FusionNet, FusionNetError, TrainConfig, TrainingError,
-                       fit, load_fusionnet, read_state_dict, save_model)
+from fusionnet import CheckpointMismatchError, DataError, FusionNet, FusionNetError, TrainConfig, TrainingError, fit
+from fusionnet.models.factory import load_fusionnet, save_model
+from fusionnet.models.checkpoints import read_state_dict
 from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.data.splits import FolderImages, load_splits, read_rgb
 from fusionnet.errors import WriteError

@@ -5,9 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionnet import BranchConfig, ConfigError, read_checkpoint, FusionNet, create_fusionnet, load_fusionnet, WeightsUnavailableError, get_spec, list_backbones, save_model
+from fusionnet import BranchConfig, ConfigError, FusionNet, create_fusionnet, WeightsUnavailableError, list_backbones
+from fusionnet.models.checkpoints import read_checkpoint
+from fusionnet.models.factory import load_fusionnet, save_model
+from fusionnet.models.backbones import get_spec
 
-TORCHVISION = [n for n in list_backbones() if get_spec(n).family == "torchvision"]
+TORCHVISION = [n for n in list_backbones() if get_spec(n).library == "torchvision"]
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
@@ -173,7 +176,7 @@ def test_timm_hub_offline_fails_within_seconds(monkeypatch):
     import timm
 
     monkeypatch.setattr(socket, "create_connection", no_dns)
-    monkeypatch.setattr("fusionnet.models.backbones._timm_cached_file", lambda arch: None)
+    monkeypatch.setattr("fusionnet.models.weight_sources.timm_cached_file", lambda arch: None)
     real = timm.create_model
 
     def no_hub(name, pretrained=False, **kw):  # the hub client (and its minute of retries) is never reached

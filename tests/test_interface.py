@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fusionnet import (BranchConfig, ConfigError, FusionNet, TrainConfig, create_fusionnet, fit, fuse_members,
-                       load_fusionnet, save_model)
+from fusionnet import BranchConfig, ConfigError, FusionNet, TrainConfig, create_fusionnet, fit, fuse_members
+from fusionnet.models.factory import load_fusionnet, save_model
 from fusionnet.engine.callbacks import Callback, GradientModulation, ogm_coefficients
 from fusionnet.models.fusers import branch_dropout
 from fusionnet.models.interface import ModelOutput, PlainClassifier, as_classifier

@@ -146,7 +146,7 @@ def _wait_for_partial(parent: Path, proc: subprocess.Popen) -> Path:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_run_killed_during_overwrite_training_leaves_the_old_run_loadable_and_identical(world, tmp_path, sig):
-    from fusionnet import load_fusionnet
+    from fusionnet.models.factory import load_fusionnet
 
     old = tmp_path / "lite"
     subprocess.run(["cp", "-r", str(world / "a"), str(old)], check=True)

@@ -64,7 +64,8 @@ def _readme_commands(readme: str) -> list[str]:
 
 def _fake_demo_run(work: Path) -> None:
     """runs/demo as `fusionnet demo` leaves it, with a tiny model as the fusion validation chose."""
-    from fusionnet import FusionNet, save_model
+    from fusionnet import FusionNet
+    from fusionnet.models.factory import save_model
 
     model = FusionNet(backbones=["timm/test_efficientnet", "timm/test_resnet"], num_classes=3, fusion="late",
                       class_names=["a", "b", "c"])

@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from fusionnet import FusionNet, load_fusionnet, read_checkpoint
+from fusionnet import FusionNet
+from fusionnet.models.factory import load_fusionnet
+from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, TrainingError
 from fusionnet.engine.inference import evaluate

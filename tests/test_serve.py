@@ -14,7 +14,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fusionnet import FusionNet, save_model  # noqa: E402
+from fusionnet import FusionNet  # noqa: E402
+from fusionnet.models.factory import save_model
 from fusionnet.errors import ConfigError  # noqa: E402
 from fusionnet.serving.serve import Batcher, Limits, ModelHandler, Overloaded, ServeSettings, check_bind, create_app  # noqa: E402
 

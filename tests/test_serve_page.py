@@ -19,7 +19,8 @@ if not CHROMIUM:
 
 import uvicorn  # noqa: E402
 
-from fusionnet import FusionNet, save_model  # noqa: E402
+from fusionnet import FusionNet  # noqa: E402
+from fusionnet.models.factory import save_model
 from fusionnet.serving.serve import Limits, ModelHandler, ServeSettings, create_app  # noqa: E402
 from test_serve import CLASSES, _png  # noqa: E402
 

@@ -4,7 +4,9 @@ import os
 import pytest
 import torch
 
-from fusionnet import FusionNet, create_fusionnet, load_fusionnet, read_checkpoint
+from fusionnet import FusionNet, create_fusionnet
+from fusionnet.models.factory import load_fusionnet
+from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.data.splits import eval_transform, load_splits
 from fusionnet.models.losses import FocalLoss
 from fusionnet.engine.inference import evaluate

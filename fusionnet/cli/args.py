@@ -289,13 +289,14 @@ def _nothing(p) -> None:
 
 
 class Command(NamedTuple):
-    """A subcommand: its one-line help, the function adding its arguments, parser options, and its handler as
-    ``"module:function"`` (imported only when the command runs; tests/test_cli.py resolves every one)."""
+    """A subcommand: its one-line help, the function adding its arguments, parser options, and its handler: a
+    function of the parsed arguments, or ``"module:function"`` naming one (imported only when the command runs:
+    the library's own; tests/test_cli.py resolves every one)."""
 
     help: str
     arguments: Callable[[argparse.ArgumentParser], None]
     options: dict
-    handler: str
+    handler: str | Callable[[argparse.Namespace], None]
 
 
 H = "fusionnet.cli.handlers:"
@@ -346,3 +347,11 @@ for _name, _command in {  # name: (help, arguments, parser options, handler)
         "fusionnet export runs/fuse/selected.pth --out fused.onnx --size 128"), H + "handle_export"),
 }.items():
     COMMANDS.register(_name, Command(*_command))
+
+
+def register_command(name: str, command: Command) -> Command:
+    """Add a ``fusionnet name`` subcommand; names are unique."""
+    if not isinstance(command, Command):
+        raise ConfigError(f"register_command({name!r}) takes a Command(help, arguments, options, handler), got "
+                          f"{type(command).__name__}")
+    return COMMANDS.register(name, command)

@@ -76,15 +76,15 @@ def _train_folder(out: str, args, inputs: list):
 
 
 def handle_compare(args) -> None:
-    from fusionnet.workflows.compare import run_comparison, validate
+    from fusionnet.workflows.compare import compare, validate
 
     s = settings(args, CompareConfig, TrainConfig)
-    compare = given(s, CompareConfig)
-    regime = compare.get("regime", "frozen")
+    fields = given(s, CompareConfig)
+    regime = fields.get("regime", "frozen")
     train = regime_train_config(regime, **given(s, TrainConfig))
-    cfg = validate(CompareConfig(**{"out": f"runs/{regime}", **compare, "train": train}))  # before the folder
+    cfg = validate(CompareConfig(**{"out": f"runs/{regime}", **fields, "train": train}))  # before the folder
     with output_folder(cfg.out, bool(args.overwrite), inputs=[cfg.data]) as work:
-        run_comparison(replace(cfg, out=str(work)))
+        compare(replace(cfg, out=str(work)))
 
 
 def handle_auto(args) -> None:
@@ -178,7 +178,7 @@ def handle_backbones(args) -> None:
 
     for name in list_backbones():
         s = get_spec(name)
-        print(f"{name:20s} {s.family:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
+        print(f"{name:20s} {s.library:12s} dim={s.feature_dim:<5d} size={s.input_size:<4d} {s.notes}")
     print("...and any timm model as 'timm/<name>'")
 
 

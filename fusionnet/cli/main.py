@@ -113,8 +113,11 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 
 def handler(command: str):
-    """The function that runs ``command`` (its module imported now)."""
-    module, function = COMMANDS.get(command).handler.split(":")
+    """The function that runs ``command`` (a ``"module:function"`` handler's module imported now)."""
+    found = COMMANDS.get(command).handler
+    if callable(found):
+        return found
+    module, function = found.split(":")
     return getattr(importlib.import_module(module), function)
 
 

@@ -382,11 +382,28 @@ class Tracking(Callback):
 
 
 CALLBACKS: Registry[type[Callback]] = Registry("callback")  # in the order fit runs them
+
+
+def register_callback(key: str):
+    """Class decorator: a :class:`Callback` subclass that every ``fit`` asks (``from_config(cfg)``) whether it
+    runs; ``key`` is its stable name, under which its resume state is saved. Keys are unique."""
+    def add(cls: type[Callback]) -> type[Callback]:
+        if not (isinstance(cls, type) and issubclass(cls, Callback)):
+            raise ConfigError(f"register_callback({key!r}) decorates a Callback subclass, got {cls!r}")
+        cls.key = key
+        return CALLBACKS.register(key, cls)
+    return add
+
+
+def list_callbacks() -> list[str]:
+    """The registered callbacks' keys, in the order fit runs them."""
+    return CALLBACKS.names()
+
+
 for _key, _cls in (("checkpoint_activations", ActivationCheckpointing), ("branch_streams", BranchStreams),
                    ("ogm", GradientModulation), ("ema", WeightAverage), ("codistill", CoDistillation),
                    ("distillation", Distillation), ("resample", Resample), ("tracking", Tracking)):
-    _cls.key = _key
-    CALLBACKS.register(_key, _cls)
+    register_callback(_key)(_cls)
 
 
 def from_config(cfg: TrainConfig) -> list[Callback]:

@@ -86,6 +86,11 @@ def register_ensemble(id: str, *, label: str, probabilities: bool = True) -> Cal
     return add
 
 
+def list_ensembles() -> list[str]:
+    """The registered ensemble methods' ids (``vote --method``), in registration order."""
+    return ENSEMBLES.names()
+
+
 @register_ensemble("soft", label="soft voting")
 def _soft(p: MemberProbs) -> MethodOutput:
     return MethodOutput(soft_vote(p.test), soft_vote(p.val))

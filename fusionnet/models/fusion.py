@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fusionnet.models.backbones import build_trunk, get_spec
+from fusionnet.models.backbones import build_trunk, get_spec, list_backbones
 from fusionnet.models.branch import Branch, BranchConfig
 from fusionnet.config import DEFAULT_FUSION, Reading
 from fusionnet.config.reading import check_reading_fields
@@ -86,8 +86,10 @@ class FusionConfig:
         for b in self.branches:
             if b.pool not in POOLS:
                 raise ConfigError(f"branch {b.backbone!r}: unknown pool {b.pool!r}; choose one of {', '.join(POOLS)}")
-            if b.aux_heads and b.backbone != "googlenet":
-                raise ConfigError(f"branch {b.backbone!r}: aux_heads=True exists for 'googlenet' only")
+            if b.aux_heads and not get_spec(b.backbone).aux_heads:
+                able = [n for n in list_backbones() if get_spec(n).aux_heads]
+                raise ConfigError(f"branch {b.backbone!r}: aux_heads=True exists for {', '.join(map(repr, able))} "
+                                  f"only")
             if not (is_int(b.taps) and b.taps >= 0):
                 raise ConfigError(f"branch {b.backbone!r}: taps must be an int >= 0, got {b.taps!r}")
             if b.input_size is not None and (isinstance(b.input_size, bool) or int(b.input_size) < 8):

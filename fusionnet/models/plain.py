@@ -28,7 +28,7 @@ import torch
 
 from fusionnet.config import CANDIDATE_SIZES, PlainConfig, Reading
 from fusionnet.errors import CheckpointMismatchError, ConfigError
-from fusionnet.models.backbones import WITH_CLASSIFIER, get_spec, list_backbones
+from fusionnet.models.backbones import get_spec, list_backbones, whole_classifier
 from fusionnet.models.branch import BranchConfig
 from fusionnet.models.checkpoints import inspect_checkpoint
 from fusionnet.models.factory import create_fusionnet, load_fusionnet
@@ -69,12 +69,12 @@ def assumptions(path: PathLike, given: PlainConfig | None = None, info=None) -> 
     member would assume, a line each, and where each value comes from."""
     info = info or inspect_checkpoint(path)
     settings = (given or PlainConfig()).over(beside(path))
-    arch = WITH_CLASSIFIER.get(info.architecture, info.architecture)
+    arch = whole_classifier(info.architecture) or info.architecture
     spec = get_spec(arch) if arch in list_backbones() else None
     source = "its manifest" if manifest_path(path).is_file() else "classes.txt" \
         if (Path(path).parent / "classes.txt").is_file() else None
     lines = [f"backbone:     {arch or 'unknown'}" + (" (the whole trained classifier kept)"
-                                                     if info.architecture in WITH_CLASSIFIER else "")]
+                                                     if whole_classifier(info.architecture) else "")]
     lines.append(f"class order:  {settings.classes} ({source})" if settings.classes else
                  "class order:  unknown: give --classes, a manifest or classes.txt (ImageFolder's is sorted)")
     lines.append(f"size:         {settings.size} px" if settings.size else
@@ -132,8 +132,8 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
             raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
         return in_order(model, model.class_names, class_names, path)
     arch = info.architecture
-    if arch in WITH_CLASSIFIER and info.num_classes is not None:
-        arch = WITH_CLASSIFIER[arch]  # VGG: keep its trained 25088->4096->4096->K classifier whole
+    if whole_classifier(arch) and info.num_classes is not None:
+        arch = whole_classifier(arch)  # VGG: keep its trained 25088->4096->4096->K classifier whole
     if arch not in list_backbones():
         raise CheckpointMismatchError(f"cannot tell which backbone {str(path)!r} is (it looks like {arch!r}); save "
                                       f"it as a fusionnet member, or load it with create_fusionnet(['<backbone>'], "

@@ -246,20 +246,20 @@ def branch_vote(fitted: Scored, ctx: Context) -> dict[str, torch.Tensor]:
 
 
 # ---- the experiment ---------------------------------------------------------------------------------------------
-def run_comparison(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) -> dict:
+def compare(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) -> dict:
     """Run the whole experiment (per seed when ``cfg.seeds`` has several); returns what ``results.json`` holds."""
     cfg = validate(cfg)
     if cfg.seeds and len(cfg.seeds) > 1:
         one = {s: replace(cfg, train=replace(cfg.train, seed=s), seeds=None, out=str(Path(cfg.out) / f"seed_{s}"),
                           cache_root=cfg.cache_root or str(Path(cfg.out) / "cache")) for s in cfg.seeds}
         if ray_requested(cfg.ray):  # a task per seed; inside one, its members train in turn
-            done = ray_map(lambda c: run_comparison(replace(c, ray=False), log=None), list(one.values()))
+            done = ray_map(lambda c: compare(replace(c, ray=False), log=None), list(one.values()))
             per_seed = {s: result for s, (_, result) in zip(one, done)}
         else:
             per_seed = {}
             for s, seed_cfg in one.items():
                 (log or (lambda _m: None))(f"==== seed {s}")
-                per_seed[s] = run_comparison(seed_cfg, log=log)
+                per_seed[s] = compare(seed_cfg, log=log)
         return write_seed_summary(per_seed, Path(cfg.out), asdict(cfg))
     if cfg.seeds:
         cfg = replace(cfg, train=replace(cfg.train, seed=cfg.seeds[0]), seeds=None)

@@ -120,6 +120,6 @@ def run_demo(out: str = "runs/demo", *, epochs: int = 8, size: int = 64, progres
              **settings) -> dict:
     """The fusion-vs-voting comparison on scikit-learn's digits with three offline-pretrained EfficientNet-Lite
     trunks, frozen (heads trained on cached features shared by all models); see :func:`demo_config`."""
-    from fusionnet.workflows.compare import run_comparison
+    from fusionnet.workflows.compare import compare
 
-    return run_comparison(demo_config(out, epochs=epochs, size=size, progress=progress, **settings), log=log)
+    return compare(demo_config(out, epochs=epochs, size=size, progress=progress, **settings), log=log)

@@ -1,0 +1,29 @@
+"""The public API's one load / save pair: :func:`save` writes a model in fusionnet's own format, :func:`load` reads
+any model file fusionnet reads (its own checkpoints, of any number of branches, or a plain torchvision / timm
+state dict of one registered backbone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from fusionnet.config import PlainConfig
+from fusionnet.models.factory import save_model
+from fusionnet.models.fusion import FusionNet
+from fusionnet.models.plain import load_member
+
+
+def save(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` (config, class names, weights and ``metrics``), atomically: a crash leaves the
+    file that was there. :func:`load`, ``fusionnet predict``, ``serve``, ``export`` and ``fuse`` read it."""
+    save_model(model, path, metrics=metrics)
+    return Path(path)
+
+
+def load(path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
+         plain: PlainConfig | None = None) -> FusionNet:
+    """The model in ``path``: a fusionnet checkpoint (any number of branches), or a plain state dict of one
+    registered backbone (its classes, size and normalisation from ``plain``, a manifest or ``classes.txt`` beside
+    it). ``class_names``: the order you want its outputs in (the model's own order when None)."""
+    return load_member(path, class_names=list(class_names) if class_names is not None else None, plain=plain)
