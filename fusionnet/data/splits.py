@@ -8,7 +8,6 @@ are re-exported here, where earlier versions defined them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -73,20 +72,12 @@ class SplitSettings:
     # (a path per line, relative to the data folder, to train/ or absolute): the split the members were validated on
 
 
-def _split_settings(how: SplitSettings | None, fields: dict) -> SplitSettings:
-    """``how`` with ``fields`` over it; unknown keywords or a missing size are a ConfigError."""
-    known = {f.name for f in dataclasses.fields(SplitSettings)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"load_splits got unknown setting(s) {unknown}; it takes {', '.join(sorted(known))}")
-    if how is None and "size" not in fields:
-        raise ConfigError("load_splits needs size=, the input size in pixels (e.g. size=128)")
-    return dataclasses.replace(how, **fields) if how is not None else SplitSettings(**fields)
-
-
-def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fields) -> Splits:
+def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
+                policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
+                image_cache: str | os.PathLike | None = None, progress: bool = True, resize: str = "shorter",
+                reader: str = "albumentations", val_list: str | os.PathLike | None = None) -> Splits:
     """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``;
-    ``how`` (or its fields as keywords: ``size``, ``val_fraction``, ``seed``, ...) says how (:class:`SplitSettings`).
+    the keywords are :class:`SplitSettings`' fields (what each does is written there).
 
     Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
     never used for any choice. With ``image_cache`` (a folder), every image is decoded once into
@@ -94,7 +85,8 @@ def load_splits(root: str | os.PathLike, how: SplitSettings | None = None, **fie
     files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
     and one at twice ``size`` for the training pipeline.
     """
-    how = _split_settings(how, fields)
+    how = SplitSettings(size, val_fraction, seed, policy, strict, crop_pct, image_cache, progress, resize, reader,
+                        val_list)
     size, val_fraction, seed, policy, strict = how.size, how.val_fraction, how.seed, how.policy, how.strict
     crop_pct, image_cache, progress = how.crop_pct, how.image_cache, how.progress
     if not (is_int(size) and size >= 1):

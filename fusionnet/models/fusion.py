@@ -124,6 +124,10 @@ class FusionConfig:
 
 
 PREDICT_WITH = ("fused", "branches", "all")
+_KEYWORD_DEFAULTS = dict(pool="avg", input_size=None, taps=0, class_names=None, fusion=DEFAULT_FUSION,
+                         fusion_width=256, head_hidden=None, dropout=0.0, branch_dropout=0.0, branch_heads=False,
+                         freeze_trunks=False, predict_with="fused", resize="shorter", crop_pct=1.0,
+                         reader="albumentations", image_size=None)  # FusionNet's keywords as it defaults them
 _TRAINING_FIELDS_OF_0_2 = ("ogm_alpha", "checkpoint_trunks", "branch_streams")  # training settings that 0.2
 # saved with the model; now TrainConfig's (fusionnet.engine.callbacks), ignored when an old checkpoint loads
 
@@ -143,14 +147,22 @@ class FusionNet(Classifier):
     """
 
     def __init__(self, config: FusionConfig | None = None, *, backbones: Sequence[str | BranchConfig] | None = None,
-                 num_classes: int | None = None, pool: str | Mapping[str, str] = "avg",
-                 input_size: int | Mapping[str, int] | None = None, class_names: Sequence[str] | None = None,
-                 trunks: Mapping[str, nn.Module] | None = None, **options) -> None:
+                 num_classes: int | None = None, class_names: Sequence[str] | None = None,
+                 pool: str | Mapping[str, str] = "avg", input_size: int | Mapping[str, int] | None = None,
+                 taps: int | Mapping[str, int] = 0, fusion: str = DEFAULT_FUSION, fusion_width: int = 256,
+                 head_hidden: int | None = None, dropout: float = 0.0, branch_dropout: float = 0.0,
+                 branch_heads: bool = False, freeze_trunks: bool = False, predict_with: str = "fused",
+                 resize: str = "shorter", crop_pct: float = 1.0, reader: str = "albumentations",
+                 image_size: int | None = None, trunks: Mapping[str, nn.Module] | None = None) -> None:
         super().__init__()
+        settings = dict(pool=pool, input_size=input_size, taps=taps, class_names=class_names, fusion=fusion,
+                        fusion_width=fusion_width, head_hidden=head_hidden, dropout=dropout,
+                        branch_dropout=branch_dropout, branch_heads=branch_heads, freeze_trunks=freeze_trunks,
+                        predict_with=predict_with, resize=resize, crop_pct=crop_pct, reader=reader,
+                        image_size=image_size)
         if config is None:
-            config = make_config(backbones, num_classes=num_classes, pool=pool, input_size=input_size,
-                                 class_names=class_names, **options)
-        elif backbones is not None or options:
+            config = make_config(backbones, num_classes=num_classes, **settings)
+        elif backbones is not None or num_classes is not None or settings != _KEYWORD_DEFAULTS:
             raise ConfigError("pass either a FusionConfig or keyword settings, not both")
         self.config = config
         self.load_reports: dict = {}  # filled by fusionnet.models.factory when checkpoints are loaded into branches

@@ -18,13 +18,14 @@ from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screene
                                       fused_model, scores_of, screen, select, late_oof_log_probs)
 
 
-def auto(data: str | os.PathLike, *, time_limit: str | float = "30m", out: str | os.PathLike = "runs/auto",
-         **settings) -> dict:
+def auto(data: str | os.PathLike | AutoConfig, *, time_limit: str | float = "30m",
+         out: str | os.PathLike = "runs/auto", overwrite: bool = False) -> dict:
     """Choose which trunks to fuse within ``time_limit`` and write the best model found as ``out/selected.pth``;
-    returns the report (``results.json``). ``settings`` are :class:`fusionnet.config.AutoConfig` fields."""
-    overwrite = bool(settings.pop("overwrite", False))
-    return run_into_folder(AutoConfig(data=str(data), time_limit=str(time_limit), out=str(out), **settings),
-                           overwrite)
+    returns the report (``results.json``). ``data``: the data folder, or a whole :class:`fusionnet.config.AutoConfig`
+    (every setting; its own ``time_limit`` and ``out``). ``overwrite``: replace an earlier run in ``out`` once this
+    one is complete."""
+    cfg = data if isinstance(data, AutoConfig) else AutoConfig(data=str(data), time_limit=str(time_limit), out=str(out))
+    return run_into_folder(cfg, overwrite)
 
 
 def run_into_folder(cfg: AutoConfig, overwrite: bool = False) -> dict:
