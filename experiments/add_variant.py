@@ -19,7 +19,7 @@ from fusionnet.workflows.compare import CompareConfig, _context, _run_variant
 from fusionnet.utils.files import atomic_write_json
 from fusionnet.models.fusers import FUSIONS
 from fusionnet.utils.metrics import accuracy, nll
-from fusionnet.workflows.report import mcnemar
+from fusionnet.workflows.compare.report import mcnemar
 from fusionnet.ensembles.voting import MemberOutputs
 
 

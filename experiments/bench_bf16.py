@@ -87,7 +87,7 @@ def speed(backbone: str, size: int, batch: int, rounds: int) -> dict:
 def cost(backbone: str, splits, seed: int) -> dict:
     from sklearn.model_selection import StratifiedKFold
 
-    from fusionnet.models.late_head import fit_branch
+    from fusionnet.engine.late_fit import fit_branch
 
     def features(view, precision):
         model = create_fusionnet([backbone], num_classes=len(splits.class_names), pretrained=True, fusion="late",

@@ -1,4 +1,4 @@
-"""Time the late_oof head's closed-form fit (fusionnet.models.late_head.fit_late_head) on one data set's frozen
+"""Time the late_oof head's closed-form fit (fusionnet.engine.late_fit.fit_late_head) on one data set's frozen
 features, and optionally another implementation of it side by side (e.g. a checkout of an earlier version), with
 the chosen C per branch and the out-of-fold NLL of each: writes JSON.
 
@@ -21,7 +21,7 @@ import torch
 from fusionnet import create_fusionnet
 from fusionnet.data.splits import eval_view, load_splits
 from fusionnet.engine.feature_cache import cached_features
-from fusionnet.models.late_head import fit_late_head
+from fusionnet.engine.late_fit import fit_late_head
 
 
 def _load_other(root: str):
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--backbones", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     ap.add_argument("--taps", type=int, default=4)
     ap.add_argument("--cache", default="runs/bench_late_head_cache")
-    ap.add_argument("--other", help="a folder with another fusionnet/models/late_head.py to time beside this one")
+    ap.add_argument("--other", help="a folder with another fusionnet/engine/late_fit.py to time beside this one")
     ap.add_argument("--out", default="runs/bench_late_head.json")
     args = ap.parse_args()
     splits = load_splits(args.data, size=args.size, seed=0)

@@ -14,7 +14,7 @@ from fusionnet.data.splits import load_splits
 from fusionnet.models.factory import load_fusionnet
 from fusionnet.utils.files import atomic_write_json
 from fusionnet.engine.inference import predict
-from fusionnet.workflows.report import mcnemar
+from fusionnet.workflows.compare.report import mcnemar
 
 
 def main() -> None:

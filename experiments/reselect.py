@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id, label
 from fusionnet.workflows.pipeline import Scored, Table, val_scores
-from fusionnet.workflows.report import mcnemar, write_report
+from fusionnet.workflows.compare.report import mcnemar, write_report
 from fusionnet.ensembles.voting import MemberOutputs
 
 RULES = ("nll_scaled", "nll", "acc")

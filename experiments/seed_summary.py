@@ -3,7 +3,7 @@ the members' validation curves; writes results.json / results.md (mean +- sd, pa
 
     python experiments/seed_summary.py runs/cmp_s0 runs/cmp_s1 runs/cmp_s2 --out runs/cmp_seeds
 
-The summary is :func:`fusionnet.workflows.report.write_seed_summary`, as ``compare --seeds`` writes it: every row's mean +- sd,
+The summary is :func:`fusionnet.workflows.compare.report.write_seed_summary`, as ``compare --seeds`` writes it: every row's mean +- sd,
 an exact McNemar test between the two val-selected rows and between the selected fusion and each output ensemble.
 The figure shows each member's validation NLL per epoch (``models/<member>/history.json``) with its best epoch marked,
 so one can see that the members had converged.
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fusionnet.workflows.report import write_seed_summary  # noqa: E402
+from fusionnet.workflows.compare.report import write_seed_summary  # noqa: E402
 
 
 def main() -> None:

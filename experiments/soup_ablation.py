@@ -18,7 +18,7 @@ from pathlib import Path
 from fusionnet.data.splits import load_splits
 from fusionnet.models.factory import load_fusionnet
 from fusionnet.workflows.pipeline import Context, Table, score
-from fusionnet.workflows.report import mcnemar
+from fusionnet.workflows.compare.report import mcnemar
 from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, member_id
 
 from reselect import table_of  # noqa: E402  (experiments/ is the script's own folder)

@@ -68,7 +68,7 @@ def paired(args, folders: list[Path]) -> None:
     """Exact McNemar on validation between each recipe's best model and the reference recipe's."""
     from fusionnet.models.factory import load_fusionnet
     from fusionnet.engine.inference import predict
-    from fusionnet.workflows.report import mcnemar
+    from fusionnet.workflows.compare.report import mcnemar
 
     runs = {}
     for folder in folders:

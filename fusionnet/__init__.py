@@ -41,7 +41,7 @@ _WHERE = {  # module -> the public names it defines
     "fusionnet.data.splits": ("load_splits",),
     "fusionnet.config": ("TrainConfig", "CompareConfig", "AutoConfig", "PlainConfig"),
     "fusionnet.workflows.compare": ("compare", "list_variants", "register_variant"),
-    "fusionnet.workflows.auto_run": ("auto",),
+    "fusionnet.workflows.auto": ("auto",),
     "fusionnet.ensembles.voting": ("VotingEnsemble", "MemberOutputs"),
     "fusionnet.ensembles.methods": ("list_ensembles", "register_ensemble"),
     "fusionnet.models.backbones": ("list_backbones", "register_backbone"),

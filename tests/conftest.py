@@ -42,11 +42,12 @@ def vgg16_files(tmp_path_factory) -> dict:
     return files
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray instance for every Ray test (starting one takes ~5 s). Serve's proxy must answer its readiness
-    check within 5 s by default, which a loaded 2-core machine may miss (the controller then kills it): the longer
-    limits are set before Ray starts, so they reach the controller's process."""
+    """A local Ray instance for a module's Ray tests, shut down after them (its idle workers poll: kept for the
+    whole session they cost the tests after them CPU time). Serve's proxy must answer its readiness check within
+    5 s by default, which a loaded 2-core machine may miss (the controller then kills it): the longer limits are
+    set before Ray starts, so they reach the controller's process."""
     ray = pytest.importorskip("ray")
     for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
         os.environ[name] = "120"

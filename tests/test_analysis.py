@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fusionnet import FusionNet
-from fusionnet.workflows.analysis import branch_ablation, embedding_2d, linear_probes
+from fusionnet.diagnostics.branches import branch_ablation, embedding_2d, linear_probes
 
 
 def _informative_and_noise(n=60, seed=0):
@@ -34,7 +34,7 @@ def test_ablation_and_probes_find_the_informative_branch():
 
 
 def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_scale():
-    from fusionnet.workflows.analysis import cka_matrix, linear_cka
+    from fusionnet.diagnostics.branches import cka_matrix, linear_cka
 
     torch.manual_seed(0)
     x = torch.randn(50, 8)
@@ -47,7 +47,7 @@ def test_linear_cka_is_one_on_itself_and_invariant_to_rotation_and_scale():
 
 
 def test_grad_cam_maps_lie_in_unit_range_at_image_size():
-    from fusionnet.workflows.analysis import grad_cam
+    from fusionnet.diagnostics.branches import grad_cam
 
     model = FusionNet(backbones=["timm/test_resnet", "timm/test_efficientnet"], num_classes=3, freeze_trunks=True)
     cam = grad_cam(model, torch.rand(2, 3, 32, 32), "test_resnet")

@@ -10,9 +10,9 @@ from fusionnet.cli.main import main
 from fusionnet.config import AutoConfig
 from fusionnet.data.splits import load_splits
 from fusionnet.models.factory import load_fusionnet, save_model
-from fusionnet.workflows import auto_run
-from fusionnet.workflows.auto import Candidate, ScreenSettings, screen, select
-from fusionnet.workflows.auto_run import run_auto
+import fusionnet.workflows.auto as auto_run
+from fusionnet.workflows.auto.screening import Candidate, ScreenSettings, screen, select
+from fusionnet.workflows.auto import run_auto
 from toydata import make_splits
 
 TINY = dict(candidates=["timm/test_resnet", "timm/test_efficientnet"], pretrained=False, sizes=[32],
@@ -99,7 +99,7 @@ def test_the_time_limit_holds_on_a_fake_clock(data, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(auto_run, "screen", slow)
-    monkeypatch.setattr("fusionnet.workflows.auto_finetune.plan_epochs", lambda *a: 1)  # under MIN_EPOCHS
+    monkeypatch.setattr("fusionnet.workflows.auto.finetune.plan_epochs", lambda *a: 1)  # under MIN_EPOCHS
     cfg = AutoConfig(data=str(data), time_limit="250s", **{**TINY, "sizes": [32, 40], "finetune": True})
     report = run_auto(cfg, out=tmp_path / "run", clock=clock, log=lambda _m: None)
     assert report["seconds"] <= 1.1 * 250
@@ -141,8 +141,8 @@ def test_auto_from_the_command_line_and_its_run_folder_everywhere(data, tmp_path
 
 
 def test_ray_screening_gives_the_local_results(data, local_ray):
-    from fusionnet.workflows.auto import Budget
-    from fusionnet.workflows.auto_ray import screen_with_ray
+    from fusionnet.workflows.auto.screening import Budget
+    from fusionnet.workflows.auto.on_ray import screen_with_ray
 
     splits = load_splits(data, size=32)
     settings = ScreenSettings(splits.class_names, taps=0, pretrained=False, seed=0, cache_dir=None, device="cpu")
@@ -191,7 +191,7 @@ def test_compare_with_ray_maps_its_seeds_then_its_members(data, tmp_path, monkey
 
 
 def _screened(name: str, log_probs: torch.Tensor, ms: float = 1.0):
-    from fusionnet.workflows.auto import Screened
+    from fusionnet.workflows.auto.screening import Screened
 
     return Screened(name, Candidate(name, 32), (torch.zeros(3, 1), torch.zeros(3)), 1.0, 0, log_probs.double(),
                     0.0, 0.0, {}, ms, 1000, 1.0)
@@ -218,7 +218,7 @@ def test_greedy_selection_adds_the_complementary_trunk_not_a_dead_one_or_a_dupli
     picked = select(trunks, labels, min_gain=0.002, seed=0)
     assert sorted(picked.chosen) == ["A", "B"], picked
     assert picked.steps[1].gain > 0.05 and "lowers the out-of-fold NLL by 0.002" in picked.stopped
-    from fusionnet.workflows.auto import finalists
+    from fusionnet.workflows.auto.screening import finalists
 
     # validation then chooses among the greedy path's sets and the final set plus each other candidate
     first = picked.chosen[0]

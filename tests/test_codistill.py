@@ -9,7 +9,7 @@ from fusionnet.models.factory import load_fusionnet, save_model
 from fusionnet.engine.callbacks import CoDistillation
 from fusionnet.utils.probabilities import soft_vote_logits
 from fusionnet.workflows.compare import LATE_OOF_WARNING, CompareConfig, regime_train_config, compare
-from fusionnet.workflows.crossfit import fit_combiner, fold_indices, out_of_fold_probs
+from fusionnet.workflows.compare.crossfit import fit_combiner, fold_indices, out_of_fold_probs
 from fusionnet.data.splits import load_splits
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.fusion import predicted_logits
@@ -320,8 +320,8 @@ def test_cross_fitting_with_taps_fits_each_tapped_classifier_on_its_fold_models_
     """Issue 30: the tapped levels' classifier of each fold model is fitted on that model's training images only and
     predicts the fold it left out; the deployed model keeps, per member, the head whose honest predictions were
     better."""
-    import fusionnet.workflows.crossfit as crossfit
-    from fusionnet.workflows.crossfit import CrossFitted
+    import fusionnet.workflows.compare.crossfit as crossfit
+    from fusionnet.workflows.compare.crossfit import CrossFitted
     from fusionnet.workflows.pipeline import Context
 
     data = make_splits(tmp_path / "data", per_class=9)

@@ -7,7 +7,7 @@ from fusionnet import ConfigError, FusionNet
 from fusionnet.models.factory import load_fusionnet
 from fusionnet.cli.main import main
 from fusionnet.workflows.compare import CompareConfig, regime_train_config, compare
-from fusionnet.workflows.report import mcnemar, write_seed_summary
+from fusionnet.workflows.compare.report import mcnemar, write_seed_summary
 from fusionnet.ensembles.voting import MemberOutputs
 from fusionnet.data.splits import load_splits
 from fusionnet.ensembles.members import train_bagged, train_boosted

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusionnet import BranchConfig, ConfigError, FusionNet, create_fusionnet, WeightsUnavailableError, list_backbones
+from fusionnet import BranchConfig, ConfigError, FusionConfig, FusionNet, create_fusionnet, WeightsUnavailableError, list_backbones
 from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.models.factory import load_fusionnet, save_model
 from fusionnet.models.backbones import get_spec
@@ -87,6 +87,9 @@ def test_branch_normalises_and_resizes_inside_the_model():
 def test_same_backbone_twice_gets_unique_branch_names():
     model = FusionNet(backbones=["resnet18", "resnet18"], num_classes=2)
     assert list(model.branches) == ["resnet18", "resnet18_2"]
+    given = [BranchConfig("resnet18"), BranchConfig("resnet18")]
+    assert [b.name for b in FusionConfig(given, 2).branches] == ["resnet18", "resnet18_2"]
+    assert [b.name for b in given] == ["", ""]  # the caller's configs are copied, never rewritten
     with pytest.raises(ValueError, match=r"branch names must be unique, \['a'\] repeat"):
         FusionNet(backbones=[BranchConfig("resnet18", name="a"), BranchConfig("mobilenet_v2", name="a")],
                   num_classes=2)

@@ -6,7 +6,7 @@ import torch
 from fusionnet import FusionNet
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.factory import fuse_members
-from fusionnet.models.late_head import fit_late_head
+from fusionnet.engine.late_fit import fit_late_head
 
 TINY = ["timm/test_efficientnet", "timm/test_resnet"]
 

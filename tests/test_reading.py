@@ -360,7 +360,7 @@ def test_the_commands_size_wins_over_what_a_fusionnet_member_records(tmp_path):
 
 def test_autos_backbone_candidates_read_as_the_members_they_are_scored_beside(tmp_path):
     from fusionnet.config.reading import common_reading
-    from fusionnet.workflows.auto import Candidate
+    from fusionnet.workflows.auto.screening import Candidate
 
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(), tmp_path / "r18.pth")
     plain = PlainConfig(classes=["a", "b", "c"], resize="stretch")

@@ -88,7 +88,7 @@ def handle_compare(args) -> None:
 
 
 def handle_auto(args) -> None:
-    from fusionnet.workflows.auto_run import run_into_folder
+    from fusionnet.workflows.auto import run_into_folder
 
     cfg = AutoConfig(**given(settings(args, AutoConfig), AutoConfig))  # every setting checked first
     report = run_into_folder(cfg, bool(args.overwrite))

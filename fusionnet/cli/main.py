@@ -1,4 +1,5 @@
-"""The ``fusionnet`` command: parses arguments and calls the library; no logic of its own.
+"""The ``fusionnet`` command's entry point: builds the parser from the registered commands (:mod:`.args`), runs
+the command's handler (:mod:`.handlers`) and turns what fails into an exit code and one line.
 
 Every run writes into its own folder (``--out``) and never over an earlier run unless ``--overwrite``.
 Exit codes: 0 success; 2 bad usage or bad input (one line naming the value and the fix, no traceback); 1 an

@@ -236,7 +236,7 @@ def parse_duration(value) -> float:
 
 @dataclass
 class AutoConfig:
-    """``fusionnet auto``: which trunks to fuse, chosen within a time budget (see :mod:`fusionnet.workflows.auto`)."""
+    """``fusionnet auto``: which trunks to fuse, chosen within a time budget (see :mod:`fusionnet.workflows.auto.screening`)."""
 
     data: str = setting(None, "folder with train/ and test/ (val/ optional)")
     time_limit: str = setting("30m", "the whole budget, e.g. 30m, 90s, 1h30m; never exceeded by more than 10%")

@@ -87,8 +87,6 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     """
     how = SplitSettings(size, val_fraction, seed, policy, strict, crop_pct, image_cache, progress, resize, reader,
                         val_list)
-    size, val_fraction, seed, policy, strict = how.size, how.val_fraction, how.seed, how.policy, how.strict
-    crop_pct, image_cache, progress = how.crop_pct, how.image_cache, how.progress
     if not (is_int(size) and size >= 1):
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     base = _data_root(root)
@@ -123,16 +121,21 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
         test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), warn=False)
     report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, FolderImages) else [])
                    + (test.skipped if test is not None else []), strict)  # one line for the whole data folder
-    if image_cache is None:
-        return Splits(train, val, test)
+    return Splits(train, val, test) if image_cache is None else _cached(Splits(train, val, test), full, how)
+
+
+def _cached(splits: Splits, full: FolderImages, how: SplitSettings) -> Splits:
+    """``splits`` reading decoded images from stores in ``how.image_cache`` (see :func:`load_splits`)."""
+    train, val, test = splits.train, splits.val, splits.test
+    size, cache, progress = how.size, how.image_cache, how.progress
     every = list(dict.fromkeys(full.paths + val.paths + (test.paths if test is not None else [])))
     if how.resize == "stretch" or how.reader == "torchvision":  # the store keeps the short side, resized by
         # OpenCV: stretching from it, or torchvision's reading, would not see the file's own pixels
-        train_store = ImageStore(image_cache, full.paths, train_side(size), interpolation="area", progress=progress)
+        train_store = ImageStore(cache, full.paths, train_side(size), interpolation="area", progress=progress)
         return Splits(train.with_transform(train.transform, store=train_store), val, test)
-    eval_store = ImageStore(image_cache, every, int(round(size / crop_pct)), progress=progress)
-    train_store = eval_store if policy == "none" else ImageStore(image_cache, full.paths, train_side(size),
-                                                                 interpolation="area", progress=progress)
+    eval_store = ImageStore(cache, every, int(round(size / how.crop_pct)), progress=progress)
+    train_store = eval_store if how.policy == "none" else ImageStore(cache, full.paths, train_side(size),
+                                                                     interpolation="area", progress=progress)
     return Splits(train.with_transform(train.transform, store=train_store),
                   val.with_transform(val.transform, store=eval_store),
                   test.with_transform(test.transform, store=eval_store) if test is not None else None)

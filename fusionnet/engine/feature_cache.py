@@ -175,11 +175,13 @@ def cached_features(model, dataset, *, cache_dir: str | os.PathLike | None, **kw
 
 def fit_closed_form_on(model, splits, *, cache_dir, device: str = "auto", seed: int = 0,
                        log: Callable[[str], None] | None = None, num_workers: int = 0, progress: bool = False):
-    """The fusion method's closed-form fit (:meth:`fusionnet.models.fusers.Fuser.fit_closed_form`; ``late``:
-    :func:`fusionnet.models.late_head.fit_late_head`) on the training images of ``splits`` (a :class:`fusionnet.data.splits.Splits`), seen through
+    """The fusion method's closed-form fit (:func:`fusionnet.engine.late_fit.fit_closed_form`; ``late``:
+    :func:`fusionnet.engine.late_fit.fit_late_head`) on the training images of ``splits`` (a :class:`fusionnet.data.splits.Splits`), seen through
     the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
     train = eval_view(splits.train, splits.val)
     bar = (lambda it: tqdm(it, desc="features (train)", leave=False)) if progress else None
     feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64,
                                num_workers=num_workers, progress=bar)
-    return model.fuser.fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log, progress=progress)
+    from fusionnet.engine.late_fit import fit_closed_form
+
+    return fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log, progress=progress)

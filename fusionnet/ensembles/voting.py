@@ -196,7 +196,7 @@ class VotingModule(nn.Module):
 
     Members return logits (``forward`` of any model gives the main logits only). Inputs go to each member's own
     device, so members moved with ``.to(device)`` together (or one by one) always see their inputs where they live.
-    Optional per-member temperatures (from :func:`fusionnet.ensembles.selection.fit_temperature`) divide the logits first.
+    Optional per-member temperatures (from :func:`fusionnet.ensembles.calibration.fit_temperature`) divide the logits first.
     """
 
     def __init__(self, members: Sequence[nn.Module], *, voting: str = "soft", weights: Sequence[float] | None = None,

@@ -1,4 +1,5 @@
-"""Building FusionNets with weights: the one place that reads files, downloads and remaps keys for a model.
+"""Building FusionNets with weights: a model's trunks from their builders (pretrained weights through each
+backbone's weight sources, :mod:`fusionnet.models.backbones`) and from local checkpoints, keys remapped.
 
 * :func:`create_fusionnet`: a model from settings, with pretrained trunks (``pretrained=``) and/or local
   checkpoints per branch (``checkpoints=``).

@@ -11,12 +11,11 @@ A method declares, besides its forward pass:
   the model predicts their logit average (or its equivalent); False where it cannot;
 * :meth:`Fuser.branch_columns`: where each branch lies in the fused vector, where the fused vector is a per-branch
   rescaling of the features (OGM-GE needs each branch's share of the logits); None elsewhere;
-* :meth:`Fuser.fit_closed_form`: a closed-form fit of the fuser and head on frozen features, where it has one.
 
 Adding a method is one class with ``@register_fusion("name")`` here and its tests; nothing outside this file compares
-method names: the model, the factory, the trainer and the comparison ask the class (:func:`get_fusion`) or ask for a
-capability (:func:`closed_form_fusion`: the method with a closed-form fit, which the ``late_oof`` variant, ``fuse``,
-cross-fitting and ``auto`` fit).
+method names: the model, the factory, the trainer and the comparison ask the class (:func:`get_fusion`) or for a
+capability (:func:`fusionnet.engine.late_fit.closed_form_fusion`: the method with a closed-form fit, which the
+``late_oof`` variant, ``fuse``, cross-fitting and ``auto`` build; fits live in the engine, beside training).
 
 * ``concat``: (B, sum D_i), no parameters.
 * ``gated``: a gate network on the concatenated features gives per-sample softmax weights g (B, M); each branch
@@ -24,7 +23,7 @@ cross-fitting and ``auto`` fit).
   exactly as ``concat`` (a model built from trained members starts at their logit average either way).
 * ``attention``: each branch is projected to one width ``d`` (a token), a learned query attends over the M branch
   tokens (multi-head), and the attention-weighted sum (B, d) is the fused vector.
-* ``late`` (in :mod:`fusionnet.models.late_head`, beside its closed-form fit): a Linear classifier per branch; the
+* ``late``: a Linear classifier per branch (its closed-form fit: :mod:`fusionnet.engine.late_fit`); the
   fused vector is their log-probabilities side by side (B, M*K), so the head is a learned combiner of the
   branches' predictions (stacking inside the network).
 """
@@ -37,7 +36,6 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from fusionnet.errors import ConfigError
 from fusionnet.registry import Registry
 
 Heads = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per branch: (weight (K, D_i), bias (K,)) of a member's head
@@ -62,16 +60,6 @@ def get_fusion(name: str) -> type["Fuser"]:
 def list_fusions() -> list[str]:
     """The registered fusion methods, in registration order."""
     return FUSIONS.names()
-
-
-def closed_form_fusion() -> str:
-    """The fusion method whose model is fitted in closed form on frozen features (the first registered with
-    :meth:`Fuser.fit_closed_form`: ``late``): what the ``late_oof`` variant, ``fuse``'s closed-form head,
-    cross-fitting and ``auto`` build."""
-    for name, cls in FUSIONS.items():
-        if cls.has_closed_form():
-            return name
-    raise ConfigError("no registered fusion method has a closed-form fit")
 
 
 class Fuser(nn.Module):
@@ -106,20 +94,10 @@ class Fuser(nn.Module):
         head.bias.copy_(torch.stack([b for _, b in heads]).mean(0))
         return True
 
-    def fit_closed_form(self, model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, **options):
-        """Fit the fuser and head on frozen features in closed form, where the method has such a fit."""
-        raise ConfigError(f"fusion {self.name!r} has no closed-form fit; train it with fusionnet.fit, or build the "
-                          f"model with a method that has one: "
-                          f"{', '.join(n for n, c in FUSIONS.items() if c.has_closed_form())}")
-
     @classmethod
     def can_start_from_heads(cls) -> bool:
         """Whether :meth:`start_from_heads` can set the model to the members' logit average."""
         return cls.per_branch_linear or cls.start_from_heads is not Fuser.start_from_heads
-
-    @classmethod
-    def has_closed_form(cls) -> bool:
-        return cls.fit_closed_form is not Fuser.fit_closed_form
 
 
 @register_fusion("concat", default=True)
@@ -165,6 +143,31 @@ class AttentionFusion(Fuser):
         fused, weights = self.attn(query, tokens, tokens, need_weights=True, average_attn_weights=True)
         # fused (B, 1, d) -> (B, d); weights (B, 1, M) -> (B, M): the query's attention over branches
         return self.norm(rearrange(fused, "b 1 d -> b d")), {"attention": rearrange(weights, "b 1 m -> b m")}
+
+
+@register_fusion("late", default=True)
+class LateFusion(Fuser):
+    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int) -> None:
+        super().__init__(dims, num_classes=num_classes, width=width)
+        self.out_dim = len(dims) * num_classes
+        self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = torch.stack([c(f) for c, f in zip(self.classifiers, feats)], dim=1)  # (B, M, K)
+        log_probs = logits.float().log_softmax(dim=2).to(logits.dtype)
+        return rearrange(log_probs, "b m k -> b (m k)"), {"branch_logits": logits}
+
+    @torch.no_grad()
+    def start_from_heads(self, head: nn.Linear, heads: Heads) -> bool:
+        """Each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the fused
+        softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
+        n, k = len(heads), head.out_features
+        for classifier, (w, b) in zip(self.classifiers, heads):
+            classifier.weight.copy_(w)
+            classifier.bias.copy_(b)
+        head.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
+        head.bias.zero_()
+        return True
 
 
 def branch_dropout(feats: Sequence[torch.Tensor], p: float, training: bool) -> list[torch.Tensor]:

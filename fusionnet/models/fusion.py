@@ -19,7 +19,7 @@ the trainer switches it on through :mod:`fusionnet.engine.callbacks`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -30,7 +30,6 @@ from fusionnet.models.branch import Branch, BranchConfig
 from fusionnet.config import DEFAULT_FUSION, Reading
 from fusionnet.config.reading import check_reading_fields
 from fusionnet.errors import ConfigError, is_int
-from fusionnet.models import late_head  # noqa: F401  (registers the late fusion method beside its fit)
 from fusionnet.models.fusers import branch_dropout, get_fusion, ordered
 from fusionnet.models.interface import Classifier, ModelOutput
 from fusionnet.utils.probabilities import soft_vote_logits
@@ -60,7 +59,8 @@ class FusionConfig:
     image_size: int | None = None  # the input size it was trained at, where known (else its training record's)
 
     def __post_init__(self) -> None:
-        self.branches = [b if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
+        # copies: naming the branches below never rewrites the BranchConfigs the caller passed in
+        self.branches = [replace(b) if isinstance(b, BranchConfig) else BranchConfig(**b) for b in self.branches]
         if not self.branches:
             raise ConfigError("a FusionNet needs at least one backbone, got an empty list")
         if not (is_int(self.num_classes) and self.num_classes >= 1):

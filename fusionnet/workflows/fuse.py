@@ -26,7 +26,7 @@ from fusionnet.data.datasets import check_unseen
 from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.factory import fuse_members
-from fusionnet.models.fusers import closed_form_fusion
+from fusionnet.engine.late_fit import closed_form_fusion
 from fusionnet.models.plain import describe_members, load_member
 from fusionnet.workflows.reading import members_reading, settle_sizes
 from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_text

@@ -4,7 +4,7 @@ A comparison is a list of entries. Each entry makes one model and runs the same 
 
 * :class:`Trained`: build it -> :func:`fusionnet.engine.train.fit` (best epoch on validation) -> load the best epoch;
 * :class:`ClosedForm`: build it -> its fusion method's closed-form fit on the training split's cached features
-  (:meth:`fusionnet.models.fusers.Fuser.fit_closed_form`) -> save it;
+  (:func:`fusionnet.engine.late_fit.fit_closed_form`) -> save it;
 * :class:`Loaded`: a model the user trained already (``fuse``'s members);
 
 then :func:`score` predicts validation and test once, saves both as member-output files (what every output

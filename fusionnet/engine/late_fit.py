@@ -1,6 +1,7 @@
-"""Late fusion (``fusion="late"``) and its closed-form fit on frozen branch features: stacking inside the network.
+"""The closed-form fit of late fusion (``fusion="late"``, :class:`fusionnet.models.fusers.LateFusion`) on frozen branch
+features: stacking inside the network.
 
-:class:`LateFusion` has a Linear classifier per branch; the fused vector is their log-probabilities side by side
+:class:`~fusionnet.models.fusers.LateFusion` has a Linear classifier per branch; the fused vector is their log-probabilities side by side
 (B, M*K), so the model's head is a learned combiner of the branches' predictions. With the head at [I/M ... I/M]
 the model predicts the softmax of the mean branch logit. :func:`fit_late_head` fits both parts:
 
@@ -26,17 +27,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from einops import rearrange
-from torch import nn
-
 from fusionnet.errors import ConfigError, DataError
-from fusionnet.models.fusers import Fuser, Heads, register_fusion
+from fusionnet.models.fusers import FUSIONS, Fuser, LateFusion
 
 WALK_TOL = 1e-5  # gradient tolerance while choosing C (the kept weights: 1e-6, float64): digits Lite0 main features
 # 1.4 s vs 2.2 s for the walk, the same C, out-of-fold NLL 0.17775 vs 0.17734
@@ -60,35 +58,6 @@ class LateHeadFit:
     seconds: float
     branch_taps: dict[str, int]  # how many tapped feature levels each branch classifier uses: all or none,
     # chosen like C by out-of-fold NLL
-
-
-@register_fusion("late", default=True)
-class LateFusion(Fuser):
-    def __init__(self, dims: Sequence[int], *, num_classes: int, width: int) -> None:
-        super().__init__(dims, num_classes=num_classes, width=width)
-        self.out_dim = len(dims) * num_classes
-        self.classifiers = nn.ModuleList(nn.Linear(d, num_classes) for d in dims)
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = torch.stack([c(f) for c, f in zip(self.classifiers, feats)], dim=1)  # (B, M, K)
-        log_probs = logits.float().log_softmax(dim=2).to(logits.dtype)
-        return rearrange(log_probs, "b m k -> b (m k)"), {"branch_logits": logits}
-
-    @torch.no_grad()
-    def start_from_heads(self, head: nn.Linear, heads: Heads) -> bool:
-        """Each member's head becomes its branch's classifier and the combiner is [I/N ... I/N], so the fused
-        softmax is that of the mean member logit (log-softmax only subtracts a per-sample constant)."""
-        n, k = len(heads), head.out_features
-        for classifier, (w, b) in zip(self.classifiers, heads):
-            classifier.weight.copy_(w)
-            classifier.bias.copy_(b)
-        head.weight.copy_(torch.eye(k).repeat(1, n) / n)  # (K, N*K)
-        head.bias.zero_()
-        return True
-
-    def fit_closed_form(self, model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, **options):
-        """Stacking inside the network: :func:`fit_late_head`."""
-        return fit_late_head(model, features, labels, **options)
 
 
 def fit_late_head(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *, folds: int = 5,
@@ -341,3 +310,26 @@ def _fit(x: np.ndarray, y: np.ndarray, k: int, c: float, start) -> tuple[np.ndar
 def _copy(linear: torch.nn.Linear, weight: np.ndarray, bias: np.ndarray) -> None:
     linear.weight.copy_(torch.from_numpy(weight).to(linear.weight.dtype))
     linear.bias.copy_(torch.from_numpy(bias).to(linear.bias.dtype))
+
+
+CLOSED_FORM_FITS: dict[type, Callable] = {LateFusion: fit_late_head}  # fusion class -> its closed-form fit
+
+
+def closed_form_fusion() -> str:
+    """The registered fusion method whose model is fitted in closed form on frozen features (the first with a fit
+    here: ``late``): what the ``late_oof`` variant, ``fuse``'s closed-form head, cross-fitting and ``auto`` build."""
+    for name, cls in FUSIONS.items():
+        if cls in CLOSED_FORM_FITS:
+            return name
+    raise ConfigError("no registered fusion method has a closed-form fit")
+
+
+def fit_closed_form(model, features: Mapping[str, torch.Tensor], labels: torch.Tensor, **options):
+    """Fit ``model``'s fusion method and head on frozen ``features`` in closed form (``late``:
+    :func:`fit_late_head`, whose keywords ``options`` are), in place."""
+    fit = CLOSED_FORM_FITS.get(type(getattr(model, "fuser", None)))
+    if fit is None:
+        able = [n for n, c in FUSIONS.items() if c in CLOSED_FORM_FITS]
+        raise ConfigError(f"fusion {model.config.fusion!r} has no closed-form fit; train it with fusionnet.fit, or "
+                          f"build the model with a method that has one: {', '.join(able)}")
+    return fit(model, features, labels, **options)

@@ -1,5 +1,5 @@
 """``fusionnet auto``'s last stage: fine-tune the chosen members and fit their late fusion cross-fitted
-(:mod:`fusionnet.workflows.crossfit`), when the measured training-step times say it fits in the time left.
+(:mod:`fusionnet.workflows.compare.crossfit`), when the measured training-step times say it fits in the time left.
 
 The estimate: one training step of each chosen member timed on a real batch; an epoch is that times the steps of an
 epoch, plus a validation pass; the stage trains each member ``E`` epochs on the whole training split and ``folds``
@@ -68,7 +68,7 @@ def plan_epochs(epoch_s: list[float], folds: int, left_s: float) -> int:
 
 def finetune_stage(chosen, splits, settings, cfg, budget, report, log) -> None:
     """Fine-tune the chosen members and keep their cross-fitted late fusion when validation prefers it."""
-    from fusionnet.workflows.crossfit import CrossFitted
+    from fusionnet.workflows.compare.crossfit import CrossFitted
     from fusionnet.workflows.pipeline import Context, Trained
 
     builders = {s.id: _builder(s.candidate, settings) for s in chosen}

@@ -15,7 +15,7 @@ best model so far written as ``selected.pth`` (stopped at any moment, the run fo
    stopping when no candidate improves it by ``min_gain``; ``max_latency_ms`` / ``max_params`` constrain it.
 4. **The fused model**: the chosen trunks' branch classifiers and a combiner fitted on their out-of-fold
    predictions, in one FusionNet (the fusion method with a closed-form fit, ``late``), scored on validation and test.
-5. **Fine-tuning** (:mod:`fusionnet.workflows.auto_finetune`), if the measured step times say it fits in the time
+5. **Fine-tuning** (:mod:`fusionnet.workflows.auto.finetune`), if the measured step times say it fits in the time
    left: the chosen members fine-tuned, and their late fusion cross-fitted.
 
 Validation chooses ``selected.pth`` among the stages' models (lowest NLL); the test split is only reported. The
@@ -36,7 +36,7 @@ from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.config.reading import common_reading
 from fusionnet.errors import ConfigError
 from fusionnet.models.branch import BranchConfig
-from fusionnet.models.fusers import closed_form_fusion
+from fusionnet.engine.late_fit import closed_form_fusion
 from fusionnet.models.fusion import FusionConfig, FusionNet
 
 FOLDS = 5  # the branch classifiers' and the combiner's out-of-fold folds (as the late_oof head's)
@@ -195,7 +195,7 @@ def screen(candidate: Candidate, splits, settings: ScreenSettings, log: Callable
     training split, its predictions on validation and test, and its inference time per image on this device."""
     from fusionnet.data.splits import eval_view
     from fusionnet.engine.feature_cache import cached_features
-    from fusionnet.models.late_head import fit_branch
+    from fusionnet.engine.late_fit import fit_branch
 
     t0 = time.perf_counter()
     model = candidate.build(settings.class_names, taps=settings.taps, pretrained=settings.pretrained,
@@ -260,7 +260,7 @@ class Selection:
 
 def combo_cv(labels: torch.Tensor, seed: int):
     """The folds of every out-of-fold score auto computes: the late_oof head's own."""
-    from fusionnet.models.late_head import stacking_cv
+    from fusionnet.engine.late_fit import stacking_cv
 
     return stacking_cv(labels, seed, FOLDS)
 
@@ -273,7 +273,7 @@ def select(screened: Sequence[Screened], labels: torch.Tensor, *, min_gain: floa
     The score is the cross-validated NLL of the non-negative combiner without the model's pull towards equal
     weights: the pull would reward a copy of a chosen trunk (two copies move the pull's centre towards it), where
     without it a copy, or a trunk of constant features (a bias), changes nothing the combiner can use."""
-    from fusionnet.models.late_head import combiner_oof
+    from fusionnet.engine.late_fit import combiner_oof
 
     by_id = {s.id: s for s in screened}
     target, cv = labels.long(), combo_cv(labels, seed)
@@ -325,8 +325,8 @@ def _within(chosen: Sequence[Screened], max_latency_ms: float | None, max_params
 # ---- the fused model ---------------------------------------------------------------------------------------------
 def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: ScreenSettings) -> FusionNet:
     """One late-fusion FusionNet of the chosen trunks: each branch classifier as screening fitted it, the combiner
-    fitted on their out-of-fold predictions (the same rule as :func:`fusionnet.models.late_head.fit_late_head`)."""
-    from fusionnet.models.late_head import fit_combiner_into
+    fitted on their out-of-fold predictions (the same rule as :func:`fusionnet.engine.late_fit.fit_late_head`)."""
+    from fusionnet.engine.late_fit import fit_combiner_into
 
     singles = [s.candidate.build(settings.class_names, taps=settings.taps, pretrained=settings.pretrained,
                                  seed=settings.seed, plain=settings.plain, reading=settings.reading) for s in chosen]
@@ -348,7 +348,7 @@ def fused_model(chosen: Sequence[Screened], labels: torch.Tensor, settings: Scre
 
 def late_oof_log_probs(chosen: Sequence[Screened], labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """The late_oof fusion's validation and test log-probabilities from the screened predictions (no model run)."""
-    from fusionnet.models.late_head import solve_combiner
+    from fusionnet.engine.late_fit import solve_combiner
 
     w, b = solve_combiner(torch.stack([s.oof_log_probs for s in chosen], dim=1), labels.long())
     return {split: ((torch.stack([s.log_probs[split] for s in chosen], dim=1) * w).sum(1) + b).log_softmax(1)

@@ -14,7 +14,7 @@ from fusionnet.errors import TrainingError
 
 def _screen_task(candidate, data: dict, settings):
     from fusionnet.data.splits import load_splits
-    from fusionnet.workflows.auto import screen
+    from fusionnet.workflows.auto.screening import screen
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     splits = load_splits(data["root"], size=data["size"], val_fraction=data["val_fraction"], seed=data["seed"],

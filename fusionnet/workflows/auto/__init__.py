@@ -1,4 +1,4 @@
-"""The stages of ``fusionnet auto`` in order, within the time limit (the pieces: :mod:`fusionnet.workflows.auto`),
+"""The stages of ``fusionnet auto`` in order, within the time limit (the pieces: :mod:`fusionnet.workflows.auto.screening`),
 and its leaderboard. :func:`auto` is the library call, :func:`run_auto` the command's."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from fusionnet.config import AutoConfig, PlainConfig
 from fusionnet.errors import ConfigError
-from fusionnet.workflows.auto import (Budget, Candidate, ScreenSettings, Screened, candidates_for, finalists,
+from fusionnet.workflows.auto.screening import (Budget, Candidate, ScreenSettings, Screened, candidates_for, finalists,
                                       fused_model, scores_of, screen, select, late_oof_log_probs)
 
 
@@ -40,7 +40,7 @@ def run_into_folder(cfg: AutoConfig, overwrite: bool = False) -> dict:
 
 def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], float] = time.monotonic,
              log: Callable[[str], None] = print, candidates: list[Candidate] | None = None) -> dict:
-    """Every stage of :mod:`fusionnet.workflows.auto` into ``out``, each ending with ``selected.pth``
+    """Every stage of :mod:`fusionnet.workflows.auto.screening` into ``out``, each ending with ``selected.pth``
     (``candidates``: ``candidates_for(cfg)`` where the caller has them)."""
     from fusionnet.data.splits import load_splits
     from fusionnet.config import Reading
@@ -83,7 +83,7 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
                               "late_oof fusion of " + " + ".join(ids), row=cost_of(chosen), trunks=ids)
     stage("fine-tuning")
     if cfg.finetune:
-        from fusionnet.workflows.auto_finetune import finetune_stage
+        from fusionnet.workflows.auto.finetune import finetune_stage
 
         finetune_stage(chosen, splits, settings, cfg, budget, report, log)
     bar.close()
@@ -114,7 +114,7 @@ def _screen_all(candidates: list[Candidate], splits, settings: ScreenSettings, c
     from fusionnet.utils.ray_tasks import ray_requested
 
     if ray_requested(cfg.ray):
-        from fusionnet.workflows.auto_ray import screen_with_ray
+        from fusionnet.workflows.auto.on_ray import screen_with_ray
 
         screened = screen_with_ray(candidates, cfg, settings, budget, log)
         for c in candidates:
@@ -217,7 +217,7 @@ class Report:
 
     def write(self) -> dict:
         from fusionnet.utils.files import atomic_write_json, atomic_write_text
-        from fusionnet.workflows.auto_report import leaderboard_markdown, pareto_figure
+        from fusionnet.workflows.auto.report import leaderboard_markdown, pareto_figure
 
         report = {"data": self.cfg.data, "time_limit_s": self.cfg.limit_s, "seconds": self.budget.spent(),
                   "selected": self.best[1] if self.best else None, "selected_model": str(self.out / "selected.pth"),

@@ -48,7 +48,7 @@ def _num(value, digits: int = 4) -> str:
 def pareto_figure(report: dict, path: str | os.PathLike) -> None:
     """Validation NLL against inference time per image, the Pareto front joined."""
     from fusionnet.utils.plots import new_figure, save
-    from fusionnet.workflows.auto import pareto
+    from fusionnet.workflows.auto.screening import pareto
 
     rows = {r: row for r, row in report["rows"].items() if row.get("ms_per_image")}
     if not rows:

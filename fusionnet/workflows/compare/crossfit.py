@@ -1,7 +1,7 @@
 """Honest stacking of fine-tuned members: cross-fitting.
 
 A combiner (stacking) must be fitted on predictions for images the predicting model never trained on. With frozen
-trunks the late head gets them from out-of-fold logistic regressions on fixed features (:mod:`fusionnet.models.late_head`);
+trunks the late head gets them from out-of-fold logistic regressions on fixed features (:mod:`fusionnet.engine.late_fit`);
 with fine-tuned trunks that is not enough, because the trunks themselves saw every training image (digits, Lite1:
 out-of-fold accuracy 0.95 on training features against 0.80 on validation). Cross-fitting trains each member again
 ``folds`` times, each time on every fold but one, and has that model predict the fold it left out
@@ -44,7 +44,7 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
     """A one-branch late-fusion copy of the single-branch ``member`` with ``taps`` earlier levels (its trunk, frozen;
     the classifier still to fit)."""
     from fusionnet.models.branch import BranchConfig
-    from fusionnet.models.fusers import closed_form_fusion
+    from fusionnet.engine.late_fit import closed_form_fusion
     from fusionnet.models.fusion import FusionConfig, FusionNet
 
     (own,) = member.config.branches
@@ -59,9 +59,9 @@ def tapped_view(member: nn.Module, taps: int) -> nn.Module:
 
 def fit_tapped(view: nn.Module, fit_data, seed: int, device, grid: tuple[float, ...] | None = None):
     """Fit ``view``'s branch classifier (the late_oof head's per-branch fit: C and the taps chosen by out-of-fold
-    NLL) on ``fit_data``, in place; returns the :class:`fusionnet.models.late_head.BranchFit`."""
+    NLL) on ``fit_data``, in place; returns the :class:`fusionnet.engine.late_fit.BranchFit`."""
     from fusionnet.engine.feature_cache import cached_features
-    from fusionnet.models.late_head import fit_branch, stacking_cv
+    from fusionnet.engine.late_fit import fit_branch, stacking_cv
 
     feats, _ = cached_features(view, fit_data, cache_dir=None, device=device, batch_size=64)
     (name,) = view.branches
@@ -137,8 +137,8 @@ def out_of_fold_probs(build: Callable[[], nn.Module], ctx, train_cfg, *, folds: 
 def fit_combiner(model, member_probs: list[torch.Tensor], labels) -> dict:
     """Fit the combiner (the Linear head) of a late-fusion ``model`` whose branch classifiers are the full members'
     heads, on the members' out-of-fold probabilities ``[(N, K)] * M`` (in branch order): the same non-negative,
-    pulled-to-equal combiner as :mod:`fusionnet.models.late_head`, with its own out-of-fold score."""
-    from fusionnet.models.late_head import fit_combiner_into, stacking_cv
+    pulled-to-equal combiner as :mod:`fusionnet.engine.late_fit`, with its own out-of-fold score."""
+    from fusionnet.engine.late_fit import fit_combiner_into, stacking_cv
 
     if len(member_probs) != len(model.branches):
         raise DataError(f"{len(member_probs)} members' predictions for a model of {len(model.branches)} branches")
@@ -179,7 +179,7 @@ class CrossFitted:
         folder = ctx.out / "models" / self.name
         oof = {b: out_of_fold_probs(build, ctx, self.train, folds=self.folds, seed=self.seed, out_dir=folder / b,
                                     callbacks=self.callbacks, taps=self.taps) for b, build in self.builders.items()}
-        from fusionnet.models.fusers import closed_form_fusion
+        from fusionnet.engine.late_fit import closed_form_fusion
 
         model = fuse_members(self.members, fusion=closed_form_fusion(), taps=self.taps)
         honest, taps_used = self._branch_classifiers(model, oof, ctx)
@@ -204,7 +204,7 @@ class CrossFitted:
         of the whole training split. Returns (the chosen heads' honest predictions, what was chosen and why)."""
         from fusionnet.data.splits import eval_view
         from fusionnet.engine.feature_cache import cached_features
-        from fusionnet.models.late_head import fit_branch, stacking_cv
+        from fusionnet.engine.late_fit import fit_branch, stacking_cv
 
         labels = torch.as_tensor(ctx.splits.train.labels).long()
         nll = lambda p: float(-p[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())  # noqa: E731

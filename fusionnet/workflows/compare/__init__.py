@@ -6,7 +6,7 @@
    trunks fused, the head starting at their logit average and trained on top; its time includes the members'),
    and ``late_oof`` (``late`` fusion on frozen trunks, the pretrained ones or, fine-tuned, the members' with their
    time counted, its branch classifiers and combiner fitted in closed form on out-of-fold predictions of the
-   training split: :mod:`fusionnet.models.late_head`; each branch also offers its classifier up to ``late_oof_taps``
+   training split: :mod:`fusionnet.engine.late_fit`; each branch also offers its classifier up to ``late_oof_taps``
    earlier feature levels, used where they lower the out-of-fold NLL);
 3. every registered output-ensemble method (:data:`fusionnet.ensembles.methods.ENSEMBLES`) runs on the members' saved outputs;
 4. two rows choose on validation only: "FusionNet (selected on val)" (the fusion variant with the best validation
@@ -16,7 +16,7 @@
    read as a variant of the fusion, and neither selected row chooses it;
 5. ``runs/<name>/``: ``config.json``, ``results.json``, ``results.md``, ``confusion.png``, ``reliability.png``,
    member checkpoints and saved probabilities. With several seeds: ``seed_<s>/`` each, and a summary with mean
-   +- sd per row and a paired test between the two selected rows (:mod:`fusionnet.workflows.report`).
+   +- sd per row and a paired test between the two selected rows (:mod:`fusionnet.workflows.compare.report`).
 
 Every choice (early stopping, selection, weights, temperatures, stacking, the selected rows) is made on the
 validation split; the test split is only predicted. Every model is an entry of :mod:`fusionnet.workflows.pipeline`; the
@@ -41,9 +41,10 @@ from fusionnet.models.factory import create_fusionnet, fuse_members
 from fusionnet.engine.feature_cache import cached_features
 from fusionnet.utils.files import atomic_write_json, resolve_path
 from fusionnet.utils.ray_tasks import ray_map, ray_requested
-from fusionnet.models.fusers import FUSIONS, closed_form_fusion
+from fusionnet.engine.late_fit import closed_form_fusion
+from fusionnet.models.fusers import FUSIONS
 from fusionnet.workflows.pipeline import ClosedForm, Context, Scored, Table, Trained, choose_output, val_scores
-from fusionnet.workflows.report import write_report, write_seed_summary
+from fusionnet.workflows.compare.report import write_report, write_seed_summary
 from fusionnet.workflows.rows import (SELECTED_ENSEMBLE, SELECTED_FUSION, branch_vote_id, fusion_id, fusion_label,
                                       member_id)
 
@@ -143,9 +144,9 @@ def _late_oof(cfg: CompareConfig, splits, members: dict[str, Scored]):
     """Late fusion on frozen trunks (the pretrained ones or, fine-tuned, the members' with their time counted),
     fitted in closed form on out-of-fold predictions of the training split; fine-tuned with ``late_oof_folds``,
     the members' heads combined by a combiner fitted on cross-fitted member predictions
-    (:mod:`fusionnet.workflows.crossfit`)."""
+    (:mod:`fusionnet.workflows.compare.crossfit`)."""
     if cfg.regime == "finetune" and cfg.late_oof_folds:
-        from fusionnet.workflows.crossfit import CrossFitted
+        from fusionnet.workflows.compare.crossfit import CrossFitted
 
         models, prior_s = _members(cfg, members)
         builders = {b: (lambda b=b: _member_builder(cfg, splits.class_names, b)()[0]) for b in cfg.backbones}
