@@ -157,3 +157,21 @@ def test_the_lite_key_map_reproduces_the_reference_on_real_photos():
         torch.testing.assert_close(imagenet_model("efficientnet_lite0")(x), ref.eval()((x * 255 - 127) / 128),
                                    rtol=1e-4, atol=1e-4)
 
+
+
+def test_a_config_naming_a_tracker_loads_without_it_and_the_command_refuses_before_any_folder(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A saved config loads on a machine without the extra it names; the command that would use it says which
+    extra to install, before it touches --out."""
+    import importlib.util
+
+    from fusionnet.cli.main import main
+    from toydata import make_splits
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert TrainConfig(log="mlflow").log == "mlflow"
+    data = make_splits(tmp_path / "data", per_class=4)
+    code = main(["train", "--data", str(data), "--backbones", "timm/test_resnet", "--log", "mlflow",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and "pip install" in capsys.readouterr().err and not (tmp_path / "run").exists()

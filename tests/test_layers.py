@@ -122,3 +122,15 @@ def test_building_a_config_imports_no_torch(config):
             f"print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_training_setting_has_one_concern():
+    """TrainConfig's fields are grouped by concern (optimisation, recipe, callbacks, loading, runtime): --help shows
+    them so, and a new field must say where it belongs."""
+    from dataclasses import fields
+
+    from fusionnet.config import TrainConfig
+    from fusionnet.config.train import TRAIN_CONCERNS
+
+    listed = [n for names in TRAIN_CONCERNS.values() for n in names]
+    assert sorted(listed) == sorted(f.name for f in fields(TrainConfig))  # each once, none missing

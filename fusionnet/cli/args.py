@@ -20,7 +20,9 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, get_args, get_origin
 
-from fusionnet.config import AutoConfig, CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun
+from fusionnet.config.train import TRAIN_CONCERNS
+from fusionnet.config import (TRACKERS, AutoConfig, CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig,
+                              TrainRun, check_installed)
 from fusionnet.errors import ConfigError
 from fusionnet.registry import Registry
 
@@ -69,8 +71,11 @@ def _kwargs(hint) -> dict:
 
 def add_fields(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
                only: tuple[str, ...] | None = None, title: str | None = None) -> None:
-    """A flag for each field of ``cls`` that has help text (see the module docstring)."""
+    """A flag for each field of ``cls`` that has help text (see the module docstring); TrainConfig's flags in a group
+    per concern (:data:`fusionnet.config.train.TRAIN_CONCERNS`)."""
     group = parser.add_argument_group(title or cls.__name__)
+    groups = {c: parser.add_argument_group(f"training: {c}") for c in TRAIN_CONCERNS} if cls is TrainConfig else {}
+    by_concern = {name: groups[c] for c, names in TRAIN_CONCERNS.items() for name in names} if groups else {}
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if "help" not in f.metadata or f.name in skip or (only is not None and f.name not in only):
@@ -79,7 +84,7 @@ def add_fields(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = 
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         default = f" (default: {f.default})" if f.default is not MISSING and f.default is not None else ""
-        group.add_argument(flag, dest=f.name, default=None, help=(f.metadata["help"] + default).replace("%", "%%"), **_kwargs(hints[f.name]))
+        by_concern.get(f.name, group).add_argument(flag, dest=f.name, default=None, help=(f.metadata["help"] + default).replace("%", "%%"), **_kwargs(hints[f.name]))
 
 
 def given(settings: dict, cls) -> dict:
@@ -98,6 +103,8 @@ def settings(args: argparse.Namespace, *classes, extra: tuple[str, ...] = ()) ->
     unknown = sorted(set(merged) - known)
     if unknown:
         raise ConfigError(f"unknown setting(s) {unknown}; settings: {', '.join(sorted(known - _CONTROL))}")
+    if merged.get("log") in TRACKERS:  # the tracker's package, checked before any folder is touched (a config
+        check_installed(merged["log"], merged["log"], "--log " + merged["log"])  # itself loads anywhere)
     return merged
 
 

@@ -46,12 +46,11 @@ class TrainConfig:
     budget: Literal["epochs", "hyperrule"] = setting("epochs", "epochs: train for `epochs` | hyperrule: BiT's "
                                                      "HyperRule in steps scaled to the data (under 20k images 500 "
                                                      "steps of 512 images, under 500k 10k steps, else 20k), as "
-                                                     "epochs of this batch size, with 5 % warm-up: about 88 epochs "
-                                                     "on flowers5_128; for a GPU")
+                                                     "epochs of this batch size, with 5 % warm-up; for a GPU")
     batch_size: int = setting(32, "images per step (per process under torchrun)")
     optimizer: Literal["adamw", "sgd"] = setting("adamw", "the optimiser")
     lr: float = setting(1e-3, "the head's learning rate")
-    trunk_lr_mult: float = setting(1.0, "pretrained trunks learn at lr * this; 1 chosen on validation over 0.1 (flowers5_128 Lite0, 3 epochs: val acc 0.743 vs 0.662; digits: 0.66 vs 0.28 after one epoch; experiments/README.md)")
+    trunk_lr_mult: float = setting(1.0, "pretrained trunks learn at lr * this (1: chosen on validation over 0.1, experiments/README.md)")
     weight_decay: float = setting(1e-4, "AdamW/SGD weight decay")
     momentum: float = setting(0.9, "sgd only")
     warmup_epochs: float = setting(0.5, "linear warm-up, then cosine decay to 0 over the remaining steps")
@@ -68,20 +67,19 @@ class TrainConfig:
     stages_per_step: int = setting(1, "gradual: trunk stages released per step, nearest the output first")
     monitor: Literal["acc", "macro_f1", "nll", "ece"] = setting("macro_f1", "the validation metric that picks best.pth and early stopping")
     patience: int | None = setting(None, "stop after this many epochs without improvement (none: never)")
-    amp: bool | str = setting("auto", "mixed precision: auto: bf16 autocast on CUDA, fp32 on the CPU; true: bf16 on the CPU too (for CPUs where it is faster: on our AVX512-BF16 EPYC with torch 2.14 it was 9-50x slower, top-1 agreement with fp32 0.985-0.994; experiments/README.md section 9); false: fp32")
+    amp: bool | str = setting("auto", "mixed precision: auto: bf16 autocast on CUDA, fp32 on the CPU; true: bf16 on the CPU too (where a CPU runs it faster; measured: experiments/README.md section 9); false: fp32")
     cache_features: bool | str = setting("auto", "frozen strategy: 'auto' and true compute each trunk's features "
                                                  "once and train the head on them, the training images seen through "
-                                                 "the val pipeline (un-augmented; flowers5_128, Lite0, 5 epochs: val "
-                                                 "NLL 0.702 vs 0.715 augmented, McNemar p=0.87, 33 s vs 905 s); "
-                                                 "true refuses to train without the cache, auto falls back; false "
-                                                 "trains on augmented images")
+                                                 "the val pipeline (un-augmented; measured against augmented images: "
+                                                 "experiments/README.md); true refuses to train without the cache, "
+                                                 "auto falls back; false trains on augmented images")
     cache_dir: str | None = setting(None, "where cached features persist between runs (none: in memory only)")
     seed: int = setting(0, "seed of the validation split, initialisation, order and augmentation")
     num_workers: int = setting(0, "DataLoader worker processes (0: load in the main process)", flag="--workers")
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = setting(True, "progress bars")
     validate_start: bool = setting(False, "also score the untrained starting point ('epoch 0') as a best.pth candidate")
-    checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (a step's peak memory -61 % for three Lite trunks at 224 px; ~one more forward pass of time; BatchNorm statistics update twice per step)")
+    checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (less peak memory for about one more forward pass of time, measured in experiments/README.md; BatchNorm statistics update twice per step)")
     branch_streams: bool = setting(False, "CUDA: each branch on its own CUDA stream (no effect on the CPU); off until experiments/bench_throughput.py (mode 'streams') shows it faster on a GPU")
     ogm_alpha: float = setting(0.0, "OGM-GE gradient modulation of the dominant branch (0: off); a Linear head over concat or gated fusion")
     ema_decay: float = setting(0.0, "exponential moving average of the weights (timm ModelEmaV3, decay warmed up over the first steps): the average is what is validated and saved (0: off)")
@@ -163,9 +161,22 @@ class TrainConfig:
             (self.log in (None, *TRACKERS), f"unknown log {self.log!r}; choose one of {', '.join(TRACKERS)}"),
             (self.log_dir is None or self.log is not None, "log_dir names where --log writes; give --log too"),
         ])
-        if self.log is not None:
-            check_installed(self.log, self.log, "--log " + self.log)
 
+
+
+# TrainConfig's fields by concern: how --help groups the training flags (a YAML / JSON config stays flat, the
+# same keys as before). tests/test_layers.py checks that every field has exactly one concern.
+TRAIN_CONCERNS = {
+    "optimisation": ("epochs", "budget", "batch_size", "optimizer", "lr", "trunk_lr_mult", "layer_decay",
+                     "weight_decay", "momentum", "warmup_epochs", "grad_clip", "strategy", "unfreeze_after",
+                     "unfreeze_every", "stages_per_step", "monitor", "patience", "validate_start"),
+    "recipe": ("loss", "label_smoothing", "focal_gamma", "aux_weight", "class_weighting", "balanced_sampling",
+               "mixup", "cutmix", "soup"),
+    "callbacks": ("checkpoint_activations", "branch_streams", "ogm_alpha", "ema_decay", "codistill",
+                  "codistill_temperature", "codistill_teacher", "codistill_rampup", "log", "log_dir", "run_name"),
+    "loading": ("seed", "cache_features", "cache_dir", "num_workers", "device_augment"),
+    "runtime": ("device", "amp", "compile", "sync_every", "progress"),
+}
 
 
 @dataclass
