@@ -36,6 +36,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "fusion" / "best.pth").is_file()
     assert (tmp_path / "runs" / "digits_lite0" / "final.pth").is_file()
     assert sum(namespace["chosen"].weights) == pytest.approx(1.0)
+    assert len(namespace["bagged"]) == 2 and (tmp_path / "runs" / "digits_bagged" / "bag1" / "best.pth").is_file()
 
 
 # Each README command runs as written, in a sandbox holding the files it names (tiny generated image folders at
