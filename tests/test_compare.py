@@ -292,3 +292,16 @@ def test_row_ids_of_earlier_versions_read_as_todays(tmp_path):
         "id": "fusion:stacked", "checkpoint": str(tmp_path / "gone.pth")}}}))
     with pytest.raises(MissingFileError, match="validation chose 'fusion:late_oof'"):
         selected_in_comparison(tmp_path)
+
+
+def test_a_config_file_of_0_3_reads_with_todays_names(tmp_path):
+    """A compare run's saved config.json of 0.3 (`stacked_taps`, variant `stacked`) and a fuse config (`heads`
+    trained / stacked) read as today's settings."""
+    from fusionnet.cli.args import _read_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"compare": {
+        "variants": ["concat", "stacked"], "stacked_taps": 2, "stacked_folds": 3, "train": {"epochs": 2}}}))
+    assert _read_config(str(tmp_path / "config.json")) == {
+        "variants": ["concat", "late_oof"], "late_oof_taps": 2, "late_oof_folds": 3, "epochs": 2}
+    (tmp_path / "fuse.yaml").write_text("heads: [trained, stacked]\n")
+    assert _read_config(str(tmp_path / "fuse.yaml")) == {"heads": ["from_members", "late_oof"]}

@@ -127,7 +127,20 @@ def _read_config(path_text: str) -> dict:
     compare = data.get("compare") or {}  # a compare run's saved config.json: {"compare": {..., "train": {...}}}
     flat = {**{k: v for k, v in compare.items() if k != "train"}, **(compare.get("train") or {}),
             **{k: v for k, v in data.items() if k not in ("compare", "train")}, **(data.get("train") or {})}
-    return {k.replace("-", "_"): v for k, v in flat.items()}
+    return _renamed({k.replace("-", "_"): v for k, v in flat.items()})
+
+
+# Settings and values renamed in fusionnet 0.4 (one name per idea): a config file of 0.3 reads as today's
+_RENAMED_KEYS = {"stacked_taps": "late_oof_taps", "stacked_folds": "late_oof_folds"}
+_RENAMED_VALUES = {"variants": {"stacked": "late_oof"}, "heads": {"trained": "from_members", "stacked": "late_oof"}}
+
+
+def _renamed(settings: dict) -> dict:
+    out = {_RENAMED_KEYS.get(k, k): v for k, v in settings.items()}
+    for key, names in _RENAMED_VALUES.items():
+        if isinstance(out.get(key), list):
+            out[key] = [names.get(v, v) for v in out[key]]
+    return out
 
 
 # ---- the commands ------------------------------------------------------------------------------------------------
