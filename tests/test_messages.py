@@ -49,5 +49,5 @@ def test_a_kept_head_is_not_reported_as_dropped(tmp_path):
 
 def test_a_train_folder_with_one_class_is_refused_before_any_work(tmp_path):
     make_folder(tmp_path / "data" / "train", {"only": 4}, seed=0)
-    with pytest.raises(DataError, match="has one class folder \\('only'\\)"):
+    with pytest.raises(DataError, match="has one class \\('only'\\)"):
         load_splits(tmp_path / "data", size=32)

@@ -122,6 +122,8 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
                .state_dict(), work / "weights" / "googlenet_best.pth")
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(),
                work / "weights" / "resnet18_best.pth")
+    rows = [f"{f.relative_to(work)},{f.parent.name},{f.parent.parent.name}" for f in sorted((work / "data").rglob("*.png"))]
+    (work / "labels.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")  # the Data section's table
     for name in ("photo1.jpg", "photo2.jpg"):
         Image.open(next((work / "data" / "test" / "a").iterdir())).convert("RGB").save(work / name)
     (yaml_block,) = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
@@ -151,5 +153,5 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0_val.pt", "runs/fuse/fuse.md",
                     "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
                     "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md", "runs/distill/distill.md",
-                    "student.csv"):
+                    "student.csv", "runs/from_table/best.pth"):
         assert (work / written).is_file(), written

@@ -23,6 +23,7 @@ from fusionnet.data.datasets import (CsvImages, FolderImages, ImageDataset, Labe
                                 report_skipped)
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.data.image_cache import ImageStore, train_side
+from fusionnet.data.tables import is_table, read_table
 from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb  # noqa: F401
 from fusionnet.data.transforms import Transform, eval_transform, seed_transform, train_transform  # noqa: F401
 
@@ -89,42 +90,55 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
                         val_list)
     if not (is_int(size) and size >= 1):
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
-    base = _data_root(root)
-    if not (base / "train").is_dir():
-        raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
-                        f"optionally with val/ and test/ beside it")
-    if how.val_list is not None and (base / "val").is_dir():
-        raise ConfigError(f"{str(base)!r} has a val/ folder and val_list={str(how.val_list)!r} names another "
-                          f"validation split; use one of them")
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
-    full = FolderImages(base / "train", warn=False)  # unreadable files: reported (or refused) once, below
-    names = full.class_names
-    if len(names) < 2:
-        raise DataError(f"{str(base / 'train')!r} has one class folder ({names[0]!r}); a classifier needs at least "
-                        f"two, each a sub-folder of train/ with its images")
-    for other in ("val", "test"):  # every split's classes are checked before any work is done on them
-        if (base / other).is_dir():
-            _checked(names, base / other)
+    full, val, test, base = (_from_table(root, eval_tf) if is_table(root) else _from_folders(root, how, eval_tf))
+    if len(full.class_names) < 2:
+        kind = "table" if is_table(root) else "data folder"
+        raise DataError(f"{kind} {str(root)!r} has one class ({full.class_names[0]!r}); a classifier needs "
+                        f"at least two" + ("" if is_table(root) else ", each a sub-folder of train/ with its images"))
+    if how.val_list is not None and val is not None:
+        raise ConfigError(f"{str(root)!r} has a validation split and val_list={str(how.val_list)!r} names another; "
+                          f"use one of them")
     if how.val_list is not None:
         va = listed_indices(how.val_list, base, full.paths)
         tr = [i for i in range(len(full)) if i not in set(va)]
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
-    elif (base / "val").is_dir():
+    elif val is not None:
         train = full.with_transform(train_tf)
-        val = FolderImages(base / "val", eval_tf, class_names=_checked(names, base / "val"), warn=False)
     else:
         tr, va = stratified_split(full.labels, val_fraction, seed)
         train, val = full.subset(tr, train_tf), full.subset(va, eval_tf)
-    test = None
-    if (base / "test").is_dir():
-        test = FolderImages(base / "test", eval_tf, class_names=_checked(names, base / "test"), warn=False)
-    report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, FolderImages) else [])
+    report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, ImageDataset) else [])
                    + (test.skipped if test is not None else []), strict)  # one line for the whole data folder
     return Splits(train, val, test) if image_cache is None else _cached(Splits(train, val, test), full, how)
 
 
-def _cached(splits: Splits, full: FolderImages, how: SplitSettings) -> Splits:
+def _from_folders(root, how: SplitSettings, eval_tf):
+    """(train as found, val or None, test or None, the data folder) of ``root/{train,val,test}/<class>/``."""
+    base = _data_root(root)
+    if not (base / "train").is_dir():
+        raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
+                        f"optionally with val/ and test/ beside it (or give a table: CSV, TSV or Parquet)")
+    full = FolderImages(base / "train", warn=False)  # unreadable files: reported (or refused) once, by the caller
+    names = full.class_names
+    for other in ("val", "test"):  # every split's classes are checked before any work is done on them
+        if (base / other).is_dir() and len(names) > 1:
+            _checked(names, base / other)
+    found = {other: FolderImages(base / other, eval_tf, class_names=names, warn=False)
+             for other in ("val", "test") if (base / other).is_dir() and len(names) > 1}
+    return full, found.get("val"), found.get("test"), base
+
+
+def _from_table(source, eval_tf):
+    """(train, val or None, test or None, the table's folder) of a table of image paths and labels."""
+    table = read_table(source)
+    def part(samples, tf):
+        return ImageDataset(samples, table.class_names, tf, warn=False) if samples else None
+    return part(table.train, None), part(table.val, eval_tf), part(table.test, eval_tf), table.base
+
+
+def _cached(splits: Splits, full: ImageDataset, how: SplitSettings) -> Splits:
     """``splits`` reading decoded images from stores in ``how.image_cache`` (see :func:`load_splits`)."""
     train, val, test = splits.train, splits.val, splits.test
     size, cache, progress = how.size, how.image_cache, how.progress

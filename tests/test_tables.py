@@ -1,0 +1,108 @@
+"""Labelled images from a table (CSV, TSV, Parquet, a DataFrame) read as the folder tree holding the same files:
+the same splits, the same comparison; everything wrong with a table refused before anything is written."""
+
+import csv
+import json
+import random
+
+import pytest
+
+from fusionnet import DataError, load_splits
+from toydata import make_splits
+
+
+def _rows(data):
+    """(path relative to data's parent, label, split) of every image of a train/test folder tree."""
+    rows = []
+    for split in ("train", "test"):
+        for f in sorted((data / split).rglob("*.png")):
+            rows.append((str(f.relative_to(data.parent)), f.parent.name, split))
+    return rows
+
+
+def _write_csv(path, rows, header=("path", "label", "split"), delimiter=","):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _samples(splits):
+    return {name: list(zip(part.paths, part.labels)) for name, part in
+            (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+
+
+def test_a_table_in_any_form_gives_the_folders_splits(tmp_path):
+    import pandas as pd
+
+    data = make_splits(tmp_path / "data", per_class=9)
+    rows = _rows(data)
+    random.Random(0).shuffle(rows)  # row order must not matter
+    rows = [(("./" + p) if i % 3 == 0 else p, y, s) for i, (p, y, s) in enumerate(rows)]  # nor path spelling
+    csv_file = _write_csv(tmp_path / "labels.csv", rows)
+    tsv_file = _write_csv(tmp_path / "labels.tsv", rows, delimiter="\t")
+    frame = pd.DataFrame(rows, columns=["image", "label", "split"])
+    frame.to_parquet(tmp_path / "labels.parquet")
+    folder = _samples(load_splits(data, size=32, seed=3))
+    for source in (csv_file, tsv_file, tmp_path / "labels.parquet"):
+        assert _samples(load_splits(source, size=32, seed=3)) == folder, source
+    with pytest.MonkeyPatch.context() as mp:  # a DataFrame's relative paths start at the working directory
+        mp.chdir(tmp_path)
+        assert _samples(load_splits(frame, size=32, seed=3)) == folder
+
+
+def test_a_table_and_its_folder_give_the_same_comparison(tmp_path):
+    from fusionnet import CompareConfig, compare
+    from fusionnet.config import regime_train_config
+
+    data = make_splits(tmp_path / "data", per_class=10)
+    rows = _rows(data)
+    random.Random(1).shuffle(rows)
+    table = _write_csv(tmp_path / "labels.csv", rows)
+    results = {}
+    for name, source in (("folder", data), ("table", table)):
+        cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
+                            pretrained=False, variants=["concat"], out=str(tmp_path / name),
+                            train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
+        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in compare(cfg, log=None)["methods"].items()}
+    assert results["folder"] == results["table"]
+
+
+@pytest.mark.parametrize("rows, header, message", [
+    ([], ("path", "label"), "has no rows"),
+    ([("train/a/000.png", "a")], ("file", "label"), r"no image path column 'path' or 'image'; its columns are \['file', 'label'\]"),
+    ([("train/a/000.png", "a", "holdout")], ("path", "label", "split"), "unknown split 'holdout'; use train, val or test"),
+    ([("train/a/000.png", "a"), ("nope/1.png", "a"), ("nope/2.png", "b")], ("path", "label"),
+     r"lists 2 file\(s\) that do not exist, e.g. 'nope/1.png', 'nope/2.png'"),
+    ([("train/a/000.png", "a"), ("train/a/000.png", "b")], ("path", "label"), "twice with different labels"),
+    ([("train/a/000.png", "a"), ("train/b/000.png", "b", "test")], ("path", "label", "split"),
+     r"class\(es\) \['b'\] have no training rows"),
+])
+def test_a_bad_table_is_refused_naming_what_is_wrong(tmp_path, rows, header, message):
+    make_splits(tmp_path / "data", per_class=2, test=False)
+    table = _write_csv(tmp_path / "data" / "bad.csv", rows, header=header)
+    with pytest.raises(DataError, match=message):
+        load_splits(table, size=32)
+
+
+def test_repeated_rows_are_used_once_with_a_warning(tmp_path):
+    data = make_splits(tmp_path / "data", per_class=6, test=False)
+    rows = [(p, y) for p, y, _ in _rows(data)]
+    table = _write_csv(tmp_path / "labels.csv", rows + rows[:2], header=("path", "label"))
+    with pytest.warns(UserWarning, match=r"repeats 2 row\(s\)"):
+        splits = load_splits(table, size=32)
+    assert len(splits.train) + len(splits.val) == len(rows)
+
+
+def test_commands_take_a_table_and_refuse_a_bad_one_before_writing(tmp_path, capsys):
+    from fusionnet.cli.main import main
+
+    data = make_splits(tmp_path / "data", per_class=6)
+    table = _write_csv(tmp_path / "labels.csv", _rows(data))
+    assert main(["train", "--data", str(table), "--backbones", "timm/test_resnet", "--no-pretrained", "--size", "32",
+                 "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "history.json").read_text())
+    bad = _write_csv(tmp_path / "bad.csv", [("gone.png", "a")], header=("path", "label"))
+    assert main(["train", "--data", str(bad), "--backbones", "timm/test_resnet", "--out", str(tmp_path / "x")]) == 2
+    assert "do not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
