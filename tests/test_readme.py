@@ -122,7 +122,8 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
                .state_dict(), work / "weights" / "googlenet_best.pth")
     torch.save(torchvision.models.resnet18(weights=None, num_classes=3).state_dict(),
                work / "weights" / "resnet18_best.pth")
-    rows = [f"{f.relative_to(work)},{f.parent.name},{f.parent.parent.name}" for f in sorted((work / "data").rglob("*.png"))]
+    rows = [f"{f.relative_to(work)},{f.parent.name},{f.parent.parent.name}"
+            for f in sorted((work / "data").rglob("*.png"))]
     (work / "labels.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")  # the Data section's table
     for name in ("photo1.jpg", "photo2.jpg"):
         Image.open(next((work / "data" / "test" / "a").iterdir())).convert("RGB").save(work / name)

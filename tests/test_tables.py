@@ -65,14 +65,17 @@ def test_a_table_and_its_folder_give_the_same_comparison(tmp_path):
         cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
                             pretrained=False, variants=["concat"], out=str(tmp_path / name),
                             train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
-        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in compare(cfg, log=None)["methods"].items()}
+        rows_out = compare(cfg, log=None)["methods"]
+        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in rows_out.items()}
     assert results["folder"] == results["table"]
 
 
 @pytest.mark.parametrize("rows, header, message", [
     ([], ("path", "label"), "has no rows"),
-    ([("train/a/000.png", "a")], ("file", "label"), r"no image path column 'path' or 'image'; its columns are \['file', 'label'\]"),
-    ([("train/a/000.png", "a", "holdout")], ("path", "label", "split"), "unknown split 'holdout'; use train, val or test"),
+    ([("train/a/000.png", "a")], ("file", "label"),
+     r"no image path column 'path' or 'image'; its columns are \['file', 'label'\]"),
+    ([("train/a/000.png", "a", "holdout")], ("path", "label", "split"),
+     "unknown split 'holdout'; use train, val or test"),
     ([("train/a/000.png", "a"), ("nope/1.png", "a"), ("nope/2.png", "b")], ("path", "label"),
      r"lists 2 file\(s\) that do not exist, e.g. 'nope/1.png', 'nope/2.png'"),
     ([("train/a/000.png", "a"), ("train/a/000.png", "b")], ("path", "label"), "twice with different labels"),
