@@ -109,3 +109,18 @@ def test_commands_take_a_table_and_refuse_a_bad_one_before_writing(tmp_path, cap
     bad = _write_csv(tmp_path / "bad.csv", [("gone.png", "a")], header=("path", "label"))
     assert main(["train", "--data", str(bad), "--backbones", "timm/test_resnet", "--out", str(tmp_path / "x")]) == 2
     assert "do not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_other_column_names_are_given_by_flag_or_keyword(tmp_path, capsys):
+    from fusionnet.cli.main import main
+
+    data = make_splits(tmp_path / "data", per_class=6)
+    table = _write_csv(tmp_path / "kinds.csv", _rows(data), header=("file", "kind", "split"))
+    splits = load_splits(table, size=32, image_column="file", label_column="kind")
+    assert splits.class_names == ["a", "b", "c"] and len(splits.test) == 6
+    run = ["compare", "--data", str(table), "--backbones", "timm/test_resnet", "timm/test_efficientnet",
+           "--no-pretrained", "--size", "32", "--epochs", "1", "--no-progress", "--variants", "concat"]
+    assert main([*run, "--out", str(tmp_path / "bad")]) == 2
+    assert "no image path column 'path' or 'image'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main([*run, "--image-column", "file", "--label-column", "kind", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "results.md").is_file()

@@ -225,7 +225,11 @@ def _serve(p) -> None:
 def _predict(p) -> None:
     p.add_argument("checkpoint", help="a fusionnet checkpoint, a plain torchvision/timm state dict, or a run folder "
                                       "(fuse, auto: selected.pth; compare: its selected fusion; train: best.pth)")
-    p.add_argument("--data", help="folder with train/ (val/, test/): predict one --split of it")
+    p.add_argument("--data", help="folder with train/ (val/, test/), or a table of image paths and labels (CSV, TSV "
+                                  "or Parquet): predict one --split of it")
+    p.add_argument("--image-column", default=None, help="--data a table: its image-path column (default: path or "
+                                                         "image)")
+    p.add_argument("--label-column", default="label", help="--data a table: its label column")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
                    help="test-time augmentation: average each image's prediction over its views (a forward pass "

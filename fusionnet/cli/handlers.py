@@ -46,7 +46,8 @@ def handle_train(args) -> None:
     resolve_device(train_cfg.device)
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
         check_output_folder(run.out, bool(args.overwrite), inputs=[run.data])
-    splits = load_splits(run.data, size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
+    splits = load_splits(run.data, image_column=run.image_column, label_column=run.label_column,
+                         size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress,
                          strict=run.strict)
     model = create_fusionnet(run.backbones, class_names=splits.class_names, pretrained=run.pretrained,
@@ -259,10 +260,11 @@ def handle_predict(args) -> None:
     seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
     reading = model.config.reading()
     splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
-                         strict=args.strict, **reading.split_fields())
+                         strict=args.strict, image_column=args.image_column, label_column=args.label_column,
+                         **reading.split_fields())
     data = getattr(splits, args.split)
     if data is None:
-        raise ConfigError(f"{args.data!r} has no {args.split}/ folder")
+        raise ConfigError(f"{args.data!r} has no {args.split} split (a {args.split}/ folder, or table rows)")
     check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
     if args.split == "val" and not trained.get("files") and args.val_list is None:
         from fusionnet.workflows.fuse import unseen_warning

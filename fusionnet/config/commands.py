@@ -31,6 +31,8 @@ class CompareConfig:
     seeds: list[int] | None = setting(None, "run the whole comparison once per seed (train.seed) and report mean "
                                             "+- sd, e.g. --seeds 0 1 2")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
+    label_column: str = setting("label", "a table's label column")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     variants: list[str] | None = setting(None, "fusion variants: every registered fusion method trained jointly, "
@@ -185,6 +187,8 @@ class FuseConfig:
     size: int | None = setting(None, "input size in pixels (default: the size the members were trained at, as "
                                      "their checkpoints or manifests record it; else chosen on validation NLL)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
+    label_column: str = setting("label", "a table's label column")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     val_list: str | None = setting(None, "a file naming the images of train/ the members were validated on (a path "
                                          "per line, relative to --data or its train/): the validation split, so no "
@@ -262,6 +266,8 @@ class AutoConfig:
                                    "measured step times say it fits in the time left")
     folds: int = setting(3, "fine-tuning stage: cross-fitting folds (each member trained this many more times)")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
+    label_column: str = setting("label", "a table's label column")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     seed: int = setting(0, "seed of the split, the folds and every model")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks (false: random init, for tests)")
@@ -311,6 +317,8 @@ class DistillConfig:
                                        "teacher alone, as in function matching)")
     baseline: bool = setting(True, "also train the same student on labels alone, same budget, for the table")
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
+    image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
+    label_column: str = setting("label", "a table's label column")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "an ImageNet-pretrained student trunk")
     out: str = setting("runs/distill", "run folder")

@@ -23,7 +23,7 @@ from fusionnet.data.datasets import (CsvImages, FolderImages, ImageDataset, Labe
                                 report_skipped)
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.data.image_cache import ImageStore, train_side
-from fusionnet.data.tables import is_table, read_table
+from fusionnet.data.tables import TableSplits, is_table, read_table
 from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb  # noqa: F401
 from fusionnet.data.transforms import Transform, eval_transform, seed_transform, train_transform  # noqa: F401
 
@@ -76,9 +76,12 @@ class SplitSettings:
 def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.15, seed: int = 0,
                 policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
                 image_cache: str | os.PathLike | None = None, progress: bool = True, resize: str = "shorter",
-                reader: str = "albumentations", val_list: str | os.PathLike | None = None) -> Splits:
+                reader: str = "albumentations", val_list: str | os.PathLike | None = None,
+                image_column: str | None = None, label_column: str = "label") -> Splits:
     """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``;
-    the keywords are :class:`SplitSettings`' fields (what each does is written there).
+    or ``root`` a table of image paths and labels (CSV, TSV, Parquet or a DataFrame; its columns ``image_column``,
+    default path or image, and ``label_column``: :mod:`fusionnet.data.tables`). The other keywords are
+    :class:`SplitSettings`' fields (what each does is written there).
 
     Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
     never used for any choice. With ``image_cache`` (a folder), every image is decoded once into
@@ -92,7 +95,8 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
-    full, val, test, base = (_from_table(root, eval_tf) if is_table(root) else _from_folders(root, how, eval_tf))
+    full, val, test, base = (_from_table(read_table(root, image_column=image_column, label_column=label_column),
+                                         eval_tf) if is_table(root) else _from_folders(root, how, eval_tf))
     if len(full.class_names) < 2:
         kind = "table" if is_table(root) else "data folder"
         raise DataError(f"{kind} {str(root)!r} has one class ({full.class_names[0]!r}); a classifier needs "
@@ -130,9 +134,8 @@ def _from_folders(root, how: SplitSettings, eval_tf):
     return full, found.get("val"), found.get("test"), base
 
 
-def _from_table(source, eval_tf):
+def _from_table(table: TableSplits, eval_tf):
     """(train, val or None, test or None, the table's folder) of a table of image paths and labels."""
-    table = read_table(source)
     def part(samples, tf):
         return ImageDataset(samples, table.class_names, tf, warn=False) if samples else None
     return part(table.train, None), part(table.val, eval_tf), part(table.test, eval_tf), table.base

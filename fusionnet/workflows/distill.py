@@ -87,7 +87,8 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
     from fusionnet.workflows.reading import members_reading
 
     reading = members_reading(checkpoints_in(cfg.teacher), size=cfg.size).split_fields()  # as the teacher reads
-    splits = load_splits(cfg.data, size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
+    splits = load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                         size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
                          progress=cfg.train.progress, strict=cfg.strict, **reading)
     teacher, paths = load_teacher(cfg.teacher, splits.class_names)
 

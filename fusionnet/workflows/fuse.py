@@ -84,7 +84,8 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     reading = members_reading(cfg.members, cfg.plain, cfg.size)  # refuses members that read images differently
 
     def splits_at(size: int):
-        return load_splits(cfg.data, size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
+        return load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                           size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
                            val_list=cfg.val_list, strict=cfg.strict, **reading.split_fields())
     splits = splits_at(reading.size or 128)
     if splits.test is None:

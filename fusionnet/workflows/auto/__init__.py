@@ -51,7 +51,8 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     candidates = candidates or candidates_for(cfg)  # every refusal before any image is read
     reading = members_reading(cfg.members) if cfg.members else Reading()
     read_as = reading.split_fields()  # the members' reading, which every candidate is scored with
-    splits = load_splits(cfg.data, size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
+    splits = load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                         size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
                          seed=cfg.seed, progress=cfg.progress, strict=cfg.strict, **read_as)
     if splits.test is None:
         raise ConfigError(f"{cfg.data!r} has no test/ folder; auto reports every model's test scores")
