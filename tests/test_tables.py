@@ -124,3 +124,64 @@ def test_other_column_names_are_given_by_flag_or_keyword(tmp_path, capsys):
     assert "no image path column 'path' or 'image'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main([*run, "--image-column", "file", "--label-column", "kind", "--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "results.md").is_file()
+
+
+def _saved_hf_dataset(data, out):
+    """The folder tree's images as a Hugging Face DatasetDict (Image and ClassLabel features), saved to disk."""
+    import datasets
+
+    names = sorted(p.name for p in (data / "train").iterdir())
+    parts = {}
+    for split in ("train", "test"):
+        files = sorted((data / split).rglob("*.png"))
+        parts[split] = datasets.Dataset.from_dict(
+            {"img": [str(f) for f in files], "digit": [names.index(f.parent.name) for f in files]},
+            features=datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=names)}))
+    datasets.DatasetDict(parts).save_to_disk(str(out))
+    return out
+
+
+def test_a_saved_hugging_face_dataset_gives_the_folders_splits_and_comparison(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fusionnet import CompareConfig, compare
+    from fusionnet.config import regime_train_config
+    from fusionnet.utils.images import read_rgb
+
+    monkeypatch.setenv("FUSIONNET_CACHE", str(tmp_path / "cache"))
+    data = make_splits(tmp_path / "data", per_class=10)
+    saved = _saved_hf_dataset(data, tmp_path / "hf")
+    a, b = load_splits(data, size=32, seed=2), load_splits(saved, size=32, seed=2)  # columns found from features
+    assert a.class_names == b.class_names
+    for part in ("train", "val", "test"):
+        pa, pb = getattr(a, part), getattr(b, part)
+        assert pa.labels == pb.labels
+        assert all(np.array_equal(read_rgb(x), read_rgb(y)) for x, y in zip(pa.paths, pb.paths))
+    results = {}
+    for name, source in (("folder", data), ("hf", saved)):
+        cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
+                            pretrained=False, variants=["concat"], out=str(tmp_path / name),
+                            train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
+        rows_out = compare(cfg, log=None)["methods"]
+        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in rows_out.items()}
+    assert results["folder"] == results["hf"]
+
+
+def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path, monkeypatch, capsys):
+    from fusionnet.cli.main import main
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    for module, names in ((datasets.config, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+                          (huggingface_hub.constants, ("HF_HUB_OFFLINE",))):
+        for name in names:  # set from the environment by the load below; restored for the tests after this one
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with pytest.raises(DataError, match="offline and not in the cache"):
+        load_splits("hf:nobody/no-such-dataset", size=32)
+    assert main(["train", "--data", "hf:nobody/no-such-dataset", "--backbones", "timm/test_resnet",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "offline and not in the cache" in capsys.readouterr().err and not (tmp_path / "run").exists()

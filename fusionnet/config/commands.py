@@ -17,7 +17,8 @@ class CompareConfig:
     """``fusionnet compare``: every member, fusion variant and output ensemble on one budget (``train``)."""
 
     data: str = setting(None, "folder with train/ and test/ (val/ optional), or a table of image paths and labels "
-                                  "(CSV, TSV or Parquet: path or image, label, optional split)")
+                                  "(CSV, TSV or Parquet: path or image, label, optional split), or a Hugging Face "
+                                  "dataset (a save_to_disk folder, or hf:user/name)")
     backbones: list[str] = setting(None, "the members' backbones (at least 2)", factory=lambda: [
         "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     regime: Literal["frozen", "finetune"] = setting("frozen", "frozen: trunks fixed, heads trained on cached "
@@ -177,7 +178,8 @@ class FuseConfig:
     names: list[str] | None = setting(None, "the members' names in the report, one per member in order (default: "
                                             "file stems, or folders for best.pth)")
     data: str = setting(None, "folder with train/ and test/ (val/ optional), or a table of image paths and labels "
-                                  "(CSV, TSV or Parquet: path or image, label, optional split)")
+                                  "(CSV, TSV or Parquet: path or image, label, optional split), or a Hugging Face "
+                                  "dataset (a save_to_disk folder, or hf:user/name)")
     heads: list[str] = setting(None, "fused heads to fit: from_members (the members' heads as one, trained on "
                                      "cached features from their logit average, best epoch by validation NLL with "
                                      "epoch 0 included) and/or late_oof (late fusion fitted out of fold on the "
@@ -245,7 +247,8 @@ class AutoConfig:
     """``fusionnet auto``: which trunks to fuse, chosen within a time budget (see :mod:`fusionnet.workflows.auto.screening`)."""
 
     data: str = setting(None, "folder with train/ and test/ (val/ optional), or a table of image paths and labels "
-                                  "(CSV, TSV or Parquet: path or image, label, optional split)")
+                                  "(CSV, TSV or Parquet: path or image, label, optional split), or a Hugging Face "
+                                  "dataset (a save_to_disk folder, or hf:user/name)")
     time_limit: str = setting("30m", "the whole budget, e.g. 30m, 90s, 1h30m; never exceeded by more than 10%")
     candidates: list[str] | None = setting(None, "backbones to consider: registry names or timm names (default: "
                                                  "those whose weights are here without a download, the offline "
@@ -309,7 +312,8 @@ class DistillConfig:
                                        "vote), or a run folder of compare (its 'FusionNet (selected on val)') or fuse "
                                        "(selected.pth)")
     data: str = setting(None, "folder with train/ and test/ (val/ optional), or a table of image paths and labels "
-                                  "(CSV, TSV or Parquet: path or image, label, optional split)")
+                                  "(CSV, TSV or Parquet: path or image, label, optional split), or a Hugging Face "
+                                  "dataset (a save_to_disk folder, or hf:user/name)")
     student: str = setting("efficientnet_lite0", "the student's backbone (fusionnet backbones lists them)")
     size: int = setting(128, "input size in pixels")
     temperature: float = setting(1.0, "softmax temperature of the KL term (its gradient is scaled by T^2)")

@@ -184,7 +184,8 @@ class TrainRun:
     """``fusionnet train``: the data and the model; the training itself is a :class:`TrainConfig`."""
 
     data: str = setting(None, "folder with train/ (val/, test/ optional), or a table of image paths and labels (CSV, "
-                                  "TSV or Parquet: path or image, label, optional split)")
+                                  "TSV or Parquet: path or image, label, optional split), or a Hugging Face "
+                                  "dataset (a save_to_disk folder, or hf:user/name)")
     backbones: list[str] = setting(None, "one backbone (a member) or several (a FusionNet); fusionnet backbones "
                                          "lists them")
     fusion: str = setting(DEFAULT_FUSION, "fusion method: a registered one (fusionnet.models.fusers.list_fusions())")

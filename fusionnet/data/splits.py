@@ -23,6 +23,7 @@ from fusionnet.data.datasets import (CsvImages, FolderImages, ImageDataset, Labe
                                 report_skipped)
 from fusionnet.errors import ConfigError, DataError, is_int
 from fusionnet.data.image_cache import ImageStore, train_side
+from fusionnet.data.hf import is_hf_dataset, read_hf_dataset
 from fusionnet.data.tables import TableSplits, is_table, read_table
 from fusionnet.utils.images import IMAGE_EXTENSIONS, images_in, read_rgb  # noqa: F401
 from fusionnet.data.transforms import Transform, eval_transform, seed_transform, train_transform  # noqa: F401
@@ -80,7 +81,8 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
                 image_column: str | None = None, label_column: str = "label") -> Splits:
     """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``;
     or ``root`` a table of image paths and labels (CSV, TSV, Parquet or a DataFrame; its columns ``image_column``,
-    default path or image, and ``label_column``: :mod:`fusionnet.data.tables`). The other keywords are
+    default path or image, and ``label_column``: :mod:`fusionnet.data.tables`), or a Hugging Face dataset (a
+    ``save_to_disk`` folder or ``"hf:user/name"``: :mod:`fusionnet.data.hf`). The other keywords are
     :class:`SplitSettings`' fields (what each does is written there).
 
     Without a ``val`` folder, a stratified ``val_fraction`` of train (seeded) becomes validation; the test split is
@@ -95,8 +97,14 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
-    full, val, test, base = (_from_table(read_table(root, image_column=image_column, label_column=label_column),
-                                         eval_tf) if is_table(root) else _from_folders(root, how, eval_tf))
+    if is_table(root):
+        full, val, test, base = _from_table(read_table(root, image_column=image_column, label_column=label_column),
+                                            eval_tf)
+    elif is_hf_dataset(root):
+        full, val, test, base = _from_table(read_hf_dataset(root, image_column=image_column,
+                                                            label_column=label_column), eval_tf)
+    else:
+        full, val, test, base = _from_folders(root, how, eval_tf)
     if len(full.class_names) < 2:
         kind = "table" if is_table(root) else "data folder"
         raise DataError(f"{kind} {str(root)!r} has one class ({full.class_names[0]!r}); a classifier needs "
