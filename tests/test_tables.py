@@ -185,3 +185,17 @@ def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path, monkeypatch,
     assert main(["train", "--data", "hf:nobody/no-such-dataset", "--backbones", "timm/test_resnet",
                  "--out", str(tmp_path / "run")]) == 2
     assert "offline and not in the cache" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_gap_takes_two_splits_of_one_table_as_it_takes_two_folders(tmp_path, capsys):
+    from fusionnet.cli.main import main
+    from fusionnet.workflows.gap import GapSettings, gap_check
+
+    data = make_splits(tmp_path / "data", per_class=8)
+    table = _write_csv(tmp_path / "labels.csv", _rows(data))
+    how = GapSettings(backbone="timm/test_resnet", pretrained=False, size=32)
+    folders = gap_check(data / "train", data / "test", how)
+    splits = gap_check(f"{table}#train", f"{table}#test", how)
+    assert splits["domain_auc"] == folders["domain_auc"] and splits["stats"] == folders["stats"]
+    assert main(["gap", "--train", f"{table}#train", "--test", f"{table}#holdout", "--out", str(tmp_path / "g")]) == 2
+    assert "unknown split 'holdout'" in capsys.readouterr().err and not (tmp_path / "g").exists()

@@ -287,8 +287,10 @@ def _export(p) -> None:
 
 
 def _gap(p) -> None:
-    p.add_argument("--train", required=True, help="the training images (class sub-folders or a flat folder)")
-    p.add_argument("--test", required=True, help="the test images")
+    p.add_argument("--train", required=True, help="the training images: class sub-folders or a flat folder, a table "
+                                                  "(CSV, TSV, Parquet) or a Hugging Face dataset; SOURCE#SPLIT takes "
+                                                  "one split of a table or dataset (labels.csv#train)")
+    p.add_argument("--test", required=True, help="the test images, as --train (labels.csv#test)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="the pretrained trunk for the feature check")
     p.add_argument("--size", type=positive_int, default=128)
     p.add_argument("--max-images", type=positive_int, default=500, help="images sampled per folder")

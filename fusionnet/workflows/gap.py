@@ -39,16 +39,37 @@ class FolderStats:
     brightness: list[float] = field(repr=False)  # mean luminance per image, 0..1
 
 
-def _images(root: Path, limit: int, seed: int) -> tuple[list[tuple[str, str]], int]:
-    """((path, class) pairs, how many images the folder has): class sub-folders when there are any, else the folder
-    itself as one class; at most ``limit`` of them, an even sample."""
-    files = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)]
+def _images(source: str | os.PathLike, limit: int, seed: int) -> tuple[list[tuple[str, str]], int]:
+    """((path, class) pairs, how many images the source has), in path order: a folder's class sub-folders when
+    there are any, else the folder itself as one class; or the rows of a table or Hugging Face dataset, all of them
+    or one split (``labels.csv#test``); at most ``limit`` of them, an even sample."""
+    files = _listed(str(source))
+    if files is None:
+        root = resolve_path(source, what="image folder")
+        files = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)]
     if not files:
-        raise DataError(f"no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"no images in {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if len(files) > limit:  # an even sample: a fixed seed, so reruns agree
         keep = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
         return [files[i] for i in sorted(keep)], len(files)
     return files, len(files)
+
+
+def _listed(spec: str) -> list[tuple[str, str]] | None:
+    """The (path, class) rows of a table or Hugging Face dataset ``spec`` (``source`` or ``source#split``), sorted
+    by path; None where ``spec`` is a folder."""
+    from fusionnet.data.hf import is_hf_dataset, read_hf_dataset
+    from fusionnet.data.tables import is_table, read_table
+
+    source, _, split = spec.partition("#")
+    if not (is_table(source) or is_hf_dataset(source)):
+        return None
+    table = read_table(source) if is_table(source) else read_hf_dataset(source)
+    parts = {"train": table.train, "val": table.val or [], "test": table.test or []}
+    if split and split not in parts:
+        raise DataError(f"{spec!r}: unknown split {split!r}; use {source}#train, #val or #test")
+    rows = parts[split] if split else [r for part in parts.values() for r in part]
+    return sorted((path, table.class_names[y]) for path, y in rows)
 
 
 def readable(files: list[tuple[str, str]], strict: bool = False) -> list[tuple[str, str]]:
@@ -92,7 +113,8 @@ def trunk_features(pixels: np.ndarray, backbone: str, pretrained: bool) -> np.nd
 
     model = create_fusionnet([backbone], num_classes=2, pretrained=pretrained).eval()
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
-    return torch.cat([model.forward_branches(b)[backbone] for b in x.split(64)]).numpy()
+    (branch,) = model.branches  # its name, which for a timm name is not the name given ('timm/x' -> 'x')
+    return torch.cat([model.forward_branches(b)[branch] for b in x.split(64)]).numpy()
 
 
 def domain_auc(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
@@ -176,7 +198,7 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, settings: GapSe
     s = settings
     backbone, pretrained, size, max_images, seed, strict = (s.backbone, s.pretrained, s.size, s.max_images, s.seed,
                                                             s.strict)
-    roots = [resolve_path(p, what="image folder") for p in (train, test)]
+    roots = [str(p) if _listed_kind(p) else resolve_path(p, what="image folder") for p in (train, test)]
     found = [_images(r, max_images, seed) for r in roots]
     files = [readable(f, strict) for f, _ in found]
     (sa, pa), (sb, pb) = (folder_stats(f, size) for f in files)
@@ -198,6 +220,14 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, settings: GapSe
         atomic_write_text(Path(out) / "gap.md", gap_markdown(report))
         gap_figure(asdict(sa), asdict(sb), Path(out) / "gap.png")
     return report
+
+
+def _listed_kind(spec) -> bool:
+    from fusionnet.data.hf import is_hf_dataset
+    from fusionnet.data.tables import is_table
+
+    source = str(spec).partition("#")[0]
+    return is_table(source) or is_hf_dataset(source)
 
 
 def _summary(s: FolderStats) -> dict:
