@@ -199,3 +199,31 @@ def test_gap_takes_two_splits_of_one_table_as_it_takes_two_folders(tmp_path, cap
     assert splits["domain_auc"] == folders["domain_auc"] and splits["stats"] == folders["stats"]
     assert main(["gap", "--train", f"{table}#train", "--test", f"{table}#holdout", "--out", str(tmp_path / "g")]) == 2
     assert "unknown split 'holdout'" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_every_command_that_reads_labelled_data_takes_a_table_and_a_saved_dataset(tmp_path, monkeypatch, capsys):
+    """train, fuse, predict --data, distill and auto on a CSV and a saved Hugging Face dataset of the same images
+    (compare and gap: the tests above); a model trained from the table is refused on a split of the folder that
+    holds its training images, as it would be on the table's."""
+    from fusionnet.cli.main import main
+
+    monkeypatch.setenv("FUSIONNET_CACHE", str(tmp_path / "cache"))
+    data = make_splits(tmp_path / "data", per_class=8)
+    table = str(_write_csv(tmp_path / "labels.csv", _rows(data)))
+    saved = str(_saved_hf_dataset(data, tmp_path / "hf"))
+    tiny = ["--size", "32", "--epochs", "1", "--no-progress", "--no-pretrained"]
+    for i, backbone in enumerate(("timm/test_resnet", "timm/test_efficientnet")):
+        assert main(["train", "--data", table, "--backbones", backbone, *tiny, "--out", str(tmp_path / f"m{i}")]) == 0
+    members = [str(tmp_path / f"m{i}" / "best.pth") for i in range(2)]
+    assert main(["fuse", "--members", *members, "--data", saved, "--size", "32", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "fuse")]) == 0
+    assert main(["predict", members[0], "--data", saved, "--split", "test", "--out", str(tmp_path / "p.pt")]) == 0
+    assert main(["distill", "--teacher", *members, "--data", table, "--student", "timm/test_resnet", *tiny,
+                 "--out", str(tmp_path / "distill")]) == 0
+    assert main(["auto", "--data", saved, "--candidates", "timm/test_resnet", "timm/test_efficientnet", "--sizes",
+                 "32", "--no-pretrained", "--no-finetune", "--time-limit", "2m", "--no-progress",
+                 "--out", str(tmp_path / "auto")]) == 0
+    capsys.readouterr()
+    assert main(["predict", members[0], "--data", str(data), "--split", "val", "--seed", "5",
+                 "--out", str(tmp_path / "v.pt")]) == 2
+    assert "was trained on" in capsys.readouterr().err and not (tmp_path / "v.pt").exists()
