@@ -134,6 +134,7 @@ def _saved_hf_dataset(data, out):
     parts = {}
     for split in ("train", "test"):
         files = sorted((data / split).rglob("*.png"))
+        random.Random(7).shuffle(files)  # the rows' order must not matter
         parts[split] = datasets.Dataset.from_dict(
             {"img": [str(f) for f in files], "digit": [names.index(f.parent.name) for f in files]},
             features=datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=names)}))

@@ -59,10 +59,11 @@ def read_hf_dataset(source, *, image_column: str | None = None, label_column: st
     folder = _cache_root() / _safe(str(source))
     by_split: dict[str, list[tuple[str, int]]] = {}
     for split, part in parts.items():
-        files = _write_images(part.cast_column(image, datasets.Image(decode=False)), image,
-                              folder / part._fingerprint / SPLITS[split])
-        labels = [names[v] if classes else str(v) for v in part[label]]
-        by_split[SPLITS[split]] = sorted(((f, index[y]) for f, y in zip(files, labels)), key=lambda s: (s[1], s[0]))
+        files, keys = _write_images(part.cast_column(image, datasets.Image(decode=False)), image,
+                                    folder / part._fingerprint / SPLITS[split])
+        labels = [index[names[v] if classes else str(v)] for v in part[label]]
+        # canonical order: class, then the image's own name (its bytes' hash where it has none), not the row order
+        by_split[SPLITS[split]] = [(f, y) for _, y, f in sorted(zip(keys, labels, files), key=lambda r: (r[1], r[0]))]
     if "train" not in by_split:
         raise DataError(f"{str(source)!r} has no train split; its splits are {sorted(parts)}")
     return TableSplits(list(names), by_split["train"], by_split.get("val"), by_split.get("test"), folder)
@@ -88,11 +89,14 @@ def _load(datasets, source):
             from None
 
 
-def _write_images(part, column: str, folder: Path) -> list[str]:
-    """Each row's image bytes in a file of its own (written once; the format's own suffix), in row order."""
+def _write_images(part, column: str, folder: Path) -> tuple[list[str], list[str]]:
+    """Each row's image bytes in a file of its own (written once; the format's own suffix), in row order, and each
+    image's key for ordering: the file name it was stored with, else a hash of its bytes."""
+    import hashlib
+
     from PIL import Image
 
-    files = []
+    files, keys = [], []
     for i, cell in enumerate(part[column]):
         data = cell.get("bytes") if isinstance(cell, dict) else None
         if data is None and isinstance(cell, dict) and cell.get("path") and os.path.isfile(cell["path"]):
@@ -107,7 +111,8 @@ def _write_images(part, column: str, folder: Path) -> list[str]:
         if not path.is_file():
             atomic_write(path, lambda f, data=data: f.write(data))
         files.append(str(path))
-    return files
+        keys.append(os.path.basename(cell.get("path") or "") or hashlib.sha1(data).hexdigest())
+    return files, keys
 
 
 def _cache_root() -> Path:
