@@ -154,5 +154,6 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     for written in ("runs/lite0/best.pth", "runs/lite1/best.pth", "runs/lite0_val.pt", "runs/fuse/fuse.md",
                     "predictions.csv", "runs/gap/gap.png", "fused.onnx", "runs/lite0_ddp/best.pth",
                     "runs/flowers_seeds3/results.md", "runs/digits_seeds3/results.md", "runs/distill/distill.md",
-                    "student.csv", "runs/from_table/best.pth"):
+                    "student.csv", "runs/from_table/best.pth", "fused_model/model.safetensors",
+                    "folder_predictions.csv"):
         assert (work / written).is_file(), written

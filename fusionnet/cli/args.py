@@ -275,8 +275,13 @@ def _classify(p) -> None:
 
 
 def _export(p) -> None:
-    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth) or a run folder")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth, a model folder) or a run "
+                                      "folder")
+    p.add_argument("--out", required=True, help="the .onnx file to write (--format hf: the folder)")
+    p.add_argument("--format", choices=["onnx", "hf"], default="onnx",
+                   help="onnx: an ONNX graph checked with onnxruntime; hf: the folder format (config.json, "
+                        "model.safetensors, README.md model card) that FusionNet.from_pretrained, fusionnet.load and "
+                        "every command read, and the Hugging Face Hub takes")
     p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels (default: the size the model was trained at; 128, said aloud, for one "
                         "saved without it)")

@@ -197,13 +197,33 @@ def handle_export(args) -> None:
     from fusionnet.models.factory import load_fusionnet
     from fusionnet.models.plain import recorded_size
 
-    out = fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
+    if args.format == "hf":
+        return _export_folder(args)
+    out = fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
     size = args.size or recorded_size(model, args.checkpoint)
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
     print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")
+
+
+def _export_folder(args) -> None:
+    """export --format hf: the model (any checkpoint fusionnet reads) as a model folder, with the metrics and the
+    training record its .pth holds."""
+    from fusionnet.models.checkpoints import inspect_checkpoint, read_checkpoint
+    from fusionnet.models.plain import load_member
+    from fusionnet.models.pretrained import is_pretrained_folder, save_pretrained
+
+    model = load_member(args.checkpoint)
+    payload = {}
+    if not is_pretrained_folder(args.checkpoint) and inspect_checkpoint(args.checkpoint).fusionnet is not None:
+        payload = read_checkpoint(args.checkpoint)
+    if model.config.image_size is None and (payload.get("data") or {}).get("input_size"):
+        model.config.image_size = payload["data"]["input_size"]
+    save_pretrained(model, args.out, metrics=payload.get("metrics"), data=payload.get("data"),
+                    overwrite=args.overwrite)
+    print(f"wrote {args.out}/config.json, model.safetensors, README.md (load: fusionnet.load({str(args.out)!r}))")
 
 
 def handle_gap(args) -> None:

@@ -163,8 +163,12 @@ def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix
 
 
 def load_fusionnet(path: PathLike, *, map_location: str | torch.device = "cpu") -> FusionNet:
-    """Rebuild a model saved with :func:`save_model`; outputs are bit-identical. The saved metrics are in
-    ``read_checkpoint(path)["metrics"]``."""
+    """Rebuild a model saved with :func:`save_model` (or a model folder: :meth:`FusionNet.save_pretrained`);
+    outputs are bit-identical. The saved metrics are in ``read_checkpoint(path)["metrics"]``."""
+    from fusionnet.models.pretrained import is_pretrained_folder
+
+    if is_pretrained_folder(path):
+        return FusionNet.from_pretrained(path).to(map_location)
     payload = ckpt.read_checkpoint(path)
     try:
         config = FusionConfig.from_dict(payload["config"])

@@ -34,6 +34,7 @@ from fusionnet.models.fusers import branch_dropout, get_fusion, ordered
 from fusionnet.models.interface import Classifier, ModelOutput
 from fusionnet.utils.probabilities import soft_vote_logits
 from fusionnet.models.pooling import POOLS
+from fusionnet.models.pretrained import PretrainedMixin
 
 
 @dataclass
@@ -136,7 +137,7 @@ def _tuple(v):
     return tuple(v) if v is not None else None
 
 
-class FusionNet(Classifier):
+class FusionNet(Classifier, PretrainedMixin):
     """Several trunks, pooled and fused into one head; see the module docstring. Random weights: use
     :func:`fusionnet.create_fusionnet` for pretrained trunks and checkpoints (``trunks``: modules already built
     for some branches, by branch name, used as they are).
@@ -145,6 +146,8 @@ class FusionNet(Classifier):
     >>> logits = model(torch.rand(2, 3, 64, 64))            # (2, 5)
     >>> feats = model.forward_branches(x)                    # {"resnet18": (2, 512), "mobilenet_v2": (2, 1280)}
     """
+
+    config_class = FusionConfig
 
     def __init__(self, config: FusionConfig | None = None, *, backbones: Sequence[str | BranchConfig] | None = None,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None,

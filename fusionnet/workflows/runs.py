@@ -39,11 +39,18 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
     """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``, ``predict`` and ``export``'s model)
     name: files as given; a ``fuse`` or ``auto`` run folder: ``selected.pth``; a ``compare`` run folder: its
     val-selected fusion; a ``train`` run folder: ``best.pth``."""
+    from fusionnet.models.pretrained import is_pretrained_folder, local_folder
+
     paths = []
     for source in sources:
+        source = str(source)
         path = Path(source)
         if path.is_file():
             paths.append(path)
+        elif is_pretrained_folder(path):  # a model folder (save_pretrained, export --format hf)
+            paths.append(path)
+        elif not path.exists() and source.count("/") == 1 and not source.startswith((".", "/")):
+            paths.append(local_folder(source))  # a Hugging Face Hub id: huggingface_hub's download and cache
         elif (path / "selected.pth").is_file():  # fuse and auto write it (auto also writes results.json)
             paths.append(path / "selected.pth")
         elif (path / "results.json").is_file():
@@ -51,8 +58,9 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
         elif (path / "best.pth").is_file():
             paths.append(path / "best.pth")
         else:
-            raise MissingFileError(f"{source!r} is neither a checkpoint nor a run folder of compare "
-                                   f"(results.json), fuse or auto (selected.pth) or train (best.pth)")
+            raise MissingFileError(f"{source!r} is neither a checkpoint, a model folder (config.json), a Hub id "
+                                   f"(user/name) nor a run folder of compare (results.json), fuse or auto "
+                                   f"(selected.pth) or train (best.pth)")
     return paths
 
 

@@ -1,0 +1,172 @@
+"""The folder format the ecosystem reads: ``config.json`` (plain JSON), ``model.safetensors`` (no pickle) and a
+``README.md`` model card, as timm's and ``huggingface_hub``'s models are kept; a local folder or a Hugging Face Hub
+id (``user/name``, fetched by ``huggingface_hub``'s own download and cache, which honours ``HF_HOME``,
+``HF_HUB_OFFLINE`` and revisions).
+
+:func:`save_pretrained` writes the folder (atomically: a complete folder or the one that was there),
+:func:`from_pretrained` reads it back bit-identically; :func:`is_pretrained_folder` says whether a path is one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError
+
+FORMAT = "fusionnet-pretrained"
+FORMAT_VERSION = 1
+CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
+
+
+def is_pretrained_folder(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG).is_file() and read_config(p).get("format") == FORMAT
+
+
+def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = None, data: dict | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``model`` (any FusionNet) to ``folder``: config.json, model.safetensors, README.md. ``metrics`` and
+    ``data`` (what it was trained on: :func:`fusionnet.data.datasets.training_record`) go into the config and the
+    card. An existing folder is replaced, only with ``overwrite`` and only once the new one is complete."""
+    from safetensors.torch import save_file
+
+    from fusionnet import __version__
+    from fusionnet.utils.staging import output_folder
+
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "fusionnet_version": __version__,
+              "model": model.model_config(), "class_names": model.class_names, "metrics": metrics or {},
+              "data": data or {}}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with output_folder(folder, overwrite) as work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        (Path(work) / CONFIG).write_text(json.dumps(config, indent=1, default=str) + "\n")
+        save_file(state, str(Path(work) / WEIGHTS), metadata={"format": FORMAT})
+        (Path(work) / CARD).write_text(model_card(config))
+    return Path(folder)
+
+
+def from_pretrained(source: str | os.PathLike, *, model_class, revision: str | None = None):
+    """The model (a ``model_class``: FusionNet) in a folder written by :func:`save_pretrained`, or in a Hugging Face
+    Hub repository of one (``"user/name"``, through ``huggingface_hub.snapshot_download``'s cache); outputs are
+    bit-identical."""
+    folder = local_folder(source, revision)
+    config = read_config(folder)
+    if config.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{str(folder / CONFIG)!r} is not a fusionnet model's config (no "
+                                      f"'format': {FORMAT!r}); give a folder written by save_pretrained")
+    state = folder_payload(folder, fmt=FORMAT, version=FORMAT_VERSION)["state_dict"]
+    try:
+        model = model_class(model_class.config_class.from_dict(config["model"]))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{str(folder / CONFIG)!r} holds a model config this fusionnet cannot build "
+                                      f"({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointMismatchError(f"{str(folder / WEIGHTS)!r} does not fit its {CONFIG}: "
+                                      f"{str(exc).splitlines()[0]}") from None
+    return model.eval()
+
+
+def local_folder(source, revision: str | None = None) -> Path:
+    """A local folder as given, else a Hub repository id's snapshot folder (downloaded or from the cache)."""
+    p = Path(source)
+    if p.exists():
+        if not (p / CONFIG).is_file():
+            raise MissingFileError(f"{str(source)!r} has no {CONFIG}; a fusionnet model folder holds {CONFIG}, "
+                                   f"{WEIGHTS} and {CARD} (written by save_pretrained or fusionnet export --format "
+                                   f"hf)")
+        return p
+    if str(source).count("/") != 1 or str(source).startswith(("/", ".")):
+        raise MissingFileError(f"{str(source)!r} is neither a model folder nor a Hub id ('user/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=[CONFIG, WEIGHTS, CARD]))
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"Hub model {str(source)!r} is not in the Hugging Face cache and cannot be downloaded "
+                          f"(offline: HF_HUB_OFFLINE, or no network); download it once online, or give a folder") \
+            from None
+    except (RepositoryNotFoundError, HfHubHTTPError) as exc:
+        raise ConfigError(f"Hub model {str(source)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+def folder_payload(folder: Path, *, fmt: str, version: int) -> dict:
+    """The folder as the payload of fusionnet's own ``.pth`` format (``fmt``, ``version``): config, class names,
+    metrics, training record and state dict, so that whatever reads a checkpoint reads the folder too."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = read_config(folder)
+    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{str(folder)!r} was written in format version {config['format_version']} by "
+                                      f"fusionnet {config.get('fusionnet_version')}, newer than this fusionnet reads "
+                                      f"({FORMAT_VERSION}); upgrade fusionnet")
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS))
+    except FileNotFoundError:
+        raise MissingFileError(f"{str(folder)!r} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{str(Path(folder) / WEIGHTS)!r} cannot be read ({exc}); it is damaged: "
+                                      f"write the folder again") from None
+    return {"format": fmt, "version": version, "config": config["model"], "class_names": config.get("class_names"),
+            "metrics": config.get("metrics") or {}, "data": config.get("data") or {}, "state_dict": state}
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointMismatchError(f"{str(Path(folder) / CONFIG)!r} cannot be read as JSON ({exc})") from None
+
+
+def model_card(config: dict) -> str:
+    """The folder's README.md: what the model is, its classes, its preprocessing, its metrics, how to load it."""
+    m = config["model"]
+    branches = [b["backbone"] for b in m["branches"]]
+    kind = "a single-backbone classifier" if len(branches) == 1 else f"a FusionNet ({m['fusion']} fusion)"
+    lines = ["---", "library_name: fusionnet", "tags: [image-classification, fusionnet]", "---", "",
+             f"# {kind}: {', '.join(branches)}", "",
+             f"Written by fusionnet {config['fusionnet_version']} (format version {config['format_version']}).", "",
+             f"**Classes** ({m['num_classes']}): {', '.join(config.get('class_names') or []) or 'not named'}", "",
+             "**Preprocessing** (done by the model's own reading in fusionnet): RGB in [0, 1], "
+             f"{m.get('image_size') or 'the training'} px, resize mode {m.get('resize', 'shorter')!r}, centre crop "
+             f"{m.get('crop_pct', 1.0)}, reader {m.get('reader', 'albumentations')!r}; each branch normalises with its "
+             f"own mean/std: " + "; ".join(f"{b['backbone']} mean {b.get('mean') or 'its backbone default'} std "
+                                           f"{b.get('std') or 'its backbone default'}" for b in m["branches"]), ""]
+    if config.get("metrics"):
+        lines += ["**Metrics saved with it**: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in config["metrics"].items()), ""]
+    data = config.get("data") or {}
+    if data:
+        lines += [f"**Trained on** {len(data.get('files') or [])} images (split seed {data.get('seed')}, input "
+                  f"size {data.get('input_size')} px).", ""]
+    lines += ["**Intended use and limits**: the classes above, on images like those it was trained on; check for a "
+              "domain gap (`fusionnet gap`) before trusting it on others.", "", "```python",
+              "import fusionnet", "", "model = fusionnet.load(\"<this folder or user/name>\")",
+              "logits = model(images)  # (B, 3, H, W) floats in [0, 1]", "```", ""]
+    return "\n".join(lines)
+
+
+class PretrainedMixin:
+    """``model.save_pretrained(folder)`` and ``Model.from_pretrained(folder or "user/name")`` for a model class
+    built from one config (``config_class``), as huggingface_hub's ``ModelHubMixin`` gives them."""
+
+    config_class: type
+
+    def save_pretrained(self, folder: str | os.PathLike, *, metrics: dict | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write this model as a folder the ecosystem reads (config.json, model.safetensors, a README.md model
+        card): :func:`save_pretrained`."""
+        return save_pretrained(self, folder, metrics=metrics, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, revision: str | None = None):
+        """A model folder written by :meth:`save_pretrained`, or a Hugging Face Hub id of one (``"user/name"``):
+        :func:`from_pretrained`."""
+        return from_pretrained(source, model_class=cls, revision=revision)

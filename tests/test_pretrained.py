@@ -1,0 +1,100 @@
+"""The folder format (config.json, model.safetensors, README.md): written by save_pretrained and export --format hf,
+read back bit-identically (in a fresh process too), by a Hugging Face Hub id from the local cache offline, by every
+command that takes a model; a bad folder is one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusionnet
+from fusionnet import CheckpointMismatchError, FusionNet, MissingFileError, create_fusionnet
+from fusionnet.models.factory import save_model
+from toydata import make_splits
+
+TINY = ["timm/test_resnet", "timm/test_efficientnet"]
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_fusionnet(TINY, class_names=["a", "b", "c"], fusion="gated", image_size=32).eval()
+
+
+def test_a_folder_holds_no_pickle_and_reads_back_bit_identically_in_a_fresh_process(tmp_path):
+    model, x = _model(), torch.rand(2, 3, 32, 32)
+    folder = model.save_pretrained(tmp_path / "m", metrics={"val_acc": 0.5})
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "config.json", "model.safetensors"]  # (and the staging record of what was written)
+    config = json.loads((folder / "config.json").read_text())  # plain JSON
+    assert config["class_names"] == ["a", "b", "c"] and config["model"]["fusion"] == "gated"
+    assert not (folder / "model.safetensors").read_bytes().startswith(b"\x80")  # no pickle protocol header
+    card = (folder / "README.md").read_text()
+    assert "Classes** (3): a, b, c" in card and "val_acc 0.5000" in card and "fusionnet.load(" in card
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, torch, fusionnet; m = fusionnet.FusionNet.from_pretrained(sys.argv[1]); "
+              "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                   check=True, timeout=300)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), model(x))
+        assert torch.equal(fusionnet.load(folder)(x), model(x))
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    model = _model()
+    snapshot = tmp_path / "hub" / "models--someone--fused" / "snapshots" / "abc123"
+    model.save_pretrained(snapshot)
+    (tmp_path / "hub" / "models--someone--fused" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--fused" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fusionnet.load("someone/fused")(x), model(x))
+    with pytest.raises(fusionnet.ConfigError, match="not in the Hugging Face cache"):
+        fusionnet.load("someone/missing")
+
+
+def test_export_writes_the_folder_from_a_checkpoint_and_commands_take_it(tmp_path, capsys):
+    from fusionnet.cli.main import main
+
+    data = make_splits(tmp_path / "data", per_class=6)
+    model = _model()
+    save_model(model, tmp_path / "m.pth", metrics={"val_nll": 0.25})
+    assert main(["export", str(tmp_path / "m.pth"), "--format", "hf", "--out", str(tmp_path / "folder")]) == 0
+    assert "val_nll 0.2500" in (tmp_path / "folder" / "README.md").read_text()
+    assert main(["predict", str(tmp_path / "folder"), "--images", str(data / "test"),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "m.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "folder")]) == 0
+    assert "architecture: fusionnet(timm/test_resnet+timm/test_efficientnet)" in capsys.readouterr().out
+    assert (tmp_path / "p.csv").is_file() and (tmp_path / "m.onnx").is_file()
+
+
+def test_a_bad_folder_is_one_clear_error(tmp_path):
+    folder = _model().save_pretrained(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingFileError, match="has no config.json"):
+        FusionNet.from_pretrained(tmp_path / "empty")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    with pytest.raises(CheckpointMismatchError, match="format version 99 .* upgrade fusionnet"):
+        FusionNet.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match="cannot be read .* damaged"):
+        FusionNet.from_pretrained(folder)
+    other = create_fusionnet(["timm/test_resnet"], num_classes=3).save_pretrained(tmp_path / "other")
+    (other / "config.json").write_text(json.dumps(config))  # weights of another architecture
+    with pytest.raises(CheckpointMismatchError, match="does not fit its config.json"):
+        FusionNet.from_pretrained(other)
+    with pytest.raises(fusionnet.FusionNetError, match="exists"):
+        _model().save_pretrained(folder)  # an existing folder is replaced only with overwrite
+    _model().save_pretrained(folder, overwrite=True)
+    assert FusionNet.from_pretrained(folder).config.fusion == "gated"
