@@ -84,7 +84,7 @@ def test_bad_teachers_and_students_are_refused_before_training(data, tmp_path):
     other = save_model(FusionNet(backbones=[TINY], num_classes=2, class_names=["cat", "dog"]), tmp_path / "o.pth")
     with pytest.raises(ConfigError, match=r"trained on classes \['cat', 'dog'\], the data has"):
         load_teacher([str(other)], ["blue", "green", "red"])
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint nor a run folder"):
+    with pytest.raises(FileNotFoundError, match="is neither a checkpoint, a model folder .* nor a run folder"):
         load_teacher([str(tmp_path / "nothing")], ["a", "b"])
     splits = load_splits(data, size=32)
     good = save_model(FusionNet(backbones=[TINY], num_classes=3, class_names=splits.class_names), tmp_path / "t.pth")

@@ -33,12 +33,15 @@ def test_a_folder_holds_no_pickle_and_reads_back_bit_identically_in_a_fresh_proc
     card = (folder / "README.md").read_text()
     assert "Classes** (3): a, b, c" in card and "val_acc 0.5000" in card and "fusionnet.load(" in card
     torch.save(x, tmp_path / "x.pt")
-    script = ("import sys, torch, fusionnet; m = fusionnet.FusionNet.from_pretrained(sys.argv[1]); "
-              "torch.save(m(torch.load(sys.argv[2])), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, timeout=300)
+    save_model(model, tmp_path / "m.pth")
+    script = ("import sys, torch, fusionnet; from fusionnet.models.factory import load_fusionnet; "
+              "x = torch.load(sys.argv[3]); a = fusionnet.FusionNet.from_pretrained(sys.argv[1]); "
+              "b = load_fusionnet(sys.argv[2]); torch.save((a(x), b(x)), sys.argv[4])")
+    subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "m.pth"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, timeout=300)
+    from_folder, from_pth = torch.load(tmp_path / "y.pt")  # a fresh process: the folder as the .pth, bit for bit
+    assert torch.equal(from_folder, from_pth)
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), model(x))
         assert torch.equal(fusionnet.load(folder)(x), model(x))
 
 

@@ -228,3 +228,14 @@ def test_every_command_that_reads_labelled_data_takes_a_table_and_a_saved_datase
     assert main(["predict", members[0], "--data", str(data), "--split", "val", "--seed", "5",
                  "--out", str(tmp_path / "v.pt")]) == 2
     assert "was trained on" in capsys.readouterr().err and not (tmp_path / "v.pt").exists()
+
+
+def test_paths_may_start_at_another_folder_than_the_tables(tmp_path):
+    data = make_splits(tmp_path / "data", per_class=6)
+    (tmp_path / "tables").mkdir()
+    table = _write_csv(tmp_path / "tables" / "labels.csv", _rows(data))  # paths relative to tmp_path, not tables/
+    with pytest.raises(DataError, match="do not exist"):
+        load_splits(table, size=32)
+    assert _samples(load_splits(table, size=32, image_root=tmp_path)) == _samples(load_splits(data, size=32))
+    with pytest.raises(DataError, match="is not a folder"):
+        load_splits(table, size=32, image_root=tmp_path / "nowhere")

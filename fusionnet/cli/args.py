@@ -230,6 +230,8 @@ def _predict(p) -> None:
     p.add_argument("--image-column", default=None, help="--data a table: its image-path column (default: path or "
                                                          "image)")
     p.add_argument("--label-column", default="label", help="--data a table: its label column")
+    p.add_argument("--image-root", default=None, help="--data a table: the folder its image paths start at "
+                                                       "(default: the table's own)")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
                    help="test-time augmentation: average each image's prediction over its views (a forward pass "

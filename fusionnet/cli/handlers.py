@@ -47,6 +47,7 @@ def handle_train(args) -> None:
     if not args.resume:  # control flags are not settings: read from args (settings() leaves them out)
         check_output_folder(run.out, bool(args.overwrite), inputs=[run.data])
     splits = load_splits(run.data, image_column=run.image_column, label_column=run.label_column,
+                         image_root=run.image_root,
                          size=run.size, val_fraction=run.val_fraction, seed=train_cfg.seed,
                          policy=run.policy, image_cache=run.image_cache, progress=train_cfg.progress,
                          strict=run.strict)
@@ -281,6 +282,7 @@ def handle_predict(args) -> None:
     reading = model.config.reading()
     splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
                          strict=args.strict, image_column=args.image_column, label_column=args.label_column,
+                         image_root=args.image_root,
                          **reading.split_fields())
     data = getattr(splits, args.split)
     if data is None:

@@ -34,6 +34,8 @@ class CompareConfig:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
     label_column: str = setting("label", "a table's label column")
+    image_root: str | None = setting(None, "a table's image paths are relative to this folder (default: the "
+                                           "table's own)")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks")
     variants: list[str] | None = setting(None, "fusion variants: every registered fusion method trained jointly, "
@@ -191,6 +193,8 @@ class FuseConfig:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
     label_column: str = setting("label", "a table's label column")
+    image_root: str | None = setting(None, "a table's image paths are relative to this folder (default: the "
+                                           "table's own)")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     val_list: str | None = setting(None, "a file naming the images of train/ the members were validated on (a path "
                                          "per line, relative to --data or its train/): the validation split, so no "
@@ -271,6 +275,8 @@ class AutoConfig:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
     label_column: str = setting("label", "a table's label column")
+    image_root: str | None = setting(None, "a table's image paths are relative to this folder (default: the "
+                                           "table's own)")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     seed: int = setting(0, "seed of the split, the folds and every model")
     pretrained: bool = setting(True, "ImageNet-pretrained trunks (false: random init, for tests)")
@@ -323,6 +329,8 @@ class DistillConfig:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
     label_column: str = setting("label", "a table's label column")
+    image_root: str | None = setting(None, "a table's image paths are relative to this folder (default: the "
+                                           "table's own)")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     pretrained: bool = setting(True, "an ImageNet-pretrained student trunk")
     out: str = setting("runs/distill", "run folder")

@@ -197,6 +197,8 @@ class TrainRun:
     val_fraction: float = setting(0.15, "share of train/ held out for validation when there is no val/")
     image_column: str | None = setting(None, "a table's image-path column (default: path or image)")
     label_column: str = setting("label", "a table's label column")
+    image_root: str | None = setting(None, "a table's image paths are relative to this folder (default: the "
+                                           "table's own)")
     strict: bool = setting(False, "refuse unreadable images, naming them, instead of skipping them")
     image_cache: str | None = setting(None, "a folder: decode every image once into it and train from there "
                                             "(fast on large photos; reused by later runs on the same files)")

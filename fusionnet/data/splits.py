@@ -78,10 +78,12 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
                 policy: str = "default", strict: bool = False, crop_pct: float = 1.0,
                 image_cache: str | os.PathLike | None = None, progress: bool = True, resize: str = "shorter",
                 reader: str = "albumentations", val_list: str | os.PathLike | None = None,
-                image_column: str | None = None, label_column: str = "label") -> Splits:
+                image_column: str | None = None, label_column: str = "label",
+                image_root: str | os.PathLike | None = None) -> Splits:
     """``root/{train,val,test}/<class>/...`` (val and test optional) with train and eval pipelines at ``size``;
     or ``root`` a table of image paths and labels (CSV, TSV, Parquet or a DataFrame; its columns ``image_column``,
-    default path or image, and ``label_column``: :mod:`fusionnet.data.tables`), or a Hugging Face dataset (a
+    default path or image, and ``label_column``; paths relative to ``image_root`` or the table's folder:
+    :mod:`fusionnet.data.tables`), or a Hugging Face dataset (a
     ``save_to_disk`` folder or ``"hf:user/name"``: :mod:`fusionnet.data.hf`). The other keywords are
     :class:`SplitSettings`' fields (what each does is written there).
 
@@ -98,8 +100,8 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
     if is_table(root):
-        full, val, test, base = _from_table(read_table(root, image_column=image_column, label_column=label_column),
-                                            eval_tf)
+        full, val, test, base = _from_table(read_table(root, image_column=image_column, label_column=label_column,
+                                                       root=image_root), eval_tf)
     elif is_hf_dataset(root):
         full, val, test, base = _from_table(read_hf_dataset(root, image_column=image_column,
                                                             label_column=label_column), eval_tf)
@@ -132,6 +134,9 @@ def _from_folders(root, how: SplitSettings, eval_tf):
     if not (base / "train").is_dir():
         raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "
                         f"optionally with val/ and test/ beside it (or give a table: CSV, TSV or Parquet)")
+    if how.val_list is not None and (base / "val").is_dir():
+        raise ConfigError(f"{str(base)!r} has a val/ folder and val_list={str(how.val_list)!r} names another "
+                          f"validation split; use one of them")
     full = FolderImages(base / "train", warn=False)  # unreadable files: reported (or refused) once, by the caller
     names = full.class_names
     for other in ("val", "test"):  # every split's classes are checked before any work is done on them

@@ -2,7 +2,7 @@
 label column and an optional split column, beside a folder of images (how Kaggle sets and labelling tools keep them).
 
 * the image column: ``path`` or ``image`` (or the name given); paths relative to the table's folder (a DataFrame's:
-  the working directory) or absolute;
+  the working directory; or ``root``) or absolute;
 * the label column: ``label`` (or the name given); class names are the labels as text, sorted;
 * the split column (optional): ``train``, ``val`` (or ``validation``) and ``test``; without it every row is training
   data (the validation split is then drawn from it, as from a folder without ``val/``).
@@ -46,9 +46,15 @@ def is_table(source) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in TABLE_SUFFIXES
 
 
-def read_table(source, *, image_column: str | None = None, label_column: str = "label") -> TableSplits:
-    """The samples of a table file or DataFrame, per split (see the module docstring)."""
+def read_table(source, *, image_column: str | None = None, label_column: str = "label",
+               root: str | os.PathLike | None = None) -> TableSplits:
+    """The samples of a table file or DataFrame, per split (see the module docstring); relative image paths start
+    at ``root`` (default: the table's folder; a DataFrame's: the working directory)."""
     rows, columns, base, what = _rows(source)
+    if root is not None:
+        base = Path(root).resolve()
+        if not base.is_dir():
+            raise DataError(f"image root {str(root)!r} is not a folder; give the folder the table's paths start at")
     if not rows:
         raise DataError(f"{what} has no rows; it needs a row per image (columns {', '.join(IMAGE_COLUMNS)}/label)")
     image = image_column or next((c for c in IMAGE_COLUMNS if c in columns), None)

@@ -32,12 +32,17 @@ def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = 
     """Write ``model`` (any FusionNet) to ``folder``: config.json, model.safetensors, README.md. ``metrics`` and
     ``data`` (what it was trained on: :func:`fusionnet.data.datasets.training_record`) go into the config and the
     card. An existing folder is replaced, only with ``overwrite`` and only once the new one is complete."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from safetensors.torch import save_file
 
-    from fusionnet import __version__
     from fusionnet.utils.staging import output_folder
 
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "fusionnet_version": __version__,
+    try:
+        written_by = version("fusionnet")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        written_by = "unknown"
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "fusionnet_version": written_by,
               "model": model.model_config(), "class_names": model.class_names, "metrics": metrics or {},
               "data": data or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

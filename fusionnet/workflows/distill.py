@@ -88,6 +88,7 @@ def distill(cfg: DistillConfig, *, log=print) -> dict:
 
     reading = members_reading(checkpoints_in(cfg.teacher), size=cfg.size).split_fields()  # as the teacher reads
     splits = load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                         image_root=cfg.image_root,
                          size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
                          progress=cfg.train.progress, strict=cfg.strict, **reading)
     teacher, paths = load_teacher(cfg.teacher, splits.class_names)

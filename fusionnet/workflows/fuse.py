@@ -85,6 +85,7 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
 
     def splits_at(size: int):
         return load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                           image_root=cfg.image_root,
                            size=size, val_fraction=cfg.val_fraction, seed=cfg.train.seed,
                            val_list=cfg.val_list, strict=cfg.strict, **reading.split_fields())
     splits = splits_at(reading.size or 128)

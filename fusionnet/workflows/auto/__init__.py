@@ -52,6 +52,7 @@ def run_auto(cfg: AutoConfig, *, out: str | os.PathLike, clock: Callable[[], flo
     reading = members_reading(cfg.members) if cfg.members else Reading()
     read_as = reading.split_fields()  # the members' reading, which every candidate is scored with
     splits = load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                         image_root=cfg.image_root,
                          size=max(c.size for c in candidates), val_fraction=cfg.val_fraction,
                          seed=cfg.seed, progress=cfg.progress, strict=cfg.strict, **read_as)
     if splits.test is None:

@@ -18,7 +18,8 @@ def _screen_task(candidate, data: dict, settings):
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     splits = load_splits(data["root"], size=data["size"], val_fraction=data["val_fraction"], seed=data["seed"],
-                         image_column=data["image_column"], label_column=data["label_column"], progress=False,
+                         image_column=data["image_column"], label_column=data["label_column"],
+                         image_root=data["image_root"], progress=False,
                          **(settings.reading or {}))
     return screen(candidate, splits, settings, log=lambda _m: None)
 
@@ -27,7 +28,8 @@ def screen_with_ray(candidates, cfg, settings, budget, log) -> list:
     from fusionnet.utils.ray_tasks import ray_map
 
     data = {"root": str(cfg.data), "size": max(c.size for c in candidates), "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed, "image_column": cfg.image_column, "label_column": cfg.label_column}
+            "seed": cfg.seed, "image_column": cfg.image_column, "label_column": cfg.label_column,
+            "image_root": cfg.image_root}
     log(f"screening {len(candidates)} candidates as Ray tasks")
     results = ray_map(lambda c: _screen_task(c, data, settings), candidates,
                       timeout_s=max(budget.left() * 0.9, 1.0))

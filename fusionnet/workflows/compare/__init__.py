@@ -316,6 +316,7 @@ def _context(cfg: CompareConfig, log) -> Context:
     out = Path(cfg.out)
     images = Path(cfg.cache_root or out / "cache") / "images" if cfg.image_cache else None
     splits = load_splits(cfg.data, image_column=cfg.image_column, label_column=cfg.label_column,
+                         image_root=cfg.image_root,
                          size=cfg.size, val_fraction=cfg.val_fraction, seed=cfg.seed, image_cache=images,
                          progress=cfg.train.progress, strict=cfg.strict)
     if splits.test is None:
