@@ -101,3 +101,33 @@ def test_a_bad_folder_is_one_clear_error(tmp_path):
         _model().save_pretrained(folder)  # an existing folder is replaced only with overwrite
     _model().save_pretrained(folder, overwrite=True)
     assert FusionNet.from_pretrained(folder).config.fusion == "gated"
+
+
+def test_push_uploads_the_folder_through_huggingface_hub_and_needs_a_token(tmp_path, monkeypatch, capsys):
+    """The upload is intercepted at huggingface_hub's API: what would have been sent is checked; no network."""
+    import huggingface_hub
+
+    from fusionnet.cli.main import main
+
+    sent = {}
+
+    def create_repo(self, repo_id, **kw):
+        sent["repo"] = (repo_id, kw.get("private"), self.token)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        from pathlib import Path
+
+        sent["files"] = sorted(p.name for p in Path(folder_path).iterdir() if p.name in kw["allow_patterns"])
+        sent["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    save_model(_model(), tmp_path / "m.pth")
+    assert main(["push", str(tmp_path / "m.pth"), "--repo", "someone/fused"]) == 2
+    assert "needs a token" in capsys.readouterr().err and not sent
+    assert main(["push", str(tmp_path / "m.pth"), "--repo", "someone/fused", "--token", "t0k", "--private"]) == 0
+    assert sent["repo"] == ("someone/fused", True, "t0k")
+    assert sent["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert sent["config"]["class_names"] == ["a", "b", "c"]

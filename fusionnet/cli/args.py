@@ -293,6 +293,13 @@ def _export(p) -> None:
                         "while PyTorch has it")
 
 
+def _push(p) -> None:
+    p.add_argument("checkpoint", help="a model fusionnet reads (a checkpoint, a model folder, a run folder)")
+    p.add_argument("--repo", required=True, help="the Hugging Face Hub repository, user/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", default=None, help="a Hub token (default: HF_TOKEN or huggingface-cli login's)")
+
+
 def _gap(p) -> None:
     p.add_argument("--train", required=True, help="the training images: class sub-folders or a flat folder, a table "
                                                   "(CSV, TSV, Parquet) or a Hugging Face dataset; SOURCE#SPLIT takes "
@@ -374,6 +381,8 @@ for _name, _command in {  # name: (help, arguments, parser options, handler)
                  "--max-latency-ms 20"), H + "handle_auto"),
     "compare": ("train members and FusionNets on the same budget and compare them with every output-ensemble "
                 "method; writes runs/<name>/", _compare, {}, H + "handle_compare"),
+    "push": ("upload a model to the Hugging Face Hub as a model folder (config.json, model.safetensors, model card)",
+             _push, _examples("fusionnet push runs/fuse --repo someone/flowers-fusion"), H + "handle_push"),
     "gap": ("why test accuracy is below validation: compare two image folders", _gap, _examples(
         "fusionnet gap --train data/train --test data/test --out runs/gap"), H + "handle_gap"),
     "export": ("write a saved model as ONNX (dynamic batch) and check it with onnxruntime", _export, _examples(

@@ -227,6 +227,14 @@ def _export_folder(args) -> None:
     print(f"wrote {args.out}/config.json, model.safetensors, README.md (load: fusionnet.load({str(args.out)!r}))")
 
 
+def handle_push(args) -> None:
+    from fusionnet.models.plain import load_member
+    from fusionnet.models.pretrained import push_to_hub
+
+    model = load_member(model_file(args.checkpoint))
+    print(f"pushed to {push_to_hub(model, args.repo, token=args.token, private=args.private)}")
+
+
 def handle_gap(args) -> None:
     from fusionnet.workflows.gap import GapSettings, gap_check, gap_markdown
 

@@ -54,6 +54,30 @@ def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = 
     return Path(folder)
 
 
+def push_to_hub(model, repo_id: str, *, token: str | None = None, private: bool = False,
+                commit_message: str = "fusionnet model") -> str:
+    """Upload ``model`` as a model folder to the Hugging Face Hub repository ``repo_id`` (created if missing), with
+    ``huggingface_hub``'s own client; returns the repository's URL. A token: ``token``, ``HF_TOKEN`` or the one
+    ``huggingface-cli login`` stored."""
+    import tempfile
+
+    from huggingface_hub import HfApi, get_token
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ConfigError(f"a Hub repository is 'user/name', got {repo_id!r}")
+    token = token or get_token()
+    if not token:
+        raise ConfigError("pushing to the Hub needs a token: run huggingface-cli login, set HF_TOKEN, or pass "
+                          "--token")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / "model")
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                          allow_patterns=[CONFIG, WEIGHTS, CARD])
+    return str(url)
+
+
 def from_pretrained(source: str | os.PathLike, *, model_class, revision: str | None = None):
     """The model (a ``model_class``: FusionNet) in a folder written by :func:`save_pretrained`, or in a Hugging Face
     Hub repository of one (``"user/name"``, through ``huggingface_hub.snapshot_download``'s cache); outputs are
@@ -169,6 +193,10 @@ class PretrainedMixin:
         """Write this model as a folder the ecosystem reads (config.json, model.safetensors, a README.md model
         card): :func:`save_pretrained`."""
         return save_pretrained(self, folder, metrics=metrics, overwrite=overwrite)
+
+    def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False) -> str:
+        """Upload this model's folder to the Hugging Face Hub repository ``repo_id``: :func:`push_to_hub`."""
+        return push_to_hub(self, repo_id, token=token, private=private)
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, revision: str | None = None):
