@@ -280,6 +280,9 @@ def _export(p) -> None:
     p.add_argument("checkpoint", help="a model saved by fusionnet (best.pth, selected.pth, a model folder) or a run "
                                       "folder")
     p.add_argument("--out", required=True, help="the .onnx file to write (--format hf: the folder)")
+    p.add_argument("--preprocess", action="store_true",
+                   help="onnx: the graph takes uint8 photos (batch, H, W, 3) of any size and returns probabilities, "
+                        "the model's own resize, crop and normalisation inside")
     p.add_argument("--format", choices=["onnx", "hf"], default="onnx",
                    help="onnx: an ONNX graph checked with onnxruntime; hf: the folder format (config.json, "
                         "model.safetensors, README.md model card) that FusionNet.from_pretrained, fusionnet.load and "

@@ -204,8 +204,10 @@ def handle_export(args) -> None:
     out = fresh_file(args.out, args.overwrite)
     model = load_fusionnet(args.checkpoint)
     size = args.size or recorded_size(model, args.checkpoint)
-    diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter)
-    print(f"wrote {str(out)!r} ({size} x {size} px input); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
+    diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter,
+                          photos=args.preprocess)
+    takes = "uint8 photos of any size, read as the model reads them" if args.preprocess else f"{size} x {size} px input"
+    print(f"wrote {str(out)!r} ({takes}); onnxruntime vs PyTorch logits: max abs diff {diff:.2e} "
           f"(tolerance {EXPORT_TOLERANCE:g})")
 
 

@@ -37,16 +37,28 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, size: int = 224, o
 
 
 def export_checked(model: nn.Module, path: str | os.PathLike, images: torch.Tensor, *, size: int = 224,
-                   exporter: str = "auto") -> float:
+                   exporter: str = "auto", photos: bool = False) -> float:
     """:func:`export_onnx`, written only if onnxruntime's logits on ``images`` are within
     :data:`EXPORT_TOLERANCE` of PyTorch's (else :class:`ExportMismatchError`, nothing written); returns the
-    difference."""
+    difference. ``photos``: the graph takes uint8 photos of any size and returns probabilities, the model's own
+    resize in front (:mod:`fusionnet.models.onnx_photos`; a FusionNet, which records how it reads)."""
     data = onnx_bytes(model, size=size, exporter=exporter)
     diff = check_onnx(model, data, images)
     if not diff <= EXPORT_TOLERANCE:
         raise ExportMismatchError(f"the ONNX graph's logits differ from PyTorch's by {diff:.2e} (more than "
                                   f"{EXPORT_TOLERANCE:g}); {str(path)!r} was not written. Try --exporter "
                                   f"torchscript or dynamo (the other one)")
+    if photos:
+        if not isinstance(model, FusionNet):
+            raise ConfigError("a graph that takes photos needs a FusionNet (it records how it reads an image)")
+        from fusionnet.models.onnx_photos import with_photo_input
+
+        reading = model.config.reading(size)
+        data = _with_metadata(with_photo_input(data, size=size, resize=reading.resize, crop_pct=reading.crop_pct,
+                                               reader=reading.reader),
+                              {"input": "photos: uint8 RGB, (batch, H, W, 3), any H and W; the model's resize, crop "
+                                        "and normalisation are inside the graph",
+                               "output": "probabilities: (batch, classes)"})
     atomic_write(path, lambda f: f.write(data))
     return diff
 
@@ -106,7 +118,9 @@ def _with_metadata(data: bytes, meta: dict[str, str]) -> bytes:
     import onnx
 
     proto = onnx.load_from_string(data)
-    for key, value in meta.items():
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in meta]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *meta.items()]:
         proto.metadata_props.add(key=key, value=value)
     return proto.SerializeToString()
 
