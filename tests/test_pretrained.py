@@ -73,6 +73,16 @@ def test_export_writes_the_folder_from_a_checkpoint_and_commands_take_it(tmp_pat
     assert main(["predict", str(tmp_path / "folder"), "--images", str(data / "test"),
                  "--out", str(tmp_path / "p.csv")]) == 0
     assert main(["export", str(tmp_path / "folder"), "--out", str(tmp_path / "m.onnx")]) == 0
+    other = create_fusionnet(["timm/test_resnet"], class_names=["a", "b", "c"], image_size=32)
+    other.save_pretrained(tmp_path / "member2")
+    save_model(create_fusionnet(["timm/test_efficientnet"], class_names=["a", "b", "c"], image_size=32),
+               tmp_path / "member1.pth")
+    assert main(["fuse", "--members", str(tmp_path / "member1.pth"), str(tmp_path / "member2"), "--data", str(data),
+                 "--epochs", "1", "--no-progress", "--out", str(tmp_path / "fused")]) == 0
+    from fusionnet.serving.model import ModelHandler
+
+    handler = ModelHandler([str(tmp_path / "folder")], device="cpu")
+    assert handler.class_names == ["a", "b", "c"]
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "folder")]) == 0
     assert "architecture: fusionnet(timm/test_resnet+timm/test_efficientnet)" in capsys.readouterr().out

@@ -47,10 +47,12 @@ class ModelHandler:
 
         if not sources:
             raise ConfigError("serve needs a model: a checkpoint, several member checkpoints, or an .onnx file")
+        from fusionnet.models.pretrained import is_pretrained_folder
+
         paths = [Path(s) for s in sources]
         for p in paths:
-            if not p.is_file():
-                raise ConfigError(f"model file {str(p)!r} not found")
+            if not (p.is_file() or is_pretrained_folder(p)):
+                raise ConfigError(f"model file {str(p)!r} not found (a checkpoint, a model folder or an .onnx file)")
         self.paths, self.limits = paths, limits or Limits()
         self.device = resolve_device(device)
         self.onnx = paths[0].suffix == ".onnx"
@@ -171,9 +173,9 @@ class ModelHandler:
 
 
 def _sha256(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    """One hash of the model files (a model folder: its files), for /v1/model."""
+    from fusionnet.utils.files import file_sha256
+
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()

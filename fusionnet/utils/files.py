@@ -187,10 +187,16 @@ def files_fingerprint(paths) -> list:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file; of a folder (a model folder), of its visible files' names and bytes, in name order."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    p = Path(path)
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+    for file in files:
+        if p.is_dir():
+            h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
