@@ -53,21 +53,22 @@ def test_a_table_in_any_form_gives_the_folders_splits(tmp_path):
 
 
 def test_a_table_and_its_folder_give_the_same_comparison(tmp_path):
-    from fusionnet import CompareConfig, compare
-    from fusionnet.config import regime_train_config
-
     data = make_splits(tmp_path / "data", per_class=10)
     rows = _rows(data)
     random.Random(1).shuffle(rows)
     table = _write_csv(tmp_path / "labels.csv", rows)
-    results = {}
-    for name, source in (("folder", data), ("table", table)):
-        cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
-                            pretrained=False, variants=["concat"], out=str(tmp_path / name),
-                            train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
-        rows_out = compare(cfg, log=None)["methods"]
-        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in rows_out.items()}
-    assert results["folder"] == results["table"]
+    assert _table_of(data, tmp_path / "folder") == _table_of(table, tmp_path / "table")
+
+
+def _table_of(source, out) -> dict:
+    """A tiny comparison's rows (acc, NLL to four decimals) on ``source``."""
+    from fusionnet import CompareConfig, compare
+    from fusionnet.config import regime_train_config
+
+    cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
+                        pretrained=False, variants=["concat"], out=str(out),
+                        train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
+    return {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in compare(cfg, log=None)["methods"].items()}
 
 
 @pytest.mark.parametrize("rows, header, message", [
@@ -145,8 +146,6 @@ def _saved_hf_dataset(data, out):
 def test_a_saved_hugging_face_dataset_gives_the_folders_splits_and_comparison(tmp_path, monkeypatch):
     import numpy as np
 
-    from fusionnet import CompareConfig, compare
-    from fusionnet.config import regime_train_config
     from fusionnet.utils.images import read_rgb
 
     monkeypatch.setenv("FUSIONNET_CACHE", str(tmp_path / "cache"))
@@ -158,14 +157,7 @@ def test_a_saved_hugging_face_dataset_gives_the_folders_splits_and_comparison(tm
         pa, pb = getattr(a, part), getattr(b, part)
         assert pa.labels == pb.labels
         assert all(np.array_equal(read_rgb(x), read_rgb(y)) for x, y in zip(pa.paths, pb.paths))
-    results = {}
-    for name, source in (("folder", data), ("hf", saved)):
-        cfg = CompareConfig(data=str(source), backbones=["timm/test_resnet", "timm/test_efficientnet"], size=32,
-                            pretrained=False, variants=["concat"], out=str(tmp_path / name),
-                            train=regime_train_config("frozen", epochs=1, batch_size=8, progress=False))
-        rows_out = compare(cfg, log=None)["methods"]
-        results[name] = {k: (round(r["acc"], 4), round(r["nll"], 4)) for k, r in rows_out.items()}
-    assert results["folder"] == results["hf"]
+    assert _table_of(data, tmp_path / "folder") == _table_of(saved, tmp_path / "hf")
 
 
 def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path, monkeypatch, capsys):
