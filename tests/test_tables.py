@@ -77,10 +77,12 @@ def _table_of(source, out) -> dict:
      r"no image path column 'path' or 'image'; its columns are \['file', 'label'\]"),
     ([("train/a/000.png", "a", "holdout")], ("path", "label", "split"),
      "unknown split 'holdout'; use train, val or test"),
+    ([("train/a/000.png", "a", "train"), ("train/b/000.png", "b", "")], ("path", "label", "split"),
+     "row 2: an empty split; use train, val or test"),
     ([("train/a/000.png", "a"), ("nope/1.png", "a"), ("nope/2.png", "b")], ("path", "label"),
      r"lists 2 file\(s\) that do not exist, e.g. 'nope/1.png', 'nope/2.png'"),
     ([("train/a/000.png", "a"), ("train/a/000.png", "b")], ("path", "label"), "twice with different labels"),
-    ([("train/a/000.png", "a"), ("train/b/000.png", "b", "test")], ("path", "label", "split"),
+    ([("train/a/000.png", "a", "train"), ("train/b/000.png", "b", "test")], ("path", "label", "split"),
      r"class\(es\) \['b'\] have no training rows"),
 ])
 def test_a_bad_table_is_refused_naming_what_is_wrong(tmp_path, rows, header, message):
@@ -231,3 +233,9 @@ def test_paths_may_start_at_another_folder_than_the_tables(tmp_path):
     assert _samples(load_splits(table, size=32, image_root=tmp_path)) == _samples(load_splits(data, size=32))
     with pytest.raises(DataError, match="is not a folder"):
         load_splits(table, size=32, image_root=tmp_path / "nowhere")
+
+
+def test_a_file_that_is_no_table_names_the_forms_taken(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"is a file: give a folder with train/.*a table .*\.csv.*Hugging Face"):
+        load_splits(tmp_path / "notes.txt", size=32)

@@ -130,6 +130,9 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
 
 def _from_folders(root, how: SplitSettings, eval_tf):
     """(train as found, val or None, test or None, the data folder) of ``root/{train,val,test}/<class>/``."""
+    if Path(root).is_file():
+        raise DataError(f"{str(root)!r} is a file: give a folder with train/ (and test/), a table of image paths and "
+                        f"labels (.csv, .tsv, .parquet) or a Hugging Face dataset (a save_to_disk folder, hf:user/name)")
     base = _data_root(root)
     if not (base / "train").is_dir():
         raise DataError(f"{str(base)!r} has no 'train' folder; expected {str(base)!r}/train/<class>/<image>, "

@@ -110,9 +110,11 @@ def _samples(rows: list[dict], image: str, label: str, base: Path, what: str) ->
     missing, repeated = [], 0
     for i, row in enumerate(rows):
         raw, name = str(row.get(image, "")).strip(), str(row.get(label, "")).strip()
-        split = SPLITS.get(str(row.get("split", "train") or "train").strip().lower())
+        given = str(row.get("split", "train")).strip().lower()  # a split column's empty cell is refused, never
+        split = SPLITS.get(given)  # taken for training: a test image would silently become training data
         if split is None:
-            raise DataError(f"{what}, row {i + 1}: unknown split {row.get('split')!r}; use train, val or test")
+            raise DataError(f"{what}, row {i + 1}: {'an empty split' if not given else f'unknown split {given!r}'}; "
+                            f"use train, val or test")
         if not raw or not name:
             raise DataError(f"{what}, row {i + 1}: an empty {'image path' if not raw else 'label'}")
         path = str((base / raw).resolve()) if not os.path.isabs(raw) else str(Path(raw).resolve())
