@@ -60,6 +60,10 @@ def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
         assert torch.equal(fusionnet.load("someone/fused")(x), model(x))
     with pytest.raises(fusionnet.ConfigError, match="not in the Hugging Face cache"):
         fusionnet.load("someone/missing")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)  # not told to stay offline, but the Hub does not answer:
+    monkeypatch.setattr("fusionnet.models.weight_sources.host_reachable", lambda *a, **k: False)  # the cache, at once
+    with torch.no_grad():
+        assert torch.equal(fusionnet.load("someone/fused")(x), model(x))
 
 
 def test_export_writes_the_folder_from_a_checkpoint_and_commands_take_it(tmp_path, capsys):

@@ -112,11 +112,18 @@ def local_folder(source, revision: str | None = None) -> Path:
         return p
     if str(source).count("/") != 1 or str(source).startswith(("/", ".")):
         raise MissingFileError(f"{str(source)!r} is neither a model folder nor a Hub id ('user/name')")
+    import huggingface_hub.constants as hub
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from fusionnet.models.weight_sources import host_reachable
+
+    # the Hub when it answers (a newer revision comes down); else the cache alone, at once: offline, a download
+    # would retry for a minute or more before failing
+    cache_only = bool(hub.HF_HUB_OFFLINE) or not host_reachable(hub.ENDPOINT)
     try:
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=[CONFIG, WEIGHTS, CARD]))
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=[CONFIG, WEIGHTS, CARD],
+                                      local_files_only=cache_only))
     except LocalEntryNotFoundError:
         raise ConfigError(f"Hub model {str(source)!r} is not in the Hugging Face cache and cannot be downloaded "
                           f"(offline: HF_HUB_OFFLINE, or no network); download it once online, or give a folder") \
