@@ -1,11 +1,13 @@
-"""The ``fusionnet`` command's entry point: builds the parser from the registered commands (:mod:`.args`), runs
-the command's handler (:mod:`.handlers`) and turns what fails into an exit code and one line.
+"""fusionnet: fuse pretrained image backbones into one classifier, and compare it with output ensembles.
 
 Every run writes into its own folder (``--out``) and never over an earlier run unless ``--overwrite``.
 Exit codes: 0 success; 2 bad usage or bad input (one line naming the value and the fix, no traceback); 1 an
 unexpected failure (one line, and the path of a file holding the full traceback; ``--debug`` prints it instead).
 """
 
+# (This module's docstring is the command's --help. For maintainers: the entry point builds the parser from the
+# registered commands (fusionnet.cli.args), runs the command's handler (fusionnet.cli.handlers) and turns what
+# fails into an exit code and one line.)
 from __future__ import annotations
 
 import argparse
