@@ -214,18 +214,13 @@ def handle_export(args) -> None:
 def _export_folder(args) -> None:
     """export --format hf: the model (any checkpoint fusionnet reads) as a model folder, with the metrics and the
     training record its .pth holds."""
-    from fusionnet.models.checkpoints import inspect_checkpoint, read_checkpoint
+    from fusionnet.models.checkpoints import inspect_checkpoint
     from fusionnet.models.plain import load_member
-    from fusionnet.models.pretrained import is_pretrained_folder, save_pretrained
+    from fusionnet.models.pretrained import save_pretrained
 
-    model = load_member(args.checkpoint)
-    payload = {}
-    if not is_pretrained_folder(args.checkpoint) and inspect_checkpoint(args.checkpoint).fusionnet is not None:
-        payload = read_checkpoint(args.checkpoint)
-    if model.config.image_size is None and (payload.get("data") or {}).get("input_size"):
-        model.config.image_size = payload["data"]["input_size"]
-    save_pretrained(model, args.out, metrics=payload.get("metrics"), data=payload.get("data"),
-                    overwrite=args.overwrite)
+    model = load_member(args.checkpoint)  # its input size from the checkpoint's record, where it has one
+    saved = inspect_checkpoint(args.checkpoint).fusionnet or {}  # a plain state dict has no metrics or record
+    save_pretrained(model, args.out, metrics=saved.get("metrics"), data=saved.get("data"), overwrite=args.overwrite)
     print(f"wrote {args.out}/config.json, model.safetensors, README.md (load: fusionnet.load({str(args.out)!r}))")
 
 

@@ -238,7 +238,7 @@ def load_weights_file(path: str | os.PathLike) -> Any:
         from fusionnet.models.pretrained import folder_payload, is_pretrained_folder
 
         if is_pretrained_folder(p):  # a model folder reads as our own checkpoint's payload
-            return folder_payload(p, fmt=FORMAT, version=FORMAT_VERSION)
+            return {"format": FORMAT, "version": FORMAT_VERSION, **folder_payload(p)}
         raise CheckpointMismatchError(f"{str(p)!r} is a folder; pass the checkpoint file inside it")
     if p.stat().st_size == 0:
         raise CheckpointMismatchError(f"{str(p)!r} is empty (0 bytes); it was never written completely. Use "

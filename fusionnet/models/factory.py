@@ -165,23 +165,7 @@ def _maybe_keep_head(model: FusionNet, state: Mapping[str, torch.Tensor], prefix
 def load_fusionnet(path: PathLike, *, map_location: str | torch.device = "cpu") -> FusionNet:
     """Rebuild a model saved with :func:`save_model` (or a model folder: :meth:`FusionNet.save_pretrained`);
     outputs are bit-identical. The saved metrics are in ``read_checkpoint(path)["metrics"]``."""
-    from fusionnet.models.pretrained import is_pretrained_folder
-
-    if is_pretrained_folder(path):
-        return FusionNet.from_pretrained(path).to(map_location)
-    payload = ckpt.read_checkpoint(path)
-    try:
-        config = FusionConfig.from_dict(payload["config"])
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointMismatchError(f"{str(path)!r} holds a model config this fusionnet cannot build "
-                                      f"({type(exc).__name__}: {exc})") from exc
-    model = FusionNet(config)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointMismatchError(f"{str(path)!r}: the weights do not fit the model its config describes; "
-                                      f"the file is damaged or was edited ({str(exc).splitlines()[0]})") from exc
-    return model.to(map_location).eval()
+    return FusionNet.from_payload(ckpt.read_checkpoint(path), config_file=path, weights_file=path).to(map_location)
 
 
 def save_model(model: FusionNet, path: PathLike, *, metrics: dict | None = None, extra: dict | None = None,

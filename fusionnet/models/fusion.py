@@ -19,6 +19,7 @@ the trainer switches it on through :mod:`fusionnet.engine.callbacks`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Mapping, Sequence
 
@@ -29,7 +30,7 @@ from fusionnet.models.backbones import build_trunk, get_spec, list_backbones
 from fusionnet.models.branch import Branch, BranchConfig
 from fusionnet.config import DEFAULT_FUSION, Reading
 from fusionnet.config.reading import check_reading_fields
-from fusionnet.errors import ConfigError, is_int
+from fusionnet.errors import CheckpointMismatchError, ConfigError, is_int
 from fusionnet.models.fusers import branch_dropout, get_fusion, ordered
 from fusionnet.models.interface import Classifier, ModelOutput
 from fusionnet.utils.probabilities import soft_vote_logits
@@ -146,8 +147,6 @@ class FusionNet(Classifier, PretrainedMixin):
     >>> logits = model(torch.rand(2, 3, 64, 64))            # (2, 5)
     >>> feats = model.forward_branches(x)                    # {"resnet18": (2, 512), "mobilenet_v2": (2, 1280)}
     """
-
-    config_class = FusionConfig
 
     def __init__(self, config: FusionConfig | None = None, *, backbones: Sequence[str | BranchConfig] | None = None,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None,
@@ -282,6 +281,24 @@ class FusionNet(Classifier, PretrainedMixin):
 
     def model_config(self) -> dict:
         return self.config.to_dict()
+
+    @classmethod
+    def from_payload(cls, payload: Mapping, *, config_file, weights_file) -> "FusionNet":
+        """The model a checkpoint payload describes (its ``config`` and ``state_dict``), in eval mode; a config this
+        fusionnet cannot build, or weights that do not fit it, are a CheckpointMismatchError naming the file."""
+        try:
+            config = FusionConfig.from_dict(payload["config"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CheckpointMismatchError(f"{str(config_file)!r} holds a model config this fusionnet cannot build "
+                                          f"({type(exc).__name__}: {exc})") from exc
+        model = cls(config)
+        try:
+            model.load_state_dict(payload["state_dict"], strict=True)
+        except RuntimeError as exc:
+            config = "config" if str(config_file) == str(weights_file) else Path(config_file).name
+            raise CheckpointMismatchError(f"{str(weights_file)!r} does not fit its {config}: the file is damaged or "
+                                          f"was edited ({str(exc).splitlines()[0]})") from exc
+        return model.eval()
 
     # ---- inference ---------------------------------------------------------------------------------------------
     def forward_branches(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from fusionnet.config import PlainConfig
 from fusionnet.models.factory import save_model
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.plain import load_member
-from fusionnet.models.pretrained import local_folder
+from fusionnet.models.pretrained import is_hub_id, local_folder
 
 
 def save(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
@@ -28,6 +28,6 @@ def load(path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
     (:meth:`FusionNet.save_pretrained`) or a Hugging Face Hub id of one (``"user/name"``, at ``revision``), or a
     plain state dict of one registered backbone (its classes, size and normalisation from ``plain``, a manifest or
     ``classes.txt`` beside it). ``class_names``: the order you want its outputs in (the model's own when None)."""
-    if not Path(path).exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+    if is_hub_id(path):
         path = local_folder(path, revision)  # a Hub id: huggingface_hub's download and cache
     return load_member(path, class_names=list(class_names) if class_names is not None else None, plain=plain)

@@ -123,17 +123,7 @@ def load_member(path: PathLike, *, num_classes: int | None = None, class_names: 
     outputs in the order of ``class_names`` (the data's; None: the member's own order). A fusionnet member knows
     its classes and preprocessing; a plain state dict takes them from ``plain`` and the files beside it.
     ``plain.size`` (a command's ``--size``) sets the input size of either kind."""
-    from fusionnet.models.fusion import FusionNet
-    from fusionnet.models.pretrained import is_pretrained_folder
-
-    if is_pretrained_folder(path):  # the folder format (config.json + model.safetensors)
-        model = FusionNet.from_pretrained(path)
-        if plain is not None and plain.size is not None:
-            model.config.image_size = plain.size
-        if num_classes is not None and model.config.num_classes != num_classes:
-            raise ConfigError(f"member {str(path)!r} has {model.config.num_classes} classes, the data {num_classes}")
-        return in_order(model, model.class_names, class_names, path)
-    info = inspect_checkpoint(path)
+    info = inspect_checkpoint(path)  # a model folder reads as a fusionnet checkpoint
     if info.fusionnet is not None:
         model = load_fusionnet(path)
         model.config.image_size = (plain.size if plain is not None and plain.size is not None  # the command's --size
@@ -171,14 +161,10 @@ def recorded_size(model, path: PathLike, info=None) -> int:
     """The input size the fusionnet model ``model`` (loaded from ``path``; ``info``: its inspect_checkpoint, if read
     already) was trained at: its config's, else its training record's (before 0.4), else -- saved without its
     training record (``save_model(model, path)``) -- the library's default training size, said aloud."""
-    from fusionnet.models.pretrained import is_pretrained_folder, read_config
-
-    if model.config.image_size is None and is_pretrained_folder(path):
-        record = read_config(path).get("data") or {}
-    else:
-        info = info or inspect_checkpoint(path)
-        record = info.fusionnet.get("data") or {}
-    size = model.config.image_size or record.get("input_size")
+    if model.config.image_size is not None:
+        return model.config.image_size
+    info = info or inspect_checkpoint(path)
+    size = (info.fusionnet.get("data") or {}).get("input_size")
     if size is not None:
         return size
     import warnings

@@ -13,8 +13,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError
 
 FORMAT = "fusionnet-pretrained"
@@ -25,6 +23,12 @@ CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 def is_pretrained_folder(path) -> bool:
     p = Path(path)
     return p.is_dir() and (p / CONFIG).is_file() and read_config(p).get("format") == FORMAT
+
+
+def is_hub_id(source) -> bool:
+    """Whether ``source`` names a Hugging Face Hub repository (``user/name``) rather than a local path."""
+    text = str(source)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/"))
 
 
 def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = None, data: dict | None = None,
@@ -83,22 +87,7 @@ def from_pretrained(source: str | os.PathLike, *, model_class, revision: str | N
     Hub repository of one (``"user/name"``, through ``huggingface_hub.snapshot_download``'s cache); outputs are
     bit-identical."""
     folder = local_folder(source, revision)
-    config = read_config(folder)
-    if config.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"{str(folder / CONFIG)!r} is not a fusionnet model's config (no "
-                                      f"'format': {FORMAT!r}); give a folder written by save_pretrained")
-    state = folder_payload(folder, fmt=FORMAT, version=FORMAT_VERSION)["state_dict"]
-    try:
-        model = model_class(model_class.config_class.from_dict(config["model"]))
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CheckpointMismatchError(f"{str(folder / CONFIG)!r} holds a model config this fusionnet cannot build "
-                                      f"({exc})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointMismatchError(f"{str(folder / WEIGHTS)!r} does not fit its {CONFIG}: "
-                                      f"{str(exc).splitlines()[0]}") from None
-    return model.eval()
+    return model_class.from_payload(folder_payload(folder), config_file=folder / CONFIG, weights_file=folder / WEIGHTS)
 
 
 def local_folder(source, revision: str | None = None) -> Path:
@@ -110,7 +99,7 @@ def local_folder(source, revision: str | None = None) -> Path:
                                    f"{WEIGHTS} and {CARD} (written by save_pretrained or fusionnet export --format "
                                    f"hf)")
         return p
-    if str(source).count("/") != 1 or str(source).startswith(("/", ".")):
+    if not is_hub_id(source):
         raise MissingFileError(f"{str(source)!r} is neither a model folder nor a Hub id ('user/name')")
     import huggingface_hub.constants as hub
     from huggingface_hub import snapshot_download
@@ -132,13 +121,17 @@ def local_folder(source, revision: str | None = None) -> Path:
         raise ConfigError(f"Hub model {str(source)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
-def folder_payload(folder: Path, *, fmt: str, version: int) -> dict:
-    """The folder as the payload of fusionnet's own ``.pth`` format (``fmt``, ``version``): config, class names,
-    metrics, training record and state dict, so that whatever reads a checkpoint reads the folder too."""
+def folder_payload(folder: Path) -> dict:
+    """The folder as the payload of fusionnet's own ``.pth`` format: config, class names, metrics, training record
+    and state dict (fusionnet.models.checkpoints adds the format fields), so that whatever reads a checkpoint reads
+    the folder too."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = read_config(folder)
+    if config.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{str(Path(folder) / CONFIG)!r} is not a fusionnet model's config (no "
+                                      f"'format': {FORMAT!r}); give a folder written by save_pretrained")
     if int(config.get("format_version", 0)) > FORMAT_VERSION:
         raise CheckpointMismatchError(f"{str(folder)!r} was written in format version {config['format_version']} by "
                                       f"fusionnet {config.get('fusionnet_version')}, newer than this fusionnet reads "
@@ -150,8 +143,8 @@ def folder_payload(folder: Path, *, fmt: str, version: int) -> dict:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointMismatchError(f"{str(Path(folder) / WEIGHTS)!r} cannot be read ({exc}); it is damaged: "
                                       f"write the folder again") from None
-    return {"format": fmt, "version": version, "config": config["model"], "class_names": config.get("class_names"),
-            "metrics": config.get("metrics") or {}, "data": config.get("data") or {}, "state_dict": state}
+    return {"config": config["model"], "class_names": config.get("class_names"), "metrics": config.get("metrics") or {},
+            "data": config.get("data") or {}, "state_dict": state}
 
 
 def read_config(folder: Path) -> dict:
@@ -190,10 +183,8 @@ def model_card(config: dict) -> str:
 
 
 class PretrainedMixin:
-    """``model.save_pretrained(folder)`` and ``Model.from_pretrained(folder or "user/name")`` for a model class
-    built from one config (``config_class``), as huggingface_hub's ``ModelHubMixin`` gives them."""
-
-    config_class: type
+    """``model.save_pretrained(folder)`` and ``Model.from_pretrained(folder or "user/name")`` for a model class that
+    rebuilds itself from a checkpoint payload (``from_payload``), as huggingface_hub's ``ModelHubMixin`` gives them."""
 
     def save_pretrained(self, folder: str | os.PathLike, *, metrics: dict | None = None,
                         overwrite: bool = False) -> Path:

@@ -39,7 +39,7 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
     """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``, ``predict`` and ``export``'s model)
     name: files as given; a ``fuse`` or ``auto`` run folder: ``selected.pth``; a ``compare`` run folder: its
     val-selected fusion; a ``train`` run folder: ``best.pth``."""
-    from fusionnet.models.pretrained import is_pretrained_folder, local_folder
+    from fusionnet.models.pretrained import is_hub_id, is_pretrained_folder, local_folder
 
     paths = []
     for source in sources:
@@ -49,7 +49,7 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
             paths.append(path)
         elif is_pretrained_folder(path):  # a model folder (save_pretrained, export --format hf)
             paths.append(path)
-        elif not path.exists() and source.count("/") == 1 and not source.startswith((".", "/")):
+        elif is_hub_id(source):
             paths.append(local_folder(source))  # a Hugging Face Hub id: huggingface_hub's download and cache
         elif (path / "selected.pth").is_file():  # fuse and auto write it (auto also writes results.json)
             paths.append(path / "selected.pth")
