@@ -16,7 +16,7 @@ import io
 import os
 from pathlib import Path
 
-from fusionnet.data.tables import SPLITS, TableSplits
+from fusionnet.data.tables import SPLITS, TableSplits, grouped
 from fusionnet.errors import DataError, MissingDependencyError, install_hint
 from fusionnet.utils.files import atomic_write
 
@@ -56,17 +56,17 @@ def read_hf_dataset(source, *, image_column: str | None = None, label_column: st
     classes = features[label].names if isinstance(features[label], datasets.ClassLabel) else None
     names = classes or sorted({str(v) for part in parts.values() for v in part[label]})
     index = {n: i for i, n in enumerate(names)}
+    if "train" not in parts:
+        raise DataError(f"{str(source)!r} has no train split; its splits are {sorted(parts)}")
     folder = _cache_root() / _safe(str(source))
-    by_split: dict[str, list[tuple[str, int]]] = {}
+    rows = []
     for split, part in parts.items():
         files, keys = _write_images(part.cast_column(image, datasets.Image(decode=False)), image,
                                     folder / part._fingerprint / SPLITS[split])
         labels = [index[names[v] if classes else str(v)] for v in part[label]]
-        # canonical order: class, then the image's own name (its bytes' hash where it has none), not the row order
-        by_split[SPLITS[split]] = [(f, y) for _, y, f in sorted(zip(keys, labels, files), key=lambda r: (r[1], r[0]))]
-    if "train" not in by_split:
-        raise DataError(f"{str(source)!r} has no train split; its splits are {sorted(parts)}")
-    return TableSplits(list(names), by_split["train"], by_split.get("val"), by_split.get("test"), folder)
+        # ordered by the image's own name (its bytes' hash where it has none), not by the row order
+        rows += [(f, y, SPLITS[split], key) for f, y, key in zip(files, labels, keys)]
+    return grouped(names, rows, folder, f"Hugging Face dataset {str(source)!r}")
 
 
 def _load(datasets, source):

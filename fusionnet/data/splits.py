@@ -99,18 +99,12 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     train_tf = train_transform(size, policy=policy)
     eval_tf = eval_transform(size, crop_pct=crop_pct, resize=how.resize, reader=how.reader)
-    if is_table(root):
-        full, val, test, base = _from_table(read_table(root, image_column=image_column, label_column=label_column,
-                                                       root=image_root), eval_tf)
-    elif is_hf_dataset(root):
-        full, val, test, base = _from_table(read_hf_dataset(root, image_column=image_column,
-                                                            label_column=label_column), eval_tf)
-    else:
-        full, val, test, base = _from_folders(root, how, eval_tf)
+    table = table_of(root, image_column=image_column, label_column=label_column, image_root=image_root)
+    full, val, test, base = _from_table(table, eval_tf) if table is not None else _from_folders(root, how, eval_tf)
     if len(full.class_names) < 2:
-        kind = "table" if is_table(root) else "data folder"
+        kind = "data folder" if table is None else "table"
         raise DataError(f"{kind} {str(root)!r} has one class ({full.class_names[0]!r}); a classifier needs "
-                        f"at least two" + ("" if is_table(root) else ", each a sub-folder of train/ with its images"))
+                        f"at least two" + (", each a sub-folder of train/ with its images" if table is None else ""))
     if how.val_list is not None and val is not None:
         raise ConfigError(f"{str(root)!r} has a validation split and val_list={str(how.val_list)!r} names another; "
                           f"use one of them")
@@ -126,6 +120,17 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     report_skipped(full.skipped + (val.skipped if val is not full and isinstance(val, ImageDataset) else [])
                    + (test.skipped if test is not None else []), strict)  # one line for the whole data folder
     return Splits(train, val, test) if image_cache is None else _cached(Splits(train, val, test), full, how)
+
+
+def table_of(source, *, image_column: str | None = None, label_column: str = "label",
+             image_root: str | os.PathLike | None = None) -> TableSplits | None:
+    """The samples per split of a table (:mod:`fusionnet.data.tables`) or a Hugging Face dataset
+    (:mod:`fusionnet.data.hf`); None where ``source`` is a folder tree."""
+    if is_table(source):
+        return read_table(source, image_column=image_column, label_column=label_column, root=image_root)
+    if is_hf_dataset(source):
+        return read_hf_dataset(source, image_column=image_column, label_column=label_column)
+    return None
 
 
 def _from_folders(root, how: SplitSettings, eval_tf):

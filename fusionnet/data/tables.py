@@ -39,9 +39,13 @@ class TableSplits:
     base: Path  # where relative paths start (the table's folder)
 
 
+def _is_frame(source) -> bool:
+    return hasattr(source, "columns") and hasattr(source, "to_dict")  # a pandas DataFrame, without importing pandas
+
+
 def is_table(source) -> bool:
     """Whether ``source`` is a table this module reads (a file of a table suffix, or a DataFrame)."""
-    if hasattr(source, "columns") and hasattr(source, "to_dict"):
+    if _is_frame(source):
         return True
     return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in TABLE_SUFFIXES
 
@@ -67,19 +71,25 @@ def read_table(source, *, image_column: str | None = None, label_column: str = "
     samples = _samples(rows, image, label_column, base, what)
     names = sorted({label for _, label, _ in samples})
     index = {n: i for i, n in enumerate(names)}
+    return grouped(names, [(path, index[label], split, path) for path, label, split in samples], base, what)
+
+
+def grouped(names: list[str], rows, base: Path, what: str) -> TableSplits:
+    """``rows`` of (path, class index, split, key) as the samples of each split in the canonical order (class, then
+    ``key``: the resolved path, or what stands for it), every class with training rows (else a DataError)."""
     by_split: dict[str, list[tuple[str, int]]] = {}
-    for path, label, split in sorted(samples, key=lambda s: (index[s[1]], s[0])):
-        by_split.setdefault(split, []).append((path, index[label]))
-    train = by_split.get("train", [])
-    untrained = [n for n in names if index[n] not in {y for _, y in train}]
+    for path, label, split, _ in sorted(rows, key=lambda r: (r[1], r[3])):
+        by_split.setdefault(split, []).append((path, label))
+    trained = {y for _, y in by_split.get("train", [])}
+    untrained = [n for i, n in enumerate(names) if i not in trained]
     if untrained:
         raise DataError(f"{what}: class(es) {untrained} have no training rows; every class needs training images")
-    return TableSplits(names, train, by_split.get("val"), by_split.get("test"), base)
+    return TableSplits(list(names), by_split["train"], by_split.get("val"), by_split.get("test"), base)
 
 
 def _rows(source) -> tuple[list[dict], list[str], Path, str]:
     """(rows as dicts of text, the column names, where relative paths start, how to name the source)."""
-    if hasattr(source, "columns") and hasattr(source, "to_dict"):  # a pandas DataFrame
+    if _is_frame(source):
         frame = source.astype(object).where(source.notna(), "")
         return frame.to_dict("records"), [str(c) for c in source.columns], Path.cwd(), "the DataFrame"
     path = Path(source)

@@ -39,32 +39,31 @@ class FolderStats:
     brightness: list[float] = field(repr=False)  # mean luminance per image, 0..1
 
 
-def _images(source: str | os.PathLike, limit: int, seed: int) -> tuple[list[tuple[str, str]], int]:
-    """((path, class) pairs, how many images the source has), in path order: a folder's class sub-folders when
-    there are any, else the folder itself as one class; or the rows of a table or Hugging Face dataset, all of them
-    or one split (``labels.csv#test``); at most ``limit`` of them, an even sample."""
-    files = _listed(str(source))
+def _images(source: str | os.PathLike, limit: int, seed: int) -> tuple[list[tuple[str, str]], int, str]:
+    """((path, class) pairs, how many images the source has, where they are), in path order: a folder's class
+    sub-folders when there are any, else the folder itself as one class; or the rows of a table or Hugging Face
+    dataset, all of them or one split (``labels.csv#test``); at most ``limit`` of them, an even sample."""
+    files, where = _listed(str(source)), str(source)
     if files is None:
         root = resolve_path(source, what="image folder")
-        files = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)]
+        files, where = [(f, Path(f).parent.name if Path(f).parent != root else "") for f in images_in(root)], str(root)
     if not files:
         raise DataError(f"no images in {str(source)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     if len(files) > limit:  # an even sample: a fixed seed, so reruns agree
         keep = np.random.default_rng(seed).choice(len(files), size=limit, replace=False)
-        return [files[i] for i in sorted(keep)], len(files)
-    return files, len(files)
+        return [files[i] for i in sorted(keep)], len(files), where
+    return files, len(files), where
 
 
 def _listed(spec: str) -> list[tuple[str, str]] | None:
     """The (path, class) rows of a table or Hugging Face dataset ``spec`` (``source`` or ``source#split``), sorted
     by path; None where ``spec`` is a folder."""
-    from fusionnet.data.hf import is_hf_dataset, read_hf_dataset
-    from fusionnet.data.tables import is_table, read_table
+    from fusionnet.data.splits import table_of
 
     source, _, split = spec.partition("#")
-    if not (is_table(source) or is_hf_dataset(source)):
+    table = table_of(source)
+    if table is None:
         return None
-    table = read_table(source) if is_table(source) else read_hf_dataset(source)
     parts = {"train": table.train, "val": table.val or [], "test": table.test or []}
     if split and split not in parts:
         raise DataError(f"{spec!r}: unknown split {split!r}; use {source}#train, #val or #test")
@@ -198,15 +197,14 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, settings: GapSe
     s = settings
     backbone, pretrained, size, max_images, seed, strict = (s.backbone, s.pretrained, s.size, s.max_images, s.seed,
                                                             s.strict)
-    roots = [str(p) if _listed_kind(p) else resolve_path(p, what="image folder") for p in (train, test)]
-    found = [_images(r, max_images, seed) for r in roots]
-    files = [readable(f, strict) for f, _ in found]
+    found = [_images(source, max_images, seed) for source in (train, test)]
+    files = [readable(f, strict) for f, _, _ in found]
     (sa, pa), (sb, pb) = (folder_stats(f, size) for f in files)
     fa, fb = (trunk_features(p, backbone, pretrained) for p in (pa, pb))
     auc = domain_auc(fa, fb, seed)
     shift = class_shift(fa, [c for _, c in files[0]], fb, [c for _, c in files[1]])
     causes = verdict(sa, sb, auc)
-    report = {"train": str(roots[0]), "test": str(roots[1]), "backbone": backbone, "domain_auc": auc,
+    report = {"train": found[0][2], "test": found[1][2], "backbone": backbone, "domain_auc": auc,
               "class_shift": shift, "causes": causes,
               "images": {"train": {"sampled": len(files[0]), "found": found[0][1]},
                          "test": {"sampled": len(files[1]), "found": found[1][1]}},
@@ -220,14 +218,6 @@ def gap_check(train: str | os.PathLike, test: str | os.PathLike, settings: GapSe
         atomic_write_text(Path(out) / "gap.md", gap_markdown(report))
         gap_figure(asdict(sa), asdict(sb), Path(out) / "gap.png")
     return report
-
-
-def _listed_kind(spec) -> bool:
-    from fusionnet.data.hf import is_hf_dataset
-    from fusionnet.data.tables import is_table
-
-    source = str(spec).partition("#")[0]
-    return is_table(source) or is_hf_dataset(source)
 
 
 def _summary(s: FolderStats) -> dict:
