@@ -75,6 +75,10 @@ class BackboneSpec:
     remap_keys: Callable[[dict], dict] | None = None  # checkpoints saved with other key names -> the trunk's
     notes: str = ""
 
+    def __post_init__(self) -> None:  # sequences given as lists are kept as tuples: a spec is immutable
+        object.__setattr__(self, "weights", tuple(self.weights))
+        object.__setattr__(self, "head_prefixes", tuple(self.head_prefixes))
+
     @property
     def library(self) -> str:
         """Where its weights come from first (torchvision, timm, pypi)."""
@@ -90,18 +94,16 @@ def register_backbone(name: str, **declared) -> Callable[[Callable[..., nn.Modul
     ``weights``, ...); a name may be registered once. Returns the builder unchanged."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"register_backbone takes the backbone's name first, got {name!r}")
-    unknown = sorted(set(declared) - {f for f in BackboneSpec.__dataclass_fields__ if f not in ("name", "build")})
+    declarable = [f for f in BackboneSpec.__dataclass_fields__ if f not in ("name", "build")]
+    unknown = sorted(set(declared) - set(declarable))
     if unknown:
         raise ConfigError(f"register_backbone({name!r}): unknown field(s) {unknown}; a backbone declares "
-                          f"{', '.join(f for f in BackboneSpec.__dataclass_fields__ if f not in ('name', 'build'))}")
+                          f"{', '.join(declarable)}")
 
     def add(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if not callable(build):
             raise ConfigError(f"register_backbone({name!r}) decorates a builder function, got {build!r}")
-        spec = BackboneSpec(name, build, **{**declared, "weights": tuple(declared.get("weights", ())),
-                                            "head_prefixes": tuple(declared.get("head_prefixes",
-                                                                                BackboneSpec.head_prefixes))})
-        BACKBONES.register(name, spec)
+        BACKBONES.register(name, BackboneSpec(name, build, **declared))
         return build
     return add
 
