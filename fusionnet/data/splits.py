@@ -93,8 +93,9 @@ def load_splits(root: str | os.PathLike, *, size: int, val_fraction: float = 0.1
     files): one at the eval pipeline's resize target (exact: the same images as from the files) for every split,
     and one at twice ``size`` for the training pipeline.
     """
-    how = SplitSettings(size, val_fraction, seed, policy, strict, crop_pct, image_cache, progress, resize, reader,
-                        val_list)
+    how = SplitSettings(size=size, val_fraction=val_fraction, seed=seed, policy=policy, strict=strict,
+                        crop_pct=crop_pct, image_cache=image_cache, progress=progress, resize=resize, reader=reader,
+                        val_list=val_list)
     if not (is_int(size) and size >= 1):
         raise ConfigError(f"size must be a whole number of pixels >= 1, got {size!r} (e.g. size=128)")
     train_tf = train_transform(size, policy=policy)

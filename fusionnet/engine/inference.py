@@ -69,7 +69,8 @@ def predict(model: nn.Module, data: Dataset, *, device: str | torch.device = "au
     "flip-zoom"; :mod:`fusionnet.data.tta`) averages each image's prediction over its views, in ``tta_space`` ("prob" or
     "logit"); it costs a forward pass per view.
     """
-    how = Inference(batch_size, amp, channels_last, num_workers, progress, desc, tta, tta_space)
+    how = Inference(batch_size=batch_size, amp=amp, channels_last=channels_last, num_workers=num_workers,
+                    progress=progress, desc=desc, tta=tta, tta_space=tta_space)
     check_tta(tta, tta_space)
     if tta is not None and isinstance(data, FeatureDataset):
         raise ConfigError("test-time augmentation needs images; cached features cannot be flipped or cropped")
