@@ -13,7 +13,7 @@ What a user calls, by task (each name is documented where it is defined; ``help(
 * files: :func:`save` and :func:`load` (fusionnet checkpoints, or plain torchvision / timm state dicts, read with a
   :class:`PlainConfig`);
 * extension: ``list_*`` and ``register_*`` for backbones, fusion methods, ensemble methods, comparison variants and
-  training callbacks (CONTRIBUTING.md shows each);
+  training callbacks (docs/extending.md shows each);
 * settings: :class:`FusionConfig`, :class:`BranchConfig` and the configs above; errors: :class:`FusionNetError` and
   its subclasses.
 

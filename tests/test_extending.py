@@ -1,4 +1,4 @@
-"""Each extension point is one stated place (CONTRIBUTING.md): the snippets there, run as written, register a
+"""Each extension point is one stated place (docs/extending.md): the snippets there, run as written, register a
 backbone (torchvision's ShuffleNetV2, not in the registry otherwise), a fusion method, an ensemble method, a
 comparison variant, a callback and a CLI command; each shows up in --help, in compare and in its report, and the
 registries are as they were afterwards."""
@@ -22,20 +22,20 @@ from fusionnet.models.fusers import FUSIONS
 from fusionnet.workflows.compare import VARIANTS, compare
 from toydata import make_splits
 
-CONTRIBUTING = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 REGISTERED = ((BACKBONES, "shufflenet_v2_x1_0"), (FUSIONS, "mean"), (ENSEMBLES, "first_member"),
               (VARIANTS, "concat_no_dropout"), (CALLBACKS, "step_counter"), (COMMANDS, "say"))
 
 
 @pytest.fixture
 def snippets() -> dict:
-    """Run every python snippet of CONTRIBUTING.md, in order, as a reader would; unregister what they added."""
-    blocks = re.findall(r"```python\n(.*?)```", CONTRIBUTING.read_text(), flags=re.S)
+    """Run every python snippet of docs/extending.md, in order, as a reader would; unregister what they added."""
+    blocks = re.findall(r"```python\n(.*?)```", EXTENDING.read_text(), flags=re.S)
     assert len(blocks) == len(REGISTERED)  # one snippet per extension kind
     namespace: dict = {}
     try:
         for block in blocks:
-            exec(compile(block, str(CONTRIBUTING), "exec"), namespace)
+            exec(compile(block, str(EXTENDING), "exec"), namespace)
         yield namespace
     finally:
         for registry, name in REGISTERED:

@@ -1,0 +1,69 @@
+"""The measured figures as plots, drawn from ``docs/_data/headline.json`` when the site builds (nothing drawn by
+hand): ``_generated/headline.png``, test accuracy (mean +- sd over seeds) of the output ensembles and the fusion
+on each data set and regime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
+
+DATA = Path(__file__).resolve().parents[1] / "_data" / "headline.json"
+
+
+def draw(out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = json.loads(DATA.read_text())["sets"]
+    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.2), constrained_layout=True)
+    for ax, block in zip(axes, sets):
+        names = list(block["rows"])
+        means = [block["rows"][n][0] for n in names]
+        sds = [block["rows"][n][1] or 0.0 for n in names]
+        colours = ["tab:orange" if n.startswith("FusionNet") else "tab:blue" for n in names]
+        ax.barh(range(len(names)), means, xerr=sds, color=colours, capsize=3)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        low = min(m - s for m, s in zip(means, sds))
+        ax.set_xlim(low - 0.02, min(1.0, max(m + s for m, s in zip(means, sds)) + 0.01))
+        ax.set_xlabel("test accuracy (mean +- sd over seeds)", fontsize=8)
+        ax.set_title(block["name"], fontsize=9)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def table_lines() -> list[str]:
+    """The same figures as an rst table: a row per data set and regime, a column per method."""
+    sets = json.loads(DATA.read_text())["sets"]
+    methods = list(dict.fromkeys(name for block in sets for name in block["rows"]))
+    out = [".. list-table::", "   :header-rows: 1", "", "   * - data, budget", *[f"     - {m}" for m in methods]]
+    for block in sets:
+        best = max(block["rows"].values())[0]
+        out.append(f"   * - {block['name']}: {block['budget']}")
+        for m in methods:
+            mean, sd = block["rows"].get(m, (None, None))
+            cell = "" if mean is None else f"{mean:.4f}" + (f" +- {sd:.4f}" if sd is not None else "")
+            out.append(f"     - {'**' + cell + '**' if mean == best else cell or ' '}")
+    return out
+
+
+class HeadlineTable(SphinxDirective):
+    def run(self):
+        holder = nodes.Element()
+        nested_parse_with_titles(self.state, StringList(table_lines(), source=self.get_source_info()[0]), holder)
+        return list(holder.children)
+
+
+def setup(app):
+    app.connect("builder-inited", lambda app: draw(Path(app.srcdir) / "_generated" / "headline.png"))
+    app.add_directive("fusionnet-headline", HeadlineTable)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
