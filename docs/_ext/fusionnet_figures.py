@@ -41,19 +41,37 @@ def draw(out: Path) -> Path:
     return out
 
 
-def table_lines() -> list[str]:
-    """The same figures as an rst table: a row per data set and regime, a column per method."""
+def cells() -> tuple[list[str], list[list[str]]]:
+    """The figures as table cells: the methods (columns), and a row per data set and regime (its name and budget,
+    then ``mean +- sd`` per method, the best in bold)."""
     sets = json.loads(DATA.read_text())["sets"]
     methods = list(dict.fromkeys(name for block in sets for name in block["rows"]))
-    out = [".. list-table::", "   :header-rows: 1", "", "   * - data, budget", *[f"     - {m}" for m in methods]]
+    rows = []
     for block in sets:
-        best = max(block["rows"].values())[0]
-        out.append(f"   * - {block['name']}: {block['budget']}")
+        best = max(v[0] for v in block["rows"].values())
+        row = [f"{block['name']}: {block['budget']}"]
         for m in methods:
             mean, sd = block["rows"].get(m, (None, None))
             cell = "" if mean is None else f"{mean:.4f}" + (f" +- {sd:.4f}" if sd is not None else "")
-            out.append(f"     - {'**' + cell + '**' if mean == best else cell or ' '}")
+            row.append(f"**{cell}**" if mean == best else cell)
+        rows.append(row)
+    return methods, rows
+
+
+def table_lines() -> list[str]:
+    """The figures as an rst list-table (the docs page)."""
+    methods, rows = cells()
+    out = [".. list-table::", "   :header-rows: 1", "", "   * - data, budget", *[f"     - {m}" for m in methods]]
+    for row in rows:
+        out += [f"   * - {row[0]}", *[f"     - {cell or ' '}" for cell in row[1:]]]
     return out
+
+
+def markdown_table() -> str:
+    """The figures as a Markdown table: the README's headline table is this text (tests/test_docs.py)."""
+    methods, rows = cells()
+    lines = ["| data, budget | " + " | ".join(methods) + " |", "| --- " * (len(methods) + 1) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 class HeadlineTable(SphinxDirective):

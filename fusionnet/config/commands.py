@@ -22,7 +22,8 @@ class CompareConfig:
     backbones: list[str] = setting(None, "the members' backbones (at least 2)", factory=lambda: [
         "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
     regime: Literal["frozen", "finetune"] = setting("frozen", "frozen: trunks fixed, heads trained on cached "
-                                                              "features | finetune: everything trains")
+                                                              "features | finetune: everything trains (which wins "
+                                                              "in each, fusion or vote: docs/fusion-or-vote.md)")
     train: TrainConfig | None = setting(None, "how every model trains; None: the regime's preset "
                                               "(regime_train_config), NLL picking best epochs (chosen on validation: "
                                               "it lets the from-members fusion keep its start)")

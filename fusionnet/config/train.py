@@ -50,7 +50,7 @@ class TrainConfig:
     batch_size: int = setting(32, "images per step (per process under torchrun)")
     optimizer: Literal["adamw", "sgd"] = setting("adamw", "the optimiser")
     lr: float = setting(1e-3, "the head's learning rate")
-    trunk_lr_mult: float = setting(1.0, "pretrained trunks learn at lr * this (1: chosen on validation over 0.1, experiments/README.md)")
+    trunk_lr_mult: float = setting(1.0, "pretrained trunks learn at lr * this (1: chosen on validation over 0.1; figures: docs/training.md)")
     weight_decay: float = setting(1e-4, "AdamW/SGD weight decay")
     momentum: float = setting(0.9, "sgd only")
     warmup_epochs: float = setting(0.5, "linear warm-up, then cosine decay to 0 over the remaining steps")
@@ -71,7 +71,7 @@ class TrainConfig:
     cache_features: bool | str = setting("auto", "frozen strategy: 'auto' and true compute each trunk's features "
                                                  "once and train the head on them, the training images seen through "
                                                  "the val pipeline (un-augmented; measured against augmented images: "
-                                                 "experiments/README.md); true refuses to train without the cache, "
+                                                 "docs/training.md); true refuses to train without the cache, "
                                                  "auto falls back; false trains on augmented images")
     cache_dir: str | None = setting(None, "where cached features persist between runs (none: in memory only)")
     seed: int = setting(0, "seed of the validation split, initialisation, order and augmentation")
@@ -79,7 +79,7 @@ class TrainConfig:
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
     progress: bool = setting(True, "progress bars")
     validate_start: bool = setting(False, "also score the untrained starting point ('epoch 0') as a best.pth candidate")
-    checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (less peak memory for about one more forward pass of time, measured in experiments/README.md; BatchNorm statistics update twice per step)")
+    checkpoint_activations: bool = setting(False, "recompute each trainable trunk in backward instead of storing its activations (less peak memory for about one more forward pass of time, measured: docs/training.md; BatchNorm statistics update twice per step)")
     branch_streams: bool = setting(False, "CUDA: each branch on its own CUDA stream (no effect on the CPU); off until experiments/bench_throughput.py (mode 'streams') shows it faster on a GPU")
     ogm_alpha: float = setting(0.0, "OGM-GE gradient modulation of the dominant branch (0: off); a Linear head over concat or gated fusion")
     ema_decay: float = setting(0.0, "exponential moving average of the weights (timm ModelEmaV3, decay warmed up over the first steps): the average is what is validated and saved (0: off)")
