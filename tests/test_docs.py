@@ -99,3 +99,18 @@ def test_readme_is_a_front_page():
     assert len(readme.splitlines()) <= 150
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (ROOT / link).is_file(), link
+
+
+def test_the_layout_table_names_every_module():
+    """docs/extending.md's table of layers is the map: every module of every subpackage is in its package's row."""
+    rows = re.findall(r"^\| (.*?) \| (.*)$", (DOCS / "extending.md").read_text(), flags=re.M)
+    table = {package: row for first, row in rows for package in re.findall(r"`(\w+)/`", first)}
+    package = ROOT / "fusionnet"
+    for folder in sorted(p for p in package.iterdir() if (p / "__init__.py").is_file()):
+        assert folder.name in table, folder.name
+        for module in folder.iterdir():
+            name = module.stem if module.suffix == ".py" else module.name
+            if name.startswith("__") or not (module.suffix == ".py" or (module / "__init__.py").is_file()):
+                continue
+            assert re.search(rf"`({folder.name}/)?{name}(\.py|/)?[`:]", table[folder.name]), \
+                f"fusionnet/{folder.name}/{module.name} is not in docs/extending.md's table"

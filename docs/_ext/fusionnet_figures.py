@@ -44,8 +44,9 @@ def draw(out: Path) -> Path:
 def cells() -> tuple[list[str], list[list[str]]]:
     """The figures as table cells: the methods (columns), and a row per data set and regime (its name and budget,
     then ``mean +- sd`` per method, the best in bold)."""
-    sets = json.loads(DATA.read_text())["sets"]
-    methods = list(dict.fromkeys(name for block in sets for name in block["rows"]))
+    headline = json.loads(DATA.read_text())
+    sets = headline["sets"]
+    methods = [m for m in headline["columns"] if any(m in block["rows"] for block in sets)]
     rows = []
     for block in sets:
         best = max(v[0] for v in block["rows"].values())
