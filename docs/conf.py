@@ -36,3 +36,4 @@ napoleon_numpy_docstring = False
 html_theme = "furo"
 html_title = f"fusionnet {release}"
 html_static_path = []
+smartquotes = False  # '--flag' stays two hyphens (an en dash otherwise)

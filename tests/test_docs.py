@@ -49,6 +49,7 @@ def test_references_hold_every_name_command_flag_and_setting(site):
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue  # -h is every command's; the reference leaves it out
+            assert action.help, f"fusionnet {command} {action.option_strings or action.dest}: no help text"
             for flag in action.option_strings:
                 assert re.search(rf"(^|\s){re.escape(flag)}(\s|,|$)", cli), (command, flag)
     settings = _text((site / "reference" / "settings.html").read_text())

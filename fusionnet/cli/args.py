@@ -200,7 +200,7 @@ def _serve(p) -> None:
                                              ".onnx export, or a run folder of compare / fuse / train")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (other than loopback: --token or "
                                                        "--no-auth)")
-    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--port", type=positive_int, default=8000, help="the port to listen on")
     p.add_argument("--token", default=None, help="clients must send 'Authorization: Bearer TOKEN'")
     p.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a token")
     p.add_argument("--ray", action="store_true", help="deploy with Ray Serve (a local Ray instance, or the cluster "
@@ -218,7 +218,7 @@ def _serve(p) -> None:
     p.add_argument("--size", type=positive_int, default=None,
                    help="input size in pixels (default: the size the model records or its manifest says; a plain "
                         "member without one is refused: give it)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     _plain(p)
 
 
@@ -232,7 +232,7 @@ def _predict(p) -> None:
     p.add_argument("--label-column", default="label", help="--data a table: its label column")
     p.add_argument("--image-root", default=None, help="--data a table: the folder its image paths start at "
                                                        "(default: the table's own)")
-    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="with --data: the split to predict")
     p.add_argument("--tta", choices=["flip", "flip-zoom"], default=None,
                    help="test-time augmentation: average each image's prediction over its views (a forward pass "
                         "each; off by default, see the README for where it helped)")
@@ -248,7 +248,7 @@ def _predict(p) -> None:
                                                           "(default: the one the model was trained with, else 0)")
     p.add_argument("--val-list", default=None, help="a file naming the images of train/ that are the validation "
                                                     "split (a path per line, relative to --data or its train/)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when available)")
     p.add_argument("--out", required=True, help=".pt for --data, .csv for --images (with the top --top classes)")
     p.add_argument("--top", type=positive_int, default=1, help="--images: classes per image in the CSV, most "
                                                               "probable first (default 1)")
@@ -266,13 +266,14 @@ def _vote(p) -> None:
 
 
 def _inspect(p) -> None:
-    p.add_argument("path")
+    p.add_argument("path", help="a checkpoint, a model folder, saved outputs (.pt) or an .onnx file")
 
 
 def _classify(p) -> None:
     p.add_argument("images", nargs="*", help="image files (default: the photos scikit-learn ships)")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "efficientnet_lite1",
-                                                                          "efficientnet_lite2"])
+                                                                          "efficientnet_lite2"],
+                   help="the ImageNet-pretrained single-backbone classifier")
     p.add_argument("--top", type=positive_int, default=3, help="how many classes to show per image (1-1000)")
 
 
@@ -309,22 +310,22 @@ def _gap(p) -> None:
                                                   "one split of a table or dataset (labels.csv#train)")
     p.add_argument("--test", required=True, help="the test images, as --train (labels.csv#test)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="the pretrained trunk for the feature check")
-    p.add_argument("--size", type=positive_int, default=128)
+    p.add_argument("--size", type=positive_int, default=128, help="input size of the feature check, in pixels")
     p.add_argument("--max-images", type=positive_int, default=500, help="images sampled per folder")
     p.add_argument("--strict", action="store_true", help="refuse unreadable images, naming them (default: skip "
                                                          "them, saying how many)")
-    p.add_argument("--out", default="runs/gap")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default="runs/gap", help="run folder for gap.md and gap.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
 
 
 def _demo(p) -> None:
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="run folder of the comparison")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in --out")
-    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--epochs", type=positive_int, default=8, help="passes over the training split per model")
     p.add_argument("--keep", choices=["best", "all", "outputs"], default="best",
                    help="model files kept: best (each model's best.pth, about 340 MB), all (also the resume points), "
                         "outputs (none: the results only)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def _nothing(p) -> None:
