@@ -13,6 +13,7 @@ from fusionnet.cli.args import given, settings
 from fusionnet.config import (AutoConfig, CompareConfig, DistillConfig, FuseConfig, PlainConfig, TrainConfig, TrainRun,
                               distill_train_config, fuse_train_config, regime_train_config)
 from fusionnet.errors import ConfigError
+from fusionnet.models.pretrained import is_vote_folder
 from fusionnet.utils.files import atomic_write_text
 from fusionnet.utils.staging import check_output_folder, output_folder
 
@@ -157,8 +158,9 @@ def handle_fuse(args) -> None:
     with output_folder(args.out, bool(args.overwrite), inputs=[cfg.data, *cfg.members]) as work:
         fuse_checkpoints(cfg, out=work)
     out = Path(args.out)
+    vote = f"; the selected ensemble as a vote folder: {out / 'vote'}" if (out / "vote").is_dir() else ""
     print((out / "fuse.md").read_text() + f"wrote {out}/fuse.md, fuse.json; the model validation chose: "
-          f"{out / 'selected.pth'}")
+          f"{out / 'selected.pth'}{vote}")
 
 
 def handle_demo(args) -> None:
@@ -202,8 +204,16 @@ def handle_export(args) -> None:
     if args.format == "hf":
         return _export_folder(args)
     out = fresh_file(args.out, args.overwrite)
-    model = load_fusionnet(args.checkpoint)
-    size = args.size or recorded_size(model, args.checkpoint)
+    if is_vote_folder(args.checkpoint):  # the vote as one graph: every member, weighted, in it
+        from fusionnet.models.vote import Vote
+
+        model = Vote.from_pretrained(args.checkpoint)
+        size = args.size or model.input_size
+        if size is None:
+            raise ConfigError(f"the vote {args.checkpoint!r} records no input size; give --size")
+    else:
+        model = load_fusionnet(args.checkpoint)
+        size = args.size or recorded_size(model, args.checkpoint)
     diff = export_checked(model, out, torch.rand(3, 3, size, size), size=size, exporter=args.exporter,
                           photos=args.preprocess)
     takes = "uint8 photos of any size, read as the model reads them" if args.preprocess else f"{size} x {size} px input"
@@ -218,6 +228,12 @@ def _export_folder(args) -> None:
     from fusionnet.models.plain import load_member
     from fusionnet.models.pretrained import save_pretrained
 
+    if is_vote_folder(args.checkpoint):  # already a folder: copied, as it reads
+        from fusionnet.models.vote import Vote
+
+        Vote.from_pretrained(args.checkpoint).save_pretrained(args.out, overwrite=args.overwrite)
+        print(f"wrote the vote's folder {args.out} (load: fusionnet.load({str(args.out)!r}))")
+        return
     model = load_member(args.checkpoint)  # its input size from the checkpoint's record, where it has one
     saved = inspect_checkpoint(args.checkpoint).fusionnet or {}  # a plain state dict has no metrics or record
     save_pretrained(model, args.out, metrics=saved.get("metrics"), data=saved.get("data"), overwrite=args.overwrite)
@@ -228,7 +244,14 @@ def handle_push(args) -> None:
     from fusionnet.models.plain import load_member
     from fusionnet.models.pretrained import push_to_hub
 
-    model = load_member(model_file(args.checkpoint))
+    source = model_file(args.checkpoint)
+    if is_vote_folder(source):  # the vote's folder, its members' folders in it
+        from fusionnet.models.vote import Vote
+
+        vote = Vote.from_pretrained(source)
+        print(f"pushed to {vote.push_to_hub(args.repo, token=args.token, private=args.private)}")
+        return
+    model = load_member(source)
     print(f"pushed to {push_to_hub(model, args.repo, token=args.token, private=args.private)}")
 
 
@@ -257,7 +280,6 @@ def plain_config(args) -> PlainConfig:
 
 
 def handle_predict(args) -> None:
-    from fusionnet.data.splits import load_splits
     from fusionnet.data.datasets import check_unseen
     from fusionnet.data.transforms import reading_transform
     from fusionnet.models.plain import describe_members, is_plain, load_member
@@ -270,6 +292,8 @@ def handle_predict(args) -> None:
         raise ConfigError("--val-list names the validation split of --data; give --data too")
     fresh_file(args.out, args.overwrite)
     args.checkpoint = model_file(args.checkpoint)
+    if is_vote_folder(args.checkpoint):
+        return _predict_vote(args)
     model = load_member(args.checkpoint, plain=plain_config(args))  # its own class order, until the data's is read
     plain = is_plain(args.checkpoint)
     trained = trained_on(args.checkpoint) if not plain else {}
@@ -285,19 +309,12 @@ def handle_predict(args) -> None:
         return
     seed = args.seed if args.seed is not None else trained.get("seed", 0)  # its own validation split
     reading = model.config.reading()
-    splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
-                         strict=args.strict, image_column=args.image_column, label_column=args.label_column,
-                         image_root=args.image_root,
-                         **reading.split_fields())
-    data = getattr(splits, args.split)
-    if data is None:
-        raise ConfigError(f"{args.data!r} has no {args.split} split (a {args.split}/ folder, or table rows)")
+    splits, data = _split_to_predict(args, reading, seed)
     check_unseen(trained, data, args.split, f"the model {args.checkpoint!r}")
     if args.split == "val" and not trained.get("files") and args.val_list is None:
         from fusionnet.workflows.fuse import unseen_warning
 
         print(f"WARNING: {unseen_warning([args.checkpoint], 0.15, seed)}")
-    from fusionnet.ensembles.voting import member_outputs
     from fusionnet.models.plain import in_order
 
     model = in_order(model, model.class_names, splits.class_names, args.checkpoint)
@@ -308,10 +325,49 @@ def handle_predict(args) -> None:
     print(f"reads: {describe_members({name: model})[0]}")
     if plain:  # the same check as fuse: a plain member's class order is the user's word
         _check_class_order(model, splits.val, name, args)
+    _write_outputs(args, model, data, name)
+
+
+def _split_to_predict(args, reading, seed: int):
+    """predict --data: the splits read as the model reads, and the one ``--split`` names."""
+    from fusionnet.data.splits import load_splits
+
+    splits = load_splits(args.data, size=reading.size or 128, seed=seed, val_list=args.val_list,
+                         strict=args.strict, image_column=args.image_column, label_column=args.label_column,
+                         image_root=args.image_root, **reading.split_fields())
+    data = getattr(splits, args.split)
+    if data is None:
+        raise ConfigError(f"{args.data!r} has no {args.split} split (a {args.split}/ folder, or table rows)")
+    return splits, data
+
+
+def _write_outputs(args, model, data, name: str) -> None:
+    """predict --data's file: the model's outputs on the split, as member outputs (``fusionnet vote`` reads them)."""
+    from fusionnet.ensembles.voting import member_outputs
+
     out = member_outputs(model, data, member=name, split=args.split,
                          checkpoint=args.checkpoint, device=args.device, tta=args.tta, tta_space=args.tta_space)
     print(f"wrote {str(out.save(args.out))!r} ({len(out.labels)} rows, accuracy "
           f"{float((out.probs.argmax(1) == out.labels).double().mean()):.4f})")
+
+
+def _predict_vote(args) -> None:
+    """predict with a vote's folder: its weighted soft vote, the images read as its members read them."""
+    from fusionnet.data.datasets import check_unseen
+    from fusionnet.data.transforms import reading_transform
+    from fusionnet.models.vote import Vote
+    from fusionnet.workflows.runs import member_name
+
+    vote = Vote.from_pretrained(args.checkpoint)
+    print(f"reads: {vote.reading.describe()} (a vote of {', '.join(vote.names)})")
+    if args.images:
+        _predict_images(args, vote, _every_image(args.images, reading_transform(vote.reading), strict=args.strict))
+        return
+    seed = args.seed if args.seed is not None else next(iter(vote.records.values())).get("seed", 0)
+    splits, data = _split_to_predict(args, vote.reading, seed)
+    for name, record in vote.records.items():  # a member that saw these images would make the scores optimistic
+        check_unseen(record, data, args.split, f"member {name!r} of the vote {args.checkpoint!r}")
+    _write_outputs(args, vote.in_order(splits.class_names), data, member_name(args.checkpoint))
 
 
 def _check_class_order(model, val, name: str, args) -> None:

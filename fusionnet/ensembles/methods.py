@@ -42,12 +42,15 @@ class MethodOutput:
 @dataclass(frozen=True)
 class EnsembleMethod:
     """A registered output-ensemble method: its stable id (the CLI name), its report label, its function, and
-    whether its outputs are probabilities (hard voting's are vote fractions: no NLL-based choice may pick it)."""
+    whether its outputs are probabilities (hard voting's are vote fractions: no NLL-based choice may pick it), and
+    whether it is a weighted soft vote of the members (its output's ``weights`` and ``extra["temperatures"]``,
+    ``extra["ensemble_temperature"]``), which :class:`fusionnet.models.vote.Vote` saves as one model."""
 
     id: str
     label: str
     run: Callable[[MemberProbs], MethodOutput]
     probabilities: bool = True
+    vote: bool = False  # a weighted (temperature-scaled) soft vote of the members: a Vote model can be it
 
     def __call__(self, probs: MemberProbs) -> MethodOutput:
         return self.run(probs)
@@ -77,11 +80,12 @@ def cross_validated(method: EnsembleMethod, p: MemberProbs, folds: int = 5) -> t
     return out
 
 
-def register_ensemble(id: str, *, label: str, probabilities: bool = True) -> Callable:
+def register_ensemble(id: str, *, label: str, probabilities: bool = True, vote: bool = False) -> Callable:
     """Function decorator: an ensemble method under ``id`` (``vote --method id``), shown as ``label``;
-    ``probabilities=False`` for a method whose outputs are not probabilities (scored by NLL, they mislead)."""
+    ``probabilities=False`` for a method whose outputs are not probabilities (scored by NLL, they mislead);
+    ``vote=True`` for a weighted soft vote of the members (see :class:`EnsembleMethod`)."""
     def add(run: Callable[[MemberProbs], MethodOutput]) -> Callable[[MemberProbs], MethodOutput]:
-        ENSEMBLES.register(id, EnsembleMethod(id, label, run, probabilities))
+        ENSEMBLES.register(id, EnsembleMethod(id, label, run, probabilities, vote))
         return run
     return add
 
@@ -91,7 +95,7 @@ def list_ensembles() -> list[str]:
     return ENSEMBLES.names()
 
 
-@register_ensemble("soft", label="soft voting")
+@register_ensemble("soft", label="soft voting", vote=True)
 def _soft(p: MemberProbs) -> MethodOutput:
     return MethodOutput(soft_vote(p.test), soft_vote(p.val))
 
@@ -101,26 +105,26 @@ def _hard(p: MemberProbs) -> MethodOutput:
     return MethodOutput(hard_vote(p.test), hard_vote(p.val))
 
 
-@register_ensemble("weighted", label="weighted voting (NLL-fitted)")
+@register_ensemble("weighted", label="weighted voting (NLL-fitted)", vote=True)
 def _weighted(p: MemberProbs) -> MethodOutput:
     w = fit_weights(p.val, p.val_labels)
     return MethodOutput(soft_vote(p.test, w), soft_vote(p.val, w), w)
 
 
-@register_ensemble("greedy", label="greedy selection (Caruana)")
+@register_ensemble("greedy", label="greedy selection (Caruana)", vote=True)
 def _greedy(p: MemberProbs) -> MethodOutput:
     g = greedy_selection(p.val, p.val_labels, metric="nll", n_init=1, rounds=25)
     return MethodOutput(soft_vote(p.test, g.weights), soft_vote(p.val, g.weights), g.weights,
                         extra={"trajectory": g.trajectory})
 
 
-@register_ensemble("exhaustive", label="best subset (exhaustive)")
+@register_ensemble("exhaustive", label="best subset (exhaustive)", vote=True)
 def _exhaustive(p: MemberProbs) -> MethodOutput:
     e = exhaustive_selection(p.val, p.val_labels, metric="nll")
     return MethodOutput(soft_vote(p.test, e.weights), soft_vote(p.val, e.weights), e.weights)
 
 
-@register_ensemble("temperature", label="soft voting, temperature-scaled")
+@register_ensemble("temperature", label="soft voting, temperature-scaled", vote=True)
 def _temperature(p: MemberProbs) -> MethodOutput:
     temps = [fit_temperature(p.val[i], p.val_labels) for i in range(len(p.val))]
     scaled_v = torch.stack([t.apply(p.val[i]) for i, t in enumerate(temps)])

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fusionnet.errors import CheckpointMismatchError
+from fusionnet.errors import CheckpointMismatchError, ConfigError
 from fusionnet.utils.files import atomic_torch_save, resolve_path
 
 FORMAT = "fusionnet"
@@ -235,10 +235,15 @@ def load_weights_file(path: str | os.PathLike) -> Any:
     """
     p = resolve_path(path)
     if p.is_dir():
-        from fusionnet.models.pretrained import folder_payload, is_pretrained_folder
+        from fusionnet.models.pretrained import MEMBERS, folder_payload, is_pretrained_folder, is_vote_folder
 
         if is_pretrained_folder(p):  # a model folder reads as our own checkpoint's payload
             return {"format": FORMAT, "version": FORMAT_VERSION, **folder_payload(p)}
+        if is_vote_folder(p):
+            raise ConfigError(f"{str(p)!r} is a vote folder (the weighted soft vote of several members), not one "
+                              f"model's checkpoint: predict, serve, export, push, distill --teacher and fusionnet.load "
+                              f"take it; where one model is needed (fuse --members, inspect), give its members' "
+                              f"folders instead: {str(p / MEMBERS)}/<name>")
         raise CheckpointMismatchError(f"{str(p)!r} is a folder; pass the checkpoint file inside it")
     if p.stat().st_size == 0:
         raise CheckpointMismatchError(f"{str(p)!r} is empty (0 bytes); it was never written completely. Use "

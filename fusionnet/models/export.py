@@ -23,6 +23,7 @@ from fusionnet.errors import CheckFailedError, ConfigError, install_hint
 from fusionnet.utils.files import atomic_write
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.interface import as_classifier
+from fusionnet.models.vote import Vote
 
 
 EXPORTERS = ("auto", "torchscript", "dynamo")
@@ -49,11 +50,12 @@ def export_checked(model: nn.Module, path: str | os.PathLike, images: torch.Tens
                                   f"{EXPORT_TOLERANCE:g}); {str(path)!r} was not written. Try --exporter "
                                   f"torchscript or dynamo (the other one)")
     if photos:
-        if not isinstance(model, FusionNet):
-            raise ConfigError("a graph that takes photos needs a FusionNet (it records how it reads an image)")
+        reading = _reading(model, size)
+        if reading is None:
+            raise ConfigError("a graph that takes photos needs a FusionNet or a Vote (they record how they read an "
+                              "image)")
         from fusionnet.models.onnx_photos import with_photo_input
 
-        reading = model.config.reading(size)
         data = _with_metadata(with_photo_input(data, size=size, resize=reading.resize, crop_pct=reading.crop_pct,
                                                reader=reading.reader),
                               {"input": "photos: uint8 RGB, (batch, H, W, 3), any H and W; the model's resize, crop "
@@ -105,13 +107,30 @@ def onnx_metadata(model: nn.Module, size: int) -> dict[str, str]:
     names = as_classifier(model).class_names
     if names:
         meta["class_names"] = json.dumps(list(names))
-    if isinstance(model, FusionNet):
-        reading = model.config.reading(size)  # how an image reaches input_size before the graph
+    reading = _reading(model, size)  # how an image reaches input_size before the graph
+    if reading is not None:
         meta.update(resize=reading.resize, crop_pct=str(reading.crop_pct), reader=reading.reader,
                     reads=reading.describe())
-        meta["normalisation"] = json.dumps({n: {"mean": br.mean.flatten().tolist(), "std": br.std.flatten().tolist()}
-                                            for n, br in model.branches.items()})
+    if isinstance(model, FusionNet):
+        meta["normalisation"] = json.dumps(_normalisation(model))
+    if isinstance(model, Vote):  # the graph is the whole vote: its members, weights and temperatures
+        meta["output"] = "logits: (batch, classes), the log of the vote's probabilities; softmax gives them"
+        meta["vote"] = json.dumps({"method": model.method, "members": model.member_table(),
+                                   "ensemble_temperature": model.ensemble_temperature})
+        meta["normalisation"] = json.dumps({n: _normalisation(m) for n, m in zip(model.names, model.members)})
     return meta
+
+
+def _reading(model: nn.Module, size: int):
+    """How ``model`` reads an image at ``size`` (a FusionNet or a Vote records it); None for another model."""
+    if isinstance(model, FusionNet):
+        return model.config.reading(size)
+    return model.reading.at(size) if isinstance(model, Vote) else None
+
+
+def _normalisation(model: FusionNet) -> dict:
+    return {n: {"mean": br.mean.flatten().tolist(), "std": br.std.flatten().tolist()}
+            for n, br in model.branches.items()}
 
 
 def _with_metadata(data: bytes, meta: dict[str, str]) -> bytes:

@@ -12,7 +12,8 @@ from fusionnet.config import PlainConfig
 from fusionnet.models.factory import save_model
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.plain import load_member
-from fusionnet.models.pretrained import is_hub_id, local_folder
+from fusionnet.models.pretrained import is_hub_id, is_vote_folder, local_folder
+from fusionnet.models.vote import Vote
 
 
 def save(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
@@ -23,11 +24,16 @@ def save(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = No
 
 
 def load(path: str | os.PathLike, *, class_names: Sequence[str] | None = None,
-         plain: PlainConfig | None = None, revision: str | None = None) -> FusionNet:
+         plain: PlainConfig | None = None, revision: str | None = None) -> FusionNet | Vote:
     """The model in ``path``: a fusionnet checkpoint (any number of branches), a model folder
     (:meth:`FusionNet.save_pretrained`) or a Hugging Face Hub id of one (``"user/name"``, at ``revision``), or a
     plain state dict of one registered backbone (its classes, size and normalisation from ``plain``, a manifest or
-    ``classes.txt`` beside it). ``class_names``: the order you want its outputs in (the model's own when None)."""
+    ``classes.txt`` beside it). ``class_names``: the order you want its outputs in (the model's own when None).
+    A vote's folder (:meth:`Vote.save_pretrained`, ``fusionnet fuse``'s ``<out>/vote``) or Hub id gives the
+    :class:`~fusionnet.models.vote.Vote`."""
     if is_hub_id(path):
         path = local_folder(path, revision)  # a Hub id: huggingface_hub's download and cache
+    if is_vote_folder(path):
+        vote = Vote.from_pretrained(path)
+        return vote if class_names is None else vote.in_order(list(class_names))
     return load_member(path, class_names=list(class_names) if class_names is not None else None, plain=plain)

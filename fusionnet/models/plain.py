@@ -107,7 +107,12 @@ def is_plain(path: PathLike) -> bool:
 
 def member_reading(path: PathLike, plain: PlainConfig | None = None) -> Reading:
     """How the member ``path`` reads its images: its own record (a fusionnet checkpoint: its config, the size of
-    its training record), else the plain settings and the files beside it (size None where nothing says it)."""
+    its training record), else the plain settings and the files beside it (size None where nothing says it). A
+    vote's folder reads as its members do (its config.json records it)."""
+    from fusionnet.models.pretrained import is_vote_folder, read_config
+
+    if is_vote_folder(path) and read_config(Path(path)).get("reading"):
+        return Reading(**read_config(Path(path))["reading"])
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         config = info.fusionnet.get("config", {})

@@ -18,11 +18,21 @@ from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileEr
 FORMAT = "fusionnet-pretrained"
 FORMAT_VERSION = 1
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
+VOTE_FORMAT, MEMBERS = "fusionnet-vote", "members"  # a vote's folder (fusionnet.models.vote): members/<name>/
+# what a Hub snapshot of a model folder or of a vote folder holds (fnmatch patterns: * crosses "/")
+HUB_FILES = [CONFIG, WEIGHTS, CARD, *(f"{MEMBERS}/*/{name}" for name in (CONFIG, WEIGHTS, CARD))]
 
 
 def is_pretrained_folder(path) -> bool:
     p = Path(path)
     return p.is_dir() and (p / CONFIG).is_file() and read_config(p).get("format") == FORMAT
+
+
+def is_vote_folder(path) -> bool:
+    """Whether ``path`` is a vote's folder (:class:`fusionnet.models.vote.Vote`: its config.json says ``"format":
+    "fusionnet-vote"``)."""
+    p = Path(path)
+    return p.is_dir() and (p / CONFIG).is_file() and read_config(p).get("format") == VOTE_FORMAT
 
 
 def is_hub_id(source) -> bool:
@@ -36,17 +46,11 @@ def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = 
     """Write ``model`` (any FusionNet) to ``folder``: config.json, model.safetensors, README.md. ``metrics`` and
     ``data`` (what it was trained on: :func:`fusionnet.data.datasets.training_record`) go into the config and the
     card. An existing folder is replaced, only with ``overwrite`` and only once the new one is complete."""
-    from importlib.metadata import PackageNotFoundError, version
-
     from safetensors.torch import save_file
 
     from fusionnet.utils.staging import output_folder
 
-    try:
-        written_by = version("fusionnet")
-    except PackageNotFoundError:  # run from a source tree that is not installed
-        written_by = "unknown"
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "fusionnet_version": written_by,
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "fusionnet_version": written_by(),
               "model": model.model_config(), "class_names": model.class_names, "metrics": metrics or {},
               "data": data or {}}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -58,11 +62,29 @@ def save_pretrained(model, folder: str | os.PathLike, *, metrics: dict | None = 
     return Path(folder)
 
 
+def written_by() -> str:
+    """The fusionnet version that writes a folder ("unknown" run from a source tree that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fusionnet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def push_to_hub(model, repo_id: str, *, token: str | None = None, private: bool = False,
                 commit_message: str = "fusionnet model") -> str:
     """Upload ``model`` as a model folder to the Hugging Face Hub repository ``repo_id`` (created if missing), with
     ``huggingface_hub``'s own client; returns the repository's URL. A token: ``token``, ``HF_TOKEN`` or the one
     ``huggingface-cli login`` stored."""
+    return upload_folder(lambda folder: save_pretrained(model, folder), repo_id, token=token, private=private,
+                         commit_message=commit_message)
+
+
+def upload_folder(write, repo_id: str, *, token: str | None = None, private: bool = False,
+                  commit_message: str = "fusionnet model") -> str:
+    """Upload the folder ``write(folder)`` writes (a model's or a vote's) to the Hub repository ``repo_id``: the
+    files of :data:`HUB_FILES`, nothing else; returns the repository's URL."""
     import tempfile
 
     from huggingface_hub import HfApi, get_token
@@ -75,10 +97,10 @@ def push_to_hub(model, repo_id: str, *, token: str | None = None, private: bool 
                           "--token")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_pretrained(model, Path(tmp) / "model")
+        folder = write(Path(tmp) / "model")
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                          allow_patterns=[CONFIG, WEIGHTS, CARD])
+                          allow_patterns=HUB_FILES)
     return str(url)
 
 
@@ -97,7 +119,7 @@ def local_folder(source, revision: str | None = None) -> Path:
         if not (p / CONFIG).is_file():
             raise MissingFileError(f"{str(source)!r} has no {CONFIG}; a fusionnet model folder holds {CONFIG}, "
                                    f"{WEIGHTS} and {CARD} (written by save_pretrained or fusionnet export --format "
-                                   f"hf)")
+                                   f"hf), a vote folder {CONFIG}, {CARD} and {MEMBERS}/")
         return p
     if not is_hub_id(source):
         raise MissingFileError(f"{str(source)!r} is neither a model folder nor a Hub id ('user/name')")
@@ -111,7 +133,7 @@ def local_folder(source, revision: str | None = None) -> Path:
     # would retry for a minute or more before failing
     cache_only = bool(hub.HF_HUB_OFFLINE) or not host_reachable(hub.ENDPOINT)
     try:
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=[CONFIG, WEIGHTS, CARD],
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=HUB_FILES,
                                       local_files_only=cache_only))
     except LocalEntryNotFoundError:
         raise ConfigError(f"Hub model {str(source)!r} is not in the Hugging Face cache and cannot be downloaded "
@@ -128,14 +150,7 @@ def folder_payload(folder: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = read_config(folder)
-    if config.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"{str(Path(folder) / CONFIG)!r} is not a fusionnet model's config (no "
-                                      f"'format': {FORMAT!r}); give a folder written by save_pretrained")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointMismatchError(f"{str(folder)!r} was written in format version {config['format_version']} by "
-                                      f"fusionnet {config.get('fusionnet_version')}, newer than this fusionnet reads "
-                                      f"({FORMAT_VERSION}); upgrade fusionnet")
+    config = checked_config(folder, FORMAT, FORMAT_VERSION, "a fusionnet model's", "save_pretrained")
     try:
         state = load_file(str(Path(folder) / WEIGHTS))
     except FileNotFoundError:
@@ -145,6 +160,20 @@ def folder_payload(folder: Path) -> dict:
                                       f"write the folder again") from None
     return {"config": config["model"], "class_names": config.get("class_names"), "metrics": config.get("metrics") or {},
             "data": config.get("data") or {}, "state_dict": state}
+
+
+def checked_config(folder: Path, format: str, version: int, what: str, writer: str) -> dict:
+    """The folder's config.json when it says ``format`` in a version this fusionnet reads (at most ``version``);
+    else a CheckpointMismatchError naming the file, ``what`` it should be and the ``writer`` that writes one."""
+    config = read_config(folder)
+    if config.get("format") != format:
+        raise CheckpointMismatchError(f"{str(Path(folder) / CONFIG)!r} is not {what} config (no 'format': "
+                                      f"{format!r}); give a folder written by {writer}")
+    if int(config.get("format_version", 0)) > version:
+        raise CheckpointMismatchError(f"{str(folder)!r} was written in format version {config['format_version']} by "
+                                      f"fusionnet {config.get('fusionnet_version')}, newer than this fusionnet reads "
+                                      f"({version}); upgrade fusionnet")
+    return config
 
 
 def read_config(folder: Path) -> dict:

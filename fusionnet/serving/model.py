@@ -1,8 +1,9 @@
 """The model a server holds, and nothing of HTTP (:mod:`fusionnet.serving.serve` puts it behind FastAPI, and
 :mod:`fusionnet.serving.serve_ray` behind Ray Serve): a fusionnet checkpoint (a FusionNet), several member
-checkpoints, ours or plain torchvision/timm state dicts (their soft vote; :mod:`fusionnet.models.plain`), or an
-``.onnx`` file (onnxruntime); uploads decoded with hard limits; each image brought to the model's input size the way
-the model says (``resize``), then a batch run in the fastest mode measured that matches fp32 on the device."""
+checkpoints, ours or plain torchvision/timm state dicts (their soft vote; :mod:`fusionnet.models.plain`), a vote's
+folder (its weighted, temperature-scaled soft vote; :mod:`fusionnet.models.vote`), or an ``.onnx`` file
+(onnxruntime); uploads decoded with hard limits; each image brought to the model's input size the way the model
+says (``resize``), then a batch run in the fastest mode measured that matches fp32 on the device."""
 
 from __future__ import annotations
 
@@ -47,12 +48,16 @@ class ModelHandler:
 
         if not sources:
             raise ConfigError("serve needs a model: a checkpoint, several member checkpoints, or an .onnx file")
-        from fusionnet.models.pretrained import is_pretrained_folder
+        from fusionnet.models.pretrained import is_pretrained_folder, is_vote_folder
 
         paths = [Path(s) for s in sources]
         for p in paths:
-            if not (p.is_file() or is_pretrained_folder(p)):
-                raise ConfigError(f"model file {str(p)!r} not found (a checkpoint, a model folder or an .onnx file)")
+            if not (p.is_file() or is_pretrained_folder(p) or is_vote_folder(p)):
+                raise ConfigError(f"model file {str(p)!r} not found (a checkpoint, a model folder, a vote folder or "
+                                  f"an .onnx file)")
+        self.vote = is_vote_folder(paths[0])
+        if self.vote and len(paths) > 1:
+            raise ConfigError(f"serve takes one vote folder ({str(paths[0])!r}), alone: its members are in it")
         self.paths, self.limits = paths, limits or Limits()
         self.device = resolve_device(device)
         self.onnx = paths[0].suffix == ".onnx"
@@ -60,6 +65,8 @@ class ModelHandler:
             if len(paths) > 1:
                 raise ConfigError("serve takes one .onnx file (an export of one model), not several")
             self._load_onnx(paths[0])
+        elif self.vote:
+            self._load_vote(paths[0])
         else:
             self._load_checkpoints(paths, replace(plain or PlainConfig(), size=size) if size else plain)
         self.size = size or self.size
@@ -68,7 +75,7 @@ class ModelHandler:
                               f"--size 64 for a model trained on Resize((64, 64))) or \"size\" in its manifest, or "
                               f"let 'fusionnet predict MEMBER --data DATA' choose it on validation first")
         self.reading = self.reading.at(self.size)
-        self.hash = _sha256(paths)
+        self.hash = _sha256(paths if not self.vote else [paths[0], *sorted((paths[0] / "members").iterdir())])
         from fusionnet.data.transforms import reading_transform
 
         self.transform = reading_transform(self.reading)
@@ -92,6 +99,19 @@ class ModelHandler:
         self.backbones = [[br.cfg.backbone for br in m.branches.values()] for m in self.models]
         self.member_names = [p.parent.name if p.name in ("best.pth", "final.pth") else p.stem for p in paths]
 
+    def _load_vote(self, path: Path) -> None:
+        """A vote's folder: one model (the vote), its members' temperature-scaled outputs its per-member view."""
+        from fusionnet.models.vote import Vote
+
+        vote = Vote.from_pretrained(path).eval().to(self.device)
+        if self.device.type == "cpu":
+            vote.to(memory_format=torch.channels_last)
+        self.models, self.class_names, self.reading = [vote], vote.class_names, vote.reading
+        self.size = vote.input_size
+        self.backbones = [[br.cfg.backbone for br in m.branches.values()] for m in vote.members]
+        self.member_names = list(vote.names)
+        self.weights = vote.member_table()
+
     def _load_onnx(self, path: Path) -> None:
         import onnxruntime as ort
 
@@ -106,8 +126,10 @@ class ModelHandler:
         self.backbones, self.member_names, self.models = [], [path.stem], []
 
     def info(self) -> dict:
-        kind = "onnx" if self.onnx else ("vote" if len(self.models) > 1 else "fusionnet")
-        return {"kind": kind, "classes": self.class_names, "backbones": self.backbones, "input_size": self.size,
+        kind = "onnx" if self.onnx else ("vote" if self.vote or len(self.models) > 1 else "fusionnet")
+        weights = {"weights": self.weights} if self.vote else {}  # a vote folder's members, weights, temperatures
+        return {"kind": kind, **weights, "classes": self.class_names, "backbones": self.backbones,
+                "input_size": self.size,
                 "reads": self.reading.describe(), "reading": self.reading.to_dict(), "members_read": self._read_as(),
                 "members": self.member_names if kind == "vote" else [], "sha256": self.hash,
                 "device": str(self.device)}
@@ -115,7 +137,8 @@ class ModelHandler:
     def _read_as(self) -> list[str]:
         from fusionnet.models.plain import describe_members
 
-        return describe_members(dict(zip(self.member_names, self.models)))
+        models = self.models[0].members if self.vote else self.models
+        return describe_members(dict(zip(self.member_names, models)))
 
     def decode(self, data: bytes) -> torch.Tensor:
         """An upload as a (3, size, size) tensor in [0, 1]; :class:`BadInput` names whatever is wrong with it."""

@@ -1,7 +1,8 @@
 """One small network with the ensemble's accuracy: distillation of a fusion or an ensemble into a student.
 
 ``distill(cfg)`` (``fusionnet distill``) loads the teacher (:func:`load_teacher`: a FusionNet checkpoint, the soft
-vote of several member checkpoints, or the val-selected fusion of a ``compare`` run folder), builds the student (any
+vote of several member checkpoints, a vote's folder (its weighted vote: :mod:`fusionnet.models.vote`), or the
+val-selected fusion of a ``compare`` run folder), builds the student (any
 registered backbone with a new head) and trains it with :func:`fusionnet.engine.train.fit` and the
 :class:`fusionnet.engine.callbacks.Distillation` callback: teacher and student see the same augmented (and, with
 ``mixup``, mixed) view, the student matches the teacher's predictions by KL at a temperature, and the labels weigh
@@ -47,9 +48,12 @@ class Teacher(nn.Module):
 def load_teacher(sources: Sequence[str], class_names: Sequence[str]) -> tuple[Teacher, list[Path]]:
     """The teacher for data with ``class_names``, refused before any training when its classes differ."""
     from fusionnet.models.factory import load_fusionnet
+    from fusionnet.models.pretrained import is_vote_folder
+    from fusionnet.models.vote import Vote
 
     paths = checkpoints_in(sources)
-    models = [load_fusionnet(p) for p in paths]
+    models = [Vote.from_pretrained(p) if is_vote_folder(p) else load_fusionnet(p) for p in paths]  # a vote: its
+    # log-probabilities are its logits
     for path, model in zip(paths, models):
         names = model.class_names
         if names is None or sorted(names) != sorted(class_names):

@@ -33,7 +33,7 @@ from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_t
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned
-from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id, label
 from fusionnet.workflows.runs import member_names
 
 
@@ -78,7 +78,8 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     """Fuse the members, fit the fused head(s) (:class:`FuseConfig`), and report them beside every member and the
     members' soft vote, greedy selection and stacking; the fused head of lower validation NLL is "FusionNet
     (selected on val)" and is copied to ``out/selected.pth``, the model to use. Writes ``fuse.json`` and
-    ``fuse.md``."""
+    ``fuse.md``, and the ensemble selected on validation as a vote's folder ``out/vote`` when it is a weighted soft
+    vote of the members (:func:`write_vote`)."""
     out = Path(out)
     records = {p: (inspect_checkpoint(p).fusionnet or {}).get("data") for p in cfg.members}  # read once each
     reading = members_reading(cfg.members, cfg.plain, cfg.size)  # refuses members that read images differently
@@ -122,7 +123,44 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
     chosen = table.rows[SELECTED_FUSION]["chosen"]
     selected = out / "selected.pth"
     atomic_copy(table.fusion_outputs[chosen]["val"].checkpoint, selected)
-    return _write_fuse_report(cfg, out, table, chosen, selected, warnings, read_as)
+    vote_note = write_vote(table, dict(zip(names, loaded)), [records[p] for p in cfg.members], out / "vote",
+                           seed=cfg.train.seed)
+    log(vote_note)
+    return _write_fuse_report(cfg, out, table, chosen, selected, warnings, read_as, vote_note)
+
+
+def write_vote(table: Table, models: dict, records: list, folder: Path, *, seed: int = 0) -> str:
+    """The ensemble selected on validation as a vote's folder (:class:`fusionnet.models.vote.Vote`: its members
+    with non-zero weight, their weights and temperatures) when it is a weighted soft vote of the members; nothing
+    for stacking or hard voting. Returns the line saying which (for the log and fuse.md)."""
+    import re
+
+    from fusionnet.models.vote import Vote
+
+    row = table.rows.get(SELECTED_ENSEMBLE)
+    if row is None:
+        return "no ensemble was selected on validation: no vote folder written"
+    chosen = row["chosen"]
+    if not ENSEMBLES.get(chosen).vote:
+        return (f"the selected ensemble, {label(chosen)}, is not a weighted soft vote of the members: no vote "
+                f"folder written (use its saved outputs with 'fusionnet vote --method {chosen}')")
+    res = ENSEMBLES.get(chosen).run(table.member_probs(seed))  # deterministic: the row's weights, refitted
+    m = len(models)
+    weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
+    keep = [i for i in range(m) if weights[i] > 0]  # a member of weight 0 would cost a forward pass for nothing
+    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n).lstrip(".") or f"member{i}" for i, n in enumerate(models)]
+    members = list(models.values())
+    metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece")},
+               **{f"val_{k}": v for k, v in (row["val"] or {}).items()}}
+    vote = Vote([members[i] for i in keep], [names[i] for i in keep],
+                weights=[weights[i] / sum(weights[j] for j in keep) for i in keep],
+                temperatures=[temps[i] for i in keep], method=label(chosen), metrics=metrics,
+                ensemble_temperature=res.extra.get("ensemble_temperature", 1.0),
+                records={names[i]: records[i] or {} for i in keep})
+    vote.save_pretrained(folder)
+    return (f"the selected ensemble, {label(chosen)}, written as a vote folder {str(folder)!r} "
+            f"({', '.join(f'{n} {w:.3f}' for n, w in zip(vote.names, vote.weights.tolist()))}): predict, serve, "
+            f"export and fusionnet.load take it")
 
 
 _HEAD_IDS = {head: fusion_id(head) for head in HEADS}
@@ -148,13 +186,13 @@ def unseen_warning(members: list[str], val_fraction: float, seed: int) -> str:
 
 
 def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, selected: Path,
-                       warnings: list[str], read_as: list[str]) -> dict:
+                       warnings: list[str], read_as: list[str], vote_note: str) -> dict:
     """fuse.json (rows by id, each with its label and per-image test predictions ``pred``, beside
     ``test_labels``, for paired tests as in results.json) and fuse.md; ``chosen``: the selected fusion's row id."""
     best_member = table.pick([n for n, r in table.rows.items() if r["kind"] == "member"], SELECT_BY)
     report = {"members": [str(p) for p in cfg.members], "selected": chosen, "selected_model": str(selected),
               "best_member_on_val": best_member, "warnings": warnings, "test_labels": table.y_test.tolist(),
-              "members_read": read_as,
+              "members_read": read_as, "vote": str(out / "vote") if (out / "vote").is_dir() else None,
               "methods": {n: {"label": label(n), **{m: r[m] for m in ("acc", "macro_f1", "nll", "ece", "pred")},
                               "val": r["val"]} for n, r in table.rows.items()}}
     atomic_write_json(out / "fuse.json", report)
@@ -168,6 +206,7 @@ def _write_fuse_report(cfg: FuseConfig, out: Path, table: Table, chosen: str, se
         lines.append(f"| {r['label']} | {r['acc']:.4f} | {r['macro_f1']:.4f} | {r['nll']:.4f} | {r['ece']:.4f} | "
                      f"{val} |")
     lines += ["", *(f"WARNING: {w}" for w in warnings)] if warnings else []
+    lines += ["", f"Vote: {vote_note}."]
     lines += ["", "How each member reads an image:", "", *(f"- {line}" for line in read_as)]
     lines += ["", "from_members: the members' heads as one, trained on cached features, the best epoch by "
                   "validation NLL (epoch 0 = the members' logit average). late_oof: a classifier per member trunk and "

@@ -39,7 +39,7 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
     """The checkpoint files that ``sources`` (``--teacher``, ``serve MODEL``, ``predict`` and ``export``'s model)
     name: files as given; a ``fuse`` or ``auto`` run folder: ``selected.pth``; a ``compare`` run folder: its
     val-selected fusion; a ``train`` run folder: ``best.pth``."""
-    from fusionnet.models.pretrained import is_hub_id, is_pretrained_folder, local_folder
+    from fusionnet.models.pretrained import is_hub_id, is_pretrained_folder, is_vote_folder, local_folder
 
     paths = []
     for source in sources:
@@ -47,7 +47,8 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
         path = Path(source)
         if path.is_file():
             paths.append(path)
-        elif is_pretrained_folder(path):  # a model folder (save_pretrained, export --format hf)
+        elif is_pretrained_folder(path) or is_vote_folder(path):  # a model folder (save_pretrained, export
+            # --format hf) or a vote's (Vote.save_pretrained, fuse's <out>/vote)
             paths.append(path)
         elif is_hub_id(source):
             paths.append(local_folder(source))  # a Hugging Face Hub id: huggingface_hub's download and cache
@@ -58,8 +59,8 @@ def checkpoints_in(sources: Sequence[str]) -> list[Path]:
         elif (path / "best.pth").is_file():
             paths.append(path / "best.pth")
         else:
-            raise MissingFileError(f"{source!r} is neither a checkpoint, a model folder (config.json), a Hub id "
-                                   f"(user/name) nor a run folder of compare (results.json), fuse or auto "
+            raise MissingFileError(f"{source!r} is neither a checkpoint, a model folder or a vote's (config.json), "
+                                   f"a Hub id (user/name) nor a run folder of compare (results.json), fuse or auto "
                                    f"(selected.pth) or train (best.pth)")
     return paths
 
