@@ -209,8 +209,28 @@ def test_fuse_writes_its_selected_ensemble_as_a_vote_folder(saved, tmp_path, cap
     assert ours.probs.argmax(1).tolist() == report["methods"]["selected:ensemble"]["pred"]
     from types import SimpleNamespace
 
-    from fusionnet.workflows.fuse import write_vote
+    from fusionnet.workflows.runs import write_vote
 
     stacked = SimpleNamespace(rows={"selected:ensemble": {"chosen": "stacking"}})  # not a vote: nothing written
     assert "not a weighted soft vote" in write_vote(stacked, {}, [], tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_compare_writes_its_selected_ensemble_as_a_vote_folder_unless_it_keeps_no_models(tmp_path):
+    data = make_splits(tmp_path / "data", per_class=8)
+    tiny = ["--data", str(data), "--epochs", "1", "--size", "32", "--no-progress", "--backbones",
+            "timm/test_efficientnet", "timm/test_resnet", "--no-pretrained", "--variants", "late_oof"]
+    assert main(["compare", *tiny, "--out", str(tmp_path / "c")]) == 0
+    results = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert results["selected"]["ensemble"]["vote"] == str(tmp_path / "c" / "vote")
+    vote = fusionnet.load(tmp_path / "c" / "vote")
+    assert vote.input_size == 32 and vote.class_names == ["a", "b", "c"]
+    assert main(["predict", str(tmp_path / "c" / "vote"), "--data", str(data), "--split", "test",
+                 "--out", str(tmp_path / "y.pt")]) == 0
+    from fusionnet.ensembles.voting import MemberOutputs
+
+    assert MemberOutputs.load(tmp_path / "y.pt").probs.argmax(1).tolist() == \
+        results["methods"]["selected:ensemble"]["pred"]
+    assert main(["compare", *tiny, "--keep", "outputs", "--out", str(tmp_path / "o")]) == 0
+    assert not (tmp_path / "o" / "vote").exists()
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["selected"]["ensemble"]["vote"] is None

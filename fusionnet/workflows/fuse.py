@@ -33,8 +33,8 @@ from fusionnet.utils.files import atomic_copy, atomic_write_json, atomic_write_t
 from fusionnet.utils.metrics import classification_metrics
 from fusionnet.workflows.pipeline import SELECT_BY, ClosedForm, Context, Loaded, Table, Trained
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned
-from fusionnet.workflows.rows import SELECTED_ENSEMBLE, SELECTED_FUSION, fusion_id, label
-from fusionnet.workflows.runs import member_names
+from fusionnet.workflows.rows import SELECTED_FUSION, fusion_id, label
+from fusionnet.workflows.runs import member_names, write_vote
 
 
 def check_class_order(outputs: MemberOutputs, min_gain: float = 0.25, *, model=None, val=None,
@@ -127,40 +127,6 @@ def fuse_checkpoints(cfg: FuseConfig, *, out: str | os.PathLike, log=print) -> d
                            seed=cfg.train.seed)
     log(vote_note)
     return _write_fuse_report(cfg, out, table, chosen, selected, warnings, read_as, vote_note)
-
-
-def write_vote(table: Table, models: dict, records: list, folder: Path, *, seed: int = 0) -> str:
-    """The ensemble selected on validation as a vote's folder (:class:`fusionnet.models.vote.Vote`: its members
-    with non-zero weight, their weights and temperatures) when it is a weighted soft vote of the members; nothing
-    for stacking or hard voting. Returns the line saying which (for the log and fuse.md)."""
-    import re
-
-    from fusionnet.models.vote import Vote
-
-    row = table.rows.get(SELECTED_ENSEMBLE)
-    if row is None:
-        return "no ensemble was selected on validation: no vote folder written"
-    chosen = row["chosen"]
-    if not ENSEMBLES.get(chosen).vote:
-        return (f"the selected ensemble, {label(chosen)}, is not a weighted soft vote of the members: no vote "
-                f"folder written (use its saved outputs with 'fusionnet vote --method {chosen}')")
-    res = ENSEMBLES.get(chosen).run(table.member_probs(seed))  # deterministic: the row's weights, refitted
-    m = len(models)
-    weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
-    keep = [i for i in range(m) if weights[i] > 0]  # a member of weight 0 would cost a forward pass for nothing
-    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n).lstrip(".") or f"member{i}" for i, n in enumerate(models)]
-    members = list(models.values())
-    metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece")},
-               **{f"val_{k}": v for k, v in (row["val"] or {}).items()}}
-    vote = Vote([members[i] for i in keep], [names[i] for i in keep],
-                weights=[weights[i] / sum(weights[j] for j in keep) for i in keep],
-                temperatures=[temps[i] for i in keep], method=label(chosen), metrics=metrics,
-                ensemble_temperature=res.extra.get("ensemble_temperature", 1.0),
-                records={names[i]: records[i] or {} for i in keep})
-    vote.save_pretrained(folder)
-    return (f"the selected ensemble, {label(chosen)}, written as a vote folder {str(folder)!r} "
-            f"({', '.join(f'{n} {w:.3f}' for n, w in zip(vote.names, vote.weights.tolist()))}): predict, serve, "
-            f"export and fusionnet.load take it")
 
 
 _HEAD_IDS = {head: fusion_id(head) for head in HEADS}

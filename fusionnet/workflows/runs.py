@@ -1,6 +1,7 @@
 """Finding the model a finished run chose: a ``compare`` run's val-selected fusion (by the id and checkpoint path
 its ``results.json`` records), a ``fuse`` run's ``selected.pth``, a ``train`` run's ``best.pth``. Used by
-``distill --teacher``, ``serve`` and the experiments that take a run folder."""
+``distill --teacher``, ``serve`` and the experiments that take a run folder. And writing the ensemble a run chose
+as one model (:func:`write_vote`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fusionnet.errors import ConfigError, MissingFileError
-from fusionnet.workflows.rows import current_id, fusion_label
+from fusionnet.workflows.rows import SELECTED_ENSEMBLE, current_id, fusion_label, label
 
 SELECTED = "FusionNet (selected on val)"  # the row label of results.json written before the ids (fusionnet 0.3)
 
@@ -91,3 +92,41 @@ def _chosen_by_label(results: dict) -> dict | None:
         if label == fusion_label(variant):
             return {"id": variant, "checkpoint": row.get("checkpoint")}
     return None
+
+
+def write_vote(table, models: dict, records: list, folder: Path, *, seed: int = 0) -> str:
+    """The ensemble a run (``fuse``, ``compare``) selected on validation as a vote's folder
+    (:class:`fusionnet.models.vote.Vote`: its members with non-zero weight, their weights and temperatures) when
+    its method is a weighted soft vote of the members (``EnsembleMethod.vote``); nothing for stacking or hard
+    voting. ``table``: the run's :class:`~fusionnet.workflows.pipeline.Table`; ``models``: the members by name, in
+    the table's order; ``records``: their training records. Returns the line saying which (for the log and the
+    report)."""
+    import re
+
+    from fusionnet.ensembles.methods import ENSEMBLES
+    from fusionnet.models.vote import Vote
+
+    row = table.rows.get(SELECTED_ENSEMBLE)
+    if row is None:
+        return "no ensemble was selected on validation: no vote folder written"
+    chosen = row["chosen"]
+    if not ENSEMBLES.get(chosen).vote:
+        return (f"the selected ensemble, {label(chosen)}, is not a weighted soft vote of the members: no vote "
+                f"folder written (use its saved outputs with 'fusionnet vote --method {chosen}')")
+    res = ENSEMBLES.get(chosen).run(table.member_probs(seed))  # deterministic: the row's weights, refitted
+    m = len(models)
+    weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
+    keep = [i for i in range(m) if weights[i] > 0]  # a member of weight 0 would cost a forward pass for nothing
+    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n).lstrip(".") or f"member{i}" for i, n in enumerate(models)]
+    members = list(models.values())
+    metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece")},
+               **{f"val_{k}": v for k, v in (row["val"] or {}).items()}}
+    vote = Vote([members[i] for i in keep], [names[i] for i in keep],
+                weights=[weights[i] / sum(weights[j] for j in keep) for i in keep],
+                temperatures=[temps[i] for i in keep], method=label(chosen), metrics=metrics,
+                ensemble_temperature=res.extra.get("ensemble_temperature", 1.0),
+                records={names[i]: records[i] or {} for i in keep})
+    vote.save_pretrained(folder)
+    return (f"the selected ensemble, {label(chosen)}, written as a vote folder {str(folder)!r} "
+            f"({', '.join(f'{n} {w:.3f}' for n, w in zip(vote.names, vote.weights.tolist()))}): predict, serve, "
+            f"export and fusionnet.load take it")

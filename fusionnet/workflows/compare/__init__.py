@@ -345,13 +345,16 @@ def _selected_ids(rows: dict, fusion: dict) -> dict:
 
 def _write(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Scored], fusion: dict) -> dict:
     splits, rows, y_test = ctx.splits, table.rows, table.y_test
+    selected = _selected_ids(rows, fusion)
+    if "ensemble" in selected:  # the selected ensemble as one model, where it is a vote and model files are kept
+        selected["ensemble"]["vote"] = _write_vote(cfg, ctx, table, members)
     results = {
         "budget": {"regime": cfg.regime, "epochs": cfg.train.epochs, "size": cfg.size, "seed": cfg.seed,
                    "monitor": cfg.train.monitor, "select_by": cfg.select_by, "batch_size": cfg.train.batch_size,
                    "train": len(splits.train), "val": len(splits.val), "test": len(splits.test),
                    "backbones": cfg.backbones, "shared_cache": cfg.shared_cache and cfg.regime == "frozen"},
         "methods": rows, "skipped": table.skipped, "members": {b: s.info for b, s in members.items()},
-        "fusion": fusion, "selected": _selected_ids(rows, fusion), "test_labels": y_test.tolist(),
+        "fusion": fusion, "selected": selected, "test_labels": y_test.tolist(),
     }
     write_report(results, ctx.out, splits.class_names, reliability={
         SELECTED_FUSION: (rows[SELECTED_FUSION]["probs"], y_test),
@@ -359,3 +362,23 @@ def _write(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Sc
         **{member_id(b): (s.outputs["test"].probs, y_test) for b, s in members.items()}})
     ctx.log((ctx.out / "results.md").read_text())
     return results
+
+
+def _write_vote(cfg: CompareConfig, ctx: Context, table: Table, members: dict[str, Scored]) -> str | None:
+    """``out/vote``: the selected ensemble as a vote's folder (:func:`fusionnet.workflows.runs.write_vote`), unless
+    ``--keep outputs`` (no model files); its path, or None where none was written."""
+    if cfg.keep == "outputs":
+        ctx.log("vote: --keep outputs writes no model files, so no vote folder")
+        return None
+    from fusionnet.models.checkpoints import read_checkpoint
+    from fusionnet.models.plain import load_member
+    from fusionnet.workflows.runs import write_vote
+
+    paths = {b: s.info.get("checkpoint") for b, s in members.items()}  # best.pth: the scored weights, with the
+    if not all(p and Path(p).is_file() for p in paths.values()):  # size and images they were trained on
+        ctx.log("vote: a member's model file is missing, so no vote folder")
+        return None
+    note = write_vote(table, {b: load_member(p) for b, p in paths.items()},
+                      [read_checkpoint(p).get("data") for p in paths.values()], ctx.out / "vote", seed=cfg.seed)
+    ctx.log(f"vote: {note}")
+    return str(ctx.out / "vote") if (ctx.out / "vote").is_dir() else None
