@@ -220,6 +220,7 @@ def test_keep_outputs_leaves_no_model_file_and_the_same_rows(tmp_path):
     lean = compare(tiny_compare(data, tmp_path / "lean", variants=["concat", "late_oof"], keep="outputs"),
                           log=None)
     assert not list((tmp_path / "lean" / "models").rglob("*.pth"))
+    assert lean["selected"]["ensemble"]["vote"] is None and not (tmp_path / "lean" / "vote").exists()  # no models
     assert (tmp_path / "lean" / "outputs" / "fusion_late_oof_test.pt").is_file()
     full = compare(tiny_compare(data, tmp_path / "full", variants=["concat", "late_oof"], keep="all"), log=None)
     assert list((tmp_path / "full" / "models").rglob("final.pth"))
