@@ -9,9 +9,9 @@ What a user calls, by task (each name is documented where it is defined; ``help(
   :func:`evaluate`; data from a folder tree: :func:`load_splits`;
 * compare and choose: :func:`compare` (fusion vs every output ensemble on one budget, :class:`CompareConfig`),
   :func:`auto` (which trunks to fuse within a time limit, :class:`AutoConfig`), :class:`VotingEnsemble` over saved
-  :class:`MemberOutputs`;
-* files: :func:`save` and :func:`load` (fusionnet checkpoints, or plain torchvision / timm state dicts, read with a
-  :class:`PlainConfig`);
+  :class:`MemberOutputs`, and the vote as one model, :class:`Vote`;
+* files: :func:`save` and :func:`load` (fusionnet checkpoints, model and vote folders, Hub ids, or plain
+  torchvision / timm state dicts, read with a :class:`PlainConfig`);
 * extension: ``list_*`` and ``register_*`` for backbones, fusion methods, ensemble methods, comparison variants and
   training callbacks (docs/extending.md shows each);
 * settings: :class:`FusionConfig`, :class:`BranchConfig` and the configs above; errors: :class:`FusionNetError` and
@@ -43,6 +43,7 @@ _WHERE = {  # module -> the public names it defines
     "fusionnet.workflows.compare": ("compare", "list_variants", "register_variant"),
     "fusionnet.workflows.auto": ("auto",),
     "fusionnet.ensembles.voting": ("VotingEnsemble", "MemberOutputs"),
+    "fusionnet.models.vote": ("Vote",),
     "fusionnet.ensembles.methods": ("list_ensembles", "register_ensemble"),
     "fusionnet.models.backbones": ("list_backbones", "register_backbone"),
     "fusionnet.models.fusers": ("list_fusions", "register_fusion"),

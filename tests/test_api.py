@@ -7,7 +7,7 @@ import fusionnet
 PUBLIC = {
     # build, fuse, train, predict, evaluate, compare, auto
     "FusionNet", "create_fusionnet", "fuse_members", "fit", "FitResult", "Callback", "predict", "evaluate",
-    "load_splits", "compare", "auto", "VotingEnsemble", "MemberOutputs",
+    "load_splits", "compare", "auto", "VotingEnsemble", "MemberOutputs", "Vote",
     # one load / save pair
     "load", "save",
     # list_* and register_* for every extension kind
