@@ -153,6 +153,12 @@ def _broken(folder: Path, tmp_path: Path, how: str) -> Path:
     elif how == "damaged":
         weights = bad / "members" / "resnet" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "not_a_number":
+        config["members"][0]["weight"] = "x"
+    elif how == "outside":
+        config["members"][0]["name"] = "../../elsewhere"
+    elif how == "hard":
+        config["voting"] = "hard"
     (bad / "config.json").write_text(json.dumps(config))
     return bad
 
@@ -161,9 +167,16 @@ def _broken(folder: Path, tmp_path: Path, how: str) -> Path:
                                        ("newer", "format version 99 .* upgrade fusionnet"),
                                        ("weights_sum", "sum to 1.075, not 1"),
                                        ("negative", "finite and non-negative"),
-                                       ("damaged", "resnet/model.safetensors' cannot be read .* damaged")])
+                                       ("damaged", "resnet/model.safetensors' cannot be read .* damaged"),
+                                       ("not_a_number", "no valid member table"),
+                                       ("outside", "no valid member table"),
+                                       ("hard", "'voting' must be 'soft'")])
 def test_a_bad_vote_folder_is_one_line_and_writes_nothing(saved, tmp_path, capsys, how, says):
     import re
+
+    if how == "not_a_number":  # and in Python: a clear error, not fusionnet.save's file that nothing reads
+        with pytest.raises(ConfigError, match="saved as a folder of its members"):
+            fusionnet.save(saved[0], tmp_path / "vote.pth")
 
     bad = _broken(saved[1], tmp_path, how)
     (tmp_path / "images").mkdir()
@@ -232,3 +245,46 @@ def test_compare_writes_its_selected_ensemble_as_a_vote_folder(tmp_path):
 
     assert MemberOutputs.load(tmp_path / "y.pt").probs.argmax(1).tolist() == \
         results["methods"]["selected:ensemble"]["pred"]
+
+
+@pytest.mark.parametrize("method", ["soft", "weighted", "greedy", "exhaustive", "temperature"])
+def test_the_vote_a_run_writes_gives_its_ensemble_methods_probabilities(method, tmp_path):
+    """For every method that declares itself a vote: the folder write_vote makes from a run's table gives, on the
+    test images, the probabilities the method computed from the members' saved outputs, on confident members (large
+    logit gaps, where a temperature applied to logits instead of to probabilities would differ) - weights,
+    temperatures, dropped members and the ensemble temperature included."""
+    from types import SimpleNamespace
+
+    from fusionnet.ensembles.methods import ENSEMBLES, MemberProbs
+    from fusionnet.workflows.runs import write_vote
+
+    torch.manual_seed(1)
+    members = []
+    for i, backbone in enumerate(("timm/test_resnet", "timm/test_efficientnet", "timm/test_resnet")):
+        m = create_fusionnet([backbone], class_names=CLASSES, image_size=32).eval()
+        with torch.no_grad():
+            m.head.fc.weight.mul_(60 * (i + 1))  # logit gaps of tens to hundreds
+        members.append(m)
+    x_val, x_test = torch.rand(30, 3, 32, 32), torch.rand(12, 3, 32, 32)
+    probs = {split: torch.stack([_probs(m, x) for m in members]) for split, x in (("val", x_val), ("test", x_test))}
+    labels = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(0))  # no member dominates: the
+    # NLL-fitted and greedy weights mix two members (and drop one), the temperatures stay moderate (33-66 where
+    # the logit gaps reach 39)
+    member_probs = MemberProbs(probs["val"], labels, probs["test"], 0)
+    res = ENSEMBLES.get(method).run(member_probs)
+    table = SimpleNamespace(rows={"selected:ensemble": {"chosen": method, "probs": res.test, "acc": 1.0}},
+                            member_probs=lambda seed: member_probs)
+    note = write_vote(table, dict(zip(["m1", "m2", "m3"], members)), [None] * 3, tmp_path / "vote")
+    assert "written as a vote folder" in note, note
+    vote = fusionnet.load(tmp_path / "vote")
+    assert (probs["test"] < 1e-12).any()  # confident: probabilities below the clamp, logit gaps over 27.6
+    assert torch.allclose(_probs(vote, x_test), res.test, atol=2e-5)
+    assert len(vote.names) == sum(w > 0 for w in (res.weights or [1, 1, 1]))
+    if method == "greedy":
+        assert len(vote.names) == 2 and min(vote.weights.tolist()) > 0.1  # a real mixture, one member dropped
+    # the run's folder: a rerun replaces it; a vote that cannot be written is one line, never a lost run
+    assert "written as a vote folder" in write_vote(table, dict(zip(["m1", "m2", "m3"], members)), [None] * 3,
+                                                     tmp_path / "vote")
+    (tmp_path / "file").write_text("x")
+    assert "could not be written" in write_vote(table, dict(zip(["m1", "m2", "m3"], members)), [None] * 3,
+                                                 tmp_path / "file" / "vote")

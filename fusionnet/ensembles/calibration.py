@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fusionnet.utils.probabilities import check_probs
+from fusionnet.utils.probabilities import EPS, check_probs, scale_probs  # noqa: F401  (scale_probs: re-exported)
 from fusionnet.utils.metrics import expected_calibration_error, nll
-
-EPS = 1e-12
 
 
 @dataclass
@@ -22,11 +20,6 @@ class Temperature:
 
     def apply(self, probs: torch.Tensor) -> torch.Tensor:
         return scale_probs(probs, self.temperature)
-
-
-def scale_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(log p / T): temperature scaling applied to probabilities."""
-    return (probs.clamp_min(EPS).log() / temperature).softmax(dim=-1)
 
 
 def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> Temperature:

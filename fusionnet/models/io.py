@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fusionnet.config import PlainConfig
+from fusionnet.errors import ConfigError
 from fusionnet.models.factory import save_model
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.plain import load_member
@@ -18,7 +19,11 @@ from fusionnet.models.vote import Vote
 
 def save(model: FusionNet, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (config, class names, weights and ``metrics``), atomically: a crash leaves the
-    file that was there. :func:`load`, ``fusionnet predict``, ``serve``, ``export`` and ``fuse`` read it."""
+    file that was there. :func:`load`, ``fusionnet predict``, ``serve``, ``export`` and ``fuse`` read it. A
+    :class:`~fusionnet.models.vote.Vote` is a folder of its members, not one file: ``vote.save_pretrained(folder)``."""
+    if isinstance(model, Vote):
+        raise ConfigError(f"fusionnet.save writes one model's checkpoint file; a Vote ({', '.join(model.names)}) "
+                          f"is saved as a folder of its members: vote.save_pretrained({str(path)!r})")
     save_model(model, path, metrics=metrics)
     return Path(path)
 

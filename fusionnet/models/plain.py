@@ -112,7 +112,13 @@ def member_reading(path: PathLike, plain: PlainConfig | None = None) -> Reading:
     from fusionnet.models.pretrained import is_vote_folder, read_config
 
     if is_vote_folder(path) and read_config(Path(path)).get("reading"):
-        return Reading(**read_config(Path(path))["reading"])
+        fields = read_config(Path(path))["reading"]
+        try:
+            return Reading(**{k: fields[k] for k in ("size", "resize", "crop_pct", "reader") if k in fields})
+        except (TypeError, ConfigError) as exc:
+            raise CheckpointMismatchError(f"{str(Path(path) / 'config.json')!r}: its 'reading' {fields!r} is not one "
+                                          f"fusionnet reads ({exc}); write the vote again (Vote.save_pretrained)") \
+                from None
     info = inspect_checkpoint(path)
     if info.fusionnet is not None:
         config = info.fusionnet.get("config", {})

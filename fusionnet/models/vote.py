@@ -32,19 +32,20 @@ from fusionnet.config import Reading
 from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileError
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.interface import Classifier, ModelOutput
+from fusionnet.utils.probabilities import EPS, scale_probs, soft_vote
 from fusionnet.models.pretrained import (CARD, CONFIG, MEMBERS, VOTE_FORMAT, checked_config, is_pretrained_folder,
                                          local_folder, read_config, save_pretrained, upload_folder, written_by)
 
 FORMAT_VERSION = 1
-EPS = 1e-12  # probabilities are clamped here before the log (as fusionnet.ensembles.calibration does)
 WEIGHT_TOL = 1e-6  # how far from 1 the weights' sum may be
 _NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9._+-]*$")  # a member's name is its folder's name
 
 
 class Vote(Classifier):
     """The soft vote of trained ``members`` (FusionNets that agree on their classes and on how they read an image):
-    ``softmax(forward(x))`` is ``sum_i weights[i] * softmax(member_i(x) / temperatures[i])``, then (rarely)
-    temperature-scaled as a whole by ``ensemble_temperature``. ``names``: one per member, also its folder's name;
+    ``softmax(forward(x))`` is ``sum_i weights[i] * softmax(member_i(x) / temperatures[i])`` (the temperature
+    applied to the member's probabilities as the ensemble method applied it, softmax(log p / T) with p clamped at
+    1e-12), then temperature-scaled as a whole by ``ensemble_temperature`` the same way. ``names``: one per member, also its folder's name;
     ``weights``: non-negative, summing to 1 (None: equal); ``temperatures``: positive (None: all 1);
     ``method``: how the weights were chosen (e.g. ``"greedy selection (Caruana)"``), for the model card."""
 
@@ -67,7 +68,8 @@ class Vote(Classifier):
         self.records = {n: dict((records or {}).get(n) or {}) for n in names}  # each member's training record
         self.register_buffer("weights", torch.tensor(check_simplex(weights, m), dtype=torch.float64),
                              persistent=False)
-        self.register_buffer("temperatures", torch.tensor(_positive(temperatures or [1.0] * m, m, "temperatures"),
+        self.register_buffer("temperatures", torch.tensor(_positive(temperatures if temperatures is not None
+                                                                    else [1.0] * m, m, "temperatures"),
                                                           dtype=torch.float64), persistent=False)
         self.ensemble_temperature = _positive([ensemble_temperature], 1, "ensemble_temperature")[0]
         self._reading = _common_reading(members, names)
@@ -103,19 +105,23 @@ class Vote(Classifier):
         return self
 
     # ---- the vote --------------------------------------------------------------------------------------------------
-    def member_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{name: member logits / its temperature}`` (B, K) float32: what each member brings to the vote."""
-        return {n: m(x).float() / t for n, m, t in zip(self.names, self.members, self.temperatures)}
+    def member_probs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: probabilities}`` (B, K) float32 that each member brings to the vote: its softmax, temperature-
+        scaled as the ensemble method scaled its saved probabilities (softmax(log p / T))."""
+        out = {}
+        for n, m, t in zip(self.names, self.members, self.temperatures.tolist()):
+            p = m(x).float().softmax(dim=1)
+            out[n] = p if t == 1.0 else scale_probs(p, t)
+        return out
 
     def forward_output(self, x: torch.Tensor) -> ModelOutput:
-        """The vote's logits, with each member's temperature-scaled logits as ``aux`` (serve's per-member view)."""
-        scaled = self.member_logits(x)
-        probs = torch.stack([lg.softmax(dim=1) for lg in scaled.values()])  # (M, B, K)
-        mixed = (self.weights.view(-1, 1, 1) * probs.double()).sum(dim=0).float()  # summed in float64
-        logits = mixed.clamp_min(EPS).log()
+        """The vote's logits (the log of its probabilities), with each member's (temperature-scaled) log-
+        probabilities as ``aux`` (serve's per-member view)."""
+        each = self.member_probs(x)
+        mixed = soft_vote(torch.stack(list(each.values())), self.weights, check=False)  # float64 sum
         if self.ensemble_temperature != 1.0:
-            logits = (logits / self.ensemble_temperature).log_softmax(dim=1)
-        return ModelOutput(logits, aux=scaled)
+            mixed = scale_probs(mixed, self.ensemble_temperature)
+        return ModelOutput(mixed.clamp_min(EPS).log(), aux={n: p.clamp_min(EPS).log() for n, p in each.items()})
 
     # ---- files --------------------------------------------------------------------------------------------------
     def config_json(self) -> dict:
@@ -166,12 +172,14 @@ class Vote(Classifier):
             members.append(FusionNet.from_pretrained(member_folder))
             records[entry["name"]] = read_config(member_folder).get("data") or {}
         try:
-            return cls(members, [e["name"] for e in table], weights=[e["weight"] for e in table],
+            vote = cls(members, [e["name"] for e in table], weights=[e["weight"] for e in table],
                        temperatures=[e.get("temperature", 1.0) for e in table],
-                       ensemble_temperature=config.get("ensemble_temperature", 1.0), voting=config.get("voting"),
-                       method=config.get("method", "soft voting"), metrics=config.get("metrics"), records=records)
+                       ensemble_temperature=config.get("ensemble_temperature", 1.0),
+                       voting=config.get("voting", "soft"), method=config.get("method", "soft voting"),
+                       metrics=config.get("metrics"), records=records)
         except ConfigError as exc:
             raise ConfigError(f"{str(folder / CONFIG)!r}: {exc}") from None
+        return vote.eval()  # as FusionNet.from_pretrained: ready to predict
 
 
 def vote_config(folder: Path) -> dict:
@@ -180,10 +188,19 @@ def vote_config(folder: Path) -> dict:
     config = checked_config(folder, VOTE_FORMAT, FORMAT_VERSION, "a vote's",
                             "Vote.save_pretrained or fusionnet fuse (<out>/vote)")
     table = config.get("members")
-    if not isinstance(table, list) or not table or not all(isinstance(e, dict) and "name" in e and "weight" in e
-                                                           for e in table):
-        raise CheckpointMismatchError(f"{where!r} has no member table (\"members\": [{{\"name\", \"weight\", "
-                                      f"\"temperature\"}}, ...]); write the vote again (Vote.save_pretrained)")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(table, list) or not table or not all(
+            isinstance(e, dict) and isinstance(e.get("name"), str) and _NAME.match(e["name"]) and number(e.get("weight"))
+            and number(e.get("temperature", 1.0)) for e in table):
+        raise CheckpointMismatchError(f"{where!r} has no valid member table (\"members\": [{{\"name\": a folder "
+                                      f"name under {MEMBERS}/, \"weight\": a number, \"temperature\": a number}}, "
+                                      f"...]); write the vote again (Vote.save_pretrained)")
+    if config.get("voting", "soft") != "soft" or not number(config.get("ensemble_temperature", 1.0)):
+        raise CheckpointMismatchError(f"{where!r}: 'voting' must be 'soft' and 'ensemble_temperature' a number; "
+                                      f"write the vote again (Vote.save_pretrained)")
     return config
 
 
@@ -192,7 +209,10 @@ def check_simplex(weights: Sequence[float] | None, m: int) -> list[float]:
     weights when None; else a ConfigError saying what is wrong."""
     if weights is None:
         return [1.0 / m] * m
-    w = [float(v) for v in weights]
+    try:
+        w = [float(v) for v in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"the members' weights must be numbers, got {weights!r}") from None
     if len(w) != m:
         raise ConfigError(f"{len(w)} weights for {m} members; give one weight per member")
     if not all(math.isfinite(v) and v >= 0 for v in w):
@@ -204,7 +224,10 @@ def check_simplex(weights: Sequence[float] | None, m: int) -> list[float]:
 
 
 def _positive(values: Sequence[float], m: int, what: str) -> list[float]:
-    v = [float(t) for t in values]
+    try:
+        v = [float(t) for t in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be numbers, got {values!r}") from None
     if len(v) != m or not all(math.isfinite(t) and t > 0 for t in v):
         raise ConfigError(f"{what} must be {m} finite positive number(s), got {v}")
     return v

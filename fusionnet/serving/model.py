@@ -55,9 +55,11 @@ class ModelHandler:
             if not (p.is_file() or is_pretrained_folder(p) or is_vote_folder(p)):
                 raise ConfigError(f"model file {str(p)!r} not found (a checkpoint, a model folder, a vote folder or "
                                   f"an .onnx file)")
-        self.vote = is_vote_folder(paths[0])
-        if self.vote and len(paths) > 1:
-            raise ConfigError(f"serve takes one vote folder ({str(paths[0])!r}), alone: its members are in it")
+        votes = [p for p in paths if is_vote_folder(p)]
+        if votes and len(paths) > 1:
+            raise ConfigError(f"serve takes a vote folder ({str(votes[0])!r}) alone, not beside other models: its "
+                              f"members are in it")
+        self.vote = bool(votes)
         self.paths, self.limits = paths, limits or Limits()
         self.device = resolve_device(device)
         self.onnx = paths[0].suffix == ".onnx"

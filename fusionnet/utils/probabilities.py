@@ -14,6 +14,7 @@ import torch
 from fusionnet.errors import ConfigError, DataError
 
 ROW_SUM_TOL = 1e-3  # probabilities saved in float32 sum to 1 within ~1e-6; logits miss by far more
+EPS = 1e-12  # probabilities are clamped here before a log
 
 
 def _probs_tensor(probs, ndim: int, what: str) -> torch.Tensor:
@@ -83,6 +84,12 @@ def soft_vote(probs, weights: Sequence[float] | torch.Tensor | None = None, *, c
     p = check_stack(probs)[0] if check else probs
     w = check_weights(weights, p.shape[0]) if check or weights is None else weights
     return torch.einsum("m,mnk->nk", w.to(p.device, torch.float64), p.double()).to(p.dtype)
+
+
+def scale_probs(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature scaling applied to probabilities: softmax(log p / T), p clamped at :data:`EPS` first (what
+    :func:`fusionnet.ensembles.calibration.fit_temperature` fits, and a vote model applies)."""
+    return (probs.clamp_min(EPS).log() / temperature).softmax(dim=-1)
 
 
 def soft_vote_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:

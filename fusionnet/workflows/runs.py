@@ -99,12 +99,13 @@ def write_vote(table, models: dict, records: list, folder: Path, *, seed: int = 
     (:class:`fusionnet.models.vote.Vote`: its members with non-zero weight, their weights and temperatures) when
     its method is a weighted soft vote of the members (``EnsembleMethod.vote``); nothing for stacking or hard
     voting. ``table``: the run's :class:`~fusionnet.workflows.pipeline.Table`; ``models``: the members by name, in
-    the table's order; ``records``: their training records. Returns the line saying which (for the log and the
-    report)."""
-    import re
+    the table's order; ``records``: their training records. The folder belongs to the run (replaced when the run
+    is); a vote that cannot be written never costs the finished run: the line returned (for the log and the
+    report) says why instead."""
+    import torch
 
     from fusionnet.ensembles.methods import ENSEMBLES
-    from fusionnet.models.vote import Vote
+    from fusionnet.errors import FusionNetError
 
     row = table.rows.get(SELECTED_ENSEMBLE)
     if row is None:
@@ -113,20 +114,42 @@ def write_vote(table, models: dict, records: list, folder: Path, *, seed: int = 
     if not ENSEMBLES.get(chosen).vote:
         return (f"the selected ensemble, {label(chosen)}, is not a weighted soft vote of the members: no vote "
                 f"folder written (use its saved outputs with 'fusionnet vote --method {chosen}')")
-    res = ENSEMBLES.get(chosen).run(table.member_probs(seed))  # deterministic: the row's weights, refitted
-    m = len(models)
-    weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
-    keep = [i for i in range(m) if weights[i] > 0]  # a member of weight 0 would cost a forward pass for nothing
-    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", n).lstrip(".") or f"member{i}" for i, n in enumerate(models)]
-    members = list(models.values())
-    metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece")},
-               **{f"val_{k}": v for k, v in (row["val"] or {}).items()}}
-    vote = Vote([members[i] for i in keep], [names[i] for i in keep],
-                weights=[weights[i] / sum(weights[j] for j in keep) for i in keep],
-                temperatures=[temps[i] for i in keep], method=label(chosen), metrics=metrics,
-                ensemble_temperature=res.extra.get("ensemble_temperature", 1.0),
-                records={names[i]: records[i] or {} for i in keep})
-    vote.save_pretrained(folder)
+    res = ENSEMBLES.get(chosen).run(table.member_probs(seed))  # the row's weights and temperatures, refitted
+    if "probs" in row and not torch.allclose(res.test.float(), row["probs"].float(), atol=1e-5):
+        return (f"the selected ensemble, {label(chosen)}, did not give its row's probabilities again when refitted "
+                f"(a method that is not deterministic): no vote folder written")
+    try:
+        vote = _vote_of(res, row, label(chosen), models, records)
+        vote.save_pretrained(folder, overwrite=True)
+    except (FusionNetError, OSError) as exc:
+        return f"the selected ensemble, {label(chosen)}, could not be written as a vote folder ({exc})"
     return (f"the selected ensemble, {label(chosen)}, written as a vote folder {str(folder)!r} "
             f"({', '.join(f'{n} {w:.3f}' for n, w in zip(vote.names, vote.weights.tolist()))}): predict, serve, "
             f"export and fusionnet.load take it")
+
+
+def _vote_of(res, row: dict, method: str, models: dict, records: list):
+    """The Vote an ensemble method's output describes: members of non-zero weight (a member of weight 0 would cost
+    a forward pass for nothing), weights renormalised over them, their temperatures, the row's metrics."""
+    import re
+
+    from fusionnet.models.vote import Vote
+
+    m = len(models)
+    weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
+    keep = [i for i in range(m) if weights[i] > 0]
+    names: list[str] = []
+    for i, n in enumerate(models):  # folder names, unique (as member_names makes file stems unique)
+        base = re.sub(r"[^A-Za-z0-9._+-]", "_", str(n)).lstrip(".") or f"member{i}"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    members = list(models.values())
+    metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece") if k in row},
+               **{f"val_{k}": v for k, v in (row.get("val") or {}).items()}}
+    return Vote([members[i] for i in keep], [names[i] for i in keep],
+                weights=[weights[i] / sum(weights[j] for j in keep) for i in keep],
+                temperatures=[temps[i] for i in keep], method=method, metrics=metrics,
+                ensemble_temperature=res.extra.get("ensemble_temperature", 1.0),
+                records={names[i]: records[i] or {} for i in keep})
