@@ -116,7 +116,7 @@ def test_push_sends_the_vote_with_its_member_folders(saved, monkeypatch):
                                       for f in ("README.md", "config.json", "model.safetensors"))]
 
 
-def test_serve_predict_and_export_take_a_vote_folder(saved, tmp_path):
+def test_serve_predict_and_export_take_a_vote_folder(saved, tmp_path, capsys):
     import onnxruntime as ort
 
     from fusionnet.serving.model import ModelHandler
@@ -132,6 +132,10 @@ def test_serve_predict_and_export_take_a_vote_folder(saved, tmp_path):
     data = make_splits(tmp_path / "data", per_class=2)
     assert main(["predict", str(folder), "--images", str(data / "test"), "--out", str(tmp_path / "p.csv")]) == 0
     assert (tmp_path / "p.csv").read_text().startswith("path,class,probability,error")
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--images", str(data / "test"), "--size", "48", "--out",
+                 str(tmp_path / "p48.csv")]) == 0
+    assert "at 48 px" in capsys.readouterr().out  # --size is the command's, as for one model
     assert main(["export", str(folder), "--out", str(tmp_path / "vote.onnx")]) == 0
     session = ort.InferenceSession(str(tmp_path / "vote.onnx"), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map

@@ -359,12 +359,13 @@ def _predict_vote(args) -> None:
     from fusionnet.workflows.runs import member_name
 
     vote = Vote.from_pretrained(args.checkpoint)
-    print(f"reads: {vote.reading.describe()} (a vote of {', '.join(vote.names)})")
+    reading = vote.reading.at(args.size) if args.size else vote.reading  # --size: the command's, as for a model
+    print(f"reads: {reading.describe()} (a vote of {', '.join(vote.names)})")
     if args.images:
-        _predict_images(args, vote, _every_image(args.images, reading_transform(vote.reading), strict=args.strict))
+        _predict_images(args, vote, _every_image(args.images, reading_transform(reading), strict=args.strict))
         return
     seed = args.seed if args.seed is not None else next(iter(vote.records.values())).get("seed", 0)
-    splits, data = _split_to_predict(args, vote.reading, seed)
+    splits, data = _split_to_predict(args, reading, seed)
     for name, record in vote.records.items():  # a member that saw these images would make the scores optimistic
         check_unseen(record, data, args.split, f"member {name!r} of the vote {args.checkpoint!r}")
     _write_outputs(args, vote.in_order(splits.class_names), data, member_name(args.checkpoint))
