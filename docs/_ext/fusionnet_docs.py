@@ -25,23 +25,21 @@ SETTINGS = ("TrainRun", "TrainConfig", "CompareConfig", "FuseConfig", "AutoConfi
             "PlainConfig", "Reading")
 
 
-class _Generated(SphinxDirective):
+class GeneratedRst(SphinxDirective):
+    """A directive whose content is reStructuredText that :meth:`lines` generates (parsed with titles)."""
+
     has_content = False
 
     def lines(self) -> list[str]:
         raise NotImplementedError
 
     def run(self) -> list[nodes.Node]:
-        container = nodes.section() if self.name.endswith("api") else nodes.container()
-        source = self.get_source_info()[0]
-        content = StringList([line for line in self.lines()], source=source)
-        with_titles = nodes.Element()
-        nested_parse_with_titles(self.state, content, with_titles)
-        container.extend(with_titles.children)
-        return list(container.children)
+        holder = nodes.Element()
+        nested_parse_with_titles(self.state, StringList(self.lines(), source=self.get_source_info()[0]), holder)
+        return list(holder.children)
 
 
-class ApiReference(_Generated):
+class ApiReference(GeneratedRst):
     """Every public name of ``fusionnet``, grouped by the module that defines it."""
 
     def lines(self) -> list[str]:
@@ -89,7 +87,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("*", "\\*").replace("`", "'") if text else " "
 
 
-class SettingsReference(_Generated):
+class SettingsReference(GeneratedRst):
     """A table per settings dataclass: field, type, default, flag, help."""
 
     def lines(self) -> list[str]:

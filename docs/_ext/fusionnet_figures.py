@@ -7,10 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from docutils import nodes
-from docutils.statemachine import StringList
-from sphinx.util.docutils import SphinxDirective
-from sphinx.util.nodes import nested_parse_with_titles
+from fusionnet_docs import GeneratedRst  # docs/_ext, beside this file
 
 DATA = Path(__file__).resolve().parents[1] / "_data" / "headline.json"
 
@@ -75,11 +72,11 @@ def markdown_table() -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-class HeadlineTable(SphinxDirective):
-    def run(self):
-        holder = nodes.Element()
-        nested_parse_with_titles(self.state, StringList(table_lines(), source=self.get_source_info()[0]), holder)
-        return list(holder.children)
+class HeadlineTable(GeneratedRst):
+    """The figures as a table on a page (``fusionnet-headline``)."""
+
+    def lines(self) -> list[str]:
+        return table_lines()
 
 
 def setup(app):

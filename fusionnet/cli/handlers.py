@@ -241,18 +241,10 @@ def _export_folder(args) -> None:
 
 
 def handle_push(args) -> None:
-    from fusionnet.models.plain import load_member
-    from fusionnet.models.pretrained import push_to_hub
+    from fusionnet.models.io import load
 
-    source = model_file(args.checkpoint)
-    if is_vote_folder(source):  # the vote's folder, its members' folders in it
-        from fusionnet.models.vote import Vote
-
-        vote = Vote.from_pretrained(source)
-        print(f"pushed to {vote.push_to_hub(args.repo, token=args.token, private=args.private)}")
-        return
-    model = load_member(source)
-    print(f"pushed to {push_to_hub(model, args.repo, token=args.token, private=args.private)}")
+    model = load(model_file(args.checkpoint))  # one model, or a vote's folder with its members' folders
+    print(f"pushed to {model.push_to_hub(args.repo, token=args.token, private=args.private)}")
 
 
 def handle_gap(args) -> None:

@@ -77,7 +77,7 @@ class ModelHandler:
                               f"--size 64 for a model trained on Resize((64, 64))) or \"size\" in its manifest, or "
                               f"let 'fusionnet predict MEMBER --data DATA' choose it on validation first")
         self.reading = self.reading.at(self.size)
-        self.hash = _sha256(paths if not self.vote else [paths[0], *sorted((paths[0] / "members").iterdir())])
+        self.hash = _sha256(paths)
         from fusionnet.data.transforms import reading_transform
 
         self.transform = reading_transform(self.reading)
@@ -105,7 +105,7 @@ class ModelHandler:
         """A vote's folder: one model (the vote), its members' temperature-scaled outputs its per-member view."""
         from fusionnet.models.vote import Vote
 
-        vote = Vote.from_pretrained(path).eval().to(self.device)
+        vote = Vote.from_pretrained(path).to(self.device)  # in eval mode
         if self.device.type == "cpu":
             vote.to(memory_format=torch.channels_last)
         self.models, self.class_names, self.reading = [vote], vote.class_names, vote.reading
@@ -198,7 +198,7 @@ class ModelHandler:
 
 
 def _sha256(paths: Sequence[Path]) -> str:
-    """One hash of the model files (a model folder: its files), for /v1/model."""
+    """One hash of the model files (a model or vote folder: its files), for /v1/model."""
     from fusionnet.utils.files import file_sha256
 
     if len(paths) == 1:

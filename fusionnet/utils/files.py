@@ -187,13 +187,16 @@ def files_fingerprint(paths) -> list:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file; of a folder (a model folder), of its visible files' names and bytes, in name order."""
+    """The SHA-256 of a file; of a folder (a model folder, a vote's with its members' folders), of its visible
+    files' paths relative to it and their bytes, in path order (hidden files and folders left out)."""
     h = hashlib.sha256()
     p = Path(path)
-    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+    files = sorted((f for f in p.rglob("*") if f.is_file()
+                    and not any(part.startswith(".") for part in f.relative_to(p).parts)),
+                   key=lambda f: f.relative_to(p).as_posix()) if p.is_dir() else [p]
     for file in files:
         if p.is_dir():
-            h.update(file.name.encode() + b"\0")
+            h.update(file.relative_to(p).as_posix().encode() + b"\0")
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

@@ -27,11 +27,16 @@ def member_name(path: str | Path) -> str:
 
 def member_names(paths: Sequence[str | Path]) -> list[str]:
     """:func:`member_name` of each path, made unique with ``_2``, ``_3`` ... where two would be called alike."""
+    return unique_names([member_name(p) for p in paths])
+
+
+def unique_names(bases: Sequence[str]) -> list[str]:
+    """``bases`` in order, a repeated one given ``_2``, ``_3`` ... so that no two are alike."""
     names: list[str] = []
-    for p in paths:
-        name, n = member_name(p), 2
+    for base in bases:
+        name, n = base, 2
         while name in names:
-            name, n = f"{member_name(p)}_{n}", n + 1
+            name, n = f"{base}_{n}", n + 1
         names.append(name)
     return names
 
@@ -138,13 +143,8 @@ def _vote_of(res, row: dict, method: str, models: dict, records: list):
     m = len(models)
     weights, temps = res.weights or [1.0 / m] * m, res.extra.get("temperatures") or [1.0] * m
     keep = [i for i in range(m) if weights[i] > 0]
-    names: list[str] = []
-    for i, n in enumerate(models):  # folder names, unique (as member_names makes file stems unique)
-        base = re.sub(r"[^A-Za-z0-9._+-]", "_", str(n)).lstrip(".") or f"member{i}"
-        name, k = base, 2
-        while name in names:
-            name, k = f"{base}_{k}", k + 1
-        names.append(name)
+    names = unique_names([re.sub(r"[^A-Za-z0-9._+-]", "_", str(n)).lstrip(".") or f"member{i}"  # folder names
+                          for i, n in enumerate(models)])
     members = list(models.values())
     metrics = {**{f"test_{k}": row[k] for k in ("acc", "macro_f1", "nll", "ece") if k in row},
                **{f"val_{k}": v for k, v in (row.get("val") or {}).items()}}
