@@ -76,6 +76,28 @@ def test_a_second_run_reuses_the_store_and_a_changed_file_rebuilds_it(tmp_path):
     assert changed.get(paths[0]).max() == 0 and first.get(paths[0]).max() > 0
 
 
+def test_small_files_decode_in_process_large_ones_in_workers_with_the_same_store(tmp_path, monkeypatch):
+    import fusionnet.data.image_cache as image_cache
+
+    root = _photos(tmp_path / "data", n=3)
+    paths = sorted(str(p) for p in (root / "train").rglob("*.*"))
+    started = []
+    real_loader = image_cache.DataLoader
+    monkeypatch.setattr(image_cache, "DataLoader", lambda *a, **k: started.append(k) or real_loader(*a, **k))
+    here = ImageStore(tmp_path / "here", paths, 64, workers=2, progress=False)  # 12 small files: no workers
+    assert here.built and not started
+    monkeypatch.setattr(image_cache, "PROBE", 2)
+    monkeypatch.setattr(image_cache, "WORKERS_WORTH_S", 0.0)  # as if the files were large: the rest in workers
+    there = ImageStore(tmp_path / "there", paths, 64, workers=2, progress=False)
+    assert started and started[0]["num_workers"] == 2
+    assert there.data_path.read_bytes() == here.data_path.read_bytes()
+    assert there.index_path.read_text() == here.index_path.read_text()
+    bad = paths[:3] + [str(tmp_path / "junk.jpg")]
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot decode .*junk.jpg"):  # a worker's error, named as in-process
+        ImageStore(tmp_path / "bad", bad, 64, workers=2, progress=False)
+
+
 def test_a_damaged_store_is_rebuilt_not_trusted(tmp_path):
     root = _photos(tmp_path / "data", n=2)
     paths = sorted(str(p) for p in (root / "train").rglob("*.*"))
