@@ -14,23 +14,29 @@ from fusionnet.utils.files import atomic_write_json
 from fusionnet.models.interface import Classifier
 
 WRITE_SHARE = 0.1  # the share of training time that checkpoint writes may take (see RunWriter)
+WRITE_BYTES_PER_S = 400e6  # the first write's cost is estimated from the weights' bytes at this pace (two 48 MB
+# files of the demo's fusion models took 0.25 s here); every later write's is measured
 
 
 class RunWriter:
     """The run folder's per-epoch files: ``history.json`` every epoch; ``best.pth`` and ``final.pth`` (the resume
     point) together, every epoch unless writing them would take more than WRITE_SHARE of the training time since
     the last write (short epochs, e.g. a head on cached features beside three trunks' weights: then every few
-    epochs, so a crash loses at most ~10 write times of work); always after the last epoch or an early stop;
+    epochs, so a crash loses at most ~10 write times of work; before the first write its time is estimated from
+    the weights' size); always after the last epoch or an early stop;
     ``history.png`` at the end. An improved epoch that is not written yet is kept in memory (on the CPU)."""
 
     def __init__(self, out: Path, clf: Classifier, class_names, cfg: TrainConfig, data: dict | None = None) -> None:
         self.out, self.clf, self.class_names, self.cfg, self.data = out, clf, class_names, cfg, data
-        self.write_s, self.since_s = 0.0, 0.0
+        self.write_s: float | None = None  # the last write's seconds (None: none yet, estimated)
+        self.since_s = 0.0
         self.best: tuple[dict | None, dict] | None = None  # (state dict or None: the model as it is, metrics)
 
     def epoch(self, model: nn.Module, row: dict, improved: bool, resume_state: dict, last: bool) -> None:
         summary = {**row, "monitor": self.cfg.monitor, "best_epoch": resume_state["best_epoch"]}
         self.since_s += row["seconds"]
+        if self.write_s is None:
+            self.write_s = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) / WRITE_BYTES_PER_S
         due = last or self.since_s * WRITE_SHARE >= self.write_s
         if improved:
             state = None if due else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
