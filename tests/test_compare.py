@@ -306,3 +306,45 @@ def test_a_config_file_of_0_3_reads_with_todays_names(tmp_path):
         "variants": ["concat", "late_oof"], "late_oof_taps": 2, "late_oof_folds": 3, "epochs": 2}
     (tmp_path / "fuse.yaml").write_text("heads: [trained, stacked]\n")
     assert _read_config(str(tmp_path / "fuse.yaml")) == {"heads": ["from_members", "late_oof"]}
+
+
+def test_the_closed_form_fit_runs_beside_the_members_with_the_same_rows_and_torch_threads_given_back(tmp_path,
+                                                                                                     monkeypatch):
+    import threading
+
+    import fusionnet.workflows.pipeline as pipeline
+    from fusionnet.errors import DataError
+
+    data = make_splits(tmp_path / "data", per_class=16)
+    seen, real_fit = [], pipeline.fit_closed_form_on
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit_closed_form_on", spy)
+    settings = dict(variants=["concat", "late_oof"], shared_cache=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one torch thread: nothing to share, all of it in turn
+        alone = compare(tiny_compare(data, tmp_path / "alone", **settings), log=None)
+        assert seen.pop() == ("MainThread", 1)
+        torch.set_num_threads(2)  # two: the fit in a thread of its own, each with one torch thread
+        lines = []
+        beside = compare(tiny_compare(data, tmp_path / "beside", **settings), log=lines.append)
+        assert seen.pop() == ("fusionnet-closed-form", 1) and torch.get_num_threads() == 2
+        assert {n: r["acc"] for n, r in beside["methods"].items()} == {n: r["acc"] for n, r in alone["methods"].items()}
+        for row in ("fusion:late_oof", "fusion:concat", "soft"):
+            assert torch.allclose(beside["methods"][row]["probs"], alone["methods"][row]["probs"], atol=1e-4)
+        fit_lines = [i for i, line in enumerate(lines) if line.startswith("late head: branch")]
+        assert len(fit_lines) == len(TINY) and lines.index("== FusionNet (late, out-of-fold fit)") < fit_lines[0]
+
+        def fails(*args, **kwargs):
+            raise DataError("no good")
+
+        monkeypatch.setattr(pipeline, "fit_closed_form_on", fails)  # its error reaches the caller, threads back
+        with pytest.raises(DataError, match="no good"):
+            compare(tiny_compare(data, tmp_path / "fails", **settings), log=None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

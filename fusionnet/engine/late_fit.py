@@ -165,9 +165,13 @@ def _fit_branch(branch, classifier: torch.nn.Linear, features: torch.Tensor, y: 
     z[:, dead] = 0.0  # no signal float32 inference can resolve: these features get weight 0
     levels = branch.levels()
     main = np.arange(z.shape[1])[levels[0]]
-    best, cols, taps = _choose(z[:, main], y, k, grid, cv, tick), main, 0
+    path: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    best, cols, taps = _choose(z[:, main], y, k, grid, cv, tick, path=path), main, 0
     if len(levels) > 1:  # with every tapped level, kept if that lowers the out-of-fold NLL
-        trial = _choose(z, y, k, [c for c in grid if c >= best[0] / 10], cv, tick)  # more features: C rarely drops
+        trial_grid = [c for c in grid if c >= best[0] / 10]  # more features: C rarely drops
+        w, b = path[min(trial_grid)]  # warm start: the main level's fit at that C, the tapped levels at 0
+        start = (torch.zeros(len(w), z.shape[1], k).index_copy_(1, torch.from_numpy(main), w), b)
+        trial = _choose(z, y, k, trial_grid, cv, tick, start=start)
         if trial[1] < best[1]:
             best, cols, taps = trial, np.arange(z.shape[1]), len(levels) - 1
     weight = np.zeros((k, z.shape[1]))
@@ -268,22 +272,27 @@ def _folds(cv, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     return fit_mask, held_in
 
 
-def _choose(x: np.ndarray, y: np.ndarray, k: int, grid, cv, tick: Callable[[float], None] = lambda c: None
+def _choose(x: np.ndarray, y: np.ndarray, k: int, grid, cv, tick: Callable[[float], None] = lambda c: None, *,
+            start: tuple[torch.Tensor, torch.Tensor] | None = None,
+            path: dict[float, tuple[torch.Tensor, torch.Tensor]] | None = None
             ) -> tuple[float, float, float, np.ndarray]:
     """(C, out-of-fold NLL, out-of-fold accuracy, out-of-fold log-probs (N, K)) for the C of lowest NLL.
 
     The grid is walked from strong to weak regularisation, every fold solved at once for each C (:func:`_solve`),
-    warm-started from the previous C, and the walk stops once the NLL has risen twice in a row (it is unimodal in
-    C in practice)."""
+    warm-started from the previous C (the first from ``start``, the folds' (weights (F, D, K), biases (F, K)), or
+    0), and the walk stops once the NLL has risen twice in a row (it is unimodal in C in practice). ``path``, a
+    dict, receives each C's fitted fold weights."""
     fit_mask, held_in = _folds(cv, x, y)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
-    w = xt.new_zeros(len(fit_mask), x.shape[1], k)
-    b = xt.new_zeros(len(fit_mask), k)
+    w = start[0].clone() if start else xt.new_zeros(len(fit_mask), x.shape[1], k)
+    b = start[1].clone() if start else xt.new_zeros(len(fit_mask), k)
     rows = torch.arange(len(y))
     best, worse = None, 0
     for c in sorted(grid):
         tick(c)
         _solve(xt, yt, fit_mask, w, b, c, tol=WALK_TOL)
+        if path is not None:
+            path[float(c)] = (w.clone(), b.clone())
         with torch.no_grad():
             logits = torch.einsum("nd,fdk->fnk", xt, w) + b[:, None]  # (F, N, K)
         lp = logits[held_in, rows].double().log_softmax(1).numpy()  # each row by the fold that held it out

@@ -14,8 +14,9 @@ the rows of a report, and :meth:`Table.add_selected` adds the rows chosen on val
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -167,10 +168,28 @@ class ClosedForm:
     warning: str | None = None  # logged and kept with the row (e.g. a fit on features of fine-tuned trunks)
 
     def run(self, ctx: Context) -> Scored:
+        return self.start(ctx).result()
+
+    def start(self, ctx: Context, *, background: bool = False) -> "Pending":
+        """Build the model; with ``background``, where its features can be cached and torch has two threads or
+        more, compute them for every split here (the trunk pass: what later entries load from the shared
+        cache), then fit and score it in a thread of its own while this one goes on (each with half the torch
+        threads; its log lines held until :meth:`Pending.result`). Otherwise all of it here, at once."""
         if self.warning:
             ctx.log(f"WARNING: {self.warning}")
         t0 = time.perf_counter()
         model, prior_s = self.build()
+        threads = torch.get_num_threads()
+        if not (background and threads >= 2 and ctx.cache_dir(self.name) is not None):
+            return Pending.done(self._fit_and_score(model, prior_s, t0, ctx))
+        from fusionnet.data.splits import eval_view
+
+        for data in (eval_view(ctx.splits.train, ctx.splits.val), ctx.splits.val, ctx.splits.test):
+            cached_features(model, data, cache_dir=ctx.cache_dir(self.name), device=ctx.device, batch_size=64,
+                            num_workers=ctx.workers)
+        return Pending.in_thread(lambda quiet: self._fit_and_score(model, prior_s, t0, quiet), ctx, threads)
+
+    def _fit_and_score(self, model: nn.Module, prior_s: float, t0: float, ctx: Context) -> Scored:
         fitted = fit_closed_form_on(model, ctx.splits, cache_dir=ctx.cache_dir(self.name), device=ctx.device,
                                     seed=self.seed, log=ctx.log, num_workers=ctx.workers, progress=ctx.progress)
         facts = asdict(fitted)
@@ -185,6 +204,61 @@ class ClosedForm:
             scored.info["warning"] = self.warning
         _tidy(ctx, ctx.out / "models" / self.name)
         return scored
+
+
+class Pending:
+    """An entry's result, ready or being made in a thread of its own (:meth:`ClosedForm.start`)."""
+
+    def __init__(self) -> None:
+        self._scored: Scored | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._held: list[str] = []
+        self._ctx: Context | None = None
+        self._threads = 0  # torch's thread count to restore once the thread is done (0: nothing to restore)
+
+    @classmethod
+    def done(cls, scored: Scored) -> "Pending":
+        pending = cls()
+        pending._scored = scored
+        return pending
+
+    @classmethod
+    def in_thread(cls, work: Callable[[Context], Scored], ctx: Context, threads: int) -> "Pending":
+        """Run ``work(quiet ctx)`` in a daemon thread (a Ctrl-C ends the process at once; every file it writes is
+        atomic), torch's threads halved meanwhile: the two threads share the cores instead of contending."""
+        pending = cls()
+        pending._ctx, pending._threads = ctx, threads
+        quiet = replace(ctx, log=pending._held.append, progress=False)
+
+        def target() -> None:
+            try:
+                pending._scored = work(quiet)
+            except BaseException as exc:  # handed to result(), raised in the caller's thread
+                pending._error = exc
+
+        torch.set_num_threads(max(1, threads // 2))
+        pending._thread = threading.Thread(target=target, name="fusionnet-closed-form", daemon=True)
+        pending._thread.start()
+        return pending
+
+    def result(self) -> Scored:
+        """The scored entry, once its thread is done; its log lines are passed on now, its error raised here."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self.release()
+            for line in self._held:
+                self._ctx.log(line)
+        if self._error is not None:
+            raise self._error
+        return self._scored
+
+    def release(self) -> None:
+        """Give torch its threads back (the thread may still run: e.g. the caller failed meanwhile)."""
+        if self._threads:
+            torch.set_num_threads(self._threads)
+            self._threads = 0
 
 
 def _tidy(ctx: Context, folder: Path) -> None:

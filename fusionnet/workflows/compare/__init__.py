@@ -267,27 +267,32 @@ def compare(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) ->
     cfg = replace(cfg, data=str(resolve_path(cfg.data, what="data folder").resolve()))  # found from any folder
     ctx = _context(cfg, log)
     atomic_write_json(ctx.out / "config.json", {"compare": asdict(cfg)})
-    # frozen, the late_oof fusion needs no member: run first, its trunk pass with taps also caches the plain
-    # features the members and the other variants then load (one pass per trunk with a shared cache)
+    # frozen, the late_oof fusion needs no member: it starts first, its trunk pass with taps also caches the plain
+    # features the members and the other variants then load (one pass per trunk with a shared cache); its
+    # closed-form fit then runs in a thread of its own beside them (ClosedForm.start)
     table_of = variant_table()
-    early = {v: _run_variant(v, cfg, ctx, {}) for v in cfg.variants
+    early = {v: _start_variant(v, cfg, ctx) for v in cfg.variants
              if cfg.regime == "frozen" and table_of.get(v).first_when_frozen}
-    members = _train_members(cfg, ctx)
-    table = Table([members[b] for b in cfg.backbones], ctx.splits.class_names)
-    table.add_ensembles(seed=cfg.seed, log=ctx.log)
-    fusion = {}
-    for variant in cfg.variants:
-        spec = table_of.get(variant)
-        if cfg.regime not in spec.regimes:
-            table.skipped[fusion_id(variant)] = spec.why_not
-            continue
-        scored = early.get(variant) or _run_variant(variant, cfg, ctx, members)
-        fusion[variant] = scored.info
-        table.add_fusion(scored, fusion_id(variant))
-        if variant == "late_oof":  # its branch classifiers alone, soft-voted: how much of its edge is the combiner's
-            vote = branch_vote(scored, ctx)
-            table.add(branch_vote_id(variant), vote["test"], scored.info["seconds"], scored.info["params"],
-                      val_scores(vote["val"], table.y_val), "fusion variant")
+    try:
+        members = _train_members(cfg, ctx)
+        table = Table([members[b] for b in cfg.backbones], ctx.splits.class_names)
+        table.add_ensembles(seed=cfg.seed, log=ctx.log)
+        fusion = {}
+        for variant in cfg.variants:
+            spec = table_of.get(variant)
+            if cfg.regime not in spec.regimes:
+                table.skipped[fusion_id(variant)] = spec.why_not
+                continue
+            scored = early[variant].result() if variant in early else _run_variant(variant, cfg, ctx, members)
+            fusion[variant] = scored.info
+            table.add_fusion(scored, fusion_id(variant))
+            if variant == "late_oof":  # its branch classifiers alone, soft-voted: how much of its edge is the
+                vote = branch_vote(scored, ctx)  # combiner's
+                table.add(branch_vote_id(variant), vote["test"], scored.info["seconds"], scored.info["params"],
+                          val_scores(vote["val"], table.y_val), "fusion variant")
+    finally:
+        for pending in early.values():
+            pending.release()
     table.add_selected(cfg.select_by)
     return _write(cfg, ctx, table, members, fusion)
 
@@ -305,6 +310,17 @@ def _train_members(cfg: CompareConfig, ctx: Context) -> dict[str, Scored]:
         ctx.log(f"== member {b}")
         members[b] = entry.run(ctx)
     return members
+
+
+def _start_variant(variant: str, cfg: CompareConfig, ctx: Context):
+    """A variant that needs no member, started before the members: in a thread of its own where its entry can
+    (:meth:`fusionnet.workflows.pipeline.ClosedForm.start`), else run here. Returns a Pending."""
+    from fusionnet.workflows.pipeline import Pending
+
+    ctx.log(f"== {fusion_label(variant)}")
+    entry = fusion_entry(variant, cfg, ctx.splits, {})
+    start = getattr(entry, "start", None)
+    return start(ctx, background=True) if start else Pending.done(entry.run(ctx))
 
 
 def _run_variant(variant: str, cfg: CompareConfig, ctx: Context, members: dict[str, Scored]) -> Scored:
