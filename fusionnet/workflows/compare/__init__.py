@@ -173,7 +173,8 @@ class Variant:
     make: Callable
     regimes: tuple[str, ...] = REGIMES  # where it can run; elsewhere it is reported as skipped with ``why_not``
     why_not: str = ""
-    first_when_frozen: bool = False  # frozen: runs before the members (its trunk pass caches their features)
+    first_when_frozen: bool = False  # frozen: starts before the members (its trunk pass caches their features;
+    # an entry with a start(), ClosedForm, then fits in a thread of its own beside them)
     default: bool = True  # runs when no --variants are given
 
 
