@@ -254,6 +254,11 @@ class Pending:
             raise self._error
         return self._scored
 
+    def raise_if_failed(self) -> None:
+        """Raise the thread's error now if it has failed already (the caller need not finish its own work first)."""
+        if self._thread is not None and not self._thread.is_alive() and self._error is not None:
+            self.result()
+
     def release(self) -> None:
         """Give torch its threads back (the thread may still run: e.g. the caller failed meanwhile)."""
         if self._threads:

@@ -274,12 +274,18 @@ def compare(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) ->
     table_of = variant_table()
     early = {v: _start_variant(v, cfg, ctx) for v in cfg.variants
              if cfg.regime == "frozen" and table_of.get(v).first_when_frozen}
+    def check() -> None:  # a fit that failed in its thread stops the run now, not after every other model
+        for pending in early.values():
+            pending.raise_if_failed()
+
     try:
         members = _train_members(cfg, ctx)
+        check()
         table = Table([members[b] for b in cfg.backbones], ctx.splits.class_names)
         table.add_ensembles(seed=cfg.seed, log=ctx.log)
         fusion = {}
         for variant in cfg.variants:
+            check()
             spec = table_of.get(variant)
             if cfg.regime not in spec.regimes:
                 table.skipped[fusion_id(variant)] = spec.why_not
