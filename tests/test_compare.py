@@ -311,6 +311,7 @@ def test_a_config_file_of_0_3_reads_with_todays_names(tmp_path):
 def test_the_closed_form_fit_runs_beside_the_members_with_the_same_rows_and_torch_threads_given_back(tmp_path,
                                                                                                      monkeypatch):
     import threading
+    import time
 
     import fusionnet.workflows.pipeline as pipeline
     from fusionnet.errors import DataError
@@ -347,5 +348,24 @@ def test_the_closed_form_fit_runs_beside_the_members_with_the_same_rows_and_torc
         with pytest.raises(DataError, match="no good"):
             compare(tiny_compare(data, tmp_path / "fails", **settings), log=lines.append)
         assert torch.get_num_threads() == 2 and "== FusionNet (concat)" not in lines
+
+        def runs_until_cancelled(*args, **kwargs):  # a fit that only a cancel ends
+            from fusionnet.utils.threads import check_cancelled
+
+            while True:
+                check_cancelled()
+                time.sleep(0.01)
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        import fusionnet.workflows.compare as compare_module
+
+        monkeypatch.setattr(pipeline, "fit_closed_form_on", runs_until_cancelled)
+        monkeypatch.setattr(compare_module, "_train_members", interrupted)  # Ctrl-C while the fit runs beside
+        with pytest.raises(KeyboardInterrupt):
+            compare(tiny_compare(data, tmp_path / "interrupted", **settings), log=None)
+        assert "fusionnet-closed-form" not in [t.name for t in threading.enumerate()]  # stopped, not left running
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

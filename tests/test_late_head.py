@@ -71,6 +71,31 @@ def test_fit_late_head_matches_the_stack_and_beats_each_branch():
     assert train_acc > 0.9
 
 
+def test_a_fit_in_a_cancelled_thread_stops_and_leaves_the_model_as_it_was():
+    import threading
+
+    from fusionnet.utils.threads import Cancelled, cancel_with
+
+    model = FusionNet(backbones=TINY, num_classes=4, fusion="late", freeze_trunks=True).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    feats, y = _features(model, 30, 4)
+    event, raised = threading.Event(), []
+
+    def run():
+        cancel_with(event)
+        try:
+            fit_late_head(model, feats, y, seed=0)
+        except Cancelled as exc:
+            raised.append(exc)
+
+    event.set()  # cancelled before its first step: e.g. the command around it was interrupted
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert raised and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    fit_late_head(model, feats, y, seed=0)  # this thread has no cancel signal: it fits
+
+
 def test_fit_late_head_binary_and_bad_input():
     model = FusionNet(backbones=TINY, num_classes=2, fusion="late")
     feats, y = _features(model, 10, 2)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from fusionnet.errors import ConfigError, DataError
 from fusionnet.models.fusers import FUSIONS, Fuser, LateFusion
+from fusionnet.utils.threads import check_cancelled
 
 WALK_TOL = 1e-5  # gradient tolerance while choosing C (the kept weights: 1e-6, float64): digits Lite0 main features
 # 1.4 s vs 2.2 s for the walk, the same C, out-of-fold NLL 0.17775 vs 0.17734
@@ -224,6 +225,7 @@ def solve_combiner(log_p: torch.Tensor, target: torch.Tensor, pull: float = PULL
     opt = torch.optim.LBFGS([u, b], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def closure():
+        check_cancelled()
         opt.zero_grad()
         w = torch.nn.functional.softplus(u)
         logits = (log_p * w).sum(1) + b
@@ -249,6 +251,7 @@ def _solve(x: torch.Tensor, y: torch.Tensor, fit_mask: torch.Tensor, w: torch.Te
     target = y.expand(len(fit_mask), -1)
 
     def closure():
+        check_cancelled()
         opt.zero_grad()
         logits = torch.einsum("nd,fdk->fkn", x, w) + b[:, :, None]  # (F, K, N)
         ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")  # (F, N)

@@ -1,4 +1,5 @@
-"""How many CPU threads torch uses: as many as there are idle cores when a command starts.
+"""How many CPU threads torch uses: as many as there are idle cores when a command starts; and how work in a
+thread of its own is stopped (:func:`check_cancelled`).
 
 torch's CPU kernels split each operation over its threads and wait for all of them at the end. When another
 process keeps a core busy, one of those threads waits for the OS to give it that core again, and every one of the
@@ -11,6 +12,7 @@ unless ``OMP_NUM_THREADS`` says otherwise.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 
@@ -52,3 +54,25 @@ def threads_for_idle_cores(log=None) -> int | None:
         log(f"other work keeps {now - idle:.1f} of {now} cores busy: torch uses {n} thread(s) (OMP_NUM_THREADS to "
             f"choose)")
     return n
+
+
+# ---- stopping work in another thread ------------------------------------------------------------------------------
+_local = threading.local()
+
+
+class Cancelled(BaseException):
+    """Raised in a thread whose work was cancelled (not an Exception: nothing that handles errors swallows it)."""
+
+
+def cancel_with(event: threading.Event | None) -> None:
+    """Make ``event`` this thread's cancel signal: once it is set, :func:`check_cancelled` raises here."""
+    _local.cancel = event
+
+
+def check_cancelled() -> None:
+    """Raise :class:`Cancelled` if this thread's cancel signal is set; long loops call it at each step (a fit in
+    a thread of its own stops within one step when the command around it fails or is interrupted, instead of
+    being cut off mid-operation by the interpreter's exit)."""
+    event = getattr(_local, "cancel", None)
+    if event is not None and event.is_set():
+        raise Cancelled("cancelled")

@@ -216,6 +216,7 @@ class Pending:
         self._held: list[str] = []
         self._ctx: Context | None = None
         self._threads = 0  # torch's thread count to restore once the thread is done (0: nothing to restore)
+        self._cancel = threading.Event()
 
     @classmethod
     def done(cls, scored: Scored) -> "Pending":
@@ -225,13 +226,17 @@ class Pending:
 
     @classmethod
     def in_thread(cls, work: Callable[[Context], Scored], ctx: Context, threads: int) -> "Pending":
-        """Run ``work(quiet ctx)`` in a daemon thread (a Ctrl-C ends the process at once; every file it writes is
-        atomic), torch's threads halved meanwhile: the two threads share the cores instead of contending."""
+        """Run ``work(quiet ctx)`` in a thread, torch's threads halved meanwhile: the two threads share the cores
+        instead of contending. ``work`` checks :func:`fusionnet.utils.threads.check_cancelled` as it goes, so
+        :meth:`stop` ends it within a step (a daemon thread too: a process that exits anyway does not wait)."""
+        from fusionnet.utils.threads import cancel_with
+
         pending = cls()
         pending._ctx, pending._threads = ctx, threads
         quiet = replace(ctx, log=pending._held.append, progress=False)
 
         def target() -> None:
+            cancel_with(pending._cancel)
             try:
                 pending._scored = work(quiet)
             except BaseException as exc:  # handed to result(), raised in the caller's thread
@@ -245,9 +250,9 @@ class Pending:
     def result(self) -> Scored:
         """The scored entry, once its thread is done; its log lines are passed on now, its error raised here."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join()  # waited for, not cancelled
             self._thread = None
-            self.release()
+            self.stop()
             for line in self._held:
                 self._ctx.log(line)
         if self._error is not None:
@@ -259,8 +264,13 @@ class Pending:
         if self._thread is not None and not self._thread.is_alive() and self._error is not None:
             self.result()
 
-    def release(self) -> None:
-        """Give torch its threads back (the thread may still run: e.g. the caller failed meanwhile)."""
+    def stop(self) -> None:
+        """Done with it, whatever happened: a thread still running (the caller failed or was interrupted) is
+        cancelled and waited for; torch gets its threads back."""
+        if self._thread is not None:
+            self._cancel.set()
+            self._thread.join()
+            self._thread = None
         if self._threads:
             torch.set_num_threads(self._threads)
             self._threads = 0

@@ -297,9 +297,9 @@ def compare(cfg: CompareConfig, *, log: Callable[[str], None] | None = print) ->
                 vote = branch_vote(scored, ctx)  # combiner's
                 table.add(branch_vote_id(variant), vote["test"], scored.info["seconds"], scored.info["params"],
                           val_scores(vote["val"], table.y_val), "fusion variant")
-    finally:
+    finally:  # a fit still running in its thread (an error or Ctrl-C here) is stopped before this returns
         for pending in early.values():
-            pending.release()
+            pending.stop()
     table.add_selected(cfg.select_by)
     return _write(cfg, ctx, table, members, fusion)
 
