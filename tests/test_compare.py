@@ -324,6 +324,11 @@ def test_the_closed_form_fit_runs_beside_the_members_with_the_same_rows_and_torc
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "fit_closed_form_on", spy)
+    import fusionnet.engine.feature_cache as feature_cache
+
+    trunk_passes, real_pass = [], feature_cache.compute_features
+    monkeypatch.setattr(feature_cache, "compute_features", lambda *a, **k: trunk_passes.append(
+        threading.current_thread().name) or real_pass(*a, **k))
     settings = dict(variants=["concat", "late_oof"], shared_cache=True)
     before = torch.get_num_threads()
     try:
@@ -334,6 +339,7 @@ def test_the_closed_form_fit_runs_beside_the_members_with_the_same_rows_and_torc
         lines = []
         beside = compare(tiny_compare(data, tmp_path / "beside", **settings), log=lines.append)
         assert seen.pop() == ("fusionnet-closed-form", 1) and torch.get_num_threads() == 2
+        assert trunk_passes and set(trunk_passes) == {"MainThread"}  # the thread only loads what this one cached
         assert {n: r["acc"] for n, r in beside["methods"].items()} == {n: r["acc"] for n, r in alone["methods"].items()}
         for row in ("fusion:late_oof", "fusion:concat", "soft"):
             assert torch.allclose(beside["methods"][row]["probs"], alone["methods"][row]["probs"], atol=1e-4)

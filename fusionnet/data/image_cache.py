@@ -2,11 +2,11 @@
 
 Decoding a full-size photo costs far more than augmenting a 128-px crop of it, and without this cache every
 epoch, every model and every seed of a comparison decodes every file again. An :class:`ImageStore` decodes a list
-of files once (in worker processes where the files are large enough to be worth them, with a progress bar), shrinks each so that its short side is at most
-``short_side`` (aspect kept, never enlarged) and writes them one after another into a flat uint8 file beside a JSON
-index. Reading an image back is a slice of a memory map: no decoding. The files are keyed like the feature cache,
-by their paths, sizes and modification times and by the side and interpolation, so a changed file or setting
-builds a new store and a second run starts at once.
+of files once (in worker processes where the files are large enough to be worth them, with a progress bar),
+shrinks each so that its short side is at most ``short_side`` (aspect kept, never enlarged) and writes them one
+after another into a flat uint8 file beside a JSON index. Reading an image back is a slice of a memory map: no
+decoding. The files are keyed like the feature cache, by their paths, sizes and modification times and by the side
+and interpolation, so a changed file or setting builds a new store and a second run starts at once.
 
 Datasets use a store through ``ImageDataset(store=...)`` (:func:`fusionnet.data.splits.load_splits` with
 ``image_cache=``): the eval pipeline's images are stored at its own resize target with its own interpolation,

@@ -35,8 +35,9 @@ class RunWriter:
     def epoch(self, model: nn.Module, row: dict, improved: bool, resume_state: dict, last: bool) -> None:
         summary = {**row, "monitor": self.cfg.monitor, "best_epoch": resume_state["best_epoch"]}
         self.since_s += row["seconds"]
-        if self.write_s is None:
-            self.write_s = 2 * sum(t.numel() * t.element_size() for t in model.state_dict().values()) / WRITE_BYTES_PER_S
+        if self.write_s is None:  # best.pth and final.pth, each the whole state dict
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            self.write_s = 2 * weights / WRITE_BYTES_PER_S
         due = last or self.since_s * WRITE_SHARE >= self.write_s
         if improved:
             state = None if due else {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -182,11 +182,15 @@ class ClosedForm:
         threads = torch.get_num_threads()
         if not (background and threads >= 2 and ctx.cache_dir(self.name) is not None):
             return Pending.done(self._fit_and_score(model, prior_s, t0, ctx))
+        from tqdm.auto import tqdm
+
         from fusionnet.data.splits import eval_view
 
-        for data in (eval_view(ctx.splits.train, ctx.splits.val), ctx.splits.val, ctx.splits.test):
+        for split, data in (("train", eval_view(ctx.splits.train, ctx.splits.val)), ("val", ctx.splits.val),
+                            ("test", ctx.splits.test)):
+            bar = (lambda it, split=split: tqdm(it, desc=f"features ({split})", leave=False)) if ctx.progress else None
             cached_features(model, data, cache_dir=ctx.cache_dir(self.name), device=ctx.device, batch_size=64,
-                            num_workers=ctx.workers)
+                            num_workers=ctx.workers, progress=bar)
         return Pending.in_thread(lambda quiet: self._fit_and_score(model, prior_s, t0, quiet), ctx, threads)
 
     def _fit_and_score(self, model: nn.Module, prior_s: float, t0: float, ctx: Context) -> Scored:
