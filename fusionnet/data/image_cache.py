@@ -25,8 +25,7 @@ from typing import Sequence
 import albumentations as A
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from fusionnet.errors import ConfigError, DataError
@@ -86,7 +85,7 @@ def _decoded(data: _Decode, workers: int):
         for i in range(head, len(data)):
             yield data[i]
         return
-    tail = torch.utils.data.Subset(data, range(head, len(data)))
+    tail = Subset(data, range(head, len(data)))
     for chunk in DataLoader(tail, batch_size=16, num_workers=workers, collate_fn=list):
         yield from chunk
 

@@ -111,8 +111,8 @@ def member_reading(path: PathLike, plain: PlainConfig | None = None) -> Reading:
     vote's folder reads as its members do (its config.json records it)."""
     from fusionnet.models.pretrained import is_vote_folder, read_config
 
-    if is_vote_folder(path) and read_config(Path(path)).get("reading"):
-        fields = read_config(Path(path))["reading"]
+    fields = read_config(Path(path)).get("reading") if is_vote_folder(path) else None
+    if fields:
         try:
             return Reading(**{k: fields[k] for k in ("size", "resize", "crop_pct", "reader") if k in fields})
         except (TypeError, ConfigError) as exc:

@@ -33,8 +33,8 @@ from fusionnet.errors import CheckpointMismatchError, ConfigError, MissingFileEr
 from fusionnet.models.fusion import FusionNet
 from fusionnet.models.interface import Classifier, ModelOutput
 from fusionnet.utils.probabilities import EPS, scale_probs, soft_vote
-from fusionnet.models.pretrained import (CARD, CONFIG, MEMBERS, VOTE_FORMAT, checked_config, is_pretrained_folder,
-                                         local_folder, read_config, save_pretrained, upload_folder, written_by)
+from fusionnet.models.pretrained import (CARD, CONFIG, MEMBERS, VOTE_FORMAT, WEIGHTS, checked_config, folder_payload,
+                                         is_pretrained_folder, local_folder, save_pretrained, upload_folder, written_by)
 
 FORMAT_VERSION = 1
 WEIGHT_TOL = 1e-6  # how far from 1 the weights' sum may be
@@ -169,8 +169,10 @@ class Vote(Classifier):
                                        f"{str(member_folder)!r} is not a model folder (config.json, "
                                        f"model.safetensors); copy or download the whole vote folder, or write it "
                                        f"again (Vote.save_pretrained)")
-            members.append(FusionNet.from_pretrained(member_folder))
-            records[entry["name"]] = read_config(member_folder).get("data") or {}
+            payload = folder_payload(member_folder)  # read once: the model and its training record
+            members.append(FusionNet.from_payload(payload, config_file=member_folder / CONFIG,
+                                                  weights_file=member_folder / WEIGHTS))
+            records[entry["name"]] = payload["data"]
         try:
             vote = cls(members, [e["name"] for e in table], weights=[e["weight"] for e in table],
                        temperatures=[e.get("temperature", 1.0) for e in table],
