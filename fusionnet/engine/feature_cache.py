@@ -178,10 +178,28 @@ def fit_closed_form_on(model, splits, *, cache_dir, device: str = "auto", seed: 
     """The fusion method's closed-form fit (:func:`fusionnet.engine.late_fit.fit_closed_form`; ``late``:
     :func:`fusionnet.engine.late_fit.fit_late_head`) on the training images of ``splits`` (a :class:`fusionnet.data.splits.Splits`), seen through
     the validation pipeline (un-augmented, as the frozen-trunk feature cache trains), features from the cache."""
-    train = eval_view(splits.train, splits.val)
-    bar = (lambda it: tqdm(it, desc="features (train)", leave=False)) if progress else None
-    feats, _ = cached_features(model, train, cache_dir=cache_dir, device=device, batch_size=64,
-                               num_workers=num_workers, progress=bar)
+    feats, _ = cached_features(model, _closed_form_views(splits)["train"], cache_dir=cache_dir, device=device,
+                               batch_size=64, num_workers=num_workers, progress=_bar("train", progress))
     from fusionnet.engine.late_fit import fit_closed_form
 
     return fit_closed_form(model, feats.features, feats.targets, seed=seed, log=log, progress=progress)
+
+
+def cache_closed_form_features(model, splits, *, cache_dir, device: str = "auto", num_workers: int = 0,
+                               progress: bool = False) -> None:
+    """Compute (or find) in ``cache_dir`` every feature file that :func:`fit_closed_form_on` and scoring through
+    the cache read: the training images through the validation pipeline, val and test as they are (a closed-form
+    entry's trunk pass, done before its fit moves to a thread of its own)."""
+    for split, data in _closed_form_views(splits).items():
+        cached_features(model, data, cache_dir=cache_dir, device=device, batch_size=64, num_workers=num_workers,
+                        progress=_bar(split, progress))
+
+
+def _closed_form_views(splits) -> dict:
+    """{split: what a closed-form entry reads of it}: training images seen as validation ones; val, test (if any)."""
+    views = {"train": eval_view(splits.train, splits.val), "val": splits.val}
+    return views if splits.test is None else {**views, "test": splits.test}
+
+
+def _bar(split: str, on: bool):
+    return (lambda it: tqdm(it, desc=f"features ({split})", leave=False)) if on else None

@@ -31,7 +31,7 @@ from fusionnet.ensembles.methods import ENSEMBLES, EnsembleMethod, MemberProbs, 
 from fusionnet.errors import DataError
 from fusionnet.models.checkpoints import read_checkpoint
 from fusionnet.models.factory import save_model
-from fusionnet.engine.feature_cache import cached_features, fit_closed_form_on
+from fusionnet.engine.feature_cache import cache_closed_form_features, cached_features, fit_closed_form_on
 from fusionnet.utils.metrics import accuracy, classification_metrics, nll
 from fusionnet.engine.train import TrainConfig, fit
 from fusionnet.ensembles.voting import MemberOutputs, check_aligned, member_outputs
@@ -182,15 +182,8 @@ class ClosedForm:
         threads = torch.get_num_threads()
         if not (background and threads >= 2 and ctx.cache_dir(self.name) is not None):
             return Pending.done(self._fit_and_score(model, prior_s, t0, ctx))
-        from tqdm.auto import tqdm
-
-        from fusionnet.data.splits import eval_view
-
-        for split, data in (("train", eval_view(ctx.splits.train, ctx.splits.val)), ("val", ctx.splits.val),
-                            ("test", ctx.splits.test)):
-            bar = (lambda it, split=split: tqdm(it, desc=f"features ({split})", leave=False)) if ctx.progress else None
-            cached_features(model, data, cache_dir=ctx.cache_dir(self.name), device=ctx.device, batch_size=64,
-                            num_workers=ctx.workers, progress=bar)
+        cache_closed_form_features(model, ctx.splits, cache_dir=ctx.cache_dir(self.name), device=ctx.device,
+                                   num_workers=ctx.workers, progress=ctx.progress)
         return Pending.in_thread(lambda quiet: self._fit_and_score(model, prior_s, t0, quiet), ctx, threads)
 
     def _fit_and_score(self, model: nn.Module, prior_s: float, t0: float, ctx: Context) -> Scored:
